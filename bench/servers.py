@@ -1,0 +1,211 @@
+"""The servers of a run: upstream nginx, nginx reference proxies, the sidecar.
+
+Every nginx runs in the foreground (``daemon off``) with ``master_process on;
+worker_processes 1`` from its own prefix directory (``-p DIR -c CONF``) with
+pid, logs and temp files inside it, listening on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import BenchError, Proc, Procs, free_port, wait_http
+from bench.tree import UNIQUE_PREFIX, ZIPS, info_body
+
+REPO = Path(__file__).resolve().parent.parent
+HEALTH_PATH = "/bench-health"
+
+# PERF-NOTES: glibc heap trimming is the large-body bottleneck; these made zip
+# throughput roughly double. The sidecar is always started with them.
+MALLOC_ENV = {
+    "MALLOC_TOP_PAD_": "16777216",
+    "MALLOC_TRIM_THRESHOLD_": "67108864",
+    "MALLOC_MMAP_THRESHOLD_": "4194304",
+}
+# PERF-NOTES' best nginx proxy buffers (46 k vs 43 k req/s small, 1.7 vs 0.64 GB/s 50 MiB).
+PROXY_BUFFERS = "proxy_buffer_size 64k;\n        proxy_buffers 8 64k;"
+# Every server keeps a connection for the whole run (nginx's default is 1000 requests).
+KEEPALIVE = "keepalive_requests 100000000;\n    keepalive_timeout 600s;"
+
+
+@dataclass
+class Server:
+    """A running contender (or the upstream): where to send load, what to measure."""
+
+    name: str
+    url: str
+    proc: Proc
+    hit_header: str = ""  # a response header that tells a cache hit from a miss
+    hit_value: str = ""
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def nginx_binary() -> str:
+    path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else "")
+    if not path:
+        raise BenchError("nginx not found: run scripts/bench-deps.sh")
+    return path
+
+
+def _nginx_main(prefix: Path, http_body: str) -> str:
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the 0700 temp dir
+    return f"""{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    {KEEPALIVE}
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy_temp;
+    fastcgi_temp_path {prefix}/fastcgi_temp;
+    uwsgi_temp_path {prefix}/uwsgi_temp;
+    scgi_temp_path {prefix}/scgi_temp;
+{http_body}
+}}
+"""
+
+
+def upstream_conf(prefix: Path, port: int, tree: Path) -> str:
+    info = info_body().decode().strip().replace("'", "")
+    zips = "\n".join(
+        f"""        location ~ ^/{z.module.replace('.', '[.]')}/@v/v[^/]+[.]zip$ {{
+            try_files {z.path()} =404;
+        }}"""
+        for z in ZIPS)
+    body = f"""    open_file_cache max=10000 inactive=600s;
+    open_file_cache_valid 600s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {tree};
+        location = {HEALTH_PATH} {{ return 200 'ok\\n'; }}
+        # Unique small paths: answered from config, no file per request.
+        location ^~ {UNIQUE_PREFIX} {{
+            location ~ [.]info$ {{
+                default_type application/json;
+                return 200 '{info}\\n';
+            }}
+            return 404;
+        }}
+        # Any version of a zip module is the same file (fresh, uncached versions).
+{zips}
+        location ~ [.]info$ {{ default_type application/json; }}
+        location ~ [.]mod$ {{ default_type "text/plain; charset=utf-8"; }}
+        location ~ /list$ {{ default_type "text/plain; charset=utf-8"; }}
+    }}"""
+    return _nginx_main(prefix, body)
+
+
+def proxy_conf(prefix: Path, port: int, upstream_port: int, cache: bool) -> str:
+    cache_http = ""
+    cache_loc = ""
+    if cache:
+        cache_http = (
+            f"    proxy_cache_path {prefix}/cache levels=1:2 keys_zone=gp:64m max_size=20g "
+            "inactive=1h use_temp_path=off;\n")
+        cache_loc = """
+            proxy_cache gp;
+            proxy_cache_key $uri;
+            proxy_cache_valid 200 1h;
+            proxy_cache_lock on;
+            add_header X-Cache-Status $upstream_cache_status always;"""
+    body = f"""{cache_http}    upstream origin {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 256;
+        keepalive_requests 100000000;
+        keepalive_timeout 600s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = {HEALTH_PATH} {{ return 200 'ok\\n'; }}
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        {PROXY_BUFFERS}{cache_loc}
+        }}
+    }}"""
+    return _nginx_main(prefix, body)
+
+
+def start_nginx(procs: Procs, name: str, prefix: Path, conf: str, port: int,
+                core: int | None) -> Proc:
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf_path = prefix / "nginx.conf"
+    conf_path.write_text(conf)
+    argv = [nginx_binary(), "-p", f"{prefix}/", "-c", str(conf_path), "-e",
+            str(prefix / "startup-error.log")]
+    proc = procs.start(name, argv, core)
+    wait_http(proc, f"http://127.0.0.1:{port}{HEALTH_PATH}")
+    return proc
+
+
+def start_upstream(procs: Procs, work: Path, tree: Path, core: int) -> Server:
+    port = free_port()
+    prefix = work / "upstream"
+    proc = start_nginx(procs, "upstream", prefix, upstream_conf(prefix, port, tree), port, core)
+    return Server("upstream", f"http://127.0.0.1:{port}", proc)
+
+
+def start_nginx_proxy(procs: Procs, work: Path, name: str, upstream: Server, cache: bool,
+                      core: int) -> Server:
+    port = free_port()
+    prefix = work / name
+    upstream_port = int(upstream.url.rsplit(":", 1)[1])
+    proc = start_nginx(procs, name, prefix, proxy_conf(prefix, port, upstream_port, cache),
+                       port, core)
+    notes = {"buffers": "proxy_buffer_size 64k; proxy_buffers 8 64k", "keepalive": "256"}
+    if cache:
+        notes["cache"] = "proxy_cache, key $uri, lock on"
+        return Server(name, f"http://127.0.0.1:{port}", proc, "X-Cache-Status", "HIT", notes)
+    return Server(name, f"http://127.0.0.1:{port}", proc, notes=notes)
+
+
+def sidecar_conf(port: int, upstream: Server, cache_dir: Path, cache: bool) -> str:
+    cache_yaml = (f'{{dir: "{cache_dir}", max_bytes: 20GiB}}' if cache
+                  else f'{{dir: "{cache_dir}", enabled: false}}')
+    return f"""listen: "127.0.0.1:{port}"
+upstreams:
+  - name: origin
+    url: "{upstream.url}"
+    pool: {{max_connections: 256}}
+cache: {cache_yaml}
+"""
+
+
+def sidecar_argv(config: Path) -> list[str]:
+    """``python3 -m sidecar`` from this checkout (the console script may be stale or absent)."""
+    return [sys.executable, "-m", "sidecar", "run", "--config", str(config),
+            "--log-level", "warning"]
+
+
+def start_sidecar(procs: Procs, work: Path, name: str, upstream: Server, cache: bool,
+                  core: int) -> Server:
+    port = free_port()
+    home = work / name
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "sidecar.yaml"
+    config.write_text(sidecar_conf(port, upstream, home / "cache", cache))
+    env = dict(os.environ)
+    # A SIDECAR_* variable in the caller's shell would silently change the config.
+    for key in [k for k in env if k.startswith("SIDECAR_")]:
+        del env[key]
+    env.update(MALLOC_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    proc = procs.start(name, sidecar_argv(config), core, env=env, cwd=str(home),
+                       env_note=MALLOC_ENV)
+    wait_http(proc, f"http://127.0.0.1:{port}/healthz", timeout_s=60)
+    notes = {"cache": "enabled (20GiB)" if cache else "disabled (cache.enabled: false)",
+             "pool": "max_connections 256", "env": " ".join(f"{k}={v}" for k, v in
+                                                            MALLOC_ENV.items())}
+    return Server(name, f"http://127.0.0.1:{port}", proc, "X-Sidecar-Upstream", "cache", notes)

@@ -1,0 +1,132 @@
+"""Builds every part from a Config and owns start-up and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from sidecar.breaker.machine import Breaker
+from sidecar.breaker.plan import Plan, UpstreamPlan
+from sidecar.breaker.state import Decision, State
+from sidecar.cache.base import ModuleCache
+from sidecar.config import Config
+from sidecar.control import ControlLoop, on_transition
+from sidecar.endpoints import add_routes
+from sidecar.metrics import Metrics
+from sidecar.policy.reloader import PolicyReloader
+from sidecar.proxy.handler import ProxyHandler
+from sidecar.proxy.recorder import Recorder
+from sidecar.stats.window import UpstreamWindow
+from sidecar.upstreams import Upstream
+
+log = logging.getLogger("sidecar.app")
+
+SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+
+
+@dataclass
+class Sidecar:
+    """Everything one running sidecar owns. ``plan`` is the only thing swapped."""
+
+    config: Config
+    metrics: Metrics
+    upstreams: dict[str, Upstream]
+    windows: dict[str, UpstreamWindow]
+    breakers: dict[str, Breaker] = field(default_factory=dict)
+    cache: ModuleCache | None = None
+    control: ControlLoop | None = None
+    policy: PolicyReloader | None = None
+    would: dict[str, Decision] = field(default_factory=dict)
+    plan: Plan = field(init=False)
+    _plan_version: int = 0
+
+    def __post_init__(self) -> None:
+        self.plan = self._build_plan()
+
+    def _build_plan(self) -> Plan:
+        self._plan_version += 1
+        return Plan(
+            upstreams=tuple(
+                UpstreamPlan(name, b.action, b.state, b) for name, b in self.breakers.items()),
+            version=self._plan_version, created_at=time.monotonic())
+
+    def swap_plan(self) -> None:
+        """Publish the breakers' current actions; one assignment, so requests see
+        either the old plan or the new one, never a mix."""
+        self.plan = self._build_plan()
+
+    def current_plan(self) -> Plan:
+        return self.plan
+
+    def cache_summary(self) -> dict[str, object]:
+        if self.cache is None:
+            return {"enabled": False, "entries": 0, "bytes": 0}
+        return {"enabled": True, **self.cache.summary()}
+
+
+def build_sidecar(config: Config, metrics: Metrics | None = None) -> Sidecar:
+    metrics = metrics or Metrics()
+    upstreams: dict[str, Upstream] = {}
+    for index, cfg in enumerate(config.upstreams):
+        upstreams[cfg.name] = Upstream(cfg, "primary" if index == 0 else "backup")
+    windows = {name: UpstreamWindow(config.stats.window, config.stats.slice) for name in upstreams}
+    sidecar = Sidecar(config, metrics, upstreams, windows)
+    for name in upstreams:
+        sidecar.breakers[name] = Breaker(
+            name, on_transition=lambda t, sc=sidecar: on_transition(sc, t))
+        for state in State:
+            metrics.breaker_state.labels(name, state.value).set(state is State.CLOSED)
+    sidecar.swap_plan()
+    return sidecar
+
+
+def build_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application(client_max_size=1024)
+    app[SIDECAR] = sidecar
+    recorder = Recorder(sidecar.metrics, sidecar.windows)
+    handler = ProxyHandler(sidecar.upstreams, sidecar.current_plan, recorder, sidecar.cache,
+                           sidecar.config.policy.reject_status)
+    add_routes(app, sidecar)
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    return app
+
+
+async def _start(app: web.Application) -> None:
+    sidecar = app[SIDECAR]
+    for upstream in sidecar.upstreams.values():
+        await upstream.start()
+
+
+async def _stop(app: web.Application) -> None:
+    sidecar = app[SIDECAR]
+    for upstream in sidecar.upstreams.values():
+        await upstream.close()
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests within the grace."""
+    sidecar = build_sidecar(config)
+    app = build_app(sidecar)
+    # Cancelling a handler when its client hangs up also cancels its upstream fetch.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=config.shutdown_grace,
+                       backlog=1024, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("listening", extra={"listen": config.listen, "upstreams": list(sidecar.upstreams)})
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down", extra={"grace_s": config.shutdown_grace})
+    await runner.cleanup()

@@ -1,0 +1,187 @@
+"""The control loop: stats → policy → breakers → a new plan, every interval.
+
+It is the only writer of ``Sidecar.plan``. The policy never runs on the
+request path: requests read whichever plan is current. When the engine
+fails, the breakers keep their last good decisions; once those are older
+than the staleness bound, no new trips happen (every upstream is treated
+as ``allow``) until the engine answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from sidecar.breaker.state import ALLOW, Decision, State, Transition
+from sidecar.errors import PolicyError, UpstreamError
+from sidecar.policy.base import PolicyEngine
+
+if TYPE_CHECKING:
+    from sidecar.app import Sidecar
+
+log = logging.getLogger("sidecar.control")
+
+STALE_AFTER_INTERVALS: Final = 10
+STALE_AFTER_MIN_S: Final = 30.0
+# The synthetic probe: every GOPROXY server answers it (200 or 404) without
+# touching any module, so no private path can leak through it.
+SELF_PROBE_PATH: Final = "sumdb/sum.golang.org/supported"
+
+
+class ControlLoop:
+    def __init__(self, sidecar: Sidecar, engine: Callable[[], PolicyEngine]) -> None:
+        self.sidecar = sidecar
+        self.engine = engine
+        cfg = sidecar.config.policy
+        self.interval = cfg.interval
+        self.shadow = cfg.mode.value == "shadow"
+        self.stale_after = max(STALE_AFTER_MIN_S, STALE_AFTER_INTERVALS * cfg.interval)
+        self.timeout = max(0.05, min(cfg.interval * 0.9, 5.0))
+        self.last_good: dict[str, Decision] = {}
+        self.last_good_at: float | None = None
+        self.last_input: dict[str, Any] = {}
+        self.decided_at: float | None = None
+        self._probes: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.step()
+            except Exception:  # the loop must outlive any single bad step
+                log.exception("control step failed")
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def step(self) -> None:
+        sc = self.sidecar
+        for breaker in sc.breakers.values():
+            breaker.tick()
+        self.last_input = build_input(sc)
+        decisions = await self._evaluate(self.last_input)
+        if decisions is not None:
+            self._apply(decisions)
+        self._self_probe()
+        sc.swap_plan()
+        self._export_gauges()
+
+    async def _evaluate(self, doc: dict[str, Any]) -> dict[str, Decision] | None:
+        engine = self.engine()
+        m = self.sidecar.metrics
+        m.policy_evaluations.labels(engine.name).inc()
+        started = time.perf_counter()
+        try:
+            decisions = await asyncio.wait_for(engine.evaluate(doc), self.timeout)
+        except (PolicyError, TimeoutError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            m.policy_failures.labels(engine.name, reason).inc()
+            log.warning("policy evaluation failed",
+                        extra={"engine": engine.name, "reason": reason, "error": str(exc)})
+            return self._fallback()
+        m.policy_duration.labels(engine.name).observe(time.perf_counter() - started)
+        self.last_good, self.last_good_at = decisions, time.time()
+        self.decided_at = self.last_good_at
+        m.policy_last_success.set(self.last_good_at)
+        m.policy_stale.set(0)
+        return decisions
+
+    def _fallback(self) -> dict[str, Decision] | None:
+        """Last good decisions while fresh; ``allow`` for everyone once stale."""
+        age = None if self.last_good_at is None else time.time() - self.last_good_at
+        if age is not None and age <= self.stale_after:
+            return None  # breakers already hold the last good decisions
+        self.sidecar.metrics.policy_stale.set(1)
+        if self.last_good:
+            log.warning("policy decisions stale: falling back to allow",
+                        extra={"age_s": None if age is None else round(age, 1)})
+            self.last_good = {}
+        return {name: ALLOW for name in self.sidecar.breakers}
+
+    def _apply(self, decisions: dict[str, Decision]) -> None:
+        sc = self.sidecar
+        cooldown_s, probes = self.engine().breaker_settings()
+        for name, breaker in sc.breakers.items():
+            decision = decisions.get(name, ALLOW)
+            sc.metrics.decisions.labels(name, decision.action.value).inc()
+            sc.metrics.breaker_alert.labels(name).set(1 if decision.alert else 0)
+            sc.would[name] = decision
+            if not self.shadow:
+                breaker.apply(decision, cooldown_s, probes)
+
+    def _self_probe(self) -> None:
+        for name, breaker in self.sidecar.breakers.items():
+            if breaker.needs_self_probe(self.interval) and breaker.try_acquire_probe():
+                task = asyncio.create_task(self._probe(name, breaker.probe_period))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, name: str, period: int) -> None:
+        sc = self.sidecar
+        breaker = sc.breakers[name]
+        ok, detail = False, ""
+        try:
+            resp = await sc.upstreams[name].open(SELF_PROBE_PATH)
+            resp.release(reuse=False)
+            ok = True
+        except UpstreamError as exc:
+            detail = exc.message
+        sc.metrics.probes.labels(name, "self", "ok" if ok else "failed").inc()
+        breaker.release_probe(ok, detail, period=period)
+
+    def _export_gauges(self) -> None:
+        m = self.sidecar.metrics
+        for name, doc in self.last_input.get("upstreams", {}).items():
+            m.ttfb_p99.labels(name).set(doc["ttfb_ms"]["p99"] / 1000.0)
+            m.error_rate.labels(name).set(doc["error_rate"])
+            m.pool_saturation.labels(name).set(doc["pool"]["saturation"])
+
+    async def close(self) -> None:
+        for task in list(self._probes):
+            task.cancel()
+
+
+def build_input(sc: Sidecar) -> dict[str, Any]:
+    """The policy input document (DESIGN.md "Policy contract")."""
+    upstreams: dict[str, Any] = {}
+    for name, up in sc.upstreams.items():
+        peak = up.take_peak()
+        window = sc.windows[name]
+        window.sample_saturation(peak / up.limit)
+        doc = window.snapshot().as_policy_input()
+        breaker = sc.breakers[name]
+        doc.update(
+            role=up.role, state=breaker.state.value, state_age_s=round(breaker.state_age(), 3),
+            pool={"limit": up.limit, "in_use": min(peak, up.limit),
+                  "waiting": max(0, peak - up.limit), "saturation": round(peak / up.limit, 4)})
+        upstreams[name] = doc
+    return {"now": round(time.time(), 3), "upstreams": upstreams, "cache": sc.cache_summary()}
+
+
+def on_transition(sc: Sidecar, transition: Transition) -> None:
+    """Every state change: fresh window, metrics, one log line, a new plan."""
+    name = transition.upstream
+    sc.windows[name].reset()
+    m = sc.metrics
+    for state in State:
+        m.breaker_state.labels(name, state.value).set(1 if state is transition.to_state else 0)
+    m.breaker_transitions.labels(name, transition.from_state.value, transition.to_state.value,
+                                 _reason_label(transition)).inc()
+    figures = sc.control.last_input.get("upstreams", {}).get(name, {}) if sc.control else {}
+    log.warning("breaker transition", extra={
+        "upstream": name, "from": transition.from_state.value, "to": transition.to_state.value,
+        "action": transition.action.value, "reason": transition.reason,
+        "input": {k: v for k, v in figures.items() if k != "series"}})
+    sc.swap_plan()
+
+
+def _reason_label(transition: Transition) -> str:
+    """A bounded label: the action that tripped, or how half-open ended."""
+    if transition.to_state is State.OPEN:
+        return "probe_failed" if transition.from_state is State.HALF_OPEN else str(
+            transition.action.value)
+    if transition.to_state is State.HALF_OPEN:
+        return "cooldown"
+    return "probes_ok"
+

@@ -1,0 +1,111 @@
+"""Every exception goproxy-sidecar raises on purpose.
+
+    SidecarError
+    ├── ConfigError            invalid configuration; names the key
+    ├── RequestError           not a valid GOPROXY request; carries the HTTP status
+    ├── UpstreamError          one upstream failed to answer usefully
+    │   ├── UpstreamTimeout        connect / first-byte / idle timeout
+    │   ├── UpstreamConnectError   refused, reset, DNS, TLS, proxy errors
+    │   ├── UpstreamStatusError    5xx, 429, 401/407 (a failure status)
+    │   └── UpstreamTruncated      body shorter than its Content-Length
+    ├── PolicyError
+    │   ├── PolicyLoadError        a policy or data file is refused (file, line)
+    │   └── PolicyEvalError        evaluation failed or returned garbage
+    └── CacheError
+        ├── CacheIntegrityError    size or SHA-256 mismatch on disk
+        └── CacheWriteError        disk full, permission, I/O error
+
+Library exceptions (aiohttp, OSError, regopy) are translated at the boundary
+with ``raise X from exc``; nothing outside this tree crosses module lines.
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error raised on purpose by the sidecar."""
+
+
+class ConfigError(SidecarError):
+    """Invalid configuration. ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration errors found in one pass, reported together."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        super().__init__("", "\n".join(str(e) for e in errors))
+
+
+class RequestError(SidecarError):
+    """Not a valid GOPROXY request: answered with ``status`` and never forwarded."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+class UpstreamError(SidecarError):
+    """An upstream failed. ``failure`` is the class used in metrics and stats."""
+
+    failure = "error"
+
+    def __init__(self, upstream: str, message: str, status: int | None = None) -> None:
+        self.upstream = upstream
+        self.message = message
+        self.status = status
+        super().__init__(f"{upstream}: {message}")
+
+
+class UpstreamTimeout(UpstreamError):
+    failure = "timeout"
+
+
+class UpstreamConnectError(UpstreamError):
+    failure = "connect"
+
+
+class UpstreamStatusError(UpstreamError):
+    failure = "status"
+
+
+class UpstreamTruncated(UpstreamError):
+    failure = "truncated"
+
+
+class PolicyError(SidecarError):
+    """Base of policy loading and evaluation errors."""
+
+
+class PolicyLoadError(PolicyError):
+    """A policy or data file was refused; ``file`` and ``line`` locate it."""
+
+    def __init__(self, file: str, line: int | None, message: str) -> None:
+        self.file = file
+        self.line = line
+        self.message = message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {message}")
+
+
+class PolicyEvalError(PolicyError):
+    """Evaluation failed, timed out, or returned something that is not a decision."""
+
+
+class CacheError(SidecarError):
+    """Base of cache errors; the proxy turns them into 'proxy without caching'."""
+
+
+class CacheIntegrityError(CacheError):
+    """A cached entry's size or SHA-256 does not match what was recorded."""
+
+
+class CacheWriteError(CacheError):
+    """Writing an entry failed (disk full, permissions, I/O)."""

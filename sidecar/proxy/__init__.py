@@ -1,0 +1,1 @@
+"""The GOPROXY request path: parse, route through the plan, stream, record."""

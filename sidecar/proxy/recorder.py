@@ -1,0 +1,51 @@
+"""Where one request's outcome goes: the upstream's window and the metrics.
+
+Metric children are looked up once per label tuple and kept, because
+``labels()`` costs more than the rest of the accounting together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sidecar.metrics import Metrics
+from sidecar.stats.window import Outcome, UpstreamWindow
+
+
+class Recorder:
+    def __init__(self, metrics: Metrics, windows: Mapping[str, UpstreamWindow]) -> None:
+        self.metrics = metrics
+        self.windows = windows
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def attempt(self, upstream: str, outcome: Outcome, ttfb: float | None, result: str) -> None:
+        """One request sent to one upstream, with what came of it."""
+        window = self.windows.get(upstream)
+        if window is not None:
+            window.record(outcome, ttfb)
+        self._child(self.metrics.upstream_attempts, upstream, result).inc()
+        if outcome is Outcome.ERROR or outcome is Outcome.TIMEOUT:
+            self._child(self.metrics.upstream_failures, upstream, result).inc()
+
+    def masked(self, upstream: str) -> None:
+        window = self.windows.get(upstream)
+        if window is not None:
+            window.record_masked()
+        self._child(self.metrics.masked_failures, upstream).inc()
+
+    def answered(self, source: str, kind: str, outcome: str, seconds: float) -> None:
+        """The client's request is over: who answered it, how, and how long it took."""
+        self._child(self.metrics.requests, source, kind, outcome).inc()
+        self._child(self.metrics.request_duration, source, kind, outcome).observe(seconds)
+
+    def counter(self, metric: Any, *labels: str) -> Callable[[], None]:
+        child = self._child(metric, *labels)
+        return child.inc  # type: ignore[no-any-return]

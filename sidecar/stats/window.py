@@ -1,0 +1,309 @@
+"""Per-upstream sliding time window: a circular array of fixed time slices.
+
+The idea is resilience4j's ``SlidingTimeWindowMetrics``: the window is
+``window_s / slice_s`` slices kept in a ring; a record only touches the current
+slice, and when the clock crosses a slice edge the slices that fell out of the
+window are zeroed lazily. Memory is fixed at construction whatever the request
+rate. The window covers the current (partial) slice plus the ``n - 1`` before
+it, so the data a snapshot sees spans between ``window_s - slice_s`` and
+``window_s`` seconds.
+
+Time comes from an injectable clock (``time.monotonic`` by default) so tests
+advance a fake clock instead of sleeping. Not thread-safe: use one window from
+one thread (the event loop).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.stats.histogram import Histogram
+
+Clock = Callable[[], float]
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+class Outcome(enum.Enum):
+    """How one request to an upstream ended, as far as its health is concerned."""
+
+    OK = "ok"
+    NOT_FOUND = "not_found"  # 404/410: a valid "not here", not a failure
+    ERROR = "error"  # 5xx, 429, connect/TLS errors, truncated bodies
+    TIMEOUT = "timeout"  # connect / first-byte / idle timeout; also an error
+
+
+# Module constants: identity checks against these are cheaper than Outcome.X lookups.
+_OK = Outcome.OK
+_NOT_FOUND = Outcome.NOT_FOUND
+_TIMEOUT = Outcome.TIMEOUT
+
+
+class _Slice:
+    """Counters of one time slice. Mutable and reused: the ring never reallocates."""
+
+    __slots__ = ("errors", "masked", "not_found", "requests", "saturation", "timeouts", "ttfb")
+
+    def __init__(self) -> None:
+        self.ttfb = Histogram()
+        self.clear()
+
+    def clear(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.not_found = 0
+        self.timeouts = 0
+        self.masked = 0
+        self.saturation = 0.0
+        self.ttfb.reset()
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSnapshot:
+    """One slice of ``WindowSnapshot.series``. ``age_s`` is 0 for the current slice."""
+
+    age_s: float
+    requests: int
+    error_rate: float
+    p99_ms: float
+    saturation: float
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSnapshot:
+    """What the policy sees of one upstream: totals over the window plus the series.
+
+    ``errors`` counts every failure, timeouts included; ``timeouts`` is the
+    subset. ``masked_failures`` are 404s that a later upstream answered with
+    200. TTFB quantiles cover OK, NOT_FOUND and ERROR records that carried a
+    TTFB; they are 0.0 when there is none. ``series`` is newest first and only
+    as long as the time elapsed since the window (re)started.
+    """
+
+    window_s: float
+    requests: int
+    errors: int
+    not_found: int
+    timeouts: int
+    masked_failures: int
+    error_rate: float
+    not_found_rate: float
+    ttfb_p50_ms: float
+    ttfb_p90_ms: float
+    ttfb_p99_ms: float
+    series: tuple[SliceSnapshot, ...]
+
+    def as_policy_input(self) -> dict[str, Any]:
+        """This upstream's stats in the policy input shape of DESIGN.md.
+
+        The caller adds ``role``, ``state``, ``state_age_s`` and ``pool``.
+        """
+        return {
+            "window_s": _seconds(self.window_s),
+            "requests": self.requests,
+            "errors": self.errors,
+            "not_found": self.not_found,
+            "timeouts": self.timeouts,
+            "error_rate": _ratio(self.error_rate),
+            "not_found_rate": _ratio(self.not_found_rate),
+            "masked_failures": self.masked_failures,
+            "ttfb_ms": {
+                "p50": _ms(self.ttfb_p50_ms),
+                "p90": _ms(self.ttfb_p90_ms),
+                "p99": _ms(self.ttfb_p99_ms),
+            },
+            "series": [
+                {
+                    "age_s": _seconds(s.age_s),
+                    "requests": s.requests,
+                    "error_rate": _ratio(s.error_rate),
+                    "p99_ms": _ms(s.p99_ms),
+                    "saturation": _ratio(s.saturation),
+                }
+                for s in self.series
+            ],
+        }
+
+
+def _ratio(x: float) -> float:
+    return round(x, 4)
+
+
+def _ms(x: float) -> float:
+    return round(x, 2)
+
+
+def _seconds(x: float) -> float | int:
+    """Whole seconds as an int (``120``, not ``120.0``); otherwise milliseconds precision."""
+    r = round(x, 3)
+    return int(r) if r.is_integer() else r
+
+
+def _rate(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+class UpstreamWindow:
+    """Sliding-window stats of one upstream; see the module docstring."""
+
+    __slots__ = (
+        "_clock",
+        "_current",
+        "_epoch",
+        "_n",
+        "_next_edge",
+        "_origin",
+        "_scratch",
+        "_slice_s",
+        "_slices",
+        "_window_s",
+    )
+
+    def __init__(self, window_s: float, slice_s: float, clock: Clock = time.monotonic) -> None:
+        self._n = _slice_count(window_s, slice_s)
+        self._window_s = float(window_s)
+        self._slice_s = float(slice_s)
+        self._clock = clock
+        self._slices = [_Slice() for _ in range(self._n)]
+        self._scratch = Histogram()  # reused by snapshot() to merge the slices
+        self._origin = 0.0
+        self._epoch = 0
+        self._current = self._slices[0]
+        self._next_edge = 0.0
+        self.reset()
+
+    @property
+    def window_s(self) -> float:
+        return self._window_s
+
+    @property
+    def slice_s(self) -> float:
+        return self._slice_s
+
+    @property
+    def slice_count(self) -> int:
+        return self._n
+
+    def reset(self) -> None:
+        """Start an empty window now (called on every breaker transition)."""
+        for s in self._slices:
+            s.clear()
+        self._origin = self._clock()
+        self._epoch = 0
+        self._current = self._slices[0]
+        self._next_edge = self._origin + self._slice_s
+
+    def record(self, outcome: Outcome, ttfb_s: float | None = None) -> None:
+        """Count one request. ``ttfb_s`` is time to response headers, if any.
+
+        Hot path (once per upstream request): one clock read, a few counters.
+        A TIMEOUT's TTFB is ignored: it measures the timeout, not the upstream.
+        """
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        s = self._current
+        s.requests += 1
+        if outcome is _OK:
+            pass
+        elif outcome is _NOT_FOUND:
+            s.not_found += 1
+        elif outcome is _TIMEOUT:
+            s.errors += 1
+            s.timeouts += 1
+            return
+        else:
+            s.errors += 1
+        if ttfb_s is not None:
+            s.ttfb.record(ttfb_s)
+
+    def record_masked(self) -> None:
+        """Count a 404 of this upstream that a later upstream answered with 200.
+
+        The 404 itself was already recorded as NOT_FOUND; this only adds to
+        ``masked_failures`` and does not change ``requests``.
+        """
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        self._current.masked += 1
+
+    def sample_saturation(self, value: float) -> None:
+        """Pool saturation sampled by the control loop; a slice keeps its maximum."""
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        s = self._current
+        if value > s.saturation:
+            s.saturation = value
+
+    def snapshot(self) -> WindowSnapshot:
+        """Totals over the window and the per-slice series, newest first."""
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        live = min(self._epoch + 1, self._n)
+        newest_first = [self._slices[(self._epoch - age) % self._n] for age in range(live)]
+        requests = errors = not_found = timeouts = masked = 0
+        merged = self._scratch
+        merged.reset()
+        series = []
+        for age, s in enumerate(newest_first):
+            requests += s.requests
+            errors += s.errors
+            not_found += s.not_found
+            timeouts += s.timeouts
+            masked += s.masked
+            s.ttfb.merge_into(merged)
+            series.append(
+                SliceSnapshot(
+                    age_s=age * self._slice_s,
+                    requests=s.requests,
+                    error_rate=_rate(s.errors, s.requests),
+                    p99_ms=s.ttfb.quantile(0.99),
+                    saturation=s.saturation,
+                )
+            )
+        p50, p90, p99 = merged.quantiles(QUANTILES)
+        return WindowSnapshot(
+            window_s=self._window_s,
+            requests=requests,
+            errors=errors,
+            not_found=not_found,
+            timeouts=timeouts,
+            masked_failures=masked,
+            error_rate=_rate(errors, requests),
+            not_found_rate=_rate(not_found, requests),
+            ttfb_p50_ms=p50,
+            ttfb_p90_ms=p90,
+            ttfb_p99_ms=p99,
+            series=tuple(series),
+        )
+
+    def _advance(self, now: float) -> None:
+        """Move to the slice that holds ``now``, zeroing every slice skipped or reused."""
+        # The caller saw now >= _next_edge, so at least one edge was crossed even
+        # if float division below rounds down.
+        epoch = max(self._epoch + 1, int((now - self._origin) // self._slice_s))
+        for e in range(max(self._epoch + 1, epoch - self._n + 1), epoch + 1):
+            self._slices[e % self._n].clear()
+        self._epoch = epoch
+        self._current = self._slices[epoch % self._n]
+        self._next_edge = self._origin + (epoch + 1) * self._slice_s
+
+
+def _slice_count(window_s: float, slice_s: float) -> int:
+    if not slice_s > 0:
+        raise ValueError(f"stats slice must be positive, got {slice_s!r}")
+    if not window_s >= slice_s:
+        raise ValueError(f"stats window ({window_s!r}) must be at least one slice ({slice_s!r})")
+    n = round(window_s / slice_s)
+    if abs(n * slice_s - window_s) > 1e-6 * window_s:
+        raise ValueError(
+            f"stats window ({window_s!r}) must be a multiple of the slice ({slice_s!r})"
+        )
+    return n

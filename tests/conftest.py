@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar.app import Sidecar, build_app, build_sidecar
+from sidecar.config import (
+    CacheConfig,
+    Config,
+    PolicyConfig,
+    StatsConfig,
+    TimeoutsConfig,
+    UpstreamConfig,
+)
+from tests.upstream import FakeGoproxy, make_app
+
+FAST_TIMEOUTS = TimeoutsConfig(connect=1.0, first_byte=1.0, idle=1.0)
+
+
+@pytest.fixture
+async def fake_upstreams() -> AsyncIterator[Callable[[int], Awaitable[list[tuple[FakeGoproxy, str]]]]]:
+    """Start N scriptable upstreams on loopback; returns (fake, base url) pairs."""
+    servers: list[TestServer] = []
+
+    async def start(n: int) -> list[tuple[FakeGoproxy, str]]:
+        out = []
+        for _ in range(n):
+            fake = FakeGoproxy()
+            server = TestServer(make_app(fake), host="127.0.0.1")
+            await server.start_server()
+            servers.append(server)
+            out.append((fake, str(server.make_url("")).rstrip("/")))
+        return out
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+def make_config(urls: list[str], tmp_path: Path, **overrides: Any) -> Config:
+    upstreams = tuple(
+        UpstreamConfig(name=f"up{i}", url=url, timeouts=FAST_TIMEOUTS)
+        for i, url in enumerate(urls))
+    config = Config(
+        listen="127.0.0.1:0", upstreams=upstreams,
+        cache=CacheConfig(dir=str(tmp_path / "cache"), enabled=False),
+        policy=PolicyConfig(), stats=StatsConfig(window=120.0, slice=10.0))
+    return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture
+async def sidecar_client(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[tuple[TestClient[Any, Any], Sidecar]]]]:
+    """Build a real sidecar app for the given upstream URLs and serve it on loopback."""
+    clients: list[TestClient[Any, Any]] = []
+
+    async def start(urls: list[str], **overrides: Any) -> tuple[TestClient[Any, Any], Sidecar]:
+        sidecar = build_sidecar(make_config(urls, tmp_path, **overrides))
+        client = TestClient(TestServer(build_app(sidecar), host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client, sidecar
+
+    yield start
+    for client in clients:
+        await client.close()
