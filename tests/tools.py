@@ -1,0 +1,51 @@
+"""Locate the external tools some tests need (built by scripts/tools.sh).
+
+``require_tool("opa")`` returns the binary from the tools folder
+(``$SIDECAR_TOOLS_DIR``, default ``~/.cache/goproxy-sidecar/bin``) or PATH.
+When it is missing the test is skipped on a developer's machine and fails in
+CI (``CI=true``), where a skipped test would hide a broken set-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# name -> the `go install` that scripts/tools.sh runs for it (for the message)
+PINS = {
+    "opa": "github.com/open-policy-agent/opa@v1.22.2",
+    "toxiproxy-server": "github.com/Shopify/toxiproxy/v2/cmd/server@v2.5.0",
+    "athens": "github.com/gomods/athens/cmd/proxy (not pinned yet)",
+}
+
+
+def tools_dir() -> Path:
+    configured = os.environ.get("SIDECAR_TOOLS_DIR")
+    if configured:
+        return Path(configured)
+    return Path.home() / ".cache" / "goproxy-sidecar" / "bin"
+
+
+def find_tool(name: str) -> Path | None:
+    candidate = tools_dir() / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def require_tool(name: str) -> Path:
+    """The tool's path; skip the test (fail it in CI) when it is not installed."""
+    path = find_tool(name)
+    if path is not None:
+        return path
+    how = PINS.get(name)
+    message = f"{name} not found: run scripts/tools.sh"
+    if how:
+        message += f" (go install {how})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
