@@ -45,40 +45,92 @@ class Case:
 INFO_SIZE = len(info_body())
 
 CASES: tuple[Case, ...] = (
-    Case("small-uncached", WRK, ("direct", "nginx", "nginx-cache", "sidecar"), INFO_SIZE,
-         "unique .info URL per request (never cached), 64 connections"),
-    Case("small-hit", WRK, ("direct", "nginx-cache", "sidecar"), INFO_SIZE,
-         "one .info URL of a canonical version, served from the proxy's cache",
-         path=static_info_path(0), hit=True, ref_nginx="nginx-cache"),
-    Case("zip1m-uncached", WRK, ("direct", "nginx", "sidecar-nocache"), ZIP1M.size,
-         "1 MiB zip relayed from the upstream (no cache), 64 connections", path=ZIP1M.path()),
-    Case("zip1m-hit", WRK, ("direct", "nginx-cache", "sidecar"), ZIP1M.size,
-         "1 MiB zip served from the proxy's cache, 64 connections", path=ZIP1M.path(),
-         hit=True, ref_nginx="nginx-cache"),
-    Case("zip50m-uncached", WRK, ("direct", "nginx", "sidecar-nocache"), ZIP50M.size,
-         "50 MiB zip relayed from the upstream (no cache), 4 connections",
-         path=ZIP50M.path(), connections=4),
-    Case("zip50m-hit", WRK, ("direct", "nginx-cache", "sidecar"), ZIP50M.size,
-         "50 MiB zip served from the proxy's cache, 4 connections", path=ZIP50M.path(),
-         connections=4, hit=True, ref_nginx="nginx-cache"),
-    Case("rss-200x50m", PARALLEL, ("sidecar-nocache", "sidecar"), ZIP50M.size,
-         "200 concurrent downloads of one 50 MiB zip; peak RSS of the proxy "
-         "(sidecar: a version never asked before, so a cold cache)",
-         path=ZIP50M.path(), count=200, fresh_per_rep=True),
-    Case("added-latency", RATE, ("direct", "nginx", "sidecar"), INFO_SIZE,
-         "fixed 1000 req/s of unique .info URLs (open loop, latency from the due "
-         "time); p50/p99 minus direct's", rate=1000.0),
+    Case(
+        "small-uncached",
+        WRK,
+        ("direct", "nginx", "nginx-cache", "sidecar"),
+        INFO_SIZE,
+        "unique .info URL per request (never cached), 64 connections",
+    ),
+    Case(
+        "small-hit",
+        WRK,
+        ("direct", "nginx-cache", "sidecar"),
+        INFO_SIZE,
+        "one .info URL of a canonical version, served from the proxy's cache",
+        path=static_info_path(0),
+        hit=True,
+        ref_nginx="nginx-cache",
+    ),
+    Case(
+        "zip1m-uncached",
+        WRK,
+        ("direct", "nginx", "sidecar-nocache"),
+        ZIP1M.size,
+        "1 MiB zip relayed from the upstream (no cache), 64 connections",
+        path=ZIP1M.path(),
+    ),
+    Case(
+        "zip1m-hit",
+        WRK,
+        ("direct", "nginx-cache", "sidecar"),
+        ZIP1M.size,
+        "1 MiB zip served from the proxy's cache, 64 connections",
+        path=ZIP1M.path(),
+        hit=True,
+        ref_nginx="nginx-cache",
+    ),
+    Case(
+        "zip50m-uncached",
+        WRK,
+        ("direct", "nginx", "sidecar-nocache"),
+        ZIP50M.size,
+        "50 MiB zip relayed from the upstream (no cache), 4 connections",
+        path=ZIP50M.path(),
+        connections=4,
+    ),
+    Case(
+        "zip50m-hit",
+        WRK,
+        ("direct", "nginx-cache", "sidecar"),
+        ZIP50M.size,
+        "50 MiB zip served from the proxy's cache, 4 connections",
+        path=ZIP50M.path(),
+        connections=4,
+        hit=True,
+        ref_nginx="nginx-cache",
+    ),
+    Case(
+        "rss-200x50m",
+        PARALLEL,
+        ("sidecar-nocache", "sidecar"),
+        ZIP50M.size,
+        "200 concurrent downloads of one 50 MiB zip; peak RSS of the proxy "
+        "(sidecar: a version never asked before, so a cold cache)",
+        path=ZIP50M.path(),
+        count=200,
+        fresh_per_rep=True,
+    ),
+    Case(
+        "added-latency",
+        RATE,
+        ("direct", "nginx", "sidecar"),
+        INFO_SIZE,
+        "fixed 1000 req/s of unique .info URLs (open loop, latency from the due "
+        "time); p50/p99 minus direct's",
+        rate=1000.0,
+    ),
 )
-CASE_NAMES = tuple(c.name for c in CASES) + ("micro",)
+CASE_NAMES = (*(c.name for c in CASES), "micro")
 
 
 @dataclass(frozen=True, slots=True)
 class Timing:
     reps: int
-    duration_s: float  # one measured wrk run
-    warmup_s: float
+    duration_s: float  # one measured wrk run (whole seconds: wrk's unit)
+    warmup_s: float  # per contender before its first run, whole seconds
     rate_duration_s: float  # the fixed-rate client
 
 
 FULL = Timing(reps=3, duration_s=10.0, warmup_s=2.0, rate_duration_s=10.0)
-QUICK = Timing(reps=1, duration_s=2.0, warmup_s=0.5, rate_duration_s=3.0)
+QUICK = Timing(reps=1, duration_s=2.0, warmup_s=1.0, rate_duration_s=3.0)

@@ -34,9 +34,10 @@ def _percentile(sorted_ms: list[float], q: float) -> float:
 
 def _summary(latencies_ms: list[float]) -> dict[str, float]:
     s = sorted(latencies_ms)
-    return {f"p{k}_ms": _percentile(s, q) for k, q in
-            (("50", 50), ("90", 90), ("99", 99), ("999", 99.9))} | {
-        "max_ms": round(s[-1], 3) if s else 0.0}
+    return {
+        f"p{k}_ms": _percentile(s, q)
+        for k, q in (("50", 50), ("90", 90), ("99", 99), ("999", 99.9))
+    } | {"max_ms": round(s[-1], 3) if s else 0.0}
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> int:
@@ -45,8 +46,9 @@ async def _get(session: aiohttp.ClientSession, url: str) -> int:
         return resp.status
 
 
-async def rate_mode(base: str, prefix: str, rate: float, duration: float,
-                    connections: int) -> dict[str, object]:
+async def rate_mode(
+    base: str, prefix: str, rate: float, duration: float, connections: int
+) -> dict[str, object]:
     connector = aiohttp.TCPConnector(limit=connections)
     timeout = aiohttp.ClientTimeout(total=10)
     latency: list[float] = []
@@ -85,9 +87,15 @@ async def rate_mode(base: str, prefix: str, rate: float, duration: float,
                 await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - (t0 + warm / rate)
-    return {"requests": len(latency), "errors": errors, "elapsed_s": round(elapsed, 3),
-            "achieved_rps": round(len(latency) / elapsed, 1), "rate": rate,
-            "latency": _summary(latency), "service": _summary(service)}
+    return {
+        "requests": len(latency),
+        "errors": errors,
+        "elapsed_s": round(elapsed, 3),
+        "achieved_rps": round(len(latency) / elapsed, 1),
+        "rate": rate,
+        "latency": _summary(latency),
+        "service": _summary(service),
+    }
 
 
 async def parallel_mode(url: str, count: int, size: int, timeout_s: float) -> dict[str, object]:
@@ -117,8 +125,14 @@ async def parallel_mode(url: str, count: int, size: int, timeout_s: float) -> di
         start = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(count)))
         elapsed = time.perf_counter() - start
-    return {"count": count, "failed": failed, "short": short, "bytes": total_bytes,
-            "elapsed_s": round(elapsed, 3), "mbps": round(total_bytes / elapsed / 1e6, 1)}
+    return {
+        "count": count,
+        "failed": failed,
+        "short": short,
+        "bytes": total_bytes,
+        "elapsed_s": round(elapsed, 3),
+        "mbps": round(total_bytes / elapsed / 1e6, 1),
+    }
 
 
 def main() -> int:
@@ -136,15 +150,16 @@ def main() -> int:
     q.add_argument("--size", type=int, required=True)
     q.add_argument("--timeout", type=float, default=300)
     args = p.parse_args()
+    if args.mode == "rate":
+        coro = rate_mode(args.base, args.prefix, args.rate, args.duration, args.connections)
+    else:
+        coro = parallel_mode(args.url, args.count, args.size, args.timeout)
     try:
         import uvloop
-        run = uvloop.run
     except ImportError:
-        run = asyncio.run
-    if args.mode == "rate":
-        out = run(rate_mode(args.base, args.prefix, args.rate, args.duration, args.connections))
+        out = asyncio.run(coro)
     else:
-        out = run(parallel_mode(args.url, args.count, args.size, args.timeout))
+        out = uvloop.run(coro)
     json.dump(out, sys.stdout)
     print()
     return 0

@@ -43,7 +43,7 @@ Result = dict[str, Any]
 
 
 def timed(fn: Callable[[], object], min_time_s: float, repeats: int = 5) -> Result:
-    """Median (and min–max) seconds per call over ``repeats`` batches of ~min_time_s."""
+    """Median (and min-max) seconds per call over ``repeats`` batches of ~min_time_s."""
     n = 1
     while True:  # calibrate a batch size
         t = time.perf_counter()
@@ -60,8 +60,12 @@ def timed(fn: Callable[[], object], min_time_s: float, repeats: int = 5) -> Resu
         for _ in range(batch):
             fn()
         per.append((time.perf_counter() - t) / batch)
-    return {"per_call_s": statistics.median(per), "min_s": min(per), "max_s": max(per),
-            "calls": batch * repeats}
+    return {
+        "per_call_s": statistics.median(per),
+        "min_s": min(per),
+        "max_s": max(per),
+        "calls": batch * repeats,
+    }
 
 
 def policy_input(n: int = UPSTREAMS) -> dict[str, Any]:
@@ -70,18 +74,35 @@ def policy_input(n: int = UPSTREAMS) -> dict[str, Any]:
     for i in range(n):
         slow = i == 1
         ups[f"up{i}"] = {
-            "role": "primary" if i == 0 else "backup", "state": "closed",
-            "state_age_s": 300.0, "window_s": 120, "requests": 812, "errors": 3,
-            "not_found": 40, "timeouts": 1, "error_rate": 0.0037, "not_found_rate": 0.049,
+            "role": "primary" if i == 0 else "backup",
+            "state": "closed",
+            "state_age_s": 300.0,
+            "window_s": 120,
+            "requests": 812,
+            "errors": 3,
+            "not_found": 40,
+            "timeouts": 1,
+            "error_rate": 0.0037,
+            "not_found_rate": 0.049,
             "masked_failures": 0,
             "ttfb_ms": {"p50": 12.1, "p90": 40.3, "p99": 900.0 if slow else 90.0},
             "pool": {"limit": 64, "in_use": 20, "waiting": 0, "saturation": 0.31},
-            "series": [{"age_s": 10 * k, "requests": 70, "error_rate": 0.0,
-                        "p99_ms": 900.0 if slow else 90.0, "saturation": 0.3}
-                       for k in range(12)],
+            "series": [
+                {
+                    "age_s": 10 * k,
+                    "requests": 70,
+                    "error_rate": 0.0,
+                    "p99_ms": 900.0 if slow else 90.0,
+                    "saturation": 0.3,
+                }
+                for k in range(12)
+            ],
         }
-    return {"now": time.time(), "upstreams": ups,
-            "cache": {"enabled": True, "entries": 1200, "bytes": 734003200}}
+    return {
+        "now": time.time(),
+        "upstreams": ups,
+        "cache": {"enabled": True, "entries": 1200, "bytes": 734003200},
+    }
 
 
 # ---------------------------------------------------------------- stats window
@@ -92,10 +113,12 @@ def bench_window(min_time_s: float) -> Result:
 
     w = UpstreamWindow(120.0, 10.0)
     ok, nf = Outcome.OK, Outcome.NOT_FOUND
-    out = {"empty_call_overhead": timed(lambda: None, min_time_s),
-           "record_ok": timed(lambda: w.record(ok, 0.0123), min_time_s),
-           "record_not_found": timed(lambda: w.record(nf, 0.004), min_time_s),
-           "record_no_ttfb": timed(lambda: w.record(ok), min_time_s)}
+    out = {
+        "empty_call_overhead": timed(lambda: None, min_time_s),
+        "record_ok": timed(lambda: w.record(ok, 0.0123), min_time_s),
+        "record_not_found": timed(lambda: w.record(nf, 0.004), min_time_s),
+        "record_no_ttfb": timed(lambda: w.record(ok), min_time_s),
+    }
     # A full window: every slice holds data, as after two minutes of traffic.
     clock = [0.0]
     full = UpstreamWindow(120.0, 10.0, clock=lambda: clock[0])
@@ -113,8 +136,11 @@ def bench_window(min_time_s: float) -> Result:
 def _policy_files() -> tuple[dict[str, str], dict[str, Any]]:
     import yaml
 
-    modules = {str(p.relative_to(POLICY_DIR)): p.read_text()
-               for p in sorted(POLICY_DIR.rglob("*.rego")) if not p.name.endswith("_test.rego")}
+    modules = {
+        str(p.relative_to(POLICY_DIR)): p.read_text()
+        for p in sorted(POLICY_DIR.rglob("*.rego"))
+        if not p.name.endswith("_test.rego")
+    }
     data: dict[str, Any] = {}
     for p in sorted(POLICY_DIR.glob("*.yaml")):
         data.update(yaml.safe_load(p.read_text()) or {})
@@ -187,9 +213,11 @@ def bench_engine(min_time_s: float, doc: dict[str, Any], opa_url: str | None = N
             return loop.run_until_complete(engine.evaluate(doc))
 
         sample = evaluate()
-        out: Result = {"engine": type(engine).__name__,
-                       "decisions_sample": str(sample)[:300],
-                       "evaluate": timed(evaluate, min_time_s, repeats=3)}
+        out: Result = {
+            "engine": type(engine).__name__,
+            "decisions_sample": str(sample)[:300],
+            "evaluate": timed(evaluate, min_time_s, repeats=3),
+        }
         loop.run_until_complete(engine.close())
         return out
     except Exception as exc:
@@ -216,10 +244,23 @@ def opa_server(opa: str, core: int | None) -> Iterator[int]:
             (Path(tmp) / name.replace("/", "_")).write_text(text)
         for p in POLICY_DIR.glob("*.yaml"):
             shutil.copy(p, tmp)
-        argv = [opa, "run", "--server", "--addr", f"127.0.0.1:{port}", "--log-level", "error",
-                "--disable-telemetry", tmp]
-        proc = subprocess.Popen(pinned(core, argv), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        argv = [
+            opa,
+            "run",
+            "--server",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "error",
+            "--disable-telemetry",
+            tmp,
+        ]
+        proc = subprocess.Popen(
+            pinned(core, argv),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             _wait_opa(port, proc)
             yield port
@@ -259,8 +300,9 @@ def bench_opa(min_time_s: float, doc: dict[str, Any], core: int | None) -> Resul
             body = json.dumps({"input": doc})
 
             def post() -> bytes:
-                conn.request("POST", f"/v1/data/{DECISION}", body,
-                             {"Content-Type": "application/json"})
+                conn.request(
+                    "POST", f"/v1/data/{DECISION}", body, {"Content-Type": "application/json"}
+                )
                 return conn.getresponse().read()
 
             out["decisions_sample"] = post().decode()[:300]
@@ -300,8 +342,10 @@ def _us(r: Any) -> str:
         return str(r)
     if "skipped" in r:
         return f"skipped: {r['skipped']}"
-    return (f"{r['per_call_s'] * 1e6:10.3f} µs  (min–max {r['min_s'] * 1e6:.3f}–"
-            f"{r['max_s'] * 1e6:.3f}, {r['calls']} calls)")
+    return (
+        f"{r['per_call_s'] * 1e6:10.3f} µs  (min-max {r['min_s'] * 1e6:.3f}-"
+        f"{r['max_s'] * 1e6:.3f}, {r['calls']} calls)"
+    )
 
 
 def render(results: Result) -> str:

@@ -110,8 +110,14 @@ class Procs:
         full = pinned(core, argv)
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                full, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=cwd, start_new_session=True)
+                full,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         proc = Proc(name, popen, log_path, core, full, dict(env_note or {}))
         self._procs.append(proc)
         return proc
@@ -134,7 +140,8 @@ def wait_http(proc: Proc, url: str, timeout_s: float = 30.0) -> None:
         if not proc.alive():
             raise BenchError(
                 f"{proc.name} exited with {proc.popen.returncode} during start-up; "
-                f"log {proc.log_path}:\n{proc.log_tail()}")
+                f"log {proc.log_path}:\n{proc.log_tail()}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
@@ -145,8 +152,10 @@ def wait_http(proc: Proc, url: str, timeout_s: float = 30.0) -> None:
         except OSError as exc:
             last = str(exc)
         time.sleep(0.05)
-    raise BenchError(f"{proc.name} not ready at {url} after {timeout_s}s ({last}); "
-                     f"log {proc.log_path}:\n{proc.log_tail()}")
+    raise BenchError(
+        f"{proc.name} not ready at {url} after {timeout_s}s ({last}); "
+        f"log {proc.log_path}:\n{proc.log_tail()}"
+    )
 
 
 # ---------------------------------------------------------------- /proc readers

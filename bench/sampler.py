@@ -78,8 +78,11 @@ class Usage:
 class UsageMeter:
     """Samples per-core CPU, the server's and the upstream's CPU, the server's RSS."""
 
-    def __init__(self, server_pids: Callable[[], Sequence[int]],
-                 upstream_pids: Callable[[], Sequence[int]] | None) -> None:
+    def __init__(
+        self,
+        server_pids: Callable[[], Sequence[int]],
+        upstream_pids: Callable[[], Sequence[int]] | None,
+    ) -> None:
         self._server_pids = server_pids
         self._upstream_pids = upstream_pids or (lambda: [])
         self._poller = RssPoller(server_pids)

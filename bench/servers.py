@@ -79,10 +79,11 @@ http {{
 def upstream_conf(prefix: Path, port: int, tree: Path) -> str:
     info = info_body().decode().strip().replace("'", "")
     zips = "\n".join(
-        f"""        location ~ ^/{z.module.replace('.', '[.]')}/@v/v[^/]+[.]zip$ {{
+        f"""        location ~ ^/{z.module.replace(".", "[.]")}/@v/v[^/]+[.]zip$ {{
             try_files {z.path()} =404;
         }}"""
-        for z in ZIPS)
+        for z in ZIPS
+    )
     body = f"""    open_file_cache max=10000 inactive=600s;
     open_file_cache_valid 600s;
     server {{
@@ -112,7 +113,8 @@ def proxy_conf(prefix: Path, port: int, upstream_port: int, cache: bool) -> str:
     if cache:
         cache_http = (
             f"    proxy_cache_path {prefix}/cache levels=1:2 keys_zone=gp:64m max_size=20g "
-            "inactive=1h use_temp_path=off;\n")
+            "inactive=1h use_temp_path=off;\n"
+        )
         cache_loc = """
             proxy_cache gp;
             proxy_cache_key $uri;
@@ -138,13 +140,21 @@ def proxy_conf(prefix: Path, port: int, upstream_port: int, cache: bool) -> str:
     return _nginx_main(prefix, body)
 
 
-def start_nginx(procs: Procs, name: str, prefix: Path, conf: str, port: int,
-                core: int | None) -> Proc:
+def start_nginx(
+    procs: Procs, name: str, prefix: Path, conf: str, port: int, core: int | None
+) -> Proc:
     prefix.mkdir(parents=True, exist_ok=True)
     conf_path = prefix / "nginx.conf"
     conf_path.write_text(conf)
-    argv = [nginx_binary(), "-p", f"{prefix}/", "-c", str(conf_path), "-e",
-            str(prefix / "startup-error.log")]
+    argv = [
+        nginx_binary(),
+        "-p",
+        f"{prefix}/",
+        "-c",
+        str(conf_path),
+        "-e",
+        str(prefix / "startup-error.log"),
+    ]
     proc = procs.start(name, argv, core)
     wait_http(proc, f"http://127.0.0.1:{port}{HEALTH_PATH}")
     return proc
@@ -157,13 +167,15 @@ def start_upstream(procs: Procs, work: Path, tree: Path, core: int) -> Server:
     return Server("upstream", f"http://127.0.0.1:{port}", proc)
 
 
-def start_nginx_proxy(procs: Procs, work: Path, name: str, upstream: Server, cache: bool,
-                      core: int) -> Server:
+def start_nginx_proxy(
+    procs: Procs, work: Path, name: str, upstream: Server, cache: bool, core: int
+) -> Server:
     port = free_port()
     prefix = work / name
     upstream_port = int(upstream.url.rsplit(":", 1)[1])
-    proc = start_nginx(procs, name, prefix, proxy_conf(prefix, port, upstream_port, cache),
-                       port, core)
+    proc = start_nginx(
+        procs, name, prefix, proxy_conf(prefix, port, upstream_port, cache), port, core
+    )
     notes = {"buffers": "proxy_buffer_size 64k; proxy_buffers 8 64k", "keepalive": "256"}
     if cache:
         notes["cache"] = "proxy_cache, key $uri, lock on"
@@ -172,8 +184,11 @@ def start_nginx_proxy(procs: Procs, work: Path, name: str, upstream: Server, cac
 
 
 def sidecar_conf(port: int, upstream: Server, cache_dir: Path, cache: bool) -> str:
-    cache_yaml = (f'{{dir: "{cache_dir}", max_bytes: 20GiB}}' if cache
-                  else f'{{dir: "{cache_dir}", enabled: false}}')
+    cache_yaml = (
+        f'{{dir: "{cache_dir}", max_bytes: 20GiB}}'
+        if cache
+        else f'{{dir: "{cache_dir}", enabled: false}}'
+    )
     return f"""listen: "127.0.0.1:{port}"
 upstreams:
   - name: origin
@@ -185,12 +200,27 @@ cache: {cache_yaml}
 
 def sidecar_argv(config: Path) -> list[str]:
     """``python3 -m sidecar`` from this checkout (the console script may be stale or absent)."""
-    return [sys.executable, "-m", "sidecar", "run", "--config", str(config),
-            "--log-level", "warning"]
+    return [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(config),
+        "--log-level",
+        "warning",
+    ]
 
 
-def start_sidecar(procs: Procs, work: Path, name: str, upstream: Server, cache: bool,
-                  core: int) -> Server:
+def start_sidecar(
+    procs: Procs,
+    work: Path,
+    name: str,
+    upstream: Server,
+    cache: bool,
+    core: int,
+    malloc_env: bool = True,
+) -> Server:
     port = free_port()
     home = work / name
     home.mkdir(parents=True, exist_ok=True)
@@ -200,12 +230,17 @@ def start_sidecar(procs: Procs, work: Path, name: str, upstream: Server, cache: 
     # A SIDECAR_* variable in the caller's shell would silently change the config.
     for key in [k for k in env if k.startswith("SIDECAR_")]:
         del env[key]
-    env.update(MALLOC_ENV)
+    for key in MALLOC_ENV:
+        env.pop(key, None)
+    if malloc_env:
+        env.update(MALLOC_ENV)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    proc = procs.start(name, sidecar_argv(config), core, env=env, cwd=str(home),
-                       env_note=MALLOC_ENV)
+    used = MALLOC_ENV if malloc_env else {}
+    proc = procs.start(name, sidecar_argv(config), core, env=env, cwd=str(home), env_note=used)
     wait_http(proc, f"http://127.0.0.1:{port}/healthz", timeout_s=60)
-    notes = {"cache": "enabled (20GiB)" if cache else "disabled (cache.enabled: false)",
-             "pool": "max_connections 256", "env": " ".join(f"{k}={v}" for k, v in
-                                                            MALLOC_ENV.items())}
+    notes = {
+        "cache": "enabled (20GiB)" if cache else "disabled (cache.enabled: false)",
+        "pool": "max_connections 256",
+        "env": " ".join(f"{k}={v}" for k, v in used.items()) or "glibc defaults",
+    }
     return Server(name, f"http://127.0.0.1:{port}", proc, "X-Sidecar-Upstream", "cache", notes)

@@ -90,26 +90,54 @@ def write_script(work: Path, unique: bool) -> Path:
     return path
 
 
-def run_wrk(url: str, connections: int, duration_s: float, script: Path, core: int,
-            unique_prefix: str | None = None, threads: int = 1,
-            timeout_s: float = 10.0) -> WrkResult:
-    """One wrk run; ``unique_prefix`` (a path) turns on unique module paths."""
-    argv = [wrk_binary(), f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
-            f"--timeout={timeout_s:g}s", "-s", str(script), url]
+def run_wrk(
+    url: str,
+    connections: int,
+    duration_s: float,
+    script: Path,
+    core: int,
+    unique_prefix: str | None = None,
+    threads: int = 1,
+    timeout_s: float = 10.0,
+) -> WrkResult:
+    """One wrk run; ``unique_prefix`` (a path) turns on unique module paths.
+
+    wrk takes whole seconds only: durations are rounded (at least 1 s).
+    """
+    argv = [
+        wrk_binary(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration_s))}s",
+        f"--timeout={max(1, round(timeout_s))}s",
+        "-s",
+        str(script),
+        url,
+    ]
     if unique_prefix is not None:
         argv += ["--", unique_prefix]
     before = _children_cpu()
-    proc = subprocess.Popen(pinned(core, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        pinned(core, argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=duration_s + timeout_s + 30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.communicate()
         raise BenchError(f"wrk did not finish: {' '.join(argv)}") from None
+    except BaseException:  # Ctrl-C, SIGTERM: wrk is in its own session, stop it too
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise
     # communicate() reaped it: the children's rusage grew by wrk's CPU alone.
-    result = _parse(out.decode(errors="replace"), err.decode(errors="replace"), argv,
-                    proc.returncode)
+    result = _parse(
+        out.decode(errors="replace"), err.decode(errors="replace"), argv, proc.returncode
+    )
     return dataclasses.replace(result, client_cpu_s=round(_children_cpu() - before, 3))
 
 
@@ -122,10 +150,18 @@ def _parse(out: str, err: str, argv: list[str], rc: int) -> WrkResult:
     line = next((ln for ln in out.splitlines() if ln.startswith(MARK)), None)
     if rc != 0 or line is None:
         raise BenchError(f"wrk failed (exit {rc}): {' '.join(argv)}\n{out}\n{err}")
-    d = json.loads(line[len(MARK):])
+    d = json.loads(line[len(MARK) :])
     sock = d["connect_errors"] + d["read_errors"] + d["write_errors"] + d["timeouts"]
     return WrkResult(
-        requests=d["requests"], bytes=d["bytes"], duration_s=d["duration_us"] / 1e6,
-        errors=sock + d["status_errors"], status_errors=d["status_errors"],
-        p50_ms=d["p50_us"] / 1000, p90_ms=d["p90_us"] / 1000, p99_ms=d["p99_us"] / 1000,
-        p999_ms=d["p999_us"] / 1000, max_ms=d["max_us"] / 1000, client_cpu_s=0.0)
+        requests=d["requests"],
+        bytes=d["bytes"],
+        duration_s=d["duration_us"] / 1e6,
+        errors=sock + d["status_errors"],
+        status_errors=d["status_errors"],
+        p50_ms=d["p50_us"] / 1000,
+        p90_ms=d["p90_us"] / 1000,
+        p99_ms=d["p99_us"] / 1000,
+        p999_ms=d["p999_us"] / 1000,
+        max_ms=d["max_us"] / 1000,
+        client_cpu_s=0.0,
+    )

@@ -34,8 +34,8 @@ if ! have nginx; then
 fi
 
 echo "bench-deps: installing ${pkgs[*]}"
-# --no-install-recommends; the Debian package may try to start a system nginx
-# on port 80: policy-rc.d is not touched, but the harness never uses it.
+# On a machine with an init system the Debian package also enables a system
+# nginx on port 80; the harness never uses it (it runs its own, on free ports).
 $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 
 have nginx || { echo "bench-deps: nginx still missing after install" >&2; exit 1; }

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -18,6 +20,8 @@ from sidecar.config import Config
 from sidecar.control import ControlLoop, on_transition
 from sidecar.endpoints import add_routes
 from sidecar.metrics import Metrics
+from sidecar.policy import make_engine
+from sidecar.policy.base import PolicyEngine
 from sidecar.policy.reloader import PolicyReloader
 from sidecar.proxy.handler import ProxyHandler
 from sidecar.proxy.recorder import Recorder
@@ -25,6 +29,8 @@ from sidecar.stats.window import UpstreamWindow
 from sidecar.upstreams import Upstream
 
 log = logging.getLogger("sidecar.app")
+
+MIN_POLICY_POLL_S = 1.0
 
 SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
 
@@ -42,6 +48,7 @@ class Sidecar:
     control: ControlLoop | None = None
     policy: PolicyReloader | None = None
     would: dict[str, Decision] = field(default_factory=dict)
+    background: set[asyncio.Task[object]] = field(default_factory=set)
     plan: Plan = field(init=False)
     _plan_version: int = 0
 
@@ -76,6 +83,10 @@ def build_sidecar(config: Config, metrics: Metrics | None = None) -> Sidecar:
         upstreams[cfg.name] = Upstream(cfg, "primary" if index == 0 else "backup")
     windows = {name: UpstreamWindow(config.stats.window, config.stats.slice) for name in upstreams}
     sidecar = Sidecar(config, metrics, upstreams, windows)
+    if config.cache.enabled:
+        from sidecar.cache.store import DiskCache
+
+        sidecar.cache = DiskCache(config.cache, metrics)
     for name in upstreams:
         sidecar.breakers[name] = Breaker(
             name, on_transition=lambda t, sc=sidecar: on_transition(sc, t))
@@ -85,7 +96,9 @@ def build_sidecar(config: Config, metrics: Metrics | None = None) -> Sidecar:
     return sidecar
 
 
-def build_app(sidecar: Sidecar) -> web.Application:
+def build_app(sidecar: Sidecar, run_control: bool = True) -> web.Application:
+    """The aiohttp app. ``run_control=False`` leaves stepping the control loop
+    to the caller (tests drive it tick by tick)."""
     app = web.Application(client_max_size=1024)
     app[SIDECAR] = sidecar
     recorder = Recorder(sidecar.metrics, sidecar.windows)
@@ -93,21 +106,72 @@ def build_app(sidecar: Sidecar) -> web.Application:
                            sidecar.config.policy.reject_status)
     add_routes(app, sidecar)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
-    app.on_startup.append(_start)
-    app.on_cleanup.append(_stop)
+    app.cleanup_ctx.append(_lifecycle)
+    if run_control:
+        app.cleanup_ctx.append(_control_task)
     return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    await _start(app)
+    yield
+    await _stop(app)
 
 
 async def _start(app: web.Application) -> None:
     sidecar = app[SIDECAR]
     for upstream in sidecar.upstreams.values():
         await upstream.start()
+    if sidecar.cache is not None:
+        await sidecar.cache.start()
+    policy_cfg = sidecar.config.policy
+    sidecar.policy = PolicyReloader(
+        lambda: make_engine(policy_cfg), policy_cfg.paths,
+        poll_interval=max(policy_cfg.interval, MIN_POLICY_POLL_S),
+        on_reload=lambda ok, error: _log_reload(ok, error), metrics=sidecar.metrics)
+    await sidecar.policy.start()
+    sidecar.control = ControlLoop(sidecar, lambda: _engine(sidecar))
+
+
+def _engine(sidecar: Sidecar) -> PolicyEngine:
+    assert sidecar.policy is not None
+    return sidecar.policy.engine
+
+
+def _log_reload(ok: bool, error: str | None) -> None:
+    if ok:
+        log.info("policy reloaded")
+    else:
+        log.error("policy reload refused; the last good policy stays", extra={"error": error})
+
+
+async def _control_task(app: web.Application) -> AsyncIterator[None]:
+    control = app[SIDECAR].control
+    assert control is not None
+    task = asyncio.create_task(control.run(), name="control-loop")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await control.close()
 
 
 async def _stop(app: web.Application) -> None:
     sidecar = app[SIDECAR]
+    if sidecar.policy is not None:
+        await sidecar.policy.close()
+    if sidecar.cache is not None:
+        await sidecar.cache.stop()  # before the upstreams: fills read from their sessions
     for upstream in sidecar.upstreams.values():
         await upstream.close()
+
+
+def _reload_on_hup(sidecar: Sidecar) -> None:
+    if sidecar.policy is not None:
+        log.info("SIGHUP: reloading policy")
+        task = asyncio.get_running_loop().create_task(sidecar.policy.reload_now())
+        sidecar.background.add(task)
+        task.add_done_callback(sidecar.background.discard)
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
@@ -124,6 +188,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_hup(sidecar))
     log.info("listening", extra={"listen": config.listen, "upstreams": list(sidecar.upstreams)})
     if ready is not None:
         ready.set()

@@ -73,7 +73,10 @@ class ControlLoop:
         m.policy_evaluations.labels(engine.name).inc()
         started = time.perf_counter()
         try:
-            decisions = await asyncio.wait_for(engine.evaluate(doc), self.timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+            # cancellation that races with completion, and the loop never stops.
+            async with asyncio.timeout(self.timeout):
+                decisions = await engine.evaluate(doc)
         except (PolicyError, TimeoutError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
             m.policy_failures.labels(engine.name, reason).inc()

@@ -41,7 +41,7 @@ def add_routes(app: web.Application, sidecar: Sidecar) -> None:
 
 def not_ready(sidecar: Sidecar) -> str:
     """Empty when a policy is loaded and at least one target can serve."""
-    if sidecar.policy is not None and sidecar.policy.current() is None:
+    if sidecar.policy is None or not sidecar.policy.loaded:
         return "no policy loaded"
     servable = [p for p in sidecar.plan.upstreams if p.action is not Action.REJECT]
     if not servable and sidecar.cache is None:

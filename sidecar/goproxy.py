@@ -72,13 +72,9 @@ _PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 _PRE = rf"-{_PRE_ID}(?:\.{_PRE_ID})*"
 _BUILD = r"\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*"
 # vMAJOR and vMAJOR.MINOR are shorthands; they take no prerelease or build.
-_SEMVER: Final = re.compile(
-    rf"v({_NUM})(?:\.({_NUM})(?:\.({_NUM})({_PRE})?({_BUILD})?)?)?"
-)
+_SEMVER: Final = re.compile(rf"v({_NUM})(?:\.({_NUM})(?:\.({_NUM})({_PRE})?({_BUILD})?)?)?")
 # module.CanonicalVersion(v) == v: semver.Canonical keeps "+incompatible".
-_CANONICAL: Final = re.compile(
-    rf"v({_NUM})\.{_NUM}\.{_NUM}(?:{_PRE})?(\+incompatible)?"
-)
+_CANONICAL: Final = re.compile(rf"v({_NUM})\.{_NUM}\.{_NUM}(?:{_PRE})?(\+incompatible)?")
 
 
 def semver_is_valid(v: str) -> bool:
@@ -337,9 +333,7 @@ _RAW_OK: Final = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/%-]*")
 _PCT: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 # Escapes may stand for printable ASCII only, and never for a separator, a dot
 # (traversal), a backslash or "%" itself (double encoding).
-_DECODABLE: Final = {
-    f"{b:02X}": chr(b) for b in range(0x20, 0x7F) if chr(b) not in "/.\\%"
-}
+_DECODABLE: Final = {f"{b:02X}": chr(b) for b in range(0x20, 0x7F) if chr(b) not in "/.\\%"}
 _DOT_SEGMENT: Final = re.compile(r"(?:^|/)\.\.?(?:/|\Z)")
 # Characters left raw in a forwarded version; the rest is percent-encoded.
 _SAFE_VERSION: Final = re.compile(r"[a-z0-9._~!+-]*")
@@ -387,8 +381,12 @@ def _quote_version(v: str) -> str:
 
 
 def _request(
-    kind: Kind, path: str, module: str, version: str | None = None,
-    sumdb: str | None = None, immutable: bool = False,
+    kind: Kind,
+    path: str,
+    module: str,
+    version: str | None = None,
+    sumdb: str | None = None,
+    immutable: bool = False,
 ) -> GoproxyRequest:
     return GoproxyRequest(kind, path, module, version, sumdb, immutable, path)
 

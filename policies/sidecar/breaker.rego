@@ -12,8 +12,10 @@
 #   per-slice series of the input, never remembered.
 #
 #   The rules use only what both OPA and rego-cpp (the embedded engine)
-#   evaluate identically: no object.union (shallow in rego-cpp) and no %v on
-#   computed floats (their text differs between the two).
+#   evaluate identically: no object.union (shallow in rego-cpp), no "some k, v
+#   in" inside [...] or {...} comprehensions and no arithmetic in their head
+#   (rego-cpp 1.5.2 rejects both), numbers printed with %d of round(x) only
+#   (%d of a float is an error text in OPA and undefined in rego-cpp).
 package sidecar.breaker
 
 # Defaults for any key thresholds.yaml leaves out (the seed's figures).
@@ -59,8 +61,8 @@ finding(u, "reject") := msg if {
 	saturation > thresholds.pool_saturation
 	msg := sprintf("pool saturation %s > %s (%d in use + %d waiting / %d)", [
 		percent(saturation), percent(thresholds.pool_saturation),
-		object.get(u.pool, "in_use", 0), object.get(u.pool, "waiting", 0),
-		object.get(u.pool, "limit", 0),
+		round(object.get(u.pool, "in_use", 0)), round(object.get(u.pool, "waiting", 0)),
+		round(object.get(u.pool, "limit", 0)),
 	])
 }
 
@@ -68,7 +70,7 @@ finding(u, "cache") := msg if {
 	u.requests >= thresholds.min_requests
 	u.error_rate > thresholds.error_rate
 	msg := sprintf("error rate %s > %s over %d requests", [
-		percent(u.error_rate), percent(thresholds.error_rate), u.requests,
+		percent(u.error_rate), percent(thresholds.error_rate), round(u.requests),
 	])
 }
 
@@ -113,17 +115,12 @@ slow_or_starting(s) if {
 
 slices_needed(u, span_s) := max([1, ceil(span_s / slice_width(u))])
 
-# The smallest gap between slice ages; undefined with fewer than two slices
-# (then the series cannot prove any duration, and the rule does not fire).
-slice_width(u) := min(gaps) if {
-	ages := sort([s.age_s | some s in u.series])
-	gaps := [gap |
-		some i # not "some i, age in ages": rego-cpp 1.5.2 rejects it in [...] and {...}
-		i > 0
-		gap := ages[i] - ages[i - 1]
-		gap > 0
-	]
-	count(gaps) > 0
+# The series is newest first with a fixed slice width (the contract), so the
+# first two ages give it. Undefined with fewer than two slices: then the
+# series cannot prove any duration, and the rule does not fire.
+slice_width(u) := width if {
+	width := u.series[1].age_s - u.series[0].age_s
+	width > 0
 }
 
 # --- reasons -----------------------------------------------------------------
@@ -131,12 +128,12 @@ slice_width(u) := min(gaps) if {
 healthy_reason(u) := sprintf("ok: ttfb p99 %s, error rate %s over %d requests%s, pool %s", [
 	millis(object.get(u, ["ttfb_ms", "p99"], 0)),
 	percent(object.get(u, "error_rate", 0)),
-	object.get(u, "requests", 0),
+	round(object.get(u, "requests", 0)),
 	few_requests_note(u),
 	percent(object.get(u, ["pool", "saturation"], 0)),
 ])
 
-few_requests_note(u) := sprintf(" (< %d: no verdict on rates)", [thresholds.min_requests]) if {
+few_requests_note(u) := sprintf(" (< %d: no verdict on rates)", [round(thresholds.min_requests)]) if {
 	object.get(u, "requests", 0) < thresholds.min_requests
 } else := ""
 

@@ -100,6 +100,13 @@ test_reasons_carry_the_figures if {
 	decisions.full.reason == "pool saturation 100.0% > 90.0% (60 in use + 4 waiting / 64); also error rate 20.0% > 5.0% over 812 requests"
 }
 
+# JSON may carry counts as floats (812.0): the reasons must still print them.
+test_float_counts if {
+	full := upstream({"requests": 812.0, "error_rate": 0.2, "pool": {"limit": 64.0, "in_use": 60.0, "waiting": 4.0, "saturation": 1.0}})
+	d := breaker.decisions.u with input as {"upstreams": {"u": full}}
+	d.reason == "pool saturation 100.0% > 90.0% (60 in use + 4 waiting / 64); also error rate 20.0% > 5.0% over 812 requests"
+}
+
 test_allow_reason if {
 	d := breaker.decisions.u with input as {"upstreams": {"u": healthy}}
 	d.reason == "ok: ttfb p99 790ms, error rate 0.4% over 812 requests, pool 31.0%"

@@ -1,48 +1,63 @@
 """What the request path needs from the local cache.
 
-The proxy only sees this protocol; the disk store, its index and the
-single-flight machinery live behind it.
+The proxy only sees this protocol; the disk store (``store.DiskCache``), its
+index, the fills and the single-flight table live behind it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
+from multidict import CIMultiDict
+
+from sidecar.cache.fill import FillReader
+from sidecar.cache.flight import Flight, NotFound
+from sidecar.cache.index import Entry as CachedEntry
+from sidecar.errors import UpstreamError
 from sidecar.goproxy import GoproxyRequest
+from sidecar.upstreams import UpstreamResponse
 
-
-@dataclass(frozen=True, slots=True)
-class CachedEntry:
-    path: Path
-    size: int
-    content_type: str
-    stale: bool
-
-
-class CacheFill(Protocol):
-    """The tee for one upstream body: chunks in, an entry out only if complete."""
-
-    async def write(self, chunk: bytes) -> None: ...
-
-    async def commit(self) -> None: ...
-
-    def abort(self) -> None: ...
+__all__ = ["CachedEntry", "FillReader", "Flight", "ModuleCache", "NotFound"]
 
 
 class ModuleCache(Protocol):
     def lookup(self, req: GoproxyRequest, allow_stale: bool) -> CachedEntry | None:
-        """A servable entry (fresh, or stale when allowed) or None; no I/O."""
+        """A servable entry (fresh, or stale too when allowed) or None; no I/O."""
+
+    def is_stale(self, entry: CachedEntry) -> bool:
+        """True once a mutable entry is older than ``cache.mutable_ttl``."""
+
+    def age(self, entry: CachedEntry) -> int:
+        """Seconds since the entry was stored (the ``Age`` header)."""
 
     async def verify(self, entry: CachedEntry) -> bool:
-        """Size and, first time since start, SHA-256 match; evicts on mismatch."""
+        """SHA-256 checked once per process life; a mismatch is evicted and False."""
 
-    def begin_fill(
-        self, req: GoproxyRequest, content_length: int | None, content_type: str
-    ) -> CacheFill | None:
-        """Start teeing an upstream body, or None when this answer is not cached."""
+    def acquire(self, entry: CachedEntry) -> bool:
+        """Hold the entry's file while it is served; False if it was evicted meanwhile."""
 
-    def follow(self, req: GoproxyRequest) -> AsyncIterator[bytes] | None:
-        """Bytes of a fill already in flight for ``req`` (single flight), or None."""
+    def release(self, entry: CachedEntry) -> None: ...
+
+    def discard(self, entry: CachedEntry, reason: str) -> None:
+        """The entry's file is not what was recorded: evict and count it."""
+
+    def flight(self, req: GoproxyRequest) -> tuple[Flight, bool]:
+        """Enter the single flight for ``req``: (flight, True if the caller leads it)."""
+
+    def land(self, flight: Flight) -> None:
+        """The leader is done walking the targets."""
+
+    async def start_fill(
+        self, req: GoproxyRequest, source: UpstreamResponse, headers: CIMultiDict[str],
+        flight: Flight | None, on_end: Callable[[UpstreamError | None], None] | None = None,
+    ) -> FillReader | None:
+        """Fetch the body once into the cache and return the caller's reader,
+        or None when this body is not to be cached (the caller relays it)."""
+
+    def summary(self) -> dict[str, int]:
+        """``{"entries": ..., "bytes": ...}`` for the policy input."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...

@@ -1,9 +1,15 @@
-"""The request pipeline: parse → route by the current plan → stream → record.
+"""The request pipeline: parse → cache → route by the current plan → deliver → record.
 
 Every request is validated before anything else; an invalid one is answered
-here and reaches no upstream and no file. Valid ones walk the plan's targets
-in order, like the go command walks a comma-separated GOPROXY list: 404/410
-and failures fall through, the last answer is returned.
+here and reaches no upstream and no file. Valid ones are looked up in the
+cache; a miss walks the plan's targets in order, like the go command walks a
+comma-separated GOPROXY list: 404/410 and failures fall through, the last
+answer is returned.
+
+With a cache, a GET miss goes through single flight (``sidecar.cache.flight``):
+the walk ("find an upstream that answers 200 headers") is done by one leader
+per key, and the body is fetched once by a fill that every waiting client
+reads ("deliver the body"). Without a cache the body is relayed as before.
 """
 
 from __future__ import annotations
@@ -12,19 +18,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 from aiohttp import web
 
 from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State
-from sidecar.cache.base import CachedEntry, ModuleCache
-from sidecar.errors import RequestError, UpstreamError, UpstreamTimeout
+from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound
+from sidecar.errors import CacheIntegrityError, RequestError, UpstreamError, UpstreamTimeout
 from sidecar.goproxy import GoproxyRequest, parse_request_path
-from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER
+from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
 from sidecar.proxy.recorder import Recorder
-from sidecar.proxy.headers import response_headers
-from sidecar.proxy.stream import read_small, relay, store_whole
+from sidecar.proxy.stream import CLIENT_GONE, EntryResponse, deliver, is_small, read_small, relay
 from sidecar.stats.window import Outcome
 from sidecar.upstreams import Upstream, UpstreamResponse
 
@@ -32,6 +38,9 @@ log = logging.getLogger("sidecar.proxy")
 
 METHODS: Final = frozenset({"GET", "HEAD"})
 RETRY_AFTER_S: Final = "5"
+STALE_WARNING: Final = '110 - "Response is Stale"'
+
+Answer = tuple[web.StreamResponse, str, str]  # response, who answered, outcome
 
 
 @dataclass(slots=True)
@@ -43,6 +52,7 @@ class Attempts:
     not_found_from: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: bool = False
+    cut: UpstreamError | None = None  # the body failed after headers were sent
 
 
 class ProxyHandler:
@@ -75,47 +85,67 @@ class ProxyHandler:
         self.recorder.answered(source, req.kind.value, outcome, time.perf_counter() - started)
         return response
 
-    async def _serve(
-        self, request: web.Request, req: GoproxyRequest
-    ) -> tuple[web.StreamResponse, str, str]:
+    async def _serve(self, request: web.Request, req: GoproxyRequest) -> Answer:
         cache = self.cache
-        if cache is not None and req.immutable:
-            entry = cache.lookup(req, allow_stale=False)
-            if entry is not None and await cache.verify(entry):
-                return self._from_cache(req, entry), "cache", "hit"
-        attempts = Attempts()
-        for target in self.plan().upstreams:
-            answer = await self._try_target(request, req, target, attempts)
+        if cache is None:
+            return await self._walk(request, req, None)
+        entry = cache.lookup(req, allow_stale=False)
+        if entry is not None:
+            answer = await self._from_cache(request, req, entry, stale=False)
             if answer is not None:
                 return answer
-        return self._exhausted(req, attempts)
+        self.recorder.counter(self.recorder.metrics.cache_misses, req.kind.value)()
+        if request.method != "GET":
+            return await self._walk(request, req, None)
+        flight, leader = cache.flight(req)
+        if not leader:
+            answer = await self._join(request, req, flight)
+            return answer if answer is not None else await self._walk(request, req, None)
+        try:
+            return await self._walk(request, req, flight)
+        finally:
+            cache.land(flight)
+
+    async def _walk(self, request: web.Request, req: GoproxyRequest, flight: Flight | None
+                    ) -> Answer:
+        attempts = Attempts()
+        for target in self.plan().upstreams:
+            answer = await self._try_target(request, req, target, attempts, flight)
+            if answer is not None:
+                return answer
+        answer = await self._exhausted(request, req, attempts)
+        if flight is not None and answer[2] == "not_found":
+            flight.settle(NotFound(attempts.status, attempts.message))
+        return answer
 
     async def _try_target(
-        self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
-    ) -> tuple[web.StreamResponse, str, str] | None:
+        self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts,
+        flight: Flight | None,
+    ) -> Answer | None:
         action = target.action
         if target.state is State.HALF_OPEN and target.breaker.try_acquire_probe():
-            return await self._probe(request, req, target, attempts)
+            return await self._probe(request, req, target, attempts, flight)
         if action is Action.REJECT:
             return self._reject(target), target.name, "rejected"
         if action is Action.REROUTE:
             attempts.skipped.append(f"{target.name}: rerouted ({target.breaker.reason})")
             return None
         if action is Action.CACHE:
-            return self._cache_action(req, target, attempts)
+            return await self._cache_action(request, req, target, attempts)
         try:
-            return await self._fetch(request, req, self.upstreams[target.name], attempts)
+            return await self._fetch(request, req, self.upstreams[target.name], attempts, flight)
         except UpstreamError:
             return None
 
     async def _probe(
-        self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
-    ) -> tuple[web.StreamResponse, str, str] | None:
+        self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts,
+        flight: Flight | None,
+    ) -> Answer | None:
         """A half-open breaker lets this request through as one of its probes."""
         breaker = target.breaker
         period = breaker.probe_period
         try:
-            answer = await self._fetch(request, req, self.upstreams[target.name], attempts)
+            answer = await self._fetch(request, req, self.upstreams[target.name], attempts, flight)
         except UpstreamError as exc:
             self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "failed")()
             breaker.release_probe(False, exc.message, period=period)
@@ -123,13 +153,18 @@ class ProxyHandler:
         except BaseException:
             breaker.cancel_probe(period=period)  # the client left: no verdict
             raise
+        if attempts.cut is not None:
+            self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "failed")()
+            breaker.release_probe(False, attempts.cut.message, period=period)
+            return answer
         self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "ok")()
         breaker.release_probe(True, period=period)
         return answer
 
     async def _fetch(
-        self, request: web.Request, req: GoproxyRequest, upstream: Upstream, attempts: Attempts
-    ) -> tuple[web.StreamResponse, str, str] | None:
+        self, request: web.Request, req: GoproxyRequest, upstream: Upstream, attempts: Attempts,
+        flight: Flight | None,
+    ) -> Answer | None:
         """One upstream attempt. None means "go on"; UpstreamError means it failed."""
         try:
             resp = await upstream.open(req.path, request.method)
@@ -145,61 +180,140 @@ class ProxyHandler:
             return None
         for name in attempts.not_found_from:
             self.recorder.masked(name)
+        if flight is not None and self.cache is not None:
+            reader = await self.cache.start_fill(
+                req, resp, response_headers(resp.headers, upstream.name), flight,
+                partial(self._body_end, upstream.name, resp.ttfb))
+            if reader is not None:
+                return await self._deliver(request, reader, attempts)
         return await self._stream(request, req, resp, attempts)
 
     async def _stream(
         self, request: web.Request, req: GoproxyRequest, resp: UpstreamResponse, attempts: Attempts
-    ) -> tuple[web.StreamResponse, str, str]:
+    ) -> Answer:
+        """Relay a body that is not cached here."""
         name = resp.upstream.name
-        fill = None
-        if self.cache is not None and request.method == "GET":
-            fill = self.cache.begin_fill(
-                req, resp.content_length, resp.headers.get("Content-Type", ""))
         try:
             body = await read_small(resp) if request.method == "GET" else None
             if body is not None:
                 response: web.StreamResponse = web.Response(
                     body=body, headers=response_headers(resp.headers, name))
                 outcome = "ok"
-                await store_whole(fill, body)
             else:
-                response, outcome = await relay(request, resp, fill)
+                response, outcome = await relay(request, resp)
         except UpstreamError as exc:
-            if fill is not None:
-                fill.abort()
             resp.release(reuse=False)
             self._failed(name, exc, resp.ttfb, attempts)
             raise
         self.recorder.attempt(name, Outcome.OK, resp.ttfb, "ok")
         return response, name, outcome
 
+    def _body_end(self, name: str, ttfb: float, exc: UpstreamError | None) -> None:
+        """The fill of one body ended: recorded once, however many clients read it."""
+        if exc is None:
+            self.recorder.attempt(name, Outcome.OK, ttfb, "ok")
+        else:
+            self._record_failure(name, exc, ttfb)
+
+    async def _deliver(self, request: web.Request, reader: FillReader, attempts: Attempts | None
+                       ) -> Answer:
+        """Send a fill's body to this client. UpstreamError: it failed before any
+        header was sent (the caller may try elsewhere); after, the connection is cut."""
+        fill = reader.fill
+        try:
+            if is_small(fill.content_length):
+                try:
+                    body = await reader.read_all()
+                except UpstreamError as exc:
+                    if attempts is not None:
+                        self._note_failure(exc, attempts)
+                    raise
+                return web.Response(body=body, headers=fill.headers), fill.upstream, "ok"
+            response, outcome, failure = await deliver(
+                request, reader, fill.headers, fill.content_length)
+            if failure is not None and attempts is not None:
+                attempts.cut = failure
+            return response, fill.upstream, outcome
+        finally:
+            reader.close()
+
+    async def _join(self, request: web.Request, req: GoproxyRequest, flight: Flight
+                    ) -> Answer | None:
+        """Wait for the leader of this key. None: walk the targets yourself."""
+        outcome = await flight.outcome()
+        if isinstance(outcome, NotFound):
+            return text_response(outcome.status, outcome.message), "sidecar", "not_found"
+        if outcome is None:
+            return None
+        reader = outcome.join()
+        if reader is None:  # ended meanwhile: committed (so in the index) or failed
+            entry = self.cache.lookup(req, allow_stale=False) if self.cache else None
+            return await self._from_cache(request, req, entry, stale=False) if entry else None
+        try:
+            return await self._deliver(request, reader, None)
+        except UpstreamError:
+            return None  # failed before headers: this client moves on by itself
+
     def _failed(
         self, name: str, exc: UpstreamError, ttfb: float | None, attempts: Attempts
     ) -> None:
+        self._record_failure(name, exc, ttfb)
+        self._note_failure(exc, attempts)
+
+    def _record_failure(self, name: str, exc: UpstreamError, ttfb: float | None) -> None:
         timeout = isinstance(exc, UpstreamTimeout)
         self.recorder.attempt(name, Outcome.TIMEOUT if timeout else Outcome.ERROR, ttfb,
                               exc.failure)
         log.warning("upstream failure", extra={"upstream": name, "failure": exc.failure,
                                                 "status": exc.status, "error": exc.message})
-        attempts.status = 504 if timeout else 502
+
+    @staticmethod
+    def _note_failure(exc: UpstreamError, attempts: Attempts) -> None:
+        attempts.status = 504 if isinstance(exc, UpstreamTimeout) else 502
         attempts.message = str(exc)
         attempts.failed = True
 
-    def _cache_action(
-        self, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
-    ) -> tuple[web.StreamResponse, str, str] | None:
-        entry = self.cache.lookup(req, allow_stale=True) if self.cache is not None else None
-        if entry is None:
-            attempts.skipped.append(f"{target.name}: cache miss ({target.breaker.reason})")
-            return None
-        return self._from_cache(req, entry), "cache", "stale" if entry.stale else "hit"
+    async def _cache_action(
+        self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
+    ) -> Answer | None:
+        cache = self.cache
+        entry = cache.lookup(req, allow_stale=True) if cache is not None else None
+        if entry is not None and cache is not None:
+            answer = await self._from_cache(request, req, entry, stale=cache.is_stale(entry))
+            if answer is not None:
+                return answer
+        attempts.skipped.append(f"{target.name}: cache miss ({target.breaker.reason})")
+        return None
 
-    def _from_cache(self, req: GoproxyRequest, entry: CachedEntry) -> web.StreamResponse:
-        headers = {"Content-Type": entry.content_type, SOURCE_HEADER: "cache"}
-        if entry.stale:
+    async def _from_cache(
+        self, request: web.Request, req: GoproxyRequest, entry: CachedEntry, stale: bool
+    ) -> Answer | None:
+        """Serve an entry with sendfile; None if it turned out broken (evicted meanwhile)."""
+        cache = self.cache
+        assert cache is not None
+        if not entry.verified and not await cache.verify(entry):
+            return None
+        headers = {"Content-Type": entry.content_type, SOURCE_HEADER: "cache",
+                   "Age": str(cache.age(entry))}
+        if stale:
             headers[STALE_HEADER] = "1"
-        self.recorder.counter(self.recorder.metrics.cache_hits, req.kind.value)()
-        return web.FileResponse(entry.path, headers=headers)
+            headers["Warning"] = STALE_WARNING
+        if not cache.acquire(entry):
+            return None
+        response = EntryResponse(entry.path, entry.size, headers)
+        try:
+            await response.prepare(request)
+        except CacheIntegrityError as exc:
+            cache.discard(entry, str(exc))
+            return None
+        except CLIENT_GONE:
+            return response, "cache", "client_abort"
+        finally:
+            cache.release(entry)
+        metrics = self.recorder.metrics
+        self.recorder.counter(metrics.cache_stale_serves if stale else metrics.cache_hits,
+                              req.kind.value)()
+        return response, "cache", "stale" if stale else "hit"
 
     def _reject(self, target: UpstreamPlan) -> web.StreamResponse:
         self.recorder.counter(self.recorder.metrics.rejected_requests, target.name, "policy")()
@@ -207,14 +321,16 @@ class ProxyHandler:
             self.reject_status, f"goproxy-sidecar: {target.name} is shedding load: "
             f"{target.breaker.reason}", {"Retry-After": RETRY_AFTER_S})
 
-    def _exhausted(
-        self, req: GoproxyRequest, attempts: Attempts
-    ) -> tuple[web.StreamResponse, str, str]:
+    async def _exhausted(
+        self, request: web.Request, req: GoproxyRequest, attempts: Attempts
+    ) -> Answer:
         if attempts.failed and self.cache is not None:
             entry = self.cache.lookup(req, allow_stale=True)
             if entry is not None:
-                self.recorder.counter(self.recorder.metrics.cache_stale_serves, req.kind.value)()
-                return self._from_cache(req, entry), "cache", "stale"
+                answer = await self._from_cache(
+                    request, req, entry, stale=self.cache.is_stale(entry))
+                if answer is not None:
+                    return answer
         if attempts.status:
             outcome = "not_found" if attempts.status in (404, 410) else "failed"
             return text_response(attempts.status, attempts.message), "sidecar", outcome
@@ -228,4 +344,3 @@ def text_response(status: int, message: str, headers: dict[str, str] | None = No
     """A short plain-text body the go command prints after the status."""
     return web.Response(status=status, text=message.strip() + "\n", content_type="text/plain",
                         charset="utf-8", headers=headers)
-

@@ -1,25 +1,38 @@
-"""Relaying one upstream body to the client, teeing it into the cache.
+"""Delivering a body to the client: relayed, read from a fill, or sent from a file.
 
 Backpressure comes for free: ``write`` waits while the client's socket is
-full, and the upstream is not read meanwhile. A client that hangs up is not
-an upstream failure: the upstream connection is dropped and nothing cached.
+full. A client that hangs up is not an upstream failure. Once headers are
+sent, the only honest signal of a failed body is a cut connection, so the
+client sees a short body, never a complete one.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
-from aiohttp.client_exceptions import ClientConnectionResetError
+import io
+import os
+from typing import TYPE_CHECKING
 
-from sidecar.cache.base import CacheFill
-from sidecar.errors import CacheError, UpstreamError
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_exceptions import ClientConnectionResetError
+from aiohttp.web_fileresponse import _FileResponseResult
+from multidict import CIMultiDict
+
+from sidecar.cache.base import FillReader
+from sidecar.cache.layout import describe
+from sidecar.errors import CacheIntegrityError, UpstreamError
 from sidecar.proxy.headers import response_headers
 from sidecar.upstreams import UpstreamResponse
+
+if TYPE_CHECKING:
+    from aiohttp.web_request import BaseRequest
 
 CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError, BrokenPipeError)
 # Bodies up to this size (.info, .mod, lists, sumdb answers) are read whole
 # before the client sees a byte: a truncated one can still fall through to
 # the next upstream, and one write is cheaper than a streamed response.
 BUFFER_LIMIT = 256 * 1024
+FILE_CHUNK = 256 * 1024  # read size when sendfile is not available (uvloop)
 
 
 async def read_small(resp: UpstreamResponse) -> bytes | None:
@@ -32,9 +45,11 @@ async def read_small(resp: UpstreamResponse) -> bytes | None:
     return b"".join(parts)
 
 
-async def relay(
-    request: web.Request, resp: UpstreamResponse, fill: CacheFill | None
-) -> tuple[web.StreamResponse, str]:
+def is_small(content_length: int | None) -> bool:
+    return content_length is not None and content_length <= BUFFER_LIMIT
+
+
+async def relay(request: web.Request, resp: UpstreamResponse) -> tuple[web.StreamResponse, str]:
     """Stream ``resp`` to the client. Returns the response and an outcome label."""
     response = web.StreamResponse(headers=response_headers(resp.headers, resp.upstream.name))
     if resp.content_length is not None:
@@ -44,58 +59,84 @@ async def relay(
         if request.method == "HEAD":
             resp.release(reuse=False)
             return response, "ok"
-        await _pump(response, resp, fill)
+        async for chunk in resp.chunks():
+            await response.write(chunk)
         await response.write_eof()
     except CLIENT_GONE:
-        _give_up(resp, fill)
+        resp.release(reuse=False)
         return response, "client_abort"
     except UpstreamError:
-        _give_up(resp, fill)
-        # Headers are gone already; the only honest signal left is a cut
-        # connection, so the client sees a short body, never a complete one.
-        if request.transport is not None:
-            request.transport.abort()
+        resp.release(reuse=False)
+        _cut(request)
         raise
     except BaseException:
-        _give_up(resp, fill)
+        resp.release(reuse=False)
         raise
     resp.release()
     return response, "ok"
 
 
-async def _pump(response: web.StreamResponse, resp: UpstreamResponse, fill: CacheFill | None) -> None:
-    async for chunk in resp.chunks():
-        if fill is not None:
-            fill = await _tee(fill, chunk)
-        await response.write(chunk)
-    if fill is not None:
+async def deliver(
+    request: web.Request, reader: FillReader, headers: CIMultiDict[str],
+    content_length: int | None,
+) -> tuple[web.StreamResponse, str, UpstreamError | None]:
+    """Stream a fill to one client as its bytes arrive: (response, outcome, failure)."""
+    response = web.StreamResponse(headers=headers)
+    if content_length is not None:
+        response.content_length = content_length
+    try:
+        await response.prepare(request)
+        while (chunk := await reader.next_chunk()) is not None:
+            await response.write(chunk)
+        await response.write_eof()
+    except CLIENT_GONE:
+        return response, "client_abort", None
+    except UpstreamError as exc:
+        _cut(request)
+        return response, "failed", exc
+    return response, "ok", None
+
+
+def _cut(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+class EntryResponse(web.FileResponse):
+    """A cache hit: the entry's blob with sendfile, and two guards.
+
+    Both guards raise CacheIntegrityError before a byte is sent, so the
+    handler can evict the entry and fetch it again instead of answering
+    404/403 (what FileResponse does for a missing file) or sending a body of
+    the wrong length. They override private FileResponse methods (aiohttp
+    3.14); tests/functional/test_cache_integrity.py fails if that breaks.
+    The handler prepares the response itself, so ``prepare`` must be
+    idempotent when aiohttp calls it again after the handler returns.
+    """
+
+    def __init__(self, path: str, size: int, headers: dict[str, str]) -> None:
+        super().__init__(path, chunk_size=FILE_CHUNK, headers=headers)
+        self._expected_size = size
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
+
+    def _make_response(
+        self, request: BaseRequest, accept_encoding: str
+    ) -> tuple[_FileResponseResult, io.BufferedReader | None, os.stat_result, str | None]:
         try:
-            await fill.commit()
-        except CacheError:
-            pass  # the store counted and logged it; the client got its bytes
+            # "": never look for pre-compressed .gz/.br siblings (one stat saved per hit).
+            return super()._make_response(request, "")
+        except OSError as exc:
+            raise CacheIntegrityError(f"cannot open cached file: {describe(exc)}") from exc
 
-
-async def store_whole(fill: CacheFill | None, body: bytes) -> None:
-    """Cache a body that was read whole; a cache error only loses the entry."""
-    if fill is None:
-        return
-    try:
-        await fill.write(body)
-        await fill.commit()
-    except CacheError:
-        fill.abort()
-
-
-async def _tee(fill: CacheFill, chunk: bytes) -> CacheFill | None:
-    try:
-        await fill.write(chunk)
-    except CacheError:
-        fill.abort()
-        return None
-    return fill
-
-
-def _give_up(resp: UpstreamResponse, fill: CacheFill | None) -> None:
-    if fill is not None:
-        fill.abort()
-    resp.release(reuse=False)
+    async def _prepare_open_file(
+        self, request: BaseRequest, fobj: io.BufferedReader, st: os.stat_result,
+        file_encoding: str | None,
+    ) -> AbstractStreamWriter | None:
+        if st.st_size != self._expected_size:
+            raise CacheIntegrityError(
+                f"cached file has {st.st_size} bytes, recorded {self._expected_size}")
+        return await super()._prepare_open_file(request, fobj, st, file_encoding)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os.path
 import re
+from collections.abc import Callable
 
 import pytest
 from hypothesis import assume, example, given, settings
@@ -36,10 +37,10 @@ from sidecar.goproxy import (
 )
 
 
-def _status(fn: object, *args: str) -> int | None:
+def _status(fn: Callable[..., object], *args: str) -> int | None:
     """Call fn(*args); the RequestError status it raised, or None."""
     try:
-        fn(*args)  # type: ignore[operator]
+        fn(*args)
     except RequestError as exc:
         return exc.status
     return None
@@ -401,210 +402,185 @@ AZ_MOD = "github.com/Azure/go-autorest"
 SUM = "sumdb/sum.golang.org"
 
 # raw path, kind, forwarded path, module, version, sumdb, immutable
-VALID_REQUESTS: list[tuple[str, Kind, str, str, str | None, str | None, bool]] = [
-    (
-        "/golang.org/x/text/@v/list",
-        Kind.LIST,
-        "golang.org/x/text/@v/list",
-        "golang.org/x/text",
-        None,
-        None,
-        False,
+Row = tuple[str, Kind, str, str, str | None, str | None, bool]
+
+
+def _row(
+    raw: str,
+    kind: Kind,
+    path: str,
+    module: str = "",
+    version: str | None = None,
+    sumdb: str | None = None,
+    immutable: bool = False,
+) -> Row:
+    return (raw, kind, path, module, version, sumdb, immutable)
+
+
+VALID_REQUESTS: list[Row] = [
+    _row("/golang.org/x/text/@v/list", Kind.LIST, "golang.org/x/text/@v/list", "golang.org/x/text"),
+    _row(f"/{AZ}/@v/list", Kind.LIST, f"{AZ}/@v/list", AZ_MOD),
+    _row("/github.com/%21azure/go-autorest/@v/list", Kind.LIST, f"{AZ}/@v/list", AZ_MOD),
+    _row(
+        "/golang.org/x/text/@latest", Kind.LATEST, "golang.org/x/text/@latest", "golang.org/x/text"
     ),
-    (f"/{AZ}/@v/list", Kind.LIST, f"{AZ}/@v/list", AZ_MOD, None, None, False),
-    (
-        "/github.com/%21azure/go-autorest/@v/list",
-        Kind.LIST,
-        f"{AZ}/@v/list",
-        AZ_MOD,
-        None,
-        None,
-        False,
-    ),
-    (
-        "/golang.org/x/text/@latest",
-        Kind.LATEST,
-        "golang.org/x/text/@latest",
-        "golang.org/x/text",
-        None,
-        None,
-        False,
-    ),
-    (
+    _row(
         "/github.com/%21azure/go-autorest/@v/v1.0.0.zip",
         Kind.ZIP,
         f"{AZ}/@v/v1.0.0.zip",
         AZ_MOD,
-        "v1.0.0",
-        None,
-        True,
+        version="v1.0.0",
+        immutable=True,
     ),
-    (f"/{AZ}/@v/v1.0.0.mod", Kind.MOD, f"{AZ}/@v/v1.0.0.mod", AZ_MOD, "v1.0.0", None, True),
-    (f"/{AZ}/@v/v1.0.0.info", Kind.INFO, f"{AZ}/@v/v1.0.0.info", AZ_MOD, "v1.0.0", None, True),
-    (
+    _row(
+        f"/{AZ}/@v/v1.0.0.mod",
+        Kind.MOD,
+        f"{AZ}/@v/v1.0.0.mod",
+        AZ_MOD,
+        version="v1.0.0",
+        immutable=True,
+    ),
+    _row(
+        f"/{AZ}/@v/v1.0.0.info",
+        Kind.INFO,
+        f"{AZ}/@v/v1.0.0.info",
+        AZ_MOD,
+        version="v1.0.0",
+        immutable=True,
+    ),
+    _row(
         "/golang.org/x/text/@v/v0.0.0-20170915032832-14c0d48ead0c.zip",
         Kind.ZIP,
         "golang.org/x/text/@v/v0.0.0-20170915032832-14c0d48ead0c.zip",
         "golang.org/x/text",
-        "v0.0.0-20170915032832-14c0d48ead0c",
-        None,
-        True,
+        version="v0.0.0-20170915032832-14c0d48ead0c",
+        immutable=True,
     ),
-    (
+    _row(
         "/github.com/go-yaml/yaml/@v/v2.0.0+incompatible.zip",
         Kind.ZIP,
         "github.com/go-yaml/yaml/@v/v2.0.0+incompatible.zip",
         "github.com/go-yaml/yaml",
-        "v2.0.0+incompatible",
-        None,
-        True,
+        version="v2.0.0+incompatible",
+        immutable=True,
     ),
-    (
+    _row(
         "/github.com/go-yaml/yaml/@v/v2.0.0%2Bincompatible.mod",
         Kind.MOD,
         "github.com/go-yaml/yaml/@v/v2.0.0+incompatible.mod",
         "github.com/go-yaml/yaml",
-        "v2.0.0+incompatible",
-        None,
-        True,
+        version="v2.0.0+incompatible",
+        immutable=True,
     ),
-    (
+    _row(
         "/github.com/x/y/@v/v1.0.0-!r!c1.zip",
         Kind.ZIP,
         "github.com/x/y/@v/v1.0.0-!r!c1.zip",
         "github.com/x/y",
-        "v1.0.0-RC1",
-        None,
-        True,
+        version="v1.0.0-RC1",
+        immutable=True,
     ),
-    (
+    _row(
         "/gopkg.in/yaml.v2/@v/v2.4.0.zip",
         Kind.ZIP,
         "gopkg.in/yaml.v2/@v/v2.4.0.zip",
         "gopkg.in/yaml.v2",
-        "v2.4.0",
-        None,
-        True,
+        version="v2.4.0",
+        immutable=True,
     ),
-    (
+    _row(
         "/gopkg.in/check.v1/@v/v0.0.0-20161208181325-20d25e280405.mod",
         Kind.MOD,
         "gopkg.in/check.v1/@v/v0.0.0-20161208181325-20d25e280405.mod",
         "gopkg.in/check.v1",
-        "v0.0.0-20161208181325-20d25e280405",
-        None,
-        True,
+        version="v0.0.0-20161208181325-20d25e280405",
+        immutable=True,
     ),
-    (
+    _row(
         "/rsc.io/quote/v3/@v/v3.1.0.zip",
         Kind.ZIP,
         "rsc.io/quote/v3/@v/v3.1.0.zip",
         "rsc.io/quote/v3",
-        "v3.1.0",
-        None,
-        True,
+        version="v3.1.0",
+        immutable=True,
     ),
     # .info of a query (branch, commit, short version) is valid but mutable.
-    (
+    _row(
         "/golang.org/x/text/@v/master.info",
         Kind.INFO,
         "golang.org/x/text/@v/master.info",
         "golang.org/x/text",
-        "master",
-        None,
-        False,
+        version="master",
     ),
-    (
+    _row(
         "/golang.org/x/text/@v/v0.3.info",
         Kind.INFO,
         "golang.org/x/text/@v/v0.3.info",
         "golang.org/x/text",
-        "v0.3",
-        None,
-        False,
+        version="v0.3",
     ),
-    (
+    _row(
         "/golang.org/x/text/@v/14c0d48ead0c.info",
         Kind.INFO,
         "golang.org/x/text/@v/14c0d48ead0c.info",
         "golang.org/x/text",
-        "14c0d48ead0c",
-        None,
-        False,
+        version="14c0d48ead0c",
     ),
-    (
+    _row(
         "/golang.org/x/text/@v/!feature%20x%23.info",
         Kind.INFO,
         "golang.org/x/text/@v/!feature%20x%23.info",
         "golang.org/x/text",
-        "Feature x#",
-        None,
-        False,
+        version="Feature x#",
     ),
-    (
+    _row(
         "/golang.org/x/text/@v/%76%31.info",
         Kind.INFO,
         "golang.org/x/text/@v/v1.info",
         "golang.org/x/text",
-        "v1",
-        None,
-        False,
+        version="v1",
     ),
-    (
+    _row(
         "/rsc.io/quote/@v/v17.0.0.info",
         Kind.INFO,
         "rsc.io/quote/@v/v17.0.0.info",
         "rsc.io/quote",
-        "v17.0.0",
-        None,
-        True,
+        version="v17.0.0",
+        immutable=True,
     ),
     # The checksum database proxy.
-    (
-        f"/{SUM}/supported",
-        Kind.SUMDB_SUPPORTED,
-        f"{SUM}/supported",
-        "",
-        None,
-        "sum.golang.org",
-        False,
-    ),
-    (f"/{SUM}/latest", Kind.SUMDB_LATEST, f"{SUM}/latest", "", None, "sum.golang.org", False),
-    (
+    _row(f"/{SUM}/supported", Kind.SUMDB_SUPPORTED, f"{SUM}/supported", "", sumdb="sum.golang.org"),
+    _row(f"/{SUM}/latest", Kind.SUMDB_LATEST, f"{SUM}/latest", "", sumdb="sum.golang.org"),
+    _row(
         f"/{SUM}/lookup/golang.org/x/text@v0.3.0",
         Kind.SUMDB_LOOKUP,
         f"{SUM}/lookup/golang.org/x/text@v0.3.0",
         "golang.org/x/text",
-        "v0.3.0",
-        "sum.golang.org",
-        False,
+        version="v0.3.0",
+        sumdb="sum.golang.org",
     ),
-    (
+    _row(
         f"/{SUM}/lookup/{AZ}@v1.0.0-!r!c1",
         Kind.SUMDB_LOOKUP,
         f"{SUM}/lookup/{AZ}@v1.0.0-!r!c1",
         AZ_MOD,
-        "v1.0.0-RC1",
-        "sum.golang.org",
-        False,
+        version="v1.0.0-RC1",
+        sumdb="sum.golang.org",
     ),
-    (
+    _row(
         f"/{SUM}/lookup/rsc.io/quote@v17.0.0+incompatible",
         Kind.SUMDB_LOOKUP,
         f"{SUM}/lookup/rsc.io/quote@v17.0.0+incompatible",
         "rsc.io/quote",
-        "v17.0.0+incompatible",
-        "sum.golang.org",
-        False,
+        version="v17.0.0+incompatible",
+        sumdb="sum.golang.org",
     ),
-    (
+    _row(
         "/sumdb/sum.golang.google.cn/supported",
         Kind.SUMDB_SUPPORTED,
         "sumdb/sum.golang.google.cn/supported",
         "",
-        None,
-        "sum.golang.google.cn",
-        False,
+        sumdb="sum.golang.google.cn",
     ),
 ]
 
@@ -872,19 +848,43 @@ TOKENS = [
 ]
 
 token_paths = st.lists(st.sampled_from(TOKENS), max_size=24).map("".join)
-MODULES = ["golang.org/x/text", AZ, "github.com/%21azure/go-autorest", "gopkg.in/yaml.v2",
-           "rsc.io/quote/v3", "x.y/z~"]
-TAILS = ["@v/list", "@latest", "@v/v1.0.0.zip", "@v/v3.1.0.mod", "@v/v2.4.0.info",
-         "@v/master.info", "@v/v1.0.0-!r!c1.info", "@v/feat%20x%23.info", "@v/v2.0.0+incompatible.zip"]
-SUMDB_TAILS = ["supported", "latest", "lookup/golang.org/x/text@v0.3.0", f"lookup/{AZ}@v1.0.0",
-               "tile/8/0/x001/234", "tile/8/data/000.p/3", "tile/8/1/000"]
+MODULES = [
+    "golang.org/x/text",
+    AZ,
+    "github.com/%21azure/go-autorest",
+    "gopkg.in/yaml.v2",
+    "rsc.io/quote/v3",
+    "x.y/z~",
+]
+TAILS = [
+    "@v/list",
+    "@latest",
+    "@v/v1.0.0.zip",
+    "@v/v3.1.0.mod",
+    "@v/v2.4.0.info",
+    "@v/master.info",
+    "@v/v1.0.0-!r!c1.info",
+    "@v/feat%20x%23.info",
+    "@v/v2.0.0+incompatible.zip",
+]
+SUMDB_TAILS = [
+    "supported",
+    "latest",
+    "lookup/golang.org/x/text@v0.3.0",
+    f"lookup/{AZ}@v1.0.0",
+    "tile/8/0/x001/234",
+    "tile/8/data/000.p/3",
+    "tile/8/1/000",
+]
 structured_paths = st.one_of(
     st.builds(lambda m, t: f"/{m}/{t}", st.sampled_from(MODULES), st.sampled_from(TAILS)),
     st.builds(lambda t: f"/{SUM}/{t}", st.sampled_from(SUMDB_TAILS)),
 )
 # A valid path with one hostile token spliced in somewhere.
 mutated_paths = st.builds(
-    lambda p, i, tok: p[:i] + tok + p[i:], structured_paths, st.integers(0, 80),
+    lambda p, i, tok: p[:i] + tok + p[i:],
+    structured_paths,
+    st.integers(0, 80),
     st.sampled_from(TOKENS),
 )
 
@@ -903,8 +903,11 @@ def _assert_safe(req: GoproxyRequest) -> None:
 
 
 @settings(max_examples=600)
-@given(st.one_of(st.text(max_size=200), token_paths.map(lambda s: "/" + s), structured_paths,
-                 mutated_paths))
+@given(
+    st.one_of(
+        st.text(max_size=200), token_paths.map(lambda s: "/" + s), structured_paths, mutated_paths
+    )
+)
 @example("/github.com/%21azure/go-autorest/@v/v1.0.0.zip")
 @example("/sumdb/sum.golang.org/lookup/golang.org/x/text@v0.3.0")
 @example("/golang.org/x/text/@v/%2e%2e%2f%2e%2e.info")

@@ -1,0 +1,372 @@
+"""One upstream body, fetched once, read by every client that asked for it.
+
+The fetch runs in its own task, not in any client's handler, so the first
+client hanging up does not stop it while others read; when the last reader
+leaves, the fetch is cancelled (nobody wants the bytes). Readers never talk
+to the upstream: they read what has arrived so far and wait for more.
+
+Where the bytes are::
+
+    offset 0 ............ flushed ............ received
+           [ temp file (pread in a thread)    ]
+                    [ ring: recent chunks in memory      ]
+
+The fetch appends each chunk to the ring, wakes the readers, and writes
+the unflushed chunks to the temp file in batches (in a thread, hashing them
+on the way). The ring keeps every unflushed chunk plus about ``RING_BYTES``
+of flushed ones, so readers that keep up never touch the disk, and a late
+joiner reads the file from the start, then catches up.
+
+If the cache cannot take the body (disk full, I/O error, larger than
+``cache.max_bytes``) the fill *degrades*: it stops writing, keeps serving
+its readers from the file prefix and the ring, holds the ring to
+``RING_BYTES`` by waiting for the slowest reader (backpressure, as a plain
+proxy would), and accepts no new joiners once a byte they would need is
+gone. A body is committed only if it arrived whole and was never degraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import logging
+import os
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from multidict import CIMultiDict
+
+from sidecar.cache.layout import describe, write_all
+from sidecar.errors import UpstreamConnectError, UpstreamError
+from sidecar.goproxy import GoproxyRequest
+from sidecar.upstreams import UpstreamResponse
+
+log = logging.getLogger("sidecar.cache")
+
+FLUSH_BYTES: Final = 256 * 1024  # write to disk in batches of about this much
+RING_BYTES: Final = 1024 * 1024  # flushed bytes kept in memory for readers that keep up
+READ_BYTES: Final = 256 * 1024  # one pread of a reader that is behind
+
+_T = TypeVar("_T")
+
+
+class FillState(enum.Enum):
+    RUNNING = "running"
+    COMPLETE = "complete"  # the whole body arrived
+    FAILED = "failed"  # the upstream failed or the fetch was cancelled
+
+
+@dataclass(slots=True)
+class TempFile:
+    fd: int
+    path: str
+    blob: str  # the id it will have in blobs/
+    hasher: Any = field(default_factory=hashlib.sha256)
+
+
+class Fill:
+    """The fetch of one body for one cache key; see the module docstring."""
+
+    def __init__(
+        self,
+        req: GoproxyRequest,
+        source: UpstreamResponse,
+        headers: CIMultiDict[str],
+        temp: TempFile | None,
+        *,
+        limit: int,
+        keep: bool = False,
+        on_end: Callable[[UpstreamError | None], None] | None = None,
+        on_write_error: Callable[[str, OSError], None] | None = None,
+    ) -> None:
+        self.req = req
+        self.key = req.cache_key
+        self.source = source
+        self.upstream = source.upstream.name
+        self.headers = headers
+        self.content_length = source.content_length
+        self.content_type = source.headers.get("Content-Type", "")
+        self.state = FillState.RUNNING
+        self.error: UpstreamError | None = None
+        self.received = 0
+        self.flushed = 0
+        self.committed = False
+        self.task: asyncio.Task[None] | None = None
+        self._temp = temp  # None once degraded: nothing more is written
+        self._fd = temp.fd if temp is not None else None  # still read after a degrade
+        self._temp_path = temp.path if temp is not None else None
+        self._limit = limit
+        self._keep = keep  # a `warm` fill has no readers and must not be cancelled
+        self._on_end = on_end
+        self._on_write_error = on_write_error
+        self._starts: list[int] = []
+        self._bufs: list[bytes] = []
+        self._head = 0
+        self._ring_bytes = 0
+        self._pending: list[bytes] = []
+        self._readers: set[FillReader] = set()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._space: asyncio.Future[None] | None = None
+        self._io_busy = 0
+        self._ended = False
+
+    # -- readers ---------------------------------------------------------------
+
+    @property
+    def cacheable(self) -> bool:
+        return self._temp is not None
+
+    @property
+    def readers(self) -> int:
+        return len(self._readers)
+
+    def join(self) -> FillReader | None:
+        """A reader from offset 0, or None if this fill can no longer serve one."""
+        if self._ended or self.state is FillState.FAILED:
+            return None
+        if self._ring_start() > self.flushed or (self.flushed and self._fd is None):
+            return None  # degraded, and bytes a newcomer needs are gone
+        reader = FillReader(self)
+        self._readers.add(reader)
+        return reader
+
+    def _ring_start(self) -> int:
+        return self._starts[self._head] if self._head < len(self._starts) else self.received
+
+    def _chunk_at(self, offset: int) -> bytes | None:
+        """The ring's bytes from ``offset`` to the end of their chunk, if still held."""
+        if offset < self._ring_start():
+            return None
+        i = bisect_right(self._starts, offset, self._head) - 1
+        start, buf = self._starts[i], self._bufs[i]
+        return buf if offset == start else buf[offset - start :]
+
+    async def _read_file(self, offset: int) -> bytes:
+        fd = self._fd
+        if fd is None:
+            raise UpstreamConnectError(self.upstream, "fill data no longer available")
+        size = min(READ_BYTES, self.flushed - offset)
+        try:
+            data = await self.io(os.pread, fd, size, offset)
+        except OSError as exc:
+            raise UpstreamConnectError(self.upstream, f"reading the fill: {describe(exc)}") from exc
+        if not data:
+            raise UpstreamConnectError(self.upstream, "fill file shorter than written")
+        return data
+
+    async def _changed(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _advanced(self) -> None:
+        """A reader moved on or left: a degraded fetch waiting for room may go on."""
+        space = self._space
+        if space is not None and not space.done():
+            space.set_result(None)
+
+    def _left(self, reader: FillReader) -> None:
+        self._readers.discard(reader)
+        self._advanced()
+        if not self._readers:
+            if self.state is FillState.RUNNING and not self._keep:
+                self.cancel()  # every client left: nobody wants the bytes
+            self._maybe_close()
+
+    # -- the fetch -------------------------------------------------------------
+
+    async def run(self) -> bool:
+        """Fetch the whole body. True if it arrived complete and is still bound for the cache."""
+        try:
+            async for chunk in self.source.chunks():
+                if chunk:
+                    await self._take(chunk)
+            if self._temp is not None and self._pending:
+                await self._flush()
+        except UpstreamError as exc:
+            self.source.release(reuse=False)
+            self._finish(FillState.FAILED, exc)
+            if self._on_end is not None:
+                self._on_end(exc)
+            return False
+        except BaseException:
+            self.source.release(reuse=False)
+            self._finish(FillState.FAILED, UpstreamConnectError(self.upstream, "fetch cancelled"))
+            raise
+        self.source.release()
+        self._finish(FillState.COMPLETE, None)
+        if self._on_end is not None:
+            self._on_end(None)
+        return self._temp is not None
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def _take(self, chunk: bytes) -> None:
+        self._starts.append(self.received)
+        self._bufs.append(chunk)
+        self._ring_bytes += len(chunk)
+        self.received += len(chunk)
+        self._wake()
+        if self._temp is not None:
+            if self.received > self._limit:
+                self._degrade(None)
+            else:
+                self._pending.append(chunk)
+                if self.received - self.flushed >= FLUSH_BYTES:
+                    await self._flush()
+        if self._temp is None:
+            await self._make_room()
+
+    async def _flush(self) -> None:
+        temp = self._temp
+        assert temp is not None
+        chunks, self._pending = self._pending, []
+        try:
+            await self.io(write_all, temp.fd, chunks, temp.hasher)
+        except OSError as exc:
+            self._degrade(exc)
+            return
+        self.flushed += sum(len(c) for c in chunks)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop flushed chunks beyond the ring budget (readers behind use the file)."""
+        while (self._ring_bytes > RING_BYTES and self._head < len(self._bufs)
+               and self._starts[self._head] + len(self._bufs[self._head]) <= self.flushed):
+            self._drop_head()
+
+    def _drop_head(self) -> None:
+        self._ring_bytes -= len(self._bufs[self._head])
+        self._head += 1
+        if self._head >= 256:
+            del self._starts[: self._head], self._bufs[: self._head]
+            self._head = 0
+
+    def _degrade(self, exc: OSError | None) -> None:
+        """Stop caching this body; keep serving the readers it has."""
+        self._temp, self._pending = None, []
+        if exc is not None:
+            if self._on_write_error is not None:
+                self._on_write_error(self.key, exc)
+        else:
+            log.info("not cached: larger than cache.max_bytes",
+                     extra={"key": self.key, "limit": self._limit})
+
+    async def _make_room(self) -> None:
+        """Degraded: hold the ring to its budget by waiting for the slowest reader."""
+        while True:
+            floor = max(self.flushed, min((r.offset for r in self._readers), default=self.received))
+            while (self._head < len(self._bufs)
+                   and self._starts[self._head] + len(self._bufs[self._head]) <= floor):
+                self._drop_head()
+            if self._ring_bytes <= RING_BYTES or not self._readers:
+                return
+            self._space = asyncio.get_running_loop().create_future()
+            try:
+                await self._space
+            finally:
+                self._space = None
+
+    def _finish(self, state: FillState, error: UpstreamError | None) -> None:
+        self.state, self.error = state, error
+        self._wake()
+        self._advanced()
+
+    # -- file lifetime -----------------------------------------------------------
+
+    def sha256(self) -> str:
+        assert self._temp is not None
+        return str(self._temp.hasher.hexdigest())
+
+    @property
+    def temp(self) -> TempFile | None:
+        return self._temp
+
+    async def io(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking file work in a thread. Shielded: a cancelled caller does not
+        stop it, and the fd is not closed before it is done (no write can land
+        in a reused descriptor)."""
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._io_busy += 1
+        fut.add_done_callback(self._io_done)
+        return await asyncio.shield(fut)
+
+    def _io_done(self, fut: asyncio.Future[Any]) -> None:
+        self._io_busy -= 1
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a cancelled caller may never look at it
+        self._maybe_close()
+
+    async def end(self) -> None:
+        """The fetch is over and no new reader may join: drop the temp file if unused."""
+        self._ended = True
+        if not self.committed and self._temp_path is not None:
+            path, self._temp_path = self._temp_path, None
+            with contextlib.suppress(OSError):
+                await self.io(_unlink, path)
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._ended and not self._readers and not self._io_busy and self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+class FillReader:
+    """One client's position in a fill."""
+
+    __slots__ = ("_closed", "fill", "offset")
+
+    def __init__(self, fill: Fill) -> None:
+        self.fill = fill
+        self.offset = 0
+        self._closed = False
+
+    async def next_chunk(self) -> bytes | None:
+        """The next bytes, waiting for them if needed; None at the end of the body.
+
+        Raises the fill's UpstreamError if the fetch failed: the body is not whole.
+        """
+        fill = self.fill
+        while True:
+            if fill.error is not None:
+                raise fill.error
+            offset = self.offset
+            if offset < fill.received:
+                data = fill._chunk_at(offset)
+                if data is None:
+                    data = await fill._read_file(offset)
+                self.offset = offset + len(data)
+                fill._advanced()
+                return data
+            if fill.state is FillState.COMPLETE:
+                return None
+            await fill._changed()
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.fill._left(self)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,93 @@
+"""Single flight: at most one upstream walk per cache key at a time.
+
+The first request for an uncached key becomes the *leader*: it walks the
+plan's targets like any request. Requests for the same key that arrive
+meanwhile *join* its flight and wait for the outcome:
+
+- the leader got 200 headers: the flight carries the ``Fill`` and joiners
+  read its body as it arrives (late joiners too, until it is committed);
+- the leader's walk ended in 404/410: joiners get the same answer (it is
+  never cached, only shared with requests that were already waiting);
+- anything else (every upstream failed, rejected, the leader's client left):
+  joiners walk the targets themselves, without single flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from sidecar.cache.fill import Fill
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    status: int
+    message: str
+
+
+class Flight:
+    __slots__ = ("_ready", "answer", "fill", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.fill: Fill | None = None
+        self.answer: NotFound | None = None
+        self._ready = asyncio.Event()
+
+    def publish(self, fill: Fill) -> None:
+        if not self._ready.is_set():
+            self.fill = fill
+            self._ready.set()
+
+    def settle(self, answer: NotFound | None) -> None:
+        """The leader is done without a body for joiners; first outcome wins."""
+        if not self._ready.is_set():
+            self.answer = answer
+            self._ready.set()
+
+    async def outcome(self) -> Fill | NotFound | None:
+        await self._ready.wait()  # an Event: a cancelled joiner leaves nothing behind
+        return self.fill if self.fill is not None else self.answer
+
+
+class Flights:
+    """The table of flights in progress, by cache key."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, Flight] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def enter(self, key: str) -> tuple[Flight, bool]:
+        """The flight for ``key`` and whether the caller leads it."""
+        flight = self._by_key.get(key)
+        if flight is not None:
+            return flight, False
+        flight = self._by_key[key] = Flight(key)
+        return flight, True
+
+    def attach(self, flight: Flight, fill: Fill) -> None:
+        """The leader of ``flight`` started ``fill``: make it joinable."""
+        current = self._by_key.get(fill.key)
+        if current is flight and flight.fill is None:
+            flight.publish(fill)
+        elif current is None:
+            # The leader's first fill failed (its flight is gone) and a later
+            # upstream answered: a new flight for late joiners.
+            fresh = self._by_key[fill.key] = Flight(fill.key)
+            fresh.publish(fill)
+        # else another leader owns the key now: this fill stays private.
+
+    def leave(self, flight: Flight) -> None:
+        """The leader stopped walking; a flight without a fill ends here."""
+        flight.settle(None)
+        if flight.fill is None and self._by_key.get(flight.key) is flight:
+            del self._by_key[flight.key]
+
+    def finished(self, fill: Fill) -> None:
+        """The fill is committed or failed: new requests use the index or start afresh."""
+        flight = self._by_key.get(fill.key)
+        if flight is not None and flight.fill is fill:
+            del self._by_key[fill.key]

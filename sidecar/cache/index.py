@@ -1,0 +1,98 @@
+"""The in-memory index: every committed entry, in least-recently-used order.
+
+Only the event loop touches it, so it needs no lock; a lookup is one dict
+access and one ``move_to_end``. Access times live here and are written to
+the blobs' atime lazily (see ``DiskCache``), so a restart keeps the LRU order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from sidecar.cache.layout import Record
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One committed entry. ``path`` is its blob; ``expires`` is inf when immutable."""
+
+    record: Record
+    path: str
+    expires: float
+    last_access: float
+    verified: bool = False  # SHA-256 checked since this process started
+    readers: int = 0  # requests serving it right now: its blob must stay put
+    removed: bool = False  # out of the index; its files go when the last reader is done
+    touched: bool = False  # accessed since access times were last persisted
+    verifying: asyncio.Future[bool] | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return self.record.key
+
+    @property
+    def size(self) -> int:
+        return self.record.size
+
+    @property
+    def content_type(self) -> str:
+        return self.record.content_type
+
+    @property
+    def stored(self) -> float:
+        return self.record.stored
+
+
+def expiry(record: Record, mutable_ttl: float) -> float:
+    return math.inf if record.immutable else record.stored + mutable_ttl
+
+
+class Index:
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Entry | None:
+        return self._entries.get(key)
+
+    def touch(self, entry: Entry, now: float) -> None:
+        entry.last_access = now
+        entry.touched = True
+        self._entries.move_to_end(entry.key)
+
+    def put(self, entry: Entry, *, oldest: bool = False) -> Entry | None:
+        """Insert as most (or least) recently used; returns the entry it replaced."""
+        old = self._entries.pop(entry.key, None)
+        if old is not None:
+            self.bytes -= old.size
+        self._entries[entry.key] = entry
+        if oldest:
+            self._entries.move_to_end(entry.key, last=False)
+        self.bytes += entry.size
+        return old
+
+    def remove(self, entry: Entry) -> bool:
+        """Drop ``entry`` if it is still the one indexed under its key."""
+        if self._entries.get(entry.key) is not entry:
+            return False
+        del self._entries[entry.key]
+        self.bytes -= entry.size
+        return True
+
+    def lru(self) -> Iterator[Entry]:
+        """Least recently used first; do not remove entries while iterating."""
+        return iter(self._entries.values())
+
+    def touched(self) -> list[Entry]:
+        """Entries accessed since the last call, for persisting access times."""
+        out = [e for e in self._entries.values() if e.touched]
+        for entry in out:
+            entry.touched = False
+        return out

@@ -1,0 +1,354 @@
+"""The cache directory on disk: the only code that turns a key into a path.
+
+::
+
+    <cache.dir>/
+      CACHEDIR.TAG                 backup tools skip the directory
+      v1/
+        index/<cache_key>          one small JSON record per entry (the commit point)
+        blobs/<ab>/<abcdef…>       the bytes of an entry, named by a random 128-bit id
+        tmp/<pid>-<id>.part        bodies being fetched; renamed into blobs/ when complete
+        tmp/<pid>-<id>.meta        records being written; renamed into index/
+
+Atomicity: a fill writes its body to ``tmp/``, fsyncs it and renames it into
+``blobs/``; only then is its record written to ``tmp/``, fsynced and renamed
+over ``index/<key>``. A reader (the start-up scan, ``cache ls``) only trusts a
+record whose blob exists with the recorded size; a blob no record names is an
+orphan, removed at start. So a kill -9 at any moment leaves either the old
+entry, the new entry, or no entry; never a partial one. Directories are not
+fsynced: after a power loss a rename may be lost, which loses an entry, never
+corrupts one (the size check and the first-serve hash catch the rest).
+
+Every function here does blocking I/O and runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Final
+
+from sidecar.errors import CacheError, CacheWriteError
+
+LAYOUT: Final = "v1"
+FORMAT: Final = 1
+MAX_KEY_LENGTH: Final = 1024
+MAX_RECORD_BYTES: Final = 64 * 1024
+HASH_CHUNK: Final = 1024 * 1024
+CACHEDIR_TAG: Final = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by goproxy-sidecar.\n"
+    "# For information about cache directory tags, see https://bford.info/cachedir/\n"
+)
+
+_BLOB_ID: Final = re.compile(r"[0-9a-f]{32}")
+_SHA256: Final = re.compile(r"[0-9a-f]{64}")
+# What GoproxyRequest promises for cache_key, checked again here: printable
+# ASCII, no backslash, no empty, "." or ".." segment, relative.
+_KEY_CHARS: Final = re.compile(r"[\x21-\x7e]+")
+_TEMP: Final = re.compile(r"(\d+)-[0-9a-f]{32}\.(part|meta)")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What ``index/<key>`` holds about one entry."""
+
+    key: str
+    kind: str
+    blob: str
+    size: int
+    sha256: str
+    content_type: str
+    stored: float  # unix time the body was stored
+    verified: float  # unix time its SHA-256 was last checked against the bytes
+    immutable: bool
+    upstream: str
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": FORMAT, **asdict(self)}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Record:
+        """Parse a record; raises CacheError for anything malformed."""
+        try:
+            raw = json.loads(data)
+            record = cls(**{name: raw[name] for name in cls.__slots__})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CacheError(f"unreadable record: {exc}") from exc
+        if raw.get("format") != FORMAT or not record.valid():
+            raise CacheError("malformed record")
+        return record
+
+    def valid(self) -> bool:
+        return (
+            isinstance(self.key, str) and key_problem(self.key) is None
+            and isinstance(self.blob, str) and _BLOB_ID.fullmatch(self.blob) is not None
+            and isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256) is not None
+            and type(self.size) is int and self.size >= 0
+            and isinstance(self.kind, str) and isinstance(self.content_type, str)
+            and isinstance(self.upstream, str) and isinstance(self.immutable, bool)
+            and isinstance(self.stored, int | float) and isinstance(self.verified, int | float)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Paths under one cache directory (absolute, normalised)."""
+
+    root: str
+
+    @classmethod
+    def at(cls, directory: str) -> Layout:
+        return cls(os.path.abspath(directory))
+
+    @property
+    def base(self) -> str:
+        return os.path.join(self.root, LAYOUT)
+
+    @property
+    def index(self) -> str:
+        return os.path.join(self.base, "index")
+
+    @property
+    def blobs(self) -> str:
+        return os.path.join(self.base, "blobs")
+
+    @property
+    def tmp(self) -> str:
+        return os.path.join(self.base, "tmp")
+
+    def record_path(self, key: str) -> str:
+        """``index/<key>``; raises CacheError if the key could leave the index."""
+        problem = key_problem(key)
+        if problem is not None:
+            raise CacheError(f"refused cache key {key!r}: {problem}")
+        path = os.path.normpath(os.path.join(self.index, key))
+        if not path.startswith(self.index + os.sep):  # defence in depth
+            raise CacheError(f"refused cache key {key!r}: leaves the cache directory")
+        return path
+
+    def blob_path(self, blob: str) -> str:
+        if _BLOB_ID.fullmatch(blob) is None:
+            raise CacheError(f"refused blob id {blob!r}")
+        return os.path.join(self.blobs, blob[:2], blob)
+
+    def temp_path(self, blob: str, suffix: str) -> str:
+        return os.path.join(self.tmp, f"{os.getpid()}-{blob}.{suffix}")
+
+    def key_of(self, record_path: str) -> str:
+        return os.path.relpath(record_path, self.index).replace(os.sep, "/")
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` is not a safe relative path below the index, or None."""
+    if not key or len(key) > MAX_KEY_LENGTH:
+        return "empty or too long"
+    if _KEY_CHARS.fullmatch(key) is None or "\\" in key:
+        return "forbidden character"
+    if key[0] == "/" or any(seg in ("", ".", "..") for seg in key.split("/")):
+        return "absolute path, empty or dot segment"
+    return None
+
+
+def new_blob_id() -> str:
+    return secrets.token_hex(16)
+
+
+def inside(path: str, root: str) -> bool:
+    """True if ``path`` resolves (symlinks followed) to a place below ``root``."""
+    real_root = os.path.realpath(root)
+    return os.path.realpath(path).startswith(real_root + os.sep)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def prepare(layout: Layout) -> None:
+    """Create the directory tree (and the CACHEDIR.TAG) if missing."""
+    for directory in (layout.index, layout.blobs, layout.tmp):
+        os.makedirs(directory, exist_ok=True)
+    tag = os.path.join(layout.root, "CACHEDIR.TAG")
+    if not os.path.exists(tag):
+        with contextlib.suppress(OSError):
+            write_atomic(layout, tag, CACHEDIR_TAG.encode())
+
+
+def open_temp(layout: Layout, blob: str) -> tuple[int, str]:
+    """A new, exclusive temp file for a body: (fd, path)."""
+    path = layout.temp_path(blob, "part")
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    return os.open(path, flags, 0o644), path
+
+
+def write_all(fd: int, chunks: list[bytes], hasher: hashlib._Hash) -> None:
+    """Append ``chunks`` to ``fd`` and to the running SHA-256."""
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        hasher.update(chunk)
+
+
+def commit(layout: Layout, fd: int, temp: str, record: Record) -> None:
+    """Make a complete body and its record visible, in the order readers tolerate.
+
+    fsync the data before its rename so a power loss cannot leave a named
+    blob with missing pages; the record is written last and is the commit
+    point. Raises CacheWriteError (the temp file is then left to the caller).
+    """
+    blob = layout.blob_path(record.blob)
+    target = layout.record_path(record.key)
+    try:
+        os.fsync(fd)
+        os.utime(fd, (record.stored, record.stored))
+        os.makedirs(os.path.dirname(blob), exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not inside(os.path.dirname(target), layout.index):
+            raise CacheWriteError(f"{record.key}: record directory leaves the cache")
+        os.rename(temp, blob)
+    except OSError as exc:
+        raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc
+    try:
+        write_atomic(layout, target, record.to_json())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(blob)
+        raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc
+
+
+def write_atomic(layout: Layout, target: str, data: bytes) -> None:
+    """Write ``data`` to a temp file, fsync it, rename it over ``target``."""
+    temp = layout.temp_path(new_blob_id(), "meta")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        try:
+            write_all(fd, [data], hashlib.sha256())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def rewrite_record(layout: Layout, record: Record) -> None:
+    """Replace a record (e.g. a new ``verified`` time) if it still names the same blob."""
+    current = read_record(layout, layout.record_path(record.key))
+    if current is not None and current.blob == record.blob:
+        write_atomic(layout, layout.record_path(record.key), record.to_json())
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_record(layout: Layout, path: str) -> Record | None:
+    """The record at ``path`` if it is a sane one for this path, else None."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
+            return None
+        with open(path, "rb") as f:
+            record = Record.from_json(f.read(MAX_RECORD_BYTES))
+    except (OSError, CacheError):
+        return None
+    return record if record.key == layout.key_of(path) else None
+
+
+def records(layout: Layout) -> Iterator[tuple[str, Record | None]]:
+    """Every (record path, parsed record or None when broken) under the index."""
+    for directory, _dirs, files in os.walk(layout.index):  # symlinked dirs are not followed
+        for name in files:
+            path = os.path.join(directory, name)
+            yield path, read_record(layout, path)
+
+
+def blob_size(layout: Layout, blob: str) -> int | None:
+    """Size of a regular blob file, or None if it is missing or not a regular file."""
+    try:
+        st = os.lstat(layout.blob_path(blob))
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def hash_file(path: str) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a file, read in 1 MiB chunks (hashlib releases the GIL)."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(HASH_CHUNK):
+            size += len(chunk)
+            hasher.update(chunk)
+    return size, hasher.hexdigest()
+
+
+# ---------------------------------------------------------------- removing
+
+
+def remove_entry(layout: Layout, key: str, blob: str, *, record: bool = True) -> None:
+    """Remove a blob and, unless it now names another blob, its record; record first."""
+    if record:
+        path = layout.record_path(key)
+        current = read_record(layout, path)
+        if current is None or current.blob == blob:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(layout.blob_path(blob))
+
+
+def sweep_temp(layout: Layout) -> int:
+    """Remove temp files of dead processes (and of an earlier life of this pid)."""
+    removed = 0
+    try:
+        names = os.listdir(layout.tmp)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        m = _TEMP.fullmatch(name)
+        if m is not None and int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1))):
+            continue  # another live process (a `warm` run) owns it
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.unlink(os.path.join(layout.tmp, name))
+            removed += 1
+    return removed
+
+
+def orphan_blobs(layout: Layout, known: set[str], older_than: float) -> Iterator[str]:
+    """Blob files no record names, last written before ``older_than`` (unix time)."""
+    for directory, _dirs, files in os.walk(layout.blobs):
+        for name in files:
+            if name in known:
+                continue
+            path = os.path.join(directory, name)
+            try:
+                if os.lstat(path).st_mtime < older_than:
+                    yield path
+            except OSError:
+                continue
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe(exc: OSError) -> str:
+    """A short cause for logs: the errno name and text, never a traceback."""
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return f"{name}: {exc.strerror or exc}"

@@ -1,0 +1,425 @@
+"""The disk cache: index, verification, fills, eviction, start-up and shutdown.
+
+Request path (event loop, no file system call): ``lookup`` is a dict access.
+Everything that touches the disk runs in a worker thread: the start-up scan,
+hashing, temp files, commits, deletions, access-time persistence.
+
+Start-up sweeps the temp files of dead processes (synchronously: it is one
+directory listing), then scans the index in the background; until the scan
+is merged every lookup misses and requests are simply proxied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from multidict import CIMultiDict
+
+from sidecar.cache.fill import Fill, FillReader, TempFile
+from sidecar.cache.flight import Flight, Flights
+from sidecar.cache.index import Entry, Index, expiry
+from sidecar.cache.layout import (
+    Layout,
+    Record,
+    blob_size,
+    commit,
+    describe,
+    hash_file,
+    new_blob_id,
+    open_temp,
+    orphan_blobs,
+    prepare,
+    records,
+    remove_entry,
+    sweep_temp,
+)
+from sidecar.config import CacheConfig
+from sidecar.errors import CacheError, UpstreamError
+from sidecar.goproxy import GoproxyRequest
+from sidecar.metrics import Metrics
+from sidecar.upstreams import UpstreamResponse
+
+log = logging.getLogger("sidecar.cache")
+
+PERSIST_INTERVAL_S: Final = 60.0  # how often access times are written to the blobs' atime
+ORPHAN_GRACE_S: Final = 60.0  # an unnamed blob younger than this may be another process's commit
+
+
+@dataclass(slots=True)
+class ScanResult:
+    entries: list[tuple[Record, float]] = field(default_factory=list)  # (record, last access)
+    dropped: int = 0
+    orphans: int = 0
+
+
+class DiskCache:
+    """The sidecar's local cache; the proxy sees it through ``ModuleCache``."""
+
+    def __init__(
+        self, config: CacheConfig, metrics: Metrics, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self.layout = Layout.at(config.dir)
+        self.metrics = metrics
+        self.max_bytes = config.max_bytes
+        self.ttl = config.mutable_ttl
+        self.flights = Flights()
+        self._clock = clock
+        self._index = Index()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._fills: set[asyncio.Task[Any]] = set()
+        self._pressure: asyncio.Event | None = None
+        self._loaded: asyncio.Event | None = None
+        self._started_at = 0.0
+
+    # -- request path ------------------------------------------------------------
+
+    def lookup(self, req: GoproxyRequest, allow_stale: bool) -> Entry | None:
+        entry = self._index.get(req.cache_key)
+        if entry is None:
+            return None
+        now = self._clock()
+        if not allow_stale and entry.expires <= now:
+            return None
+        self._index.touch(entry, now)
+        return entry
+
+    def is_stale(self, entry: Entry) -> bool:
+        return entry.expires <= self._clock()
+
+    def age(self, entry: Entry) -> int:
+        return max(0, int(self._clock() - entry.stored))
+
+    async def verify(self, entry: Entry) -> bool:
+        """True if servable: hashed once per process life (in a thread); evicts a mismatch."""
+        if entry.verified:
+            return True
+        if entry.removed:
+            return False
+        if entry.verifying is None:
+            entry.verifying = asyncio.ensure_future(self._verify(entry))
+        return await asyncio.shield(entry.verifying)
+
+    async def _verify(self, entry: Entry) -> bool:
+        try:
+            size, digest = await asyncio.to_thread(hash_file, entry.path)
+        except OSError as exc:
+            reason = describe(exc)
+        else:
+            if size == entry.size and digest == entry.record.sha256:
+                entry.verified = True
+                return True
+            reason = f"size {size} (recorded {entry.size}), sha256 {digest[:12]}…"
+        self.discard(entry, reason)
+        return False
+
+    def acquire(self, entry: Entry) -> bool:
+        """Hold the entry's blob while it is served; False if it is gone already."""
+        if entry.removed:
+            return False
+        entry.readers += 1
+        return True
+
+    def release(self, entry: Entry) -> None:
+        entry.readers -= 1
+        if entry.readers == 0 and entry.removed:
+            self._remove_files(entry)
+
+    def discard(self, entry: Entry, reason: str) -> None:
+        """An entry's bytes are not what was recorded: evict it, count it, say so."""
+        if not entry.removed:
+            self.metrics.cache_integrity_failures.inc()
+            log.warning("cache entry failed verification; evicted, will be fetched again",
+                        extra={"key": entry.key, "reason": reason})
+        self._drop(entry)
+
+    def flight(self, req: GoproxyRequest) -> tuple[Flight, bool]:
+        """Enter the single flight for ``req``: (flight, True if the caller leads it)."""
+        flight, leader = self.flights.enter(req.cache_key)
+        if not leader:
+            self.metrics.cache_fill_joins.inc()
+        return flight, leader
+
+    def land(self, flight: Flight) -> None:
+        self.flights.leave(flight)
+
+    async def start_fill(
+        self, req: GoproxyRequest, source: UpstreamResponse, headers: CIMultiDict[str],
+        flight: Flight | None, on_end: Callable[[UpstreamError | None], None] | None = None,
+    ) -> FillReader | None:
+        """Fetch ``source``'s body once into the cache; the caller gets the first reader.
+
+        None when the body is announced larger than the cache: proxy it plainly.
+        """
+        if source.content_length is not None and source.content_length > self.max_bytes:
+            return None
+        try:
+            fill = await self._new_fill(req, source, headers, on_end, keep=False)
+        except BaseException:
+            source.release(reuse=False)
+            raise
+        reader = fill.join()
+        assert reader is not None  # a fresh fill always takes its first reader
+        self._launch(fill)
+        if flight is not None:
+            self.flights.attach(flight, fill)
+        return reader
+
+    async def prefetch(self, req: GoproxyRequest, source: UpstreamResponse) -> Fill:
+        """Fetch a body into the cache with no client reading it (``warm``)."""
+        fill = await self._new_fill(req, source, CIMultiDict(), None, keep=True)
+        self._launch(fill)
+        return fill
+
+    def summary(self) -> dict[str, int]:
+        return {"entries": len(self._index), "bytes": self._index.bytes}
+
+    # -- fills -------------------------------------------------------------------
+
+    async def _new_fill(
+        self, req: GoproxyRequest, source: UpstreamResponse, headers: CIMultiDict[str],
+        on_end: Callable[[UpstreamError | None], None] | None, keep: bool,
+    ) -> Fill:
+        temp = await self._open_temp(req.cache_key)
+        return Fill(req, source, headers, temp, limit=self.max_bytes, keep=keep, on_end=on_end,
+                    on_write_error=self._write_error)
+
+    async def _open_temp(self, key: str) -> TempFile | None:
+        blob = new_blob_id()
+        fut = asyncio.get_running_loop().run_in_executor(None, open_temp, self.layout, blob)
+        try:
+            fd, path = await asyncio.shield(fut)
+        except OSError as exc:
+            self._write_error(key, exc)
+            return None
+        except asyncio.CancelledError:
+            fut.add_done_callback(_close_abandoned)
+            raise
+        return TempFile(fd, path, blob)
+
+    def _launch(self, fill: Fill) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_fill(fill))
+        fill.task = task
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _run_fill(self, fill: Fill) -> None:
+        try:
+            if await fill.run():
+                await self._commit(fill)
+        except Exception:
+            log.exception("cache fill failed unexpectedly", extra={"key": fill.key})
+        finally:
+            self.flights.finished(fill)
+            await fill.end()
+
+    async def _commit(self, fill: Fill) -> None:
+        temp = fill.temp
+        assert temp is not None
+        now = self._clock()
+        record = Record(
+            key=fill.key, kind=fill.req.kind.value, blob=temp.blob, size=fill.received,
+            sha256=fill.sha256(), content_type=fill.content_type, stored=now, verified=now,
+            immutable=fill.req.immutable, upstream=fill.upstream)
+        try:
+            await fill.io(commit, self.layout, temp.fd, temp.path, record)
+        except CacheError as exc:
+            self._write_error(fill.key, exc)
+            return
+        fill.committed = True
+        entry = Entry(record, self.layout.blob_path(temp.blob), expiry(record, self.ttl), now,
+                      verified=True)
+        old = self._index.put(entry)
+        if old is not None:
+            self._retire(old)
+        self._changed()
+
+    def _write_error(self, key: str, exc: OSError | CacheError) -> None:
+        self.metrics.cache_write_errors.inc()
+        error = describe(exc) if isinstance(exc, OSError) else str(exc)
+        log.warning("cache write failed; proxying without caching",
+                    extra={"key": key, "error": error})
+
+    # -- eviction and removal ------------------------------------------------------
+
+    def _changed(self) -> None:
+        self.metrics.cache_bytes.set(self._index.bytes)
+        self.metrics.cache_entries.set(len(self._index))
+        if self._index.bytes > self.max_bytes and self._pressure is not None:
+            self._pressure.set()
+
+    def _drop(self, entry: Entry) -> None:
+        if self._index.remove(entry):
+            self._changed()
+        self._retire(entry)
+
+    def _retire(self, entry: Entry) -> None:
+        """Out of the index: delete its files now, or when its last reader is done."""
+        if entry.removed:
+            return
+        entry.removed = True
+        if entry.readers == 0:
+            self._remove_files(entry)
+
+    def _remove_files(self, entry: Entry) -> None:
+        self._spawn(asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob))
+
+    def evict(self) -> int:
+        """Drop least recently used entries until the bound holds; returns how many."""
+        excess = self._index.bytes - self.max_bytes
+        if excess <= 0:
+            return 0
+        victims: list[Entry] = []
+        for entry in self._index.lru():
+            if excess <= 0:
+                break
+            if entry.readers == 0:
+                victims.append(entry)
+                excess -= entry.size
+        for entry in victims:
+            self._index.remove(entry)
+            self._retire(entry)
+        self.metrics.cache_evictions.inc(len(victims))
+        self._changed()
+        if victims:
+            log.info("cache evicted", extra={"entries": len(victims),
+                                              "bytes": self._index.bytes, "max": self.max_bytes})
+        return len(victims)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._pressure = asyncio.Event()
+        self._loaded = asyncio.Event()
+        self._started_at = self._clock()
+        try:
+            swept = await asyncio.to_thread(_prepare_and_sweep, self.layout)
+        except OSError as exc:
+            self.metrics.cache_write_errors.inc()
+            log.error("cache directory unusable; proxying without caching until restart",
+                      extra={"dir": self.layout.root, "error": describe(exc)})
+            self._loaded.set()
+        else:
+            self._spawn(self._load(swept))
+        self._spawn(self._maintain())
+        self._changed()
+
+    async def wait_loaded(self) -> None:
+        assert self._loaded is not None, "DiskCache.start() was not awaited"
+        await self._loaded.wait()
+
+    async def stop(self) -> None:
+        for task in (*self._fills, *self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._fills, *self._tasks, return_exceptions=True)
+        await self._persist_access()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, swept: int) -> None:
+        assert self._loaded is not None
+        try:
+            result = await asyncio.to_thread(scan, self.layout, self._started_at - ORPHAN_GRACE_S)
+        except OSError as exc:
+            log.error("cache scan failed; starting empty", extra={"error": describe(exc)})
+            result = ScanResult()
+        # Most recent first, each put at the LRU end: entries committed while
+        # the scan ran stay the most recently used.
+        for record, last_access in sorted(result.entries, key=lambda e: e[1], reverse=True):
+            entry = Entry(record, self.layout.blob_path(record.blob), expiry(record, self.ttl),
+                          last_access)
+            if self._index.get(record.key) is not None:
+                self._retire(entry)  # replaced while we scanned: only its blob goes
+            else:
+                self._index.put(entry, oldest=True)
+        self._changed()
+        self._loaded.set()
+        log.info("cache loaded", extra={
+            "dir": self.layout.root, "entries": len(self._index), "bytes": self._index.bytes,
+            "dropped": result.dropped, "orphans": result.orphans, "temp_swept": swept})
+
+    async def _maintain(self) -> None:
+        """Evict when a commit pushed the cache over its bound; persist access times."""
+        assert self._pressure is not None
+        persisted = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PERSIST_INTERVAL_S):
+                    await self._pressure.wait()
+            if self._pressure.is_set():
+                self._pressure.clear()
+                self.evict()
+            if time.monotonic() - persisted >= PERSIST_INTERVAL_S:
+                persisted = time.monotonic()
+                await self._persist_access()
+
+    async def _persist_access(self) -> None:
+        touched = [(e.path, e.last_access, e.stored) for e in self._index.touched()]
+        if touched:
+            await asyncio.to_thread(_set_atimes, touched)
+
+
+# ---------------------------------------------------------------- worker threads
+
+
+def _prepare_and_sweep(layout: Layout) -> int:
+    prepare(layout)
+    return sweep_temp(layout)
+
+
+def scan(layout: Layout, orphan_before: float) -> ScanResult:
+    """Every sane entry with its last access; broken records and orphan blobs are removed."""
+    result = ScanResult()
+    known: set[str] = set()
+    for path, record in records(layout):
+        if record is None or blob_size(layout, record.blob) != record.size:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if record is not None:
+                _remove_quietly(layout, record.key, record.blob)
+            result.dropped += 1
+            continue
+        known.add(record.blob)
+        try:
+            atime = os.stat(layout.blob_path(record.blob)).st_atime
+        except OSError:
+            atime = record.stored
+        result.entries.append((record, max(atime, record.stored)))
+    for path in orphan_blobs(layout, known, orphan_before):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            result.orphans += 1
+    return result
+
+
+def _remove_quietly(layout: Layout, key: str, blob: str) -> None:
+    try:
+        remove_entry(layout, key, blob)
+    except (OSError, CacheError) as exc:
+        log.warning("cache entry removal failed", extra={"key": key, "error": str(exc)})
+
+
+def _set_atimes(items: list[tuple[str, float, float]]) -> None:
+    for path, atime, mtime in items:
+        with contextlib.suppress(OSError):
+            os.utime(path, (atime, mtime))
+
+
+def _close_abandoned(fut: asyncio.Future[tuple[int, str]]) -> None:
+    """A temp file opened for a request that was cancelled meanwhile."""
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    fd, path = fut.result()
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(path)

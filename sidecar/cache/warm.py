@@ -1,0 +1,143 @@
+"""Prefetch every module version of a go.sum into the cache (``goproxy-sidecar warm``).
+
+Each go.sum line names one module version: ``<module> <version>/go.mod h1:…``
+needs the ``.mod``; ``<module> <version> h1:…`` needs the ``.zip``, plus the
+``.info`` and ``.mod`` the go command asks for alongside. Artifacts already in
+the cache are skipped. Each one walks the configured upstreams in order, like
+a comma-separated GOPROXY: 404/410 and failures fall through to the next.
+No sidecar needs to run: this uses the same store, in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import quote
+
+from sidecar.cache.store import DiskCache
+from sidecar.config import Config
+from sidecar.errors import RequestError, UpstreamError
+from sidecar.goproxy import GoproxyRequest, escape_path, escape_version, parse_request_path
+from sidecar.metrics import Metrics
+from sidecar.upstreams import Upstream
+
+DEFAULT_JOBS: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    module: str
+    version: str
+    ext: str
+    req: GoproxyRequest
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}@{self.version}.{self.ext}"
+
+
+@dataclass(slots=True)
+class Result:
+    artifact: Artifact
+    status: str  # fetched | cached | failed
+    size: int = 0
+    upstream: str = ""
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Plan:
+    artifacts: list[Artifact] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # go.sum lines that name nothing valid
+
+
+def parse_go_sum(text: str) -> Plan:
+    """The artifacts a go.sum asks for, in file order, without duplicates."""
+    plan = Plan()
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3 or not fields[2].startswith("h1:"):
+            plan.problems.append(f"line {number}: not a go.sum line: {line.strip()[:120]}")
+            continue
+        module, version = fields[0], fields[1]
+        exts = ("mod",) if version.endswith("/go.mod") else ("zip", "info", "mod")
+        version = version.removesuffix("/go.mod")
+        for ext in exts:
+            try:
+                artifact = _artifact(module, version, ext)
+            except RequestError as exc:
+                plan.problems.append(f"line {number}: {module} {version}: {exc.message}")
+                break
+            if artifact.req.cache_key not in seen:
+                seen.add(artifact.req.cache_key)
+                plan.artifacts.append(artifact)
+    return plan
+
+
+def _artifact(module: str, version: str, ext: str) -> Artifact:
+    path = f"/{escape_path(module)}/@v/{quote(escape_version(version), safe='')}.{ext}"
+    return Artifact(module, version, ext, parse_request_path(path))
+
+
+async def warm(
+    config: Config, artifacts: Iterable[Artifact], jobs: int = DEFAULT_JOBS,
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Fetch what is missing, ``jobs`` at a time; one Result per artifact, in order."""
+    cache = DiskCache(config.cache, Metrics())
+    upstreams = [Upstream(cfg, "primary" if i == 0 else "backup")
+                 for i, cfg in enumerate(config.upstreams)]
+    await cache.start()
+    await cache.wait_loaded()
+    for upstream in upstreams:
+        await upstream.start()
+    limit = asyncio.Semaphore(max(1, jobs))
+
+    async def one(artifact: Artifact) -> Result:
+        async with limit:
+            result = await _fetch(cache, upstreams, artifact)
+        if on_result is not None:
+            on_result(result)
+        return result
+
+    try:
+        return list(await asyncio.gather(*(one(a) for a in artifacts)))
+    finally:
+        await cache.stop()
+        for upstream in upstreams:
+            await upstream.close()
+
+
+async def _fetch(cache: DiskCache, upstreams: list[Upstream], artifact: Artifact) -> Result:
+    if cache.lookup(artifact.req, allow_stale=False) is not None:
+        return Result(artifact, "cached")
+    errors = []
+    for upstream in upstreams:
+        try:
+            resp = await upstream.open(artifact.req.path)
+        except UpstreamError as exc:
+            errors.append(f"{upstream.name}: {exc.message}")
+            continue
+        if resp.status != 200:
+            text = await resp.read_text(200)
+            resp.release()
+            errors.append(f"{upstream.name}: {resp.status} {text}".strip())
+            continue
+        fill = await cache.prefetch(artifact.req, resp)
+        if fill.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await fill.task
+        if fill.committed:
+            return Result(artifact, "fetched", fill.received, upstream.name)
+        if fill.error is not None:
+            errors.append(f"{upstream.name}: {fill.error.message}")
+            continue
+        return Result(artifact, "failed", upstream=upstream.name,
+                      error="not cached (write error or larger than cache.max_bytes)")
+    return Result(artifact, "failed", error="; ".join(errors) or "no upstream configured")
