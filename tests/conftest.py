@@ -60,9 +60,11 @@ async def sidecar_client(
     """Build a real sidecar app for the given upstream URLs and serve it on loopback."""
     clients: list[TestClient[Any, Any]] = []
 
-    async def start(urls: list[str], **overrides: Any) -> tuple[TestClient[Any, Any], Sidecar]:
+    async def start(
+        urls: list[str], run_control: bool = True, **overrides: Any
+    ) -> tuple[TestClient[Any, Any], Sidecar]:
         sidecar = build_sidecar(make_config(urls, tmp_path, **overrides))
-        client = TestClient(TestServer(build_app(sidecar), host="127.0.0.1"))
+        client = TestClient(TestServer(build_app(sidecar, run_control), host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
         return client, sidecar
