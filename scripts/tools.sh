@@ -69,7 +69,17 @@ main() {
         return 0
     fi
     mkdir -p "$TOOLS_DIR"
-    local failed=0 pin name pkg version
+    local failed=0 pin name pkg version wanted known
+    for wanted in "$@"; do
+        known=0
+        for pin in "${PINS[@]}"; do
+            [[ "${pin%%|*}" == "$wanted" ]] && known=1
+        done
+        if [[ $known == 0 ]]; then
+            log "unknown tool: $wanted"
+            failed=1
+        fi
+    done
     for pin in "${PINS[@]}"; do
         IFS='|' read -r name pkg version <<<"$pin"
         if [[ $# -gt 0 ]] && [[ ! " $* " == *" $name "* ]]; then

@@ -13,7 +13,7 @@
 #
 #   The rules use only what both OPA and rego-cpp (the embedded engine)
 #   evaluate identically: no object.union (shallow in rego-cpp), no "some k, v
-#   in" inside [...] or {...} comprehensions and no arithmetic in their head
+#   in" in an array or set comprehension and no arithmetic in the head of one
 #   (rego-cpp 1.5.2 rejects both), numbers printed with %d of round(x) only
 #   (%d of a float is an error text in OPA and undefined in rego-cpp).
 package sidecar.breaker

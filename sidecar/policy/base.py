@@ -62,6 +62,11 @@ SMOKE_INPUT: dict[str, Any] = {
 class PolicyEngine(abc.ABC):
     """One way of evaluating the breaker policy. Not shared between event loops."""
 
+    # True when the engine evaluates local files that the sidecar can vet
+    # before use (the reloader then refuses a policy failing SMOKE_INPUT);
+    # False when the policy lives elsewhere (OPA server) and is not ours to refuse.
+    from_files = False
+
     def __init__(self, decision: str) -> None:
         self.decision = decision_path(decision)
         self._breaker = (DEFAULT_COOLDOWN_S, DEFAULT_PROBES)

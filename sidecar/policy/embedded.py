@@ -52,6 +52,8 @@ class _Compiled:
 class EmbeddedEngine(PolicyEngine):
     """Evaluates the ``.rego`` files under ``paths`` with regopy."""
 
+    from_files = True
+
     def __init__(self, paths: Sequence[str], decision: str) -> None:
         super().__init__(decision)
         self.paths = tuple(paths)
@@ -139,7 +141,7 @@ def _query(compiled: _Compiled, decision: str, text: str) -> Any:
         # unknown function, a conflict) comes back as an error tree instead.
         raise PolicyEvalError(f"evaluating {where} failed: {_error_text(exc.doc)}") from exc
     if not output.ok():
-        raise PolicyEvalError(f"evaluating {where} failed: {_error_text(str(output))}")
+        raise PolicyEvalError(f"evaluating {where} failed: {_output_error(output)}")
     results = output.results
     if not results or not results[0].expressions:
         raise PolicyEvalError(f"{where} is undefined (no rule produces it)")
@@ -166,6 +168,16 @@ def _load_error(message: str, policy: files.PolicySet) -> PolicyLoadError:
             line = sources[name].encode()[:offset].count(b"\n") + 1
             return PolicyLoadError(name, line, _error_text(message[match.end() :]))
     return PolicyLoadError(policy.modules[0][0], None, _error_text(message))
+
+
+def _output_error(output: Any) -> str:
+    """The message of a failed regopy Output (its string form is just "<error>")."""
+    try:
+        node = output.node()  # an error sequence; iterating it yields unfetched Nones
+        text = "".join(node.at(i).json() for i in range(len(node)))
+    except Exception:  # only used to word an error: never mask the original one
+        text = str(output)
+    return _error_text(text)
 
 
 def _error_text(tree: str) -> str:

@@ -12,6 +12,11 @@ content is not tried again until it changes.
 
 The caller reads ``reloader.engine`` at each evaluation, so a swap takes
 effect at the next control-loop tick.
+
+With the OPA-server engine the policy is not in local files: the reloader
+only (re)connects on ``reload_now()``, never evaluates a sample (an OPA that
+is down or answers garbage must not stop the sidecar), and keeps the warning
+``load()`` returned in ``warning``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ class PolicyReloader:
         self._pending: str | None = None  # a change waiting to settle
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self.warning: str | None = None  # from the last load() of the engine in service
+
+    @property
+    def loaded(self) -> bool:
+        """True once an engine is in service."""
+        return self._engine is not None
 
     @property
     def engine(self) -> PolicyEngine:
@@ -66,12 +77,12 @@ class PolicyReloader:
         if engine is None:
             engine = self._factory()
             try:
-                await engine.load()
-                await smoke_test(engine)
+                self._set_warning(await _vetted_load(engine))
             except BaseException:
                 await engine.close()
                 raise
         self._engine = engine
+        self._seen = engine.version or self._seen  # what the engine actually read
         self._task = asyncio.create_task(self._poll(), name="policy-reloader")
 
     async def close(self) -> None:
@@ -114,22 +125,27 @@ class PolicyReloader:
             self._seen, self._pending = fingerprint, None
             engine = self._factory()
             try:
-                await engine.load()
-                await smoke_test(engine)
-            except PolicyError as exc:
+                warning = await _vetted_load(engine)
+            except Exception as exc:  # refused: the engine in service stays
                 await engine.close()
-                await self._report(False, str(exc))
+                why = str(exc) if isinstance(exc, PolicyError) else f"{type(exc).__name__}: {exc}"
+                await self._report(False, why)
                 return False
             except BaseException:
                 await engine.close()
                 raise
             old, self._engine = self._engine, engine
-            if engine.version is not None:
-                self._seen = engine.version  # what was actually read
+            self._set_warning(warning)
+            self._seen = engine.version or fingerprint  # what was actually read
             if old is not None:
                 await old.close()
             await self._report(True, None)
             return True
+
+    def _set_warning(self, warning: str | None) -> None:
+        self.warning = warning
+        if warning is not None:
+            log.warning("policy engine degraded: %s", warning)
 
     async def _report(self, ok: bool, error: str | None) -> None:
         if self._metrics is not None:
@@ -139,3 +155,11 @@ class PolicyReloader:
                 await call_back(self._on_reload, ok, error)
             except Exception:
                 log.exception("policy on_reload callback failed")
+
+
+async def _vetted_load(engine: PolicyEngine) -> str | None:
+    """Load, and for a file-based engine also evaluate ``SMOKE_INPUT``."""
+    warning = await engine.load()
+    if engine.from_files:
+        await smoke_test(engine)
+    return warning

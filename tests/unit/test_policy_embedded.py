@@ -232,3 +232,15 @@ async def test_rego_cpp_prints_nothing_on_stdout(
     out, err = capfd.readouterr()
     assert out == ""
     assert err == ""
+
+
+async def test_conflicting_outputs_are_worded(tmp_path: Path) -> None:
+    # Two complete definitions that both hold when now == 666: OPA fails such an
+    # evaluation with eval_conflict_error; rego-cpp's own wording must come through.
+    (tmp_path / "p.rego").write_text(DECISIONS_OF + "\ndecisions := {} if input.now == 666\n")
+    engine = await load([str(tmp_path)])
+    try:
+        with pytest.raises(PolicyEvalError, match="must not produce multiple outputs"):
+            await engine.evaluate({**SMOKE_INPUT, "now": 666})
+    finally:
+        await engine.close()

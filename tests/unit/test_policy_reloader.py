@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,9 @@ from typing import Any
 import pytest
 
 from sidecar.breaker.state import Action
-from sidecar.errors import PolicyLoadError
+from sidecar.errors import PolicyEvalError, PolicyLoadError
 from sidecar.metrics import Metrics
-from sidecar.policy import SMOKE_INPUT, EmbeddedEngine, PolicyReloader
+from sidecar.policy import SMOKE_INPUT, EmbeddedEngine, OpaServerEngine, PolicyReloader
 from sidecar.policy.base import SMOKE_UPSTREAM
 
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -191,3 +192,42 @@ async def test_start_adopts_a_loaded_engine_and_async_callbacks(tmp_path: Path) 
     assert await reloader.reload_now() is True
     assert seen == [(True, None)]
     await reloader.close()
+
+
+async def test_opa_engine_down_at_start_does_not_stop_the_reloader(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    calls: Calls = []
+    reloader = PolicyReloader(
+        lambda: OpaServerEngine(url, DECISION, timeout=0.5),
+        [],
+        60.0,
+        lambda ok, error: calls.append((ok, error)),
+    )
+    await reloader.start()
+    try:
+        assert reloader.loaded
+        assert reloader.warning is not None
+        assert "not usable yet" in reloader.warning
+        with pytest.raises(PolicyEvalError):
+            await reloader.engine.evaluate(SMOKE_INPUT)
+        assert await reloader.reload_now() is True  # SIGHUP: reconnects, still degraded
+        assert reloader.warning is not None
+        assert calls == [(True, None)]
+    finally:
+        await reloader.close()
+    assert not reloader.loaded
+
+
+async def test_an_engine_crashing_in_load_is_refused_too(harness: Harness) -> None:
+    good = harness.reloader.engine
+
+    class Crashing(EmbeddedEngine):
+        async def load(self) -> str | None:
+            raise RuntimeError("boom")
+
+    harness.reloader._factory = lambda: Crashing([str(harness.dir)], DECISION)
+    assert await harness.reloader.reload_now() is False
+    assert harness.calls == [(False, "RuntimeError: boom")]
+    assert harness.reloader.engine is good
