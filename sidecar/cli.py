@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError, SidecarError
+
+if TYPE_CHECKING:
+    from sidecar.policy.base import PolicyEngine
 
 EXIT_OK = 0
 EXIT_INVALID = 2
@@ -82,24 +86,67 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    import asyncio
+
     from sidecar.config import load_config
+    from sidecar.policy.embedded import EmbeddedEngine
+    from sidecar.policy.files import discover
 
     config = load_config(args.config)
+    # The OPA engine evaluates the same files on the server: compile them here too.
+    engine = EmbeddedEngine(config.policy.paths, config.policy.decision)
+    warning = asyncio.run(_load_and_close(engine))
+    files = discover(config.policy.paths)
     print(f"config ok: {len(config.upstreams)} upstream(s), listen {config.listen}")
+    print(f"policy ok: {len(files)} file(s), decision {config.policy.decision}, "
+          f"engine {config.policy.engine.value}, mode {config.policy.mode.value}")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
-def _cache(args: argparse.Namespace) -> int:
-    from sidecar import cache_cli
-
-    if args.command == "warm":
-        return cache_cli.warm(args.config, args.go_sum, args.jobs)
-    if args.cache_command == "ls":
-        return cache_cli.cache_ls(args.config, args.json)
-    if args.cache_command == "purge":
-        return cache_cli.cache_purge(args.config, args.target)
-    return cache_cli.cache_verify(args.config)
+async def _load_and_close(engine: PolicyEngine) -> str | None:
+    try:
+        return await engine.load()
+    finally:
+        await engine.close()
 
 
 def _eval(args: argparse.Namespace) -> int:
-    raise SidecarError("eval needs the policy engine (not built yet)")
+    import asyncio
+    import json
+
+    from sidecar.config import load_config
+    from sidecar.policy import make_engine
+
+    config = load_config(args.config)
+    text = sys.stdin.read() if args.input == "-" else _read(args.input)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SidecarError(f"{args.input}:{exc.lineno}: not JSON: {exc.msg}") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("upstreams"), dict):
+        raise SidecarError(f"{args.input}: expected an object with an 'upstreams' object")
+    decisions = asyncio.run(_evaluate(make_engine(config.policy), document))
+    print(json.dumps(decisions, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise SidecarError(f"{path}: {exc.strerror}") from exc
+
+
+async def _evaluate(engine: PolicyEngine, document: dict[str, object]) -> dict[str, object]:
+    try:
+        warning = await engine.load()
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        decisions = await engine.evaluate(document)
+    finally:
+        await engine.close()
+    return {name: {"action": d.action.value, "reason": d.reason, "alert": d.alert}
+            for name, d in decisions.items()}

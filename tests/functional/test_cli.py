@@ -107,3 +107,47 @@ async def test_sigterm_drains_in_flight_requests(fake_upstreams, tmp_path: Path)
             rest = await r.read()
     assert first + rest == body
     assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def test_eval_prints_the_decision_for_one_input(tmp_path: Path) -> None:
+    doc = {"now": 0, "cache": {"enabled": False, "entries": 0, "bytes": 0}, "upstreams": {
+        "athens": {"role": "primary", "state": "closed", "state_age_s": 1, "window_s": 120,
+                   "requests": 100, "errors": 30, "not_found": 0, "timeouts": 0,
+                   "error_rate": 0.3, "not_found_rate": 0, "masked_failures": 0,
+                   "ttfb_ms": {"p50": 1, "p90": 2, "p99": 3},
+                   "pool": {"limit": 64, "in_use": 1, "waiting": 0, "saturation": 0.95},
+                   "series": []}}}
+    (tmp_path / "in.json").write_text(__import__("json").dumps(doc))
+    out = subprocess.run(sidecar_cmd("eval", "--input", str(tmp_path / "in.json")),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    decision = __import__("json").loads(out.stdout)["athens"]
+    assert decision["action"] == "reject" and decision["alert"] is True
+    assert "also error rate" in decision["reason"]
+
+
+def test_eval_refuses_a_document_that_is_not_an_input(tmp_path: Path) -> None:
+    (tmp_path / "in.json").write_text('{"upstreams": [1, 2]')
+    out = subprocess.run(sidecar_cmd("eval", "--input", str(tmp_path / "in.json")),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "in.json:1" in out.stderr
+
+
+def test_check_names_the_file_and_line_of_a_broken_policy(tmp_path: Path) -> None:
+    import shutil
+
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    rego = policies / "sidecar" / "breaker.rego"
+    lines = rego.read_text().splitlines()
+    lines.insert(40, "decisions[x] := {{{ broken")
+    rego.write_text("\n".join(lines) + "\n")
+    cfg = write_config(tmp_path, "http://127.0.0.1:3000", 3001, f'policy: {{paths: ["{policies}"]}}\n')
+    out = subprocess.run(sidecar_cmd("check", "--config", str(cfg)), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert "breaker.rego:41" in out.stderr, out.stderr
