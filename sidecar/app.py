@@ -25,6 +25,7 @@ from sidecar.policy.base import PolicyEngine
 from sidecar.policy.reloader import PolicyReloader
 from sidecar.proxy.handler import ProxyHandler
 from sidecar.proxy.recorder import Recorder
+from sidecar.routing import Router
 from sidecar.stats.window import UpstreamWindow
 from sidecar.upstreams import Upstream
 
@@ -45,6 +46,7 @@ class Sidecar:
     windows: dict[str, UpstreamWindow]
     breakers: dict[str, Breaker] = field(default_factory=dict)
     cache: ModuleCache | None = None
+    router: Router | None = None
     control: ControlLoop | None = None
     policy: PolicyReloader | None = None
     would: dict[str, Decision] = field(default_factory=dict)
@@ -82,7 +84,7 @@ def build_sidecar(config: Config, metrics: Metrics | None = None) -> Sidecar:
     for index, cfg in enumerate(config.upstreams):
         upstreams[cfg.name] = Upstream(cfg, "primary" if index == 0 else "backup")
     windows = {name: UpstreamWindow(config.stats.window, config.stats.slice) for name in upstreams}
-    sidecar = Sidecar(config, metrics, upstreams, windows)
+    sidecar = Sidecar(config, metrics, upstreams, windows, router=Router(config))
     if config.cache.enabled:
         from sidecar.cache.store import DiskCache
 

@@ -15,6 +15,7 @@ from sidecar.errors import ConfigError, SidecarError
 
 if TYPE_CHECKING:
     from sidecar.policy.base import PolicyEngine
+    from sidecar.routing import Router
 
 EXIT_OK = 0
 EXIT_INVALID = 2
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     check = sub.add_parser("check", help="validate the config and compile the policies")
     check.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
+    check.add_argument("--route", metavar="MODULE", action="append", default=[],
+                       help="also print how MODULE would be routed (repeatable)")
     ev = sub.add_parser("eval", help="print the policy decision for one input document")
     ev.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
     ev.add_argument("--input", required=True, help="policy input JSON file ('-' for stdin)")
@@ -91,8 +94,10 @@ def _check(args: argparse.Namespace) -> int:
     from sidecar.config import load_config
     from sidecar.policy.embedded import EmbeddedEngine
     from sidecar.policy.files import discover
+    from sidecar.routing import Router
 
     config = load_config(args.config)
+    router = Router(config)  # compiles every routing pattern: ConfigError names a bad one
     # The OPA engine evaluates the same files on the server: compile them here too.
     engine = EmbeddedEngine(config.policy.paths, config.policy.decision)
     warning = asyncio.run(_load_and_close(engine))
@@ -102,7 +107,26 @@ def _check(args: argparse.Namespace) -> int:
           f"engine {config.policy.engine.value}, mode {config.policy.mode.value}")
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    for module in args.route:
+        print(f"route {module}: {_describe_route(router, module)}")
     return EXIT_OK
+
+
+def _describe_route(router: Router, module: str) -> str:
+    from sidecar.goproxy import check_module_path
+    from sidecar.errors import RequestError
+
+    try:
+        check_module_path(module)
+    except RequestError as exc:
+        raise SidecarError(f"--route {module!r}: not a module path ({exc.message})") from exc
+    route = router.route(module)
+    if route.deny:
+        return f"denied (rule {route.rule})"
+    where = ", ".join(route.targets) or "no upstream (private module, none has private_ok)"
+    flags = [f"rule {route.rule}" if route.rule else "no rule", "private" if route.private
+             else "public", "cache" if route.cache else "no cache"]
+    return f"{where} [{'; '.join(flags)}]"
 
 
 async def _load_and_close(engine: PolicyEngine) -> str | None:

@@ -33,6 +33,12 @@ def add_routes(app: web.Application, sidecar: Sidecar) -> None:
         return web.Response(text=json.dumps(breakers_view(sidecar), indent=2) + "\n",
                             content_type="application/json")
 
+    async def routes(request: web.Request) -> web.Response:
+        assert sidecar.router is not None
+        return web.Response(text=json.dumps(sidecar.router.describe(), indent=2) + "\n",
+                            content_type="application/json")
+
+    app.router.add_get("/routes", routes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
