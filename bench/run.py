@@ -2,7 +2,7 @@
 
     python3 bench/run.py [--quick] [--cases small-hit,zip1m-hit ...]
 
-Needs nginx and wrk (``scripts/bench-deps.sh`` installs them) and 2 cores:
+Needs nginx and wrk (``scripts/debian-deps.sh`` installs them) and 2 cores:
 the proxy under test runs on core 1, the load generator on core 0 (see
 bench/README.md). Prints a table and writes bench/results/latest.json.
 """
@@ -475,7 +475,7 @@ def check_machine() -> None:
         if shutil.which(t) is None and not (t == "nginx" and os.path.exists("/usr/sbin/nginx"))
     ]
     if missing:
-        raise BenchError(f"missing {', '.join(missing)}: run scripts/bench-deps.sh")
+        raise BenchError(f"missing {', '.join(missing)}: run scripts/debian-deps.sh")
     cpus = os.sched_getaffinity(0)
     if not {LOADGEN_CORE, PROXY_CORE} <= cpus:
         raise BenchError(

@@ -47,7 +47,7 @@ class Server:
 def nginx_binary() -> str:
     path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else "")
     if not path:
-        raise BenchError("nginx not found: run scripts/bench-deps.sh")
+        raise BenchError("nginx not found: run scripts/debian-deps.sh")
     return path
 
 

@@ -80,7 +80,7 @@ class WrkResult:
 def wrk_binary() -> str:
     path = shutil.which("wrk")
     if not path:
-        raise BenchError("wrk not found: run scripts/bench-deps.sh")
+        raise BenchError("wrk not found: run scripts/debian-deps.sh")
     return path
 
 

@@ -24,6 +24,8 @@ PINS=(
     # The Go module proxy here serves v2.3.0 and v2.5.0 only; up to v2.5.0 the
     # server is cmd/server (cmd/toxiproxy-server in later releases).
     "toxiproxy-server|github.com/Shopify/toxiproxy/v2/cmd/server|v2.5.0"
+    # kustomize builds of deploy/kubernetes (Debian has none recent enough).
+    "kustomize|sigs.k8s.io/kustomize/kustomize/v5|v5.5.0"
     # Athens, the real upstream of the end-to-end tests (its binary is `proxy`;
     # installed here as `athens`). Slot kept for the issue that adds it: the
     # Go module proxy reachable from here answers 403 for github.com/gomods/athens.
@@ -57,7 +59,11 @@ install() {
         log "$name: go install $pkg@$version FAILED"
         return 1
     fi
-    mv -f "$scratch/$(basename "$pkg")" "$bin"
+    # The binary is named after the last element that is not a /vN suffix.
+    local built
+    built="$(basename "$pkg")"
+    [[ "$built" =~ ^v[0-9]+$ ]] && built="$(basename "$(dirname "$pkg")")"
+    mv -f "$scratch/$built" "$bin"
     rm -rf "$scratch"
     log "$name $version: installed in $bin"
 }

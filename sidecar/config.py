@@ -161,10 +161,11 @@ ENV_PREFIX = "SIDECAR_"
 CACHE_DIR_NAME = "goproxy-sidecar"
 MAX_STATS_SLICES = 1000
 
-# Variables Kubernetes injects for a Service named "sidecar" (service links);
+# Variables Kubernetes injects for Services named "sidecar" or "sidecar-*"
+# (service links: SIDECAR_METRICS_SERVICE_HOST, SIDECAR_PORT_3001_TCP, ...);
 # they are not config overrides and must not break start-up.
 _K8S_SERVICE_LINK = re.compile(
-    r"SIDECAR_(SERVICE_HOST|SERVICE_PORT\w*|PORT|PORT_\d+_(TCP|UDP|SCTP)\w*)"
+    r"SIDECAR_(\w+_)?(SERVICE_HOST|SERVICE_PORT\w*|PORT|PORT_\d+_(TCP|UDP|SCTP)\w*)"
 )
 
 # The shape of the document: a leaf is the kind of its value, which decides how

@@ -21,6 +21,14 @@ PINS = {
     "athens": "github.com/gomods/athens/cmd/proxy (not pinned yet)",
 }
 
+# name -> how to get a tool that scripts/tools.sh does not build (for the message)
+ELSEWHERE = {
+    "promtool": "run scripts/debian-deps.sh (Debian package prometheus)",
+    "kustomize": "install kubectl (it embeds kustomize) or put a kustomize binary in the "
+    "tools folder: GOBIN=$SIDECAR_TOOLS_DIR go install "
+    "sigs.k8s.io/kustomize/kustomize/v5@v5.5.0",
+}
+
 
 def tools_dir() -> Path:
     configured = os.environ.get("SIDECAR_TOOLS_DIR")
@@ -46,6 +54,8 @@ def require_tool(name: str) -> Path:
     message = f"{name} not found: run scripts/tools.sh"
     if how:
         message += f" (go install {how})"
+    if name in ELSEWHERE:
+        message = f"{name} not found: {ELSEWHERE[name]}"
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

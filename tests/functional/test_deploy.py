@@ -1,0 +1,678 @@
+"""The deploy/ artefacts, validated offline (no Docker engine, no cluster).
+
+- Prometheus: promtool checks the scrape configs and the rules and runs the
+  rule unit tests; every metric an alert names is exported by a live sidecar.
+- Kubernetes: kustomize (or `kubectl kustomize`) builds the base and the
+  example overlay; a structural check in Python runs with or without it
+  (every referenced file exists, objects are well formed, containers have
+  probes, resources and a locked-down securityContext, images are pinned).
+- The policies ConfigMap holds byte-identical copies of policies/, and the
+  sidecar.yaml of the config ConfigMap passes `goproxy-sidecar check` against
+  them, laid out the way the kubelet mounts a ConfigMap.
+- The Containerfile follows the basic rules (multi-stage, non-root USER,
+  HEALTHCHECK, pinned bases) and its HEALTHCHECK command works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.tools import find_tool, require_tool
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+KUBERNETES = DEPLOY / "kubernetes"
+BASE = KUBERNETES / "base"
+OVERLAY = KUBERNETES / "overlays" / "example"
+CONTAINERFILE = DEPLOY / "Containerfile"
+
+SIDECAR_PORT = 3001
+ATHENS_PORT = 3000
+CONFIG_MOUNT = "/etc/goproxy-sidecar/sidecar.yaml"
+POLICIES_MOUNT = "/etc/goproxy-sidecar/policies"
+CACHE_MOUNT = "/var/cache/goproxy-sidecar"
+MALLOC_ENV = {
+    "MALLOC_TOP_PAD_": "16777216",
+    "MALLOC_TRIM_THRESHOLD_": "67108864",
+    "MALLOC_MMAP_THRESHOLD_": "4194304",
+}
+METRIC = re.compile(r"\bgoproxy_sidecar_[a-z0-9_]+")
+
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = load_yaml(PROMETHEUS / "alerts.yml")
+    return [rule for group in doc["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+# ====================================================================== Prometheus
+
+
+def test_promtool_checks_the_local_scrape_config() -> None:
+    promtool = require_tool("promtool")
+    out = run([str(promtool), "check", "config", str(PROMETHEUS / "prometheus.yml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_checks_the_kubernetes_scrape_config(tmp_path: Path) -> None:
+    """Debian's promtool is built without Kubernetes discovery: then everything
+    but the discovery block (relabelling, regexes, rule files) is checked by
+    promtool on a copy with static targets, and the block itself here."""
+    promtool = require_tool("promtool")
+    source = PROMETHEUS / "prometheus-kubernetes.yml"
+    out = run([str(promtool), "check", "config", str(source)])
+    if out.returncode == 0:
+        return
+    assert "kubernetes_sd_configs" in out.stdout + out.stderr, out.stdout + out.stderr
+    doc = load_yaml(source)
+    for job in doc["scrape_configs"]:
+        for sd in job.pop("kubernetes_sd_configs", []):
+            assert sd["role"] == "pod", job["job_name"]
+            job["static_configs"] = [{"targets": ["10.0.0.1:3001"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "alerts.yml").write_bytes((PROMETHEUS / "alerts.yml").read_bytes())
+    out = run([str(promtool), "check", "config", str(tmp_path / "prometheus.yml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_checks_the_alert_rules() -> None:
+    promtool = require_tool("promtool")
+    out = run([str(promtool), "check", "rules", str(PROMETHEUS / "alerts.yml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_unit_tests_of_the_alerts_pass() -> None:
+    promtool = require_tool("promtool")
+    out = run([str(promtool), "test", "rules", str(PROMETHEUS / "alerts_test.yml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_unit_tests_cover_load_shedding_and_breaker_open() -> None:
+    tested = {
+        case["alertname"]
+        for test in load_yaml(PROMETHEUS / "alerts_test.yml")["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert {"GoproxySidecarLoadShedding", "GoproxySidecarBreakerOpen"} <= tested
+    assert tested <= {rule["alert"] for rule in alert_rules()}
+
+
+def test_every_alert_tells_on_call_what_and_where_to_look() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        notes = rule["annotations"]
+        assert notes["summary"] and len(notes["description"]) > 80, name
+        assert "/breakers" in notes["runbook"], name
+    # The load-shedding alert is the policy's own "alert": it must not wait.
+    shedding = rules["GoproxySidecarLoadShedding"]
+    assert "goproxy_sidecar_breaker_alert" in shedding["expr"]
+    assert shedding.get("for", "0s") in ("0s", "0m", "15s", "30s")
+    for name in (
+        "GoproxySidecarBreakerOpen",
+        "GoproxySidecarPolicyStale",
+        "GoproxySidecarPolicyReloadFailed",
+        "GoproxySidecarCacheWriteErrors",
+        "GoproxySidecarCacheIntegrityFailures",
+        "GoproxySidecarUpstreamErrorRateHigh",
+        "GoproxySidecarAllUpstreamsUnavailable",
+    ):
+        assert name in rules
+    assert 'reason="no_target"' in rules["GoproxySidecarAllUpstreamsUnavailable"]["expr"]
+
+
+def test_rate_and_increase_are_only_taken_of_counters() -> None:
+    for rule in alert_rules():
+        for name in re.findall(r"(?:rate|increase)\(\s*(goproxy_sidecar_[a-z0-9_]+)", rule["expr"]):
+            assert name.endswith("_total"), (rule["alert"], name)
+
+
+def exported_names(text: str) -> set[str]:
+    """Every series name the exposition can produce, with or without samples yet."""
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+    return names
+
+
+async def test_alerts_use_only_metrics_a_live_sidecar_exports(
+    fake_upstreams: Callable[..., Any], sidecar_client: Callable[..., Any]
+) -> None:
+    [(_, url)] = await fake_upstreams(1)
+    client, _ = await sidecar_client([url])
+    resp = await client.get("/example.com/mod/@v/list")  # the fake answers 404
+    assert resp.status == 404
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    exported = exported_names(await resp.text())
+
+    used = {name for rule in alert_rules() for name in METRIC.findall(rule["expr"])}
+    tested = set(METRIC.findall((PROMETHEUS / "alerts_test.yml").read_text()))
+    assert used, "no goproxy_sidecar_ metric in alerts.yml?"
+    assert used - exported == set(), f"alerts.yml names unknown metrics: {used - exported}"
+    assert tested - exported == set(), f"alerts_test.yml: unknown metrics {tested - exported}"
+
+
+def relabel(target: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' keep/replace relabelling, enough for the example job."""
+    labels = dict(target)
+    for rule in rules:
+        value = rule.get("separator", ";").join(labels.get(s, "") for s in rule["source_labels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if action == "keep":
+            if not match:
+                return None
+        elif match:
+            replacement = re.sub(r"\$(\d+)", r"\\\1", rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = match.expand(replacement)
+    return labels
+
+
+@pytest.mark.parametrize(
+    "pod_ip, address", [("10.1.2.3", "10.1.2.3:3001"), ("fd00:10::17", "[fd00:10::17]:3001")]
+)
+def test_pod_discovery_scrapes_the_annotated_sidecar_port(pod_ip: str, address: str) -> None:
+    [job] = load_yaml(PROMETHEUS / "prometheus-kubernetes.yml")["scrape_configs"]
+    annotations = pod_template(rendered_or_raw(BASE))["metadata"]["annotations"]
+    target = {
+        "__address__": f"{pod_ip}:3000" if ":" not in pod_ip else f"[{pod_ip}]:3000",
+        "__meta_kubernetes_pod_ip": pod_ip,
+        "__meta_kubernetes_pod_phase": "Running",
+        "__meta_kubernetes_namespace": "goproxy",
+        "__meta_kubernetes_pod_name": "goproxy-abc",
+        "__metrics_path__": "/metrics",
+    }
+    for key, value in annotations.items():
+        target["__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    labels = relabel(target, job["relabel_configs"])
+    assert labels is not None
+    assert labels["__address__"] == address
+    assert labels["__metrics_path__"] == "/metrics"
+    assert labels["pod"] == "goproxy-abc" and labels["namespace"] == "goproxy"
+    target["__meta_kubernetes_pod_annotation_prometheus_io_scrape"] = "false"
+    assert relabel(target, job["relabel_configs"]) is None
+
+
+# ====================================================================== Kubernetes
+
+
+def kustomize_command() -> list[str]:
+    kustomize = find_tool("kustomize")
+    if kustomize is not None:
+        return [str(kustomize), "build"]
+    kubectl = find_tool("kubectl")
+    if kubectl is not None:
+        return [str(kubectl), "kustomize"]
+    return [str(require_tool("kustomize")), "build"]
+
+
+def kustomize_build(root: Path) -> list[dict[str, Any]]:
+    out = run([*kustomize_command(), str(root)])
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def rendered_or_raw(root: Path) -> list[dict[str, Any]]:
+    """The kustomize output when a kustomize is at hand, else the raw objects."""
+    if find_tool("kustomize") or find_tool("kubectl"):
+        return kustomize_build(root)
+    return load_tree(root).objects
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def pod_template(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    [deployment] = by_kind(objects, "Deployment")
+    template: dict[str, Any] = deployment["spec"]["template"]
+    return template
+
+
+def containers(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in pod_template(objects)["spec"]["containers"]}
+
+
+def config_map(objects: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+    [found] = [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].startswith(prefix)]
+    return found
+
+
+class Tree:
+    """What a kustomization references, read the way kustomize would (no merging)."""
+
+    def __init__(self) -> None:
+        self.objects: list[dict[str, Any]] = []
+        self.patches: list[dict[str, Any]] = []
+        self.generated: dict[str, dict[str, Path]] = {}  # ConfigMap name -> key -> file
+
+
+def load_tree(root: Path, tree: Tree | None = None, kind: str = "Kustomization") -> Tree:
+    tree = tree if tree is not None else Tree()
+    doc = load_yaml(root / "kustomization.yaml")
+    assert doc.get("kind", "Kustomization") == kind, root
+    for entry in doc.get("resources", []) + doc.get("components", []):
+        path = (root / entry).resolve()
+        if path.is_dir():
+            sub = load_yaml(path / "kustomization.yaml")
+            load_tree(path, tree, sub.get("kind", "Kustomization"))
+        else:
+            tree.objects += [o for o in yaml.safe_load_all(inside(root, path).read_text()) if o]
+    for patch in doc.get("patches", []):
+        text = (
+            inside(root, (root / patch["path"]).resolve()).read_text()
+            if "path" in patch
+            else patch["patch"]
+        )
+        for obj in yaml.safe_load_all(text):
+            if isinstance(obj, dict):
+                tree.patches.append(obj)
+    for generator in doc.get("configMapGenerator", []):
+        files = {}
+        for entry in generator.get("files", []):
+            key, _, source = entry.rpartition("=")
+            path = inside(root, (root / source).resolve())
+            files[key or path.name] = path
+        tree.generated[generator["name"]] = files
+    return tree
+
+
+def inside(root: Path, path: Path) -> Path:
+    """kustomize's default load restrictor: files only in or below the root."""
+    assert path.is_relative_to(root.resolve()), f"{path} is outside {root}"
+    assert path.is_file(), f"{path} (referenced by {root}/kustomization.yaml) is missing"
+    return path
+
+
+@pytest.mark.parametrize("root", [BASE, OVERLAY], ids=["base", "overlay"])
+def test_kustomize_tree_is_complete_and_well_formed(root: Path) -> None:
+    """Runs without any tool: the structural half of `kustomize build`."""
+    tree = load_tree(root)
+    for obj in tree.objects + tree.patches:
+        assert obj.get("apiVersion") and obj.get("kind") and obj["metadata"].get("name"), obj
+    known = {(o["kind"], o["metadata"]["name"]) for o in tree.objects}
+    for patch in tree.patches:
+        assert (patch["kind"], patch["metadata"]["name"]) in known, patch["metadata"]
+    volumes = pod_template(tree.objects)["spec"]["volumes"]
+    for volume in volumes:
+        if "configMap" in volume:
+            assert volume["configMap"]["name"] in tree.generated, volume
+    policies = tree.generated["goproxy-sidecar-policies"]
+    assert sorted(policies) == ["breaker.rego", "thresholds.yaml"]
+    patched = [
+        c
+        for p in tree.patches
+        for c in p.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+        if "image" in c
+    ]
+    for container in pod_template(tree.objects)["spec"]["containers"] + patched:
+        check_container(container, pod_template(tree.objects)["spec"])
+
+
+def check_container(container: dict[str, Any], pod: dict[str, Any]) -> None:
+    name = container["name"]
+    image = container["image"]
+    tag = image.rsplit("/", 1)[-1]
+    assert "@sha256:" in image or (":" in tag and not tag.endswith(":latest")), (name, image)
+    assert container.get("livenessProbe"), f"{name}: no liveness probe"
+    for kind in ("requests", "limits"):
+        assert set(container["resources"][kind]) >= {"cpu", "memory"}, (name, kind)
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True, name
+    assert sc["allowPrivilegeEscalation"] is False, name
+    assert sc["capabilities"]["drop"] == ["ALL"], name
+    assert sc.get("runAsNonRoot", pod["securityContext"].get("runAsNonRoot")) is True, name
+    assert sc.get("runAsUser", 1) != 0, name
+    seccomp = sc.get("seccompProfile") or pod["securityContext"]["seccompProfile"]
+    assert seccomp["type"] == "RuntimeDefault", name
+
+
+def test_kustomize_builds_the_base() -> None:
+    objects = kustomize_build(BASE)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "Service"]
+    template = pod_template(objects)
+    assert sorted(containers(objects)) == ["athens", "sidecar"]
+    for container in template["spec"]["containers"]:
+        check_container(container, template["spec"])
+    # The config ConfigMap carries a content hash (a change rolls the pods),
+    # the policies one does not (a change is reloaded in place).
+    assert re.fullmatch(
+        r"goproxy-sidecar-config-[a-z0-9]{10}",
+        config_map(objects, "goproxy-sidecar-config")["metadata"]["name"],
+    )
+    assert (
+        config_map(objects, "goproxy-sidecar-policies")["metadata"]["name"]
+        == "goproxy-sidecar-policies"
+    )
+
+
+def test_kustomize_builds_the_example_overlay() -> None:
+    objects = kustomize_build(OVERLAY)
+    kinds = {o["kind"] for o in objects}
+    assert kinds == {"Namespace", "ConfigMap", "Deployment", "Service", "PodMonitor"}
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == "goproxy", obj["metadata"]
+    [deployment] = by_kind(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    found = containers(objects)
+    assert sorted(found) == ["athens", "opa", "sidecar"]
+    template = pod_template(objects)
+    for container in template["spec"]["containers"]:
+        check_container(container, template["spec"])
+    env = {e["name"]: e.get("value") for e in found["sidecar"]["env"]}
+    assert env["SIDECAR_POLICY_ENGINE"] == "opa"
+    opa = found["opa"]
+    assert opa["image"] == "openpolicyagent/opa:1.22.2"
+    assert opa["args"][:2] == ["run", "--server"]
+    assert "--addr=127.0.0.1:8181" in opa["args"] and "--ignore=.*" in opa["args"]
+    [mount] = opa["volumeMounts"]
+    assert mount["name"] == "policies" and opa["args"][-1] == mount["mountPath"]
+    # PodMonitor instead of the annotations, never both.
+    assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+    [monitor] = by_kind(objects, "PodMonitor")
+    labels = template["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {p["name"] for c in found.values() for p in c.get("ports", [])}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+
+
+def port_number(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    [number] = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    return int(number)
+
+
+def test_the_pod_is_wired_the_way_the_sidecar_config_says() -> None:
+    objects = rendered_or_raw(BASE)
+    config = sidecar_config(objects)
+    found = containers(objects)
+    sidecar, athens = found["sidecar"], found["athens"]
+    assert int(config["listen"].rsplit(":", 1)[1]) == port_number(sidecar, "http") == SIDECAR_PORT
+    assert config["listen"].startswith("0.0.0.0:")  # probes and the Service use the pod IP
+    assert config["upstreams"][0]["url"] == f"http://127.0.0.1:{ATHENS_PORT}"
+    assert config["upstreams"][1]["url"] == "https://proxy.golang.org"
+    assert port_number(athens, "athens") == ATHENS_PORT
+    athens_env = {e["name"]: e["value"] for e in athens["env"]}
+    assert athens_env["ATHENS_PORT"] == f":{ATHENS_PORT}"
+    assert athens_env["ATHENS_STORAGE_TYPE"] == "disk"
+    athens_mounts = {m["mountPath"] for m in athens["volumeMounts"]}
+    assert athens_env["ATHENS_DISK_STORAGE_ROOT"] in athens_mounts
+
+    probe = sidecar["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/readyz" and port_number(sidecar, probe["port"]) == SIDECAR_PORT
+    probe = sidecar["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and port_number(sidecar, probe["port"]) == SIDECAR_PORT
+    probe = athens["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and port_number(athens, probe["port"]) == ATHENS_PORT
+    assert "readinessProbe" not in athens  # Athens being sick must not unready the pod
+
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"},
+        "limits": {"cpu": "1", "memory": "384Mi"},
+    }
+    assert sidecar["securityContext"]["runAsUser"] == 10001
+
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_template(objects)["spec"]["volumes"]}
+    assert mounts[CONFIG_MOUNT]["subPath"] == "sidecar.yaml"
+    assert "subPath" not in mounts[POLICIES_MOUNT]  # subPath mounts never see updates
+    assert config["policy"]["paths"] == [POLICIES_MOUNT]
+    assert config["cache"]["dir"] == CACHE_MOUNT
+    cache_volume = volumes[mounts[CACHE_MOUNT]["name"]]["emptyDir"]
+    assert parse_quantity(cache_volume["sizeLimit"]) > parse_quantity(config["cache"]["max_bytes"])
+
+    template = pod_template(objects)
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(SIDECAR_PORT)
+    assert template["spec"]["enableServiceLinks"] is False  # SIDECAR_* would be config
+    [service] = by_kind(objects, "Service")
+    assert service["metadata"]["name"] == "goproxy"
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    [port] = service["spec"]["ports"]
+    assert port_number(sidecar, port["targetPort"]) == SIDECAR_PORT
+
+
+def parse_quantity(text: str) -> int:
+    """Kubernetes quantities and sidecar sizes alike: 10Gi, 10GiB, 8GiB."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)B?", text)
+    assert match, text
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def sidecar_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    cm = [
+        o
+        for o in by_kind(objects, "ConfigMap")
+        if o["metadata"]["name"].startswith("goproxy-sidecar-config")
+    ]
+    if cm:  # rendered
+        loaded: dict[str, Any] = yaml.safe_load(cm[0]["data"]["sidecar.yaml"])
+        return loaded
+    loaded = load_yaml(BASE / "sidecar.yaml")
+    return loaded
+
+
+def test_the_image_default_config_is_the_kubernetes_one() -> None:
+    """The Containerfile ships base/sidecar.yaml; its HEALTHCHECK assumes port 3001."""
+    assert "deploy/kubernetes/base/sidecar.yaml" in CONTAINERFILE.read_text()
+    assert load_yaml(BASE / "sidecar.yaml")["listen"] == f"0.0.0.0:{SIDECAR_PORT}"
+
+
+# ====================================================================== policies
+
+
+def policy_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith("_test.rego") and "__pycache__" not in p.parts
+    }
+
+
+def test_policies_copy_is_byte_identical_to_policies() -> None:
+    source = policy_files(REPO / "policies")
+    copy = policy_files(BASE / "policies")
+    assert sorted(source) == sorted(copy) == ["sidecar/breaker.rego", "thresholds.yaml"], (
+        "deploy/kubernetes/base/policies must mirror policies/ (without *_test.rego)"
+    )
+    for name in source:
+        assert copy[name] == source[name], (
+            f"deploy/kubernetes/base/policies/{name} differs from policies/{name}: "
+            f"cp policies/{name} deploy/kubernetes/base/policies/{name}"
+        )
+
+
+def configmap_volume(tmp: Path, files: dict[str, bytes]) -> Path:
+    """A folder laid out as the kubelet mounts a ConfigMap: the keys are
+    symlinks into ..data, itself a symlink to a timestamped folder."""
+    stamp = tmp / "..2025_01_01_00_00_00.000000001"
+    stamp.mkdir(parents=True)
+    for key, data in files.items():
+        (stamp / key).write_bytes(data)
+    (tmp / "..data").symlink_to(stamp.name)
+    for key in files:
+        (tmp / key).symlink_to(f"..data/{key}")
+    return tmp
+
+
+def configmap_files(objects: list[dict[str, Any]], prefix: str) -> dict[str, bytes]:
+    cm = [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].startswith(prefix)]
+    if cm:
+        return {k: v.encode() for k, v in cm[0]["data"].items()}
+    files = load_tree(BASE).generated[prefix]
+    return {key: path.read_bytes() for key, path in files.items()}
+
+
+def clean_env() -> dict[str, str]:
+    """No stray SIDECAR_* overrides; the package importable from any folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_the_configmap_sidecar_yaml_passes_check(tmp_path: Path) -> None:
+    objects = rendered_or_raw(BASE)
+    config_dir = configmap_volume(
+        tmp_path / "config", configmap_files(objects, "goproxy-sidecar-config")
+    )
+    policies = configmap_volume(
+        tmp_path / "policies", configmap_files(objects, "goproxy-sidecar-policies")
+    )
+    env = clean_env()
+    # The pod mounts the policies at /etc/goproxy-sidecar/policies; here they
+    # are somewhere else, so point policy.paths at them the way an operator would.
+    env["SIDECAR_POLICY_PATHS"] = str(policies)
+    out = run(
+        [sys.executable, "-m", "sidecar", "check", "--config", str(config_dir / "sidecar.yaml")],
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "config ok" in out.stdout
+    # The kubelet's ..data copies are skipped: each file is loaded once.
+    loaded = re.search(r"(\d+) file\(s\)", out.stdout)
+    assert loaded is None or loaded.group(1) == "2", out.stdout
+
+
+def test_check_without_the_override_only_misses_the_mounted_policies(tmp_path: Path) -> None:
+    out = run(
+        [sys.executable, "-m", "sidecar", "check", "--config", str(BASE / "sidecar.yaml")],
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    if out.returncode == 0:  # running inside the image, where the policies exist
+        return
+    assert POLICIES_MOUNT in out.stderr and "invalid config" not in out.stderr, out.stderr
+
+
+# ====================================================================== Containerfile
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_containerfile_follows_the_basic_rules() -> None:
+    steps = instructions(CONTAINERFILE)
+    args = dict(a.split("=", 1) for w, a in steps if w == "ARG" and "=" in a)
+    bases = [
+        re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], a.split()[0])
+        for w, a in steps
+        if w == "FROM"
+    ]
+    assert len(bases) >= 2, "multi-stage: build, then a runtime without the build tools"
+    for base in bases:
+        tag = base.rsplit("/", 1)[-1]
+        assert ":" in tag and not tag.endswith(":latest"), base
+        assert base.startswith("python:3.11-slim"), base
+    runtime = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM") :]
+    users = [a for w, a in runtime if w == "USER"]
+    assert users, "the runtime stage must set USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) == 10001  # numeric: runAsNonRoot can verify it
+
+    env: dict[str, str] = {}
+    for word, rest in runtime:
+        if word == "ENV":
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(rest)))
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    for key, value in MALLOC_ENV.items():
+        assert env[key] == value, key
+
+    healthchecks = [a for w, a in runtime if w == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "/healthz" in healthchecks[0]
+    assert "curl" not in healthchecks[0] and "wget" not in healthchecks[0]
+    assert ("EXPOSE", str(SIDECAR_PORT)) in runtime
+    [entrypoint] = [json.loads(a) for w, a in runtime if w == "ENTRYPOINT"]
+    assert entrypoint == ["goproxy-sidecar", "run", "--config", CONFIG_MOUNT]
+    volumes = [json.loads(a) for w, a in runtime if w == "VOLUME"]
+    assert [CACHE_MOUNT] in volumes
+
+
+def test_containerfile_context_holds_what_the_build_copies() -> None:
+    ignore = (DEPLOY / "Containerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    for needed in ("pyproject.toml", "sidecar", "policies", "deploy/kubernetes/base/sidecar.yaml"):
+        assert needed in allowed, needed
+        assert (REPO / needed).exists(), needed
+
+
+def healthcheck_command() -> list[str]:
+    [check] = [a for w, a in instructions(CONTAINERFILE) if w == "HEALTHCHECK"]
+    command: list[str] = json.loads(check.split(" CMD ", 1)[1])
+    assert command[0] == "python"
+    return [sys.executable, *command[1:]]
+
+
+@pytest.fixture
+def healthcheck() -> Iterator[Callable[[int], list[str]]]:
+    command = healthcheck_command()
+    yield lambda port: [part.replace(f":{SIDECAR_PORT}/", f":{port}/") for part in command]
+
+
+async def test_containerfile_healthcheck_passes_on_a_live_sidecar(
+    fake_upstreams: Callable[..., Any],
+    sidecar_client: Callable[..., Any],
+    healthcheck: Callable[[int], list[str]],
+) -> None:
+    [(_, url)] = await fake_upstreams(1)
+    client, _ = await sidecar_client([url])
+    port = client.server.port
+    proc = await asyncio.create_subprocess_exec(*healthcheck(port))
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    await client.close()
+    proc = await asyncio.create_subprocess_exec(
+        *healthcheck(port), stderr=asyncio.subprocess.DEVNULL
+    )
+    assert await asyncio.wait_for(proc.wait(), 30) != 0
+
+
+def test_debian_deps_script_is_valid_bash() -> None:
+    out = run(["bash", "-n", str(REPO / "scripts" / "debian-deps.sh")])
+    assert out.returncode == 0, out.stderr
