@@ -136,6 +136,18 @@ async def _load_and_close(engine: PolicyEngine) -> str | None:
         await engine.close()
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from sidecar import cache_cli
+
+    if args.command == "warm":
+        return cache_cli.warm(args.config, args.go_sum, args.jobs)
+    if args.cache_command == "ls":
+        return cache_cli.cache_ls(args.config, args.json)
+    if args.cache_command == "purge":
+        return cache_cli.cache_purge(args.config, args.target)
+    return cache_cli.cache_verify(args.config)
+
+
 def _eval(args: argparse.Namespace) -> int:
     import asyncio
     import json

@@ -190,7 +190,8 @@ class Fill:
         try:
             async for chunk in self.source.chunks():
                 if chunk:
-                    await self._take(chunk)
+                    # The ring keeps references: a reused buffer would change under it.
+                    await self._take(chunk if type(chunk) is bytes else bytes(chunk))
             if self._temp is not None and self._pending:
                 await self._flush()
         except UpstreamError as exc:

@@ -4,8 +4,9 @@ The first request for an uncached key becomes the *leader*: it walks the
 plan's targets like any request. Requests for the same key that arrive
 meanwhile *join* its flight and wait for the outcome:
 
-- the leader got 200 headers: the flight carries the ``Fill`` and joiners
-  read its body as it arrives (late joiners too, until it is committed);
+- the leader got 200 headers: the flight carries the ``Fill``; every
+  waiting joiner gets a reader of it at once, and reads the body as it
+  arrives (late joiners too, until it is committed);
 - the leader's walk ended in 404/410: joiners get the same answer (it is
   never cached, only shared with requests that were already waiting);
 - anything else (every upstream failed, rejected, the leader's client left):
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from sidecar.cache.fill import Fill
+from sidecar.cache.fill import Fill, FillReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,28 +28,48 @@ class NotFound:
 
 
 class Flight:
-    __slots__ = ("_ready", "answer", "fill", "key")
+    __slots__ = ("_ready", "_waiting", "answer", "fill", "key")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.fill: Fill | None = None
         self.answer: NotFound | None = None
-        self._ready = asyncio.Event()
+        self._ready = False
+        self._waiting: list[asyncio.Future[FillReader | NotFound | None]] = []
 
     def publish(self, fill: Fill) -> None:
-        if not self._ready.is_set():
-            self.fill = fill
-            self._ready.set()
+        """Joiners get a reader at once, before the fill can drop a byte they need."""
+        if not self._ready:
+            self._ready, self.fill = True, fill
+            for fut in self._wake():
+                fut.set_result(fill.join())
 
     def settle(self, answer: NotFound | None) -> None:
         """The leader is done without a body for joiners; first outcome wins."""
-        if not self._ready.is_set():
-            self.answer = answer
-            self._ready.set()
+        if not self._ready:
+            self._ready, self.answer = True, answer
+            for fut in self._wake():
+                fut.set_result(answer)
 
-    async def outcome(self) -> Fill | NotFound | None:
-        await self._ready.wait()  # an Event: a cancelled joiner leaves nothing behind
-        return self.fill if self.fill is not None else self.answer
+    def _wake(self) -> list[asyncio.Future[FillReader | NotFound | None]]:
+        waiting, self._waiting = self._waiting, []
+        return [fut for fut in waiting if not fut.done()]
+
+    async def outcome(self) -> FillReader | NotFound | None:
+        """A reader of the leader's fill, its shared 404, or None: walk by yourself."""
+        if self._ready:
+            return self.fill.join() if self.fill is not None else self.answer
+        fut: asyncio.Future[FillReader | NotFound | None] = (
+            asyncio.get_running_loop().create_future())
+        self._waiting.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                result = fut.result()
+                if isinstance(result, FillReader):
+                    result.close()  # handed over just as this joiner was cancelled
+            raise
 
 
 class Flights:

@@ -163,9 +163,22 @@ def new_blob_id() -> str:
 
 
 def inside(path: str, root: str) -> bool:
-    """True if ``path`` resolves (symlinks followed) to a place below ``root``."""
-    real_root = os.path.realpath(root)
-    return os.path.realpath(path).startswith(real_root + os.sep)
+    """True if ``path`` resolves (symlinks followed) to ``root`` or a place below it."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return real == real_root or real.startswith(real_root + os.sep)
+
+
+def make_dirs_inside(directory: str, root: str) -> None:
+    """``os.makedirs`` that refuses to create anything if a symlink on the way
+    leads out of ``root`` (checked on the deepest existing ancestor, then again)."""
+    existing = directory
+    while not os.path.lexists(existing) and existing != root:
+        existing = os.path.dirname(existing)
+    if not inside(existing, root):
+        raise CacheWriteError(f"{directory}: leaves the cache directory")
+    os.makedirs(directory, exist_ok=True)
+    if not inside(directory, root):
+        raise CacheWriteError(f"{directory}: leaves the cache directory")
 
 
 # ---------------------------------------------------------------- writing
@@ -209,10 +222,8 @@ def commit(layout: Layout, fd: int, temp: str, record: Record) -> None:
     try:
         os.fsync(fd)
         os.utime(fd, (record.stored, record.stored))
+        make_dirs_inside(os.path.dirname(target), layout.index)
         os.makedirs(os.path.dirname(blob), exist_ok=True)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if not inside(os.path.dirname(target), layout.index):
-            raise CacheWriteError(f"{record.key}: record directory leaves the cache")
         os.rename(temp, blob)
     except OSError as exc:
         raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc

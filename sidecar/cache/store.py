@@ -73,7 +73,8 @@ class DiskCache:
         self.flights = Flights()
         self._clock = clock
         self._index = Index()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # loader, maintenance: cancelled at stop
+        self._chores: set[asyncio.Task[Any]] = set()  # file deletions: awaited at stop
         self._fills: set[asyncio.Task[Any]] = set()
         self._pressure: asyncio.Event | None = None
         self._loaded: asyncio.Event | None = None
@@ -269,7 +270,10 @@ class DiskCache:
             self._remove_files(entry)
 
     def _remove_files(self, entry: Entry) -> None:
-        self._spawn(asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob))
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob))
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def evict(self) -> int:
         """Drop least recently used entries until the bound holds; returns how many."""
@@ -289,7 +293,7 @@ class DiskCache:
         self.metrics.cache_evictions.inc(len(victims))
         self._changed()
         if victims:
-            log.info("cache evicted", extra={"entries": len(victims),
+            log.debug("cache evicted", extra={"entries": len(victims),
                                               "bytes": self._index.bytes, "max": self.max_bytes})
         return len(victims)
 
@@ -319,6 +323,7 @@ class DiskCache:
         for task in (*self._fills, *self._tasks):
             task.cancel()
         await asyncio.gather(*self._fills, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._chores, return_exceptions=True)
         await self._persist_access()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

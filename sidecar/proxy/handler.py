@@ -243,14 +243,11 @@ class ProxyHandler:
         outcome = await flight.outcome()
         if isinstance(outcome, NotFound):
             return text_response(outcome.status, outcome.message), "sidecar", "not_found"
-        if outcome is None:
-            return None
-        reader = outcome.join()
-        if reader is None:  # ended meanwhile: committed (so in the index) or failed
+        if outcome is None:  # no body to share; a fill that ended meanwhile may be committed
             entry = self.cache.lookup(req, allow_stale=False) if self.cache else None
             return await self._from_cache(request, req, entry, stale=False) if entry else None
         try:
-            return await self._deliver(request, reader, None)
+            return await self._deliver(request, outcome, None)
         except UpstreamError:
             return None  # failed before headers: this client moves on by itself
 

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from sidecar.breaker.state import Action, Decision
+from tests.functional import test_cache_support
 from tests.functional.test_cache_support import (
     BRANCH_INFO,
     INFO,
@@ -17,7 +18,6 @@ from tests.functional.test_cache_support import (
     MOD,
     ZIP,
     all_blobs,
-    cached_sidecar,  # noqa: F401 - fixture
     keys_on_disk,
     metric,
     record_of,
@@ -26,6 +26,8 @@ from tests.functional.test_cache_support import (
     wait_for,
 )
 from tests.upstream import Reply
+
+cached_sidecar = test_cache_support.cached_sidecar  # the fixture
 
 IMMUTABLE = [
     (MOD, b"module github.com/Azure/go-autorest\n", "text/plain; charset=utf-8"),

@@ -1,0 +1,173 @@
+"""``goproxy-sidecar cache ls|purge|verify`` and ``warm``, run as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from tests.functional.test_cache_support import (
+    ZIP,
+    blob_of,
+    cache_config,
+    keys_on_disk,
+    settled,
+    temp_files,
+)
+from tests.upstream import Reply
+
+A = "github.com/!azure/go-autorest"
+KEYS = [
+    f"{A}/@v/v1.0.0.zip", f"{A}/@v/v1.0.0.mod", f"{A}/@v/v1.0.0.info", f"{A}/@v/v1.1.0.mod",
+    f"{A}/@v/list", f"{A}/@latest", f"{A}/autorest/@v/v0.1.0.mod",
+    f"sumdb/sum.golang.org/lookup/{A}@v1.0.0",
+]
+
+
+async def cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=str(cwd or Path(__file__).resolve().parents[2]))
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def write_config(tmp_path: Path, urls: list[str], cache_dir: Path) -> Path:
+    cfg = tmp_path / "sidecar.yaml"
+    ups = "".join(f'  - {{name: up{i}, url: "{u}"}}\n' for i, u in enumerate(urls))
+    cfg.write_text(f'listen: "127.0.0.1:3001"\nupstreams:\n{ups}'
+                   f'cache: {{dir: "{cache_dir}", mutable_ttl: 1h}}\n')
+    return cfg
+
+
+async def populate(fake_upstreams, sidecar_client, tmp_path: Path):
+    [(up, url)] = await fake_upstreams(1)
+    for key in KEYS:
+        up.set(key, key.encode() * 10)
+    client, sc = await sidecar_client([url], run_control=False, cache=cache_config(tmp_path))
+    await sc.cache.wait_loaded()
+    for key in KEYS:
+        assert (await client.get("/" + key)).status == 200
+    await settled(sc, len(KEYS))
+    return client, sc, up, url
+
+
+async def test_ls_lists_entries_with_size_age_kind_and_verification(
+    fake_upstreams, sidecar_client, tmp_path
+):
+    _, _, _, url = await populate(fake_upstreams, sidecar_client, tmp_path)
+    cfg = write_config(tmp_path, [url], tmp_path / "cache")
+    code, out, err = await cli("cache", "ls", "--config", str(cfg))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["SIZE", "AGE", "KIND", "VERIFIED", "KEY"]
+    assert len(lines) == len(KEYS) + 2 and lines[-1].startswith(f"{len(KEYS)} entries")
+    zip_line = next(line for line in lines if line.endswith(".zip"))
+    assert zip_line.split()[:3] == [f"{len(KEYS[0]) * 10}B", "0s", "zip"]
+    assert "list,fresh" in out and "sumdb-lookup,fresh" in out and "ago" in zip_line
+    code, out, _ = await cli("cache", "ls", "--json", "--config", str(cfg))
+    rows = json.loads(out)
+    assert sorted(r["key"] for r in rows) == sorted(KEYS)
+    assert all(r["present"] and r["size"] > 0 for r in rows)
+
+
+async def test_purge_one_version_then_the_whole_module(fake_upstreams, sidecar_client, tmp_path):
+    await populate(fake_upstreams, sidecar_client, tmp_path)
+    cfg = write_config(tmp_path, ["http://127.0.0.1:9"], tmp_path / "cache")
+    code, out, err = await cli("cache", "purge", "github.com/Azure/go-autorest@v1.0.0",
+                               "--config", str(cfg))
+    assert code == 0, err
+    assert "purged 4 entries" in out
+    assert keys_on_disk(tmp_path / "cache") == sorted(
+        [f"{A}/@v/v1.1.0.mod", f"{A}/@v/list", f"{A}/@latest", f"{A}/autorest/@v/v0.1.0.mod"])
+    code, out, _ = await cli("cache", "purge", "github.com/Azure/go-autorest", "--config", str(cfg))
+    assert code == 0 and "purged 3 entries" in out
+    assert keys_on_disk(tmp_path / "cache") == [f"{A}/autorest/@v/v0.1.0.mod"]  # another module
+    code, _, err = await cli("cache", "purge", "../../etc", "--config", str(cfg))
+    assert code == 2 and "malformed module path" in err
+
+
+async def test_purge_while_the_sidecar_runs_means_fetch_again(
+    fake_upstreams, sidecar_client, tmp_path
+):
+    client, _sc, _up, url = await populate(fake_upstreams, sidecar_client, tmp_path)
+    cfg = write_config(tmp_path, [url], tmp_path / "cache")
+    assert (await cli("cache", "purge", "github.com/Azure/go-autorest@v1.0.0", "--config",
+                      str(cfg)))[0] == 0
+    resp = await client.get("/" + KEYS[0])
+    assert resp.status == 200 and resp.headers["X-Sidecar-Upstream"] == "up0"
+    assert await resp.read() == KEYS[0].encode() * 10
+
+
+async def test_verify_reports_and_evicts_mismatches(fake_upstreams, sidecar_client, tmp_path):
+    await populate(fake_upstreams, sidecar_client, tmp_path)
+    cfg = write_config(tmp_path, ["http://127.0.0.1:9"], tmp_path / "cache")
+    code, out, _ = await cli("cache", "verify", "--config", str(cfg))
+    assert code == 0 and f"verified {len(KEYS)} entries" in out and "0 bad" in out
+    blob = blob_of(tmp_path / "cache", KEYS[0])
+    data = bytearray(blob.read_bytes())
+    data[3] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    code, out, _ = await cli("cache", "verify", "--config", str(cfg))
+    assert code == 1
+    assert f"MISMATCH {KEYS[0]}" in out and "1 bad" in out
+    assert KEYS[0] not in keys_on_disk(tmp_path / "cache") and not blob.exists()
+    assert (await cli("cache", "verify", "--config", str(cfg)))[0] == 0
+
+
+GO_SUM = """\
+github.com/Azure/go-autorest v1.0.0 h1:aaaa=
+github.com/Azure/go-autorest v1.0.0/go.mod h1:bbbb=
+golang.org/x/text v0.3.0/go.mod h1:cccc=
+example.com/missing v0.1.0 h1:dddd=
+
+this line is not go.sum
+"""
+
+
+async def test_warm_prefetches_a_go_sum_through_the_chain(fake_upstreams, tmp_path):
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    a.set(f"{A}/@v/v1.0.0.zip", Reply(status=500))  # failure: falls through
+    a.set(f"{A}/@v/v1.0.0.mod", b"module github.com/Azure/go-autorest\n")
+    b.set(f"{A}/@v/v1.0.0.zip", os.urandom(300_000))
+    b.set(f"{A}/@v/v1.0.0.info", b'{"Version":"v1.0.0"}')
+    b.set("golang.org/x/text/@v/v0.3.0.mod", b"module golang.org/x/text\n")
+    go_sum = tmp_path / "go.sum"
+    go_sum.write_text(GO_SUM)
+    cache_dir = tmp_path / "cache"
+    cfg = write_config(tmp_path, [url_a, url_b], cache_dir)
+    code, out, err = await cli("warm", str(go_sum), "--config", str(cfg), "--jobs", "3")
+    assert code == 1  # one artifact missing everywhere, one bad line
+    assert "warm: 7 artifacts: 4 fetched" in out and "3 failed" in out
+    assert "FAILED example.com/missing@v0.1.0.zip" in out
+    assert "SKIPPED line 6" in out
+    assert "warm: " in err and "(100%)" in err  # progress on stderr
+    assert keys_on_disk(cache_dir) == sorted([
+        f"{A}/@v/v1.0.0.zip", f"{A}/@v/v1.0.0.mod", f"{A}/@v/v1.0.0.info",
+        "golang.org/x/text/@v/v0.3.0.mod"])
+    assert a.received.count(f"{A}/@v/v1.0.0.mod") == 1  # go.sum's two lines, one fetch
+    assert temp_files(cache_dir) == []
+    code, out, _ = await cli("warm", str(go_sum), "--config", str(cfg))
+    assert "0 fetched" in out and "4 already cached" in out
+
+
+async def test_ls_while_a_fill_is_in_flight_shows_only_complete_entries(
+    fake_upstreams, sidecar_client, tmp_path
+):
+    [(up, url)] = await fake_upstreams(1)
+    up.set(ZIP, Reply(body=os.urandom(4 * 1024 * 1024), chunk_delay=0.02))
+    client, sc = await sidecar_client([url], run_control=False, cache=cache_config(tmp_path))
+    await sc.cache.wait_loaded()
+    resp = await client.get("/" + ZIP)
+    await resp.content.readexactly(256 * 1024)
+    assert len(temp_files(tmp_path / "cache")) == 1
+    cfg = write_config(tmp_path, [url], tmp_path / "cache")
+    code, out, _ = await cli("cache", "ls", "--config", str(cfg))
+    assert code == 0 and out.splitlines()[-1].startswith("0 entries")
+    await resp.read()
+    await settled(sc, 1)
+    code, out, _ = await cli("cache", "ls", "--config", str(cfg))
+    assert out.splitlines()[-1].startswith("1 entries") and ZIP in out

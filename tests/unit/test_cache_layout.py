@@ -1,0 +1,167 @@
+"""The on-disk layout: no key leaves the cache directory, records round-trip."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.cache.layout import (
+    Layout,
+    Record,
+    commit,
+    key_problem,
+    make_dirs_inside,
+    open_temp,
+    read_record,
+    records,
+    remove_entry,
+    sweep_temp,
+    write_all,
+)
+from sidecar.errors import CacheError, CacheWriteError, RequestError
+from sidecar.goproxy import parse_request_path
+
+ROOT = Layout.at("/srv/cache")
+
+
+def record(key: str = "example.com/m/@v/v1.0.0.mod", **kw: object) -> Record:
+    fields: dict[str, object] = dict(
+        key=key, kind="mod", blob="ab" * 16, size=3, sha256=hashlib.sha256(b"abc").hexdigest(),
+        content_type="text/plain", stored=1.0, verified=1.0, immutable=True, upstream="up0")
+    fields.update(kw)
+    return Record(**fields)  # type: ignore[arg-type]
+
+
+def _inside_index(path: str) -> bool:
+    return os.path.normpath(path).startswith(ROOT.index + os.sep)
+
+
+# Characters that make traversal interesting, plus a bit of everything else.
+_NASTY = st.lists(st.sampled_from([*"./\\%!@~-_aZ09:\x00 é", "..", "%2e", "%2f"]),
+                  max_size=30).map("".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(_NASTY, st.text(max_size=60)))
+def test_no_key_leaves_the_index(key: str) -> None:
+    try:
+        path = ROOT.record_path(key)
+    except CacheError:
+        return
+    assert _inside_index(path), (key, path)
+    assert ROOT.key_of(path) == key  # one key, one path: no aliasing either
+
+
+_SEGMENT = st.text(alphabet=string.ascii_letters + string.digits + "._~!%-@+", min_size=1,
+                   max_size=12)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.one_of(_SEGMENT, st.sampled_from(["..", ".", "", "%2e%2e", "@v", "@latest"])),
+                min_size=1, max_size=8),
+       st.sampled_from(["", ".zip", ".mod", ".info", "/list"]))
+def test_no_request_path_leads_out_of_the_cache(segments: list[str], suffix: str) -> None:
+    raw = "/" + "/".join(segments) + suffix
+    try:
+        req = parse_request_path(raw)
+    except RequestError:
+        return
+    path = ROOT.record_path(req.cache_key)  # a valid request always has a usable key
+    assert _inside_index(path), (raw, path)
+
+
+@pytest.mark.parametrize("key", [
+    "", "/etc/passwd", "a/../../b", "a/./b", "a//b", "a\\b", "a/b\x00", "a/é", "..", "a/b/",
+    "x" * 2000,
+])
+def test_bad_keys_are_refused(key: str) -> None:
+    assert key_problem(key) is not None
+    with pytest.raises(CacheError):
+        ROOT.record_path(key)
+
+
+def test_blob_ids_are_hex_only() -> None:
+    with pytest.raises(CacheError):
+        ROOT.blob_path("../../etc/passwd")
+    assert ROOT.blob_path("ab" * 16) == "/srv/cache/v1/blobs/ab/" + "ab" * 16
+
+
+def test_record_round_trip_and_refusals() -> None:
+    r = record()
+    assert Record.from_json(r.to_json()) == r
+    for bad in (b"{", b"[]", b'{"format": 1}', r.to_json().replace(b'"format":1', b'"format":9'),
+                record(blob="../x").to_json(), record(size=-1).to_json(),
+                record(key="../x").to_json(), record(size=True).to_json()):
+        with pytest.raises(CacheError):
+            Record.from_json(bad)
+
+
+def _commit(layout: Layout, key: str, data: bytes) -> Record:
+    fd, temp = open_temp(layout, "cd" * 16)
+    hasher = hashlib.sha256()
+    write_all(fd, [data[:2], data[2:]], hasher)
+    r = record(key=key, blob="cd" * 16, size=len(data), sha256=hasher.hexdigest())
+    try:
+        commit(layout, fd, temp, r)
+    finally:
+        os.close(fd)
+    return r
+
+
+def test_commit_makes_blob_then_record_visible(tmp_path: Path) -> None:
+    from sidecar.cache.layout import prepare
+
+    layout = Layout.at(str(tmp_path))
+    prepare(layout)
+    r = _commit(layout, "example.com/m/@v/v1.0.0.mod", b"module m\n")
+    assert Path(layout.blob_path(r.blob)).read_bytes() == b"module m\n"
+    assert read_record(layout, layout.record_path(r.key)) == r
+    assert os.listdir(layout.tmp) == []
+    assert [rec for _p, rec in records(layout)] == [r]
+    remove_entry(layout, r.key, r.blob)
+    assert list(records(layout)) == [] and not os.path.exists(layout.blob_path(r.blob))
+    assert (tmp_path / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172789f")
+
+
+def test_remove_keeps_a_record_that_names_another_blob(tmp_path: Path) -> None:
+    from sidecar.cache.layout import prepare
+
+    layout = Layout.at(str(tmp_path))
+    prepare(layout)
+    r = _commit(layout, "example.com/m/@v/list", b"v1\n")
+    remove_entry(layout, r.key, "ef" * 16)  # an older blob of the same key
+    assert read_record(layout, layout.record_path(r.key)) == r
+
+
+def test_make_dirs_inside_refuses_symlinks_out(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    with pytest.raises(CacheWriteError):
+        make_dirs_inside(str(root / "link" / "a" / "b"), str(root))
+    assert list(outside.iterdir()) == []
+    make_dirs_inside(str(root / "ok" / "a"), str(root))
+    assert (root / "ok" / "a").is_dir()
+
+
+def test_sweep_keeps_only_live_foreign_temp_files(tmp_path: Path) -> None:
+    from sidecar.cache.layout import prepare
+
+    layout = Layout.at(str(tmp_path))
+    prepare(layout)
+    tmp = Path(layout.tmp)
+    mine = tmp / f"{os.getpid()}-{'a' * 32}.part"
+    dead = tmp / f"999999999-{'b' * 32}.meta"
+    live = tmp / f"1-{'c' * 32}.part"
+    junk = tmp / "junk"
+    for f in (mine, dead, live, junk):
+        f.write_bytes(b"x")
+    assert sweep_temp(layout) == 3
+    assert sorted(os.listdir(tmp)) == [live.name]
