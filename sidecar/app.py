@@ -104,8 +104,9 @@ def build_app(sidecar: Sidecar, run_control: bool = True) -> web.Application:
     app = web.Application(client_max_size=1024)
     app[SIDECAR] = sidecar
     recorder = Recorder(sidecar.metrics, sidecar.windows)
+    assert sidecar.router is not None
     handler = ProxyHandler(sidecar.upstreams, sidecar.current_plan, recorder, sidecar.cache,
-                           sidecar.config.policy.reject_status)
+                           sidecar.config.policy.reject_status, sidecar.router)
     add_routes(app, sidecar)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     app.cleanup_ctx.append(_lifecycle)

@@ -67,13 +67,13 @@ class Router:
         self._rules = tuple(
             _Rule(compile_glob(r.match, f"routing.rules[{i}].match"), r.upstreams, r.deny, r.cache)
             for i, r in enumerate(config.routing.rules))
-        self._default = Route(self._all)
+        self.default = Route(self._all)
         self._memo: dict[str, Route] = {}
 
     def route(self, module: str) -> Route:
         """The route of a module path ('' for requests that name no module)."""
         if not module:
-            return self._default
+            return self.default
         route = self._memo.get(module)
         if route is None:
             if len(self._memo) >= ROUTE_CACHE_LIMIT:
@@ -89,9 +89,10 @@ class Router:
                 if rule.deny:
                     return Route((), private, deny=True, rule=rule.glob.pattern)
                 chosen = rule.upstreams if rule.upstreams is not None else self._all
-                targets = tuple(n for n in chosen if n in allowed)
+                # Preference stays the order of `upstreams:`, whatever the rule lists.
+                targets = tuple(n for n in allowed if n in chosen)
                 return Route(targets, private, cache=rule.cache, rule=rule.glob.pattern)
-        return self._default if not private else Route(allowed, private=True)
+        return self.default if not private else Route(allowed, private=True)
 
     def describe(self) -> dict[str, Any]:
         """The compiled rules, for /routes."""

@@ -22,6 +22,7 @@ from sidecar.config import Config
 from sidecar.errors import RequestError, UpstreamError
 from sidecar.goproxy import GoproxyRequest, escape_path, escape_version, parse_request_path
 from sidecar.metrics import Metrics
+from sidecar.routing import Router
 from sidecar.upstreams import Upstream
 
 DEFAULT_JOBS: Final = 8
@@ -98,10 +99,18 @@ async def warm(
     for upstream in upstreams:
         await upstream.start()
     limit = asyncio.Semaphore(max(1, jobs))
+    router = Router(config)
 
     async def one(artifact: Artifact) -> Result:
-        async with limit:
-            result = await _fetch(cache, upstreams, artifact)
+        # The same routing as live requests: a private module is only ever
+        # fetched from private_ok upstreams, a denied or no-cache one not at all.
+        route = router.route(artifact.req.module)
+        if route.deny or not route.cache:
+            result = Result(artifact, "failed", error="refused by routing rules")
+        else:
+            async with limit:
+                allowed = [u for u in upstreams if u.name in route.targets]
+                result = await _fetch(cache, allowed, artifact)
         if on_result is not None:
             on_result(result)
         return result
@@ -140,4 +149,4 @@ async def _fetch(cache: DiskCache, upstreams: list[Upstream], artifact: Artifact
             continue
         return Result(artifact, "failed", upstream=upstream.name,
                       error="not cached (write error or larger than cache.max_bytes)")
-    return Result(artifact, "failed", error="; ".join(errors) or "no upstream configured")
+    return Result(artifact, "failed", error="; ".join(errors) or "no upstream allowed for it")

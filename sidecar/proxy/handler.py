@@ -27,9 +27,10 @@ from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State
 from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound
 from sidecar.errors import CacheIntegrityError, RequestError, UpstreamError, UpstreamTimeout
-from sidecar.goproxy import GoproxyRequest, parse_request_path
+from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
 from sidecar.proxy.recorder import Recorder
+from sidecar.routing import Route, Router
 from sidecar.proxy.stream import CLIENT_GONE, EntryResponse, deliver, is_small, read_small, relay
 from sidecar.stats.window import Outcome
 from sidecar.upstreams import Upstream, UpstreamResponse
@@ -53,6 +54,7 @@ class Attempts:
     skipped: list[str] = field(default_factory=list)
     failed: bool = False
     cut: UpstreamError | None = None  # the body failed after headers were sent
+    use_cache: bool = True  # false for modules a routing rule keeps out of the cache
 
 
 class ProxyHandler:
@@ -63,12 +65,14 @@ class ProxyHandler:
         recorder: Recorder,
         cache: ModuleCache | None,
         reject_status: int,
+        router: Router,
     ) -> None:
         self.upstreams = upstreams
         self.plan = plan
         self.recorder = recorder
         self.cache = cache
         self.reject_status = reject_status
+        self.router = router
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -81,14 +85,32 @@ class ProxyHandler:
             return text_response(exc.status, exc.message)
         if request.method not in METHODS:
             return text_response(405, "method not allowed", {"Allow": "GET, HEAD"})
-        response, source, outcome = await self._serve(request, req)
+        route = self.router.route(req.module)
+        refusal = self._refused(req, route)
+        if refusal is not None:
+            return refusal
+        response, source, outcome = await self._serve(request, req, route)
         self.recorder.answered(source, req.kind.value, outcome, time.perf_counter() - started)
         return response
 
-    async def _serve(self, request: web.Request, req: GoproxyRequest) -> Answer:
+    def _refused(self, req: GoproxyRequest, route: Route) -> web.Response | None:
+        """Routing refusals, answered before any cache or upstream is asked."""
+        if route.deny:
+            reason, status = "deny", 403
+            text = f"goproxy-sidecar: {req.module} is refused by routing rule {route.rule!r}"
+        elif route.private and req.kind is Kind.SUMDB_LOOKUP:
+            reason, status = "private_sumdb", 403
+            text = (f"goproxy-sidecar: {req.module} is private: checksum lookups for it "
+                    "are not forwarded (set GONOSUMDB or GOPRIVATE for it)")
+        else:
+            return None
+        self.recorder.counter(self.recorder.metrics.route_refusals, reason)()
+        return text_response(status, text)
+
+    async def _serve(self, request: web.Request, req: GoproxyRequest, route: Route) -> Answer:
         cache = self.cache
-        if cache is None:
-            return await self._walk(request, req, None)
+        if cache is None or not route.cache:
+            return await self._walk(request, req, None, route)
         entry = cache.lookup(req, allow_stale=False)
         if entry is not None:
             answer = await self._from_cache(request, req, entry, stale=False)
@@ -96,27 +118,42 @@ class ProxyHandler:
                 return answer
         self.recorder.counter(self.recorder.metrics.cache_misses, req.kind.value)()
         if request.method != "GET":
-            return await self._walk(request, req, None)
+            return await self._walk(request, req, None, route)
         flight, leader = cache.flight(req)
         if not leader:
             answer = await self._join(request, req, flight)
-            return answer if answer is not None else await self._walk(request, req, None)
+            return answer if answer is not None else await self._walk(request, req, None, route)
         try:
-            return await self._walk(request, req, flight)
+            return await self._walk(request, req, flight, route)
         finally:
             cache.land(flight)
 
-    async def _walk(self, request: web.Request, req: GoproxyRequest, flight: Flight | None
-                    ) -> Answer:
-        attempts = Attempts()
-        for target in self.plan().upstreams:
+    async def _walk(self, request: web.Request, req: GoproxyRequest, flight: Flight | None,
+                    route: Route) -> Answer:
+        attempts = Attempts(use_cache=route.cache)
+        for target in self._targets(route):
             answer = await self._try_target(request, req, target, attempts, flight)
             if answer is not None:
                 return answer
+        if not route.targets:
+            # 404, not 5xx: the go command then falls through to its next
+            # GOPROXY entry (usually `direct` for private modules), never to us.
+            self.recorder.counter(self.recorder.metrics.route_refusals, "private_no_target")()
+            attempts.failed = True  # a cached copy may still serve: it never leaves the host
+            attempts.status = 404
+            attempts.message = (f"goproxy-sidecar: {req.module} is private and no upstream "
+                                "with private_ok can serve it")
         answer = await self._exhausted(request, req, attempts)
         if flight is not None and answer[2] == "not_found":
             flight.settle(NotFound(attempts.status, attempts.message))
         return answer
+
+    def _targets(self, route: Route) -> tuple[UpstreamPlan, ...] | list[UpstreamPlan]:
+        """The plan's targets this route allows, in preference order."""
+        upstreams = self.plan().upstreams
+        if route is self.router.default:
+            return upstreams
+        return [t for t in upstreams if t.name in route.targets]
 
     async def _try_target(
         self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts,
@@ -273,7 +310,7 @@ class ProxyHandler:
     async def _cache_action(
         self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
     ) -> Answer | None:
-        cache = self.cache
+        cache = self.cache if attempts.use_cache else None
         entry = cache.lookup(req, allow_stale=True) if cache is not None else None
         if entry is not None and cache is not None:
             answer = await self._from_cache(request, req, entry, stale=cache.is_stale(entry))
@@ -321,7 +358,7 @@ class ProxyHandler:
     async def _exhausted(
         self, request: web.Request, req: GoproxyRequest, attempts: Attempts
     ) -> Answer:
-        if attempts.failed and self.cache is not None:
+        if attempts.failed and attempts.use_cache and self.cache is not None:
             entry = self.cache.lookup(req, allow_stale=True)
             if entry is not None:
                 answer = await self._from_cache(
