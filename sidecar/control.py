@@ -108,10 +108,14 @@ class ControlLoop:
         for name, breaker in sc.breakers.items():
             decision = decisions.get(name, ALLOW)
             sc.metrics.decisions.labels(name, decision.action.value).inc()
-            sc.metrics.breaker_alert.labels(name).set(1 if decision.alert else 0)
             sc.would[name] = decision
             if not self.shadow:
                 breaker.apply(decision, cooldown_s, probes)
+            # A breaker that sheds load stays open for its cool-down, but the policy
+            # says "allow" again as soon as the rejects have emptied the pool: the
+            # alert follows what the breaker does, not the latest verdict.
+            alert = decision.alert if self.shadow else breaker.alert
+            sc.metrics.breaker_alert.labels(name).set(1 if alert else 0)
 
     def _self_probe(self) -> None:
         for name, breaker in self.sidecar.breakers.items():

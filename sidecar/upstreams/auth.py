@@ -81,4 +81,5 @@ def _bypassed(host: str, port: int | None, no_proxy: str) -> bool:
     if no_proxy.strip() == "*":
         return True
     target = f"{host}:{port}" if port else host
-    return bool(urllib.request.proxy_bypass_environment(target, {"no": no_proxy}))
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    return bool(bypass(target, {"no": no_proxy}))

@@ -1,124 +1,99 @@
 """One upstream GOPROXY server behind its own bounded keep-alive pool.
 
 ``Upstream.open`` returns once response headers arrived (that is the TTFB the
-breaker sees) and translates every aiohttp/OS failure into the UpstreamError
-tree, so the proxy above never sees a library exception.
+breaker sees) and raises only the UpstreamError tree, so the proxy above
+never sees a library exception. Which client does the HTTP is a backend
+(``base.Backend``):
+
+- direct http/https upstreams use ``direct.DirectBackend``, a lean HTTP/1.1
+  keep-alive client on asyncio transports (about 40 % of a bare aiohttp
+  proxy's CPU per small request was aiohttp's client path);
+- an upstream reached through an outbound HTTP(S)_PROXY uses
+  ``fallback.AiohttpBackend`` (aiohttp);
+- ``GOPROXY_SIDECAR_UPSTREAM_CLIENT=aiohttp`` in the environment puts every
+  upstream on aiohttp: the operator's escape hatch if the direct client
+  misbehaves with some server (``http1``, the default, is the other value).
+  The name is not ``SIDECAR_...``: that prefix is reserved for configuration
+  overrides, and the config loader refuses unknown ``SIDECAR_*`` variables.
+
+Redirects. The go command follows redirects from a GOPROXY (up to 10,
+never from https to http), and real servers send them: Athens' download
+mode ``redirect`` answers 301 to another proxy, Artifactory-style stores
+answer 302 to signed storage URLs. So GET/HEAD follow up to
+``MAX_REDIRECTS`` hops, on the pool for the upstream's own origin, on a
+one-shot connection elsewhere; credentials go only to the upstream's own
+origin, and a hop from https to http is refused. The whole chain shares one
+first-byte deadline and its TTFB.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
+import os
+from time import monotonic
 from typing import Final
-
-import aiohttp
-from multidict import CIMultiDictProxy
+from urllib.parse import urljoin, urlsplit
 
 from sidecar.config import UpstreamConfig
-from sidecar.errors import (
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamStatusError,
-    UpstreamTimeout,
-    UpstreamTruncated,
-)
-from sidecar.upstreams.auth import OutboundProxy, basic_auth_for, outbound_proxy_for
+from sidecar.errors import ConfigError, UpstreamStatusError
+from sidecar.upstreams.auth import basic_auth_for, outbound_proxy_for
+from sidecar.upstreams.base import ERROR_BODY_LIMIT, Backend, UpstreamResponse
+from sidecar.upstreams.direct import DirectBackend
+from sidecar.upstreams.fallback import AiohttpBackend
 
 log = logging.getLogger("sidecar.upstream")
 
+CLIENT_ENV: Final = "GOPROXY_SIDECAR_UPSTREAM_CLIENT"
+CLIENTS: Final = ("http1", "aiohttp")
 NOT_FOUND_STATUSES: Final = frozenset({404, 410})
 AUTH_STATUSES: Final = frozenset({401, 407})
-ERROR_BODY_LIMIT: Final = 1024
-# Identity keeps Content-Length meaningful for truncation checks and makes
-# cached bytes independent of what a client negotiated.
-REQUEST_HEADERS: Final = {"Accept-Encoding": "identity", "User-Agent": "goproxy-sidecar"}
+REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS: Final = 3
 
 
-class UpstreamResponse:
-    """Headers of an answer; the body is read with ``chunks`` then ``release``."""
+def client_choice(env: dict[str, str] | os._Environ[str] | None = None) -> str:
+    """``http1`` or ``aiohttp`` from CLIENT_ENV; ConfigError names the variable."""
+    value = (os.environ if env is None else env).get(CLIENT_ENV, "").strip().lower() or "http1"
+    if value not in CLIENTS:
+        raise ConfigError(CLIENT_ENV, f"expected one of {', '.join(CLIENTS)}, got {value!r}")
+    return value
 
-    __slots__ = ("_released", "_resp", "content_length", "headers", "status", "ttfb", "upstream")
 
-    def __init__(self, upstream: Upstream, resp: aiohttp.ClientResponse, ttfb: float) -> None:
-        self.upstream = upstream
-        self.status = resp.status
-        self.headers: CIMultiDictProxy[str] = resp.headers
-        self.content_length = resp.content_length
-        self.ttfb = ttfb
-        self._resp = resp
-        self._released = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Whatever is buffered, as it arrives; raises on a short or stalled body."""
-        received = 0
-        name = self.upstream.name
-        try:
-            async for chunk in self._resp.content.iter_any():
-                received += len(chunk)
-                yield chunk
-        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-            raise UpstreamTimeout(name, "idle timeout while reading the body") from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamTruncated(name, f"body ended after {received} bytes") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamConnectError(name, f"connection lost: {type(exc).__name__}") from exc
-        if self.content_length is not None and received < self.content_length:
-            raise UpstreamTruncated(
-                name, f"body ended after {received} of {self.content_length} bytes")
-
-    async def read_text(self, limit: int = ERROR_BODY_LIMIT) -> str:
-        """A short prefix of the body, for error messages."""
-        try:
-            data = await self._resp.content.read(limit)
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return ""
-        return data.decode("utf-8", "replace").strip()
-
-    def release(self, reuse: bool = True) -> None:
-        """Give the connection back (or close it when the body was not read)."""
-        if self._released:
-            return
-        self._released = True
-        if reuse:
-            self._resp.release()
-        else:
-            self._resp.close()
-        self.upstream._done()
+def make_backend(cfg: UpstreamConfig, choice: str | None = None) -> Backend:
+    authorization = basic_auth_for(cfg)
+    proxy = outbound_proxy_for(cfg.url)
+    limit = cfg.pool.max_connections
+    if proxy is not None or (choice or client_choice()) == "aiohttp":
+        return AiohttpBackend(cfg.name, cfg.url, limit, cfg.timeouts, authorization, proxy)
+    return DirectBackend(cfg.name, cfg.url, limit, cfg.timeouts, authorization)
 
 
 class Upstream:
-    """A configured upstream: its pool, timeouts, credentials and live load."""
+    """A configured upstream: its pool, timeouts, credentials and live load.
 
-    def __init__(self, cfg: UpstreamConfig, role: str) -> None:
+    ``active`` counts requests from ``open`` until their response is released
+    (or ``open`` failed): those holding a connection and those queued for one.
+    """
+
+    def __init__(self, cfg: UpstreamConfig, role: str, backend: Backend | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.role = role
         self.limit = cfg.pool.max_connections
         self.active = 0
         self.peak = 0
-        self._base = cfg.url
-        self._proxy: OutboundProxy | None = outbound_proxy_for(cfg.url)
-        self._headers = dict(REQUEST_HEADERS)
-        authorization = basic_auth_for(cfg)
-        if authorization is not None:
-            self._headers["Authorization"] = authorization
+        self.backend = backend if backend is not None else make_backend(cfg)
+        self._first_byte = cfg.timeouts.first_byte
         self._auth_warned = False
-        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.name!r}, {self.role}, client={self.backend.describe()})"
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.limit, keepalive_timeout=self.cfg.timeouts.idle, ttl_dns_cache=60)
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.cfg.timeouts.connect, sock_read=self.cfg.timeouts.idle)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False, trust_env=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"), raise_for_status=False)
+        await self.backend.start()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.backend.close()
 
     @property
     def in_use(self) -> int:
@@ -146,33 +121,56 @@ class Upstream:
         200, 404 and 410 come back as responses; every other status is a
         failure, raised after its (short) body was read for the message.
         """
-        assert self._session is not None, "Upstream.start() was not awaited"
-        self.active += 1
-        if self.active > self.peak:
-            self.peak = self.active
-        started = time.perf_counter()
+        active = self.active = self.active + 1
+        if active > self.peak:
+            self.peak = active
+        started = monotonic()
+        deadline = started + self._first_byte
         try:
-            async with asyncio.timeout(self.cfg.timeouts.first_byte):
-                resp = await self._session.request(
-                    method, f"{self._base}/{path}", headers=self._headers,
-                    allow_redirects=False,
-                    proxy=self._proxy.url if self._proxy else None,
-                    proxy_headers=self._proxy.headers if self._proxy else None)
-        except asyncio.CancelledError:
+            answer = await self.backend.send(self, method, path, deadline)
+            if answer.status in REDIRECT_STATUSES:
+                answer = await self._follow(answer, method, path, deadline)
+        except BaseException as exc:
             self.active -= 1
+            if isinstance(exc, UpstreamStatusError) and exc.status in AUTH_STATUSES:
+                self._warn_auth(exc.status)
             raise
-        except Exception as exc:
-            self.active -= 1
-            raise self._translate(exc, time.perf_counter() - started) from exc
-        answer = UpstreamResponse(self, resp, time.perf_counter() - started)
-        if answer.status == 200 or answer.status in NOT_FOUND_STATUSES:
+        answer.ttfb = monotonic() - started
+        answer._counted = True
+        status = answer.status
+        if status == 200 or status in NOT_FOUND_STATUSES:
             return answer
         await self._raise_status(answer)
         raise AssertionError("unreachable")
 
+    async def _follow(self, answer: UpstreamResponse, method: str, path: str, deadline: float
+                      ) -> UpstreamResponse:
+        """Follow redirects; the final answer (any status) is returned."""
+        url = f"{self.cfg.url}/{path}"
+        for _ in range(MAX_REDIRECTS):
+            location = answer.headers.get("Location")
+            if not location:
+                return answer  # a 3xx without a target: a failure status
+            target = urljoin(url, location)
+            await answer.read_text(ERROR_BODY_LIMIT)  # small HTML; lets the connection be reused
+            answer.release(reuse=True)
+            scheme = urlsplit(target).scheme.lower()
+            if scheme not in ("http", "https") or (url.startswith("https:") and scheme != "https"):
+                raise UpstreamStatusError(
+                    self.name, f"status {answer.status}: redirect to a non-https URL refused",
+                    answer.status)
+            answer = await self.backend.send_url(self, method, target, deadline)
+            if answer.status not in REDIRECT_STATUSES:
+                return answer
+            url = target
+        answer.release(reuse=False)
+        raise UpstreamStatusError(
+            self.name, f"status {answer.status}: more than {MAX_REDIRECTS} redirects",
+            answer.status)
+
     async def _raise_status(self, answer: UpstreamResponse) -> None:
         text = await answer.read_text(200)
-        answer.release(reuse=False)
+        answer.release(reuse=True)  # pooled again only if the body was read to its end
         if answer.status in AUTH_STATUSES:
             self._warn_auth(answer.status)
         raise UpstreamStatusError(
@@ -186,27 +184,3 @@ class Upstream:
                 else "check the user:password in HTTPS_PROXY/HTTP_PROXY")
         log.warning("upstream refused credentials",
                     extra={"upstream": self.name, "status": status, "hint": hint})
-
-    def _translate(self, exc: Exception, elapsed: float) -> UpstreamError:
-        if isinstance(exc, aiohttp.ClientHttpProxyError):
-            if exc.status == 407:
-                self._warn_auth(407)
-            return UpstreamStatusError(self.name, f"outbound proxy answered {exc.status}",
-                                       exc.status)
-        if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-            what = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "first byte"
-            return UpstreamTimeout(self.name, f"{what} timeout after {elapsed:.2f}s")
-        if isinstance(exc, aiohttp.ClientSSLError):
-            return UpstreamConnectError(self.name, "TLS error")
-        if isinstance(exc, aiohttp.ClientError | OSError):
-            return UpstreamConnectError(self.name, _describe(exc))
-        return UpstreamConnectError(self.name, type(exc).__name__)
-
-
-def _describe(exc: BaseException) -> str:
-    """A short cause without the URL (which may carry credentials)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected"
-    return type(exc).__name__

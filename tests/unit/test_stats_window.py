@@ -333,7 +333,15 @@ def test_window_matches_a_naive_model(steps: list[tuple[float, Outcome | str]]) 
     snap = w.snapshot()
 
     def epoch(t: float) -> int:
-        return math.floor((t - origin) / 10.0)
+        # Slice edges are origin + k * 10 (as the window computes them), so the
+        # model decides "which slice" by comparing against those sums, not by
+        # dividing: the two roundings differ right at an edge.
+        k = math.floor((t - origin) / 10.0)
+        if origin + (k + 1) * 10.0 <= t:
+            k += 1
+        elif origin + k * 10.0 > t:
+            k -= 1
+        return k
 
     now_epoch = epoch(clock.now)
     live = [e for t, e in log if epoch(t) > now_epoch - 6]

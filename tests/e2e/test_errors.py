@@ -1,0 +1,56 @@
+"""Scenario 4: a primary that fails (connections reset, or answers never come).
+The build falls through to the backup and the error rate trips the `cache`
+action: the sidecar stops asking the primary and serves what it has."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.stack import Thresholds
+
+pytestmark = pytest.mark.e2e
+
+FIRST_BYTE = "500ms"  # the primary's first_byte timeout in this scenario
+
+TOXICS = {
+    # toxic type: (attributes, the sidecar's failure class in metrics)
+    "reset_peer": ({"timeout": 0}, "connect"),  # RST as soon as data flows
+    "timeout": ({"timeout": 0}, "timeout"),  # swallows everything, never answers
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TOXICS))
+async def test_failing_primary_trips_the_cache_action(stack, kind):
+    attributes, failure = TOXICS[kind]
+    world = await stack(Thresholds(cooldown_s=10), primary_first_byte=FIRST_BYTE)
+    await world.add_toxic(kind, **attributes)
+
+    build = await world.go.build()
+    assert build.ok, build
+    assert world.backup.count(".zip") >= 5
+
+    view = await world.sidecar.wait_breaker("primary", 5, state="open")
+    assert view["action"] == "cache", view
+    assert view["reason"].startswith("error rate ") and "> 20.0%" in view["reason"], view
+    metrics = await world.sidecar.metrics()
+    failed = metrics.value(
+        "goproxy_sidecar_upstream_failures_total", upstream="primary", failure=failure
+    )
+    assert failed >= 5
+    assert failed == metrics.value("goproxy_sidecar_upstream_failures_total", upstream="primary")
+    assert metrics.transitions("primary") == {("closed", "open", "cache"): 1}
+    assert metrics.value("goproxy_sidecar_requests_total", upstream="sidecar") == 0
+    # nginx did answer (the toxics act on the way back), but not one answer got through.
+    assert metrics.value("goproxy_sidecar_requests_total", upstream="primary") == 0
+
+    # The breaker says "cache": a build needs nothing the cache lacks, and the
+    # primary is not asked again.
+    failures_before = failed
+    again = await world.go.build()
+    assert again.ok, again
+    metrics = await world.sidecar.metrics()
+    assert (
+        metrics.value("goproxy_sidecar_upstream_failures_total", upstream="primary")
+        == failures_before
+    )
+    assert metrics.value("goproxy_sidecar_cache_hits_total", kind="zip") >= 5

@@ -1,0 +1,53 @@
+"""Scenario 6: the `opa` engine (a real `opa run --server` on the same policy
+folder) runs one failure scenario exactly like the embedded engine: the same
+transitions, with the same actions, in the same order."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.e2e.stack import Thresholds
+
+pytestmark = pytest.mark.e2e
+
+
+def normalized(reason: str) -> str:
+    """Reasons carry live figures ("error rate 45.0% ... over 11 requests"): keep the words."""
+    return re.sub(r"\d+(\.\d+)?", "N", reason)
+
+
+async def reset_then_heal(stack: Any, engine: str) -> dict[str, Any]:
+    """reset_peer on the primary, `go mod download`, trip, remove the toxic, heal."""
+    world = await stack(Thresholds(cooldown_s=2), engine=engine)
+    toxic = await world.add_toxic("reset_peer", timeout=0)
+    download = await world.go.download()
+    assert download.ok, download
+    tripped = await world.sidecar.wait_breaker("primary", 5, state="open")
+    await world.remove_toxic(toxic)
+    healed = await world.sidecar.wait_breaker("primary", 10, state="closed")
+    metrics = await world.sidecar.metrics()
+    assert metrics.value("goproxy_sidecar_policy_evaluations_total", engine=engine) > 0
+    assert metrics.value("goproxy_sidecar_policy_failures_total") == 0
+    return {
+        "tripped": (tripped["action"], tripped["alert"], normalized(tripped["reason"])),
+        "healed": (healed["action"], healed["reason"]),
+        "log": [
+            (t["upstream"], t["from"], t["to"], t["action"], normalized(t["reason"]))
+            for t in world.sidecar.logged_transitions()
+        ],
+        "counted": {up: metrics.transitions(up) for up in ("primary", "backup")},
+    }
+
+
+async def test_opa_server_engine_runs_like_the_embedded_engine(stack):
+    embedded = await reset_then_heal(stack, "embedded")
+    opa = await reset_then_heal(stack, "opa")
+    assert embedded["log"] == [
+        ("primary", "closed", "open", "cache", "error rate N% > N% over N requests"),
+        ("primary", "open", "half-open", "cache", "cooldown of Ns elapsed"),
+        ("primary", "half-open", "closed", "allow", "N probes succeeded"),
+    ], embedded["log"]
+    assert opa == embedded

@@ -1,0 +1,454 @@
+"""Upstream against real loopback servers: framing, failures, keep-alive, redirects.
+
+Every scenario is a self-contained coroutine (it starts its own servers) run
+by the ``run`` fixture on both event loops the sidecar may meet: asyncio (the
+tests' default) and uvloop (what ``goproxy-sidecar run`` uses); their
+transports differ in exactly the places a client gets wrong (writes to a
+closing transport, EOF, pause/resume). Tests that compare the two clients
+are parametrized by ``client`` as well.
+
+The helpers here are imported by the other ``test_upstream_client_*`` files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sidecar.config import AuthConfig, BasicAuth, PoolConfig, TimeoutsConfig, UpstreamConfig
+from sidecar.errors import (
+    ConfigError,
+    UpstreamConnectError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamTruncated,
+)
+from sidecar.upstreams import Upstream
+from sidecar.upstreams.client import CLIENT_ENV, client_choice, make_backend
+from sidecar.upstreams.direct import DirectBackend
+from sidecar.upstreams.fallback import AiohttpBackend
+
+SCENARIO_TIMEOUT_S = 30.0
+LOOPS: dict[str, Callable[[Coroutine[Any, Any, Any]], Any]] = {
+    "asyncio": asyncio.run, "uvloop": uvloop.run}
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+Runner = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+def loop_runner(loop: str) -> Runner:
+    """Run a scenario to completion on a fresh ``loop`` event loop, time-boxed."""
+    runner = LOOPS[loop]
+
+    def run_scenario(coro: Coroutine[Any, Any, Any]) -> Any:
+        async def guarded() -> Any:
+            return await asyncio.wait_for(coro, SCENARIO_TIMEOUT_S)
+
+        return runner(guarded())
+
+    return run_scenario
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Runner:
+    return loop_runner(request.param)
+
+
+@pytest.fixture(params=["http1", "aiohttp"])
+def client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Handler, ssl: Any = None) -> AsyncIterator[str]:
+    """A bare asyncio server on loopback running ``handler`` per connection."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def wrapped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.transport.abort()
+            tasks.discard(task)
+
+    server = await asyncio.start_server(wrapped, "127.0.0.1", 0, ssl=ssl)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"{'https' if ssl else 'http'}://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+def answer(body: bytes, status: str = "200 OK", headers: str = "") -> bytes:
+    return (f"HTTP/1.1 {status}\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode()
+            + body)
+
+
+def keep_alive_server(respond: Callable[[bytes], bytes | None]) -> Handler:
+    """Answer every request on a connection with ``respond(request)``; None closes."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_request(reader)
+            reply = respond(request)
+            if reply is None:
+                return
+            writer.write(reply)
+            await writer.drain()
+    return handler
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_server(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def upstream(
+    url: str, client: str = "http1", limit: int = 8, connect: float = 1.0,
+    first_byte: float = 1.0, idle: float = 1.0, auth: AuthConfig | None = None,
+) -> AsyncIterator[Upstream]:
+    cfg = UpstreamConfig(name="up", url=url, pool=PoolConfig(limit),
+                         timeouts=TimeoutsConfig(connect, first_byte, idle),
+                         auth=auth or AuthConfig())
+    up = Upstream(cfg, "primary", backend=make_backend(cfg, client))
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.close()
+
+
+async def fetch(up: Upstream, path: str = "m/@v/list", method: str = "GET") -> tuple[int, bytes]:
+    resp = await up.open(path, method)
+    try:
+        body = b"".join([chunk async for chunk in resp.chunks()])
+    except BaseException:
+        resp.release(reuse=False)
+        raise
+    resp.release()
+    return resp.status, body
+
+
+def opened(up: Upstream) -> int:
+    backend = up.backend
+    assert isinstance(backend, DirectBackend)
+    return backend.pool.opened
+
+
+# ---------------------------------------------------------------- backend choice
+
+
+def test_the_escape_hatch_picks_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = UpstreamConfig(name="up", url="http://127.0.0.1:1")
+    monkeypatch.delenv(CLIENT_ENV, raising=False)
+    assert isinstance(make_backend(cfg), DirectBackend)
+    monkeypatch.setenv(CLIENT_ENV, "aiohttp")
+    assert isinstance(make_backend(cfg), AiohttpBackend)
+    monkeypatch.setenv(CLIENT_ENV, "curl")
+    with pytest.raises(ConfigError) as err:
+        client_choice()
+    assert err.value.key == CLIENT_ENV
+
+
+def test_an_outbound_proxy_keeps_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CLIENT_ENV, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://bob:pr0xy-secret@corp-proxy:3128")
+    backend = make_backend(UpstreamConfig(name="up", url="https://proxy.golang.org"))
+    assert isinstance(backend, AiohttpBackend)
+    assert "pr0xy-secret" not in repr(backend.__dict__) + backend.describe()
+
+
+# ---------------------------------------------------------------- passthrough
+
+
+def test_bodies_pass_byte_exact_and_connections_are_reused(run, client) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith(".zip"):
+            return web.Response(body=payload, content_type="application/zip")
+        if request.path.endswith(".info"):
+            return web.json_response({"Version": "v1.0.0"})
+        return web.Response(status=404, text="not found: " + request.path)
+
+    async def scenario() -> None:
+        async with aiohttp_server(handler) as url, upstream(url, client) as up:
+            for _ in range(3):
+                assert await fetch(up, "m/@v/v1.0.0.zip") == (200, payload)
+                status, body = await fetch(up, "m/@v/v1.0.0.info")
+                assert status == 200 and body == b'{"Version": "v1.0.0"}'
+            resp = await up.open("m/@v/list")
+            assert resp.status == 404 and resp.ttfb > 0
+            assert "not found" in await resp.read_text()
+            resp.release()
+            assert up.active == 0 and up.peak == 1
+            if client == "http1":
+                assert opened(up) == 1
+
+    run(scenario())
+
+
+def test_request_line_and_headers(run) -> None:
+    seen: list[bytes] = []
+
+    def respond(request: bytes) -> bytes:
+        seen.append(request)
+        return answer(b"{}")
+
+    async def scenario() -> None:
+        auth = AuthConfig(basic=BasicAuth("U", "P", username="ci-bot", password="s3cret-pw"))
+        async with raw_server(keep_alive_server(respond)) as url, \
+                upstream(url + "/base/path", auth=auth) as up:
+            await fetch(up, "github.com/!azure/go-autorest/@v/v1.0.0.info")
+            await fetch(up, "m/@v/v1.0.0.info", "HEAD")
+            assert "s3cret-pw" not in repr(up) + repr(up.backend.__dict__)
+        port = url.rsplit(":", 1)[1]
+        first, head = seen[0].decode(), seen[1].decode()
+        assert first.startswith(
+            "GET /base/path/github.com/!azure/go-autorest/@v/v1.0.0.info HTTP/1.1\r\n")
+        for line in (f"Host: 127.0.0.1:{port}", "User-Agent: goproxy-sidecar",
+                     "Accept-Encoding: identity", "Connection: keep-alive",
+                     "Authorization: Basic Y2ktYm90OnMzY3JldC1wdw=="):
+            assert line + "\r\n" in first
+        assert head.startswith("HEAD /base/path/m/@v/v1.0.0.info HTTP/1.1\r\n")
+
+    run(scenario())
+
+
+def test_chunked_and_close_delimited_bodies(run, client) -> None:
+    body = b"x" * 70000 + b"y" * 3
+
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(0, len(body), 9000):
+                part = body[i:i + 9000]
+                writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+
+    async def until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with raw_server(chunked) as url, upstream(url, client) as up:
+            for _ in range(2):
+                resp = await up.open("m/@v/list")
+                assert resp.content_length is None
+                assert b"".join([c async for c in resp.chunks()]) == body
+                resp.release()
+            if client == "http1":
+                assert opened(up) == 1
+        async with raw_server(until_eof) as url, upstream(url, client) as up:
+            assert await fetch(up) == (200, body)
+            assert await fetch(up) == (200, body)  # a new connection each time
+            if client == "http1":
+                assert opened(up) == 2
+
+    run(scenario())
+
+
+def test_head_has_no_body_and_keeps_the_connection(run) -> None:
+    def respond(request: bytes) -> bytes:
+        if request.startswith(b"HEAD"):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
+        return answer(b"after")
+
+    async def scenario() -> None:
+        async with raw_server(keep_alive_server(respond)) as url, upstream(url) as up:
+            resp = await up.open("m/@v/v1.0.0.zip", "HEAD")
+            assert resp.content_length == 5000
+            assert [c async for c in resp.chunks()] == []
+            resp.release()
+            assert await fetch(up) == (200, b"after")
+            assert opened(up) == 1
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_status_failures_carry_the_body_text(run, client) -> None:
+    def respond(request: bytes) -> bytes:
+        return answer(b"maintenance window", "503 Service Unavailable")
+
+    async def scenario() -> None:
+        async with raw_server(keep_alive_server(respond)) as url, upstream(url, client) as up:
+            for _ in range(2):
+                with pytest.raises(UpstreamStatusError) as err:
+                    await up.open("m/@v/list")
+                assert err.value.status == 503 and "maintenance window" in err.value.message
+            assert up.active == 0
+            if client == "http1":
+                assert opened(up) == 1  # the body was read: the connection stays
+
+    run(scenario())
+
+
+def test_short_bodies_are_truncation(run, client) -> None:
+    async def short_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"z" * 70000)
+        await writer.drain()
+
+    async def short_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n")
+        await writer.drain()
+
+    async def scenario() -> None:
+        for handler in (short_length, short_chunked):
+            async with raw_server(handler) as url, upstream(url, client) as up:
+                resp = await up.open("m/@v/v1.0.0.zip")
+                received = 0
+                with pytest.raises(UpstreamTruncated):
+                    async for chunk in resp.chunks():
+                        received += len(chunk)
+                resp.release(reuse=False)
+                assert received in (70000, 5)
+                assert up.active == 0
+
+    run(scenario())
+
+
+def test_slow_headers_and_slow_bodies_time_out(run, client) -> None:
+    async def slow_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def stalled_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with raw_server(slow_headers) as url, upstream(url, client, first_byte=0.3) as up:
+            started = loop.time()
+            with pytest.raises(UpstreamTimeout) as err:
+                await up.open("m/@v/list")
+            assert 0.25 < loop.time() - started < 1.0
+            assert "first byte" in err.value.message and up.active == 0
+        async with raw_server(stalled_body) as url, upstream(url, client, idle=0.3) as up:
+            resp = await up.open("m/@v/list")
+            started = loop.time()
+            with pytest.raises(UpstreamTimeout) as err:
+                async for _ in resp.chunks():
+                    pass
+            assert 0.25 < loop.time() - started < 1.0
+            assert "idle" in err.value.message
+            resp.release(reuse=False)
+            assert up.active == 0
+
+    run(scenario())
+
+
+def test_reset_and_refused_are_connect_errors(run, client) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.transport.abort()
+
+    async def scenario() -> None:
+        async with raw_server(reset) as url, upstream(url, client) as up:
+            with pytest.raises(UpstreamConnectError):
+                await up.open("m/@v/list")
+            assert up.active == 0
+        async with raw_server(reset) as url:
+            pass  # closed: its port now refuses
+        async with upstream(url, client) as up:
+            with pytest.raises(UpstreamConnectError) as err:
+                await up.open("m/@v/list")
+            assert "connect" in err.value.message.lower()
+            assert up.active == 0
+
+    run(scenario())
+
+
+def test_an_invalid_answer_is_a_connect_error(run) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def scenario() -> None:
+        async with raw_server(garbage) as url, upstream(url) as up:
+            with pytest.raises(UpstreamConnectError) as err:
+                await up.open("m/@v/list")
+            assert "invalid HTTP response" in err.value.message
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- redirects
+
+
+def test_redirects_are_followed_and_credentials_stay_home(run, client) -> None:
+    seen: list[bytes] = []
+
+    def elsewhere(request: bytes) -> bytes:
+        seen.append(request)
+        return answer(b"zip bytes from storage")
+
+    async def scenario() -> None:
+        async with raw_server(keep_alive_server(elsewhere)) as storage:
+            def home(request: bytes) -> bytes:
+                seen.append(request)
+                if b" /goproxy/m/@v/v1.0.0.zip " in request:
+                    return answer(b"moved", "302 Found", "Location: /goproxy/m/@v/real.zip\r\n")
+                if b" /goproxy/m/@v/real.zip " in request:
+                    return answer(b"", "307 Temporary Redirect",
+                                  f"Location: {storage}/b/k%2F1?sig=a%3D\r\n")
+                return answer(b"", "301 Moved Permanently", "Location: /goproxy/loop\r\n")
+
+            auth = AuthConfig(basic=BasicAuth("U", "P", username="u", password="pw"))
+            async with raw_server(keep_alive_server(home)) as url, \
+                    upstream(url + "/goproxy", client, auth=auth) as up:
+                assert await fetch(up, "m/@v/v1.0.0.zip") == (200, b"zip bytes from storage")
+                with pytest.raises(UpstreamStatusError) as err:
+                    await up.open("other")
+                assert "redirects" in err.value.message and err.value.status == 301
+                assert up.active == 0
+        assert seen[0].startswith(b"GET /goproxy/m/@v/v1.0.0.zip ")
+        assert seen[1].startswith(b"GET /goproxy/m/@v/real.zip ") and b"Authorization" in seen[1]
+        assert seen[2].startswith(b"GET /b/k%2F1?sig=a%3D HTTP/1.1\r\n")
+        assert b"Authorization" not in seen[2]
+
+    run(scenario())

@@ -1,0 +1,144 @@
+"""https upstreams: verification against the system trust store, SNI, keep-alive
+over TLS, flow control through the TLS transport, https->http redirects refused.
+
+The certificate is self-signed and generated here (``cryptography``); the
+client trusts it the way an operator would, through ``SSL_CERT_FILE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
+
+import pytest
+
+cryptography = pytest.importorskip("cryptography")
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+from sidecar.errors import UpstreamConnectError, UpstreamStatusError  # noqa: E402
+from tests.functional.test_upstream_client import (  # noqa: E402
+    LOOPS,
+    Runner,
+    answer,
+    fetch,
+    keep_alive_server,
+    loop_runner,
+    opened,
+    raw_server,
+    read_request,
+    upstream,
+)
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Runner:
+    return loop_runner(request.param)
+
+
+HOST = "localhost"
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(HOST), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256()))
+    folder = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def server_context(cert: tuple[Path, Path], names: list[str | None]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*cert)
+
+    def sni(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        names.append(name)
+
+    ctx.sni_callback = sni  # type: ignore[assignment]
+    return ctx
+
+
+def by_name(url: str) -> str:
+    return url.replace("127.0.0.1", HOST)
+
+
+def test_https_upstream_verified_with_sni_and_kept_alive(run, cert, monkeypatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
+    names: list[str | None] = []
+    body = b"q" * (3 * 1024 * 1024 + 5)  # several flow-control rounds through TLS
+
+    def respond(request: bytes) -> bytes:
+        return answer(body if b".zip" in request else b"{}")
+
+    async def scenario() -> None:
+        ctx = server_context(cert, names)
+        async with raw_server(keep_alive_server(respond), ssl=ctx) as url, \
+                upstream(by_name(url)) as up:
+            assert await fetch(up, "m/@v/v1.0.0.info") == (200, b"{}")
+            assert await fetch(up, "m/@v/v1.0.0.zip") == (200, body)
+            assert await fetch(up, "m/@v/v1.0.0.info") == (200, b"{}")
+            assert opened(up) == 1  # one handshake for all three
+        assert names == [HOST]
+
+    run(scenario())
+
+
+def test_an_untrusted_certificate_is_a_tls_connect_error(run, cert, monkeypatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    names: list[str | None] = []
+
+    async def scenario() -> None:
+        ctx = server_context(cert, names)
+        async with raw_server(keep_alive_server(lambda _: answer(b"{}")), ssl=ctx) as url, \
+                upstream(by_name(url)) as up:
+            with pytest.raises(UpstreamConnectError) as err:
+                await up.open("m/@v/list")
+            assert "TLS error" in err.value.message
+            assert "CERTIFICATE_VERIFY_FAILED" in err.value.message
+            assert up.active == 0
+
+    run(scenario())
+
+
+def test_a_redirect_from_https_to_http_is_refused(run, cert, monkeypatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
+    names: list[str | None] = []
+    plain_hits: list[bytes] = []
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        plain_hits.append(await read_request(reader))
+
+    async def scenario() -> None:
+        async with raw_server(plain) as plain_url:
+            redirect = answer(b"", "302 Found", f"Location: {plain_url}/m.zip\r\n")
+            ctx = server_context(cert, names)
+            async with raw_server(keep_alive_server(lambda _: redirect), ssl=ctx) as url, \
+                    upstream(by_name(url)) as up:
+                with pytest.raises(UpstreamStatusError) as err:
+                    await up.open("m/@v/v1.0.0.zip")
+                assert err.value.status == 302 and "non-https" in err.value.message
+                assert up.active == 0
+        assert plain_hits == []
+
+    run(scenario())
