@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from aiohttp import web
 
@@ -61,8 +62,11 @@ class Sidecar:
         self._plan_version += 1
         return Plan(
             upstreams=tuple(
-                UpstreamPlan(name, b.action, b.state, b) for name, b in self.breakers.items()),
-            version=self._plan_version, created_at=time.monotonic())
+                UpstreamPlan(name, b.action, b.state, b) for name, b in self.breakers.items()
+            ),
+            version=self._plan_version,
+            created_at=time.monotonic(),
+        )
 
     def swap_plan(self) -> None:
         """Publish the breakers' current actions; one assignment, so requests see
@@ -90,8 +94,7 @@ def build_sidecar(config: Config, metrics: Metrics | None = None) -> Sidecar:
 
         sidecar.cache = DiskCache(config.cache, metrics)
     for name in upstreams:
-        sidecar.breakers[name] = Breaker(
-            name, on_transition=lambda t, sc=sidecar: on_transition(sc, t))
+        sidecar.breakers[name] = Breaker(name, on_transition=partial(on_transition, sidecar))
         for state in State:
             metrics.breaker_state.labels(name, state.value).set(state is State.CLOSED)
     sidecar.swap_plan()
@@ -105,8 +108,14 @@ def build_app(sidecar: Sidecar, run_control: bool = True) -> web.Application:
     app[SIDECAR] = sidecar
     recorder = Recorder(sidecar.metrics, sidecar.windows)
     assert sidecar.router is not None
-    handler = ProxyHandler(sidecar.upstreams, sidecar.current_plan, recorder, sidecar.cache,
-                           sidecar.config.policy.reject_status, sidecar.router)
+    handler = ProxyHandler(
+        sidecar.upstreams,
+        sidecar.current_plan,
+        recorder,
+        sidecar.cache,
+        sidecar.config.policy.reject_status,
+        sidecar.router,
+    )
     add_routes(app, sidecar)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     app.cleanup_ctx.append(_lifecycle)
@@ -129,9 +138,12 @@ async def _start(app: web.Application) -> None:
         await sidecar.cache.start()
     policy_cfg = sidecar.config.policy
     sidecar.policy = PolicyReloader(
-        lambda: make_engine(policy_cfg), policy_cfg.paths,
+        lambda: make_engine(policy_cfg),
+        policy_cfg.paths,
         poll_interval=max(policy_cfg.interval, MIN_POLICY_POLL_S),
-        on_reload=lambda ok, error: _log_reload(ok, error), metrics=sidecar.metrics)
+        on_reload=lambda ok, error: _log_reload(ok, error),
+        metrics=sidecar.metrics,
+    )
     await sidecar.policy.start()
     sidecar.control = ControlLoop(sidecar, lambda: _engine(sidecar))
 
@@ -184,8 +196,14 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     # Cancelling a handler when its client hangs up also cancels its upstream fetch.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=config.shutdown_grace,
-                       backlog=1024, reuse_address=True)
+    site = web.TCPSite(
+        runner,
+        config.host,
+        config.port,
+        shutdown_timeout=config.shutdown_grace,
+        backlog=1024,
+        reuse_address=True,
+    )
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

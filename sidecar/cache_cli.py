@@ -36,23 +36,41 @@ def cache_ls(config_path: str | None, as_json: bool = False, out: TextIO = sys.s
     for item in entries:
         r = item.record
         total += r.size
-        kind = r.kind if r.immutable else (
-            f"{r.kind},stale" if now - r.stored >= config.cache.mutable_ttl else f"{r.kind},fresh")
+        kind = (
+            r.kind
+            if r.immutable
+            else (
+                f"{r.kind},stale"
+                if now - r.stored >= config.cache.mutable_ttl
+                else f"{r.kind},fresh"
+            )
+        )
         verified = f"{_age(now - r.verified)} ago" if item.present else "BROKEN"
-        print(f"{format_size(r.size):>9}  {_age(now - r.stored):>5}  {kind:<14} {verified:<9} "
-              f"{r.key}", file=out)
-    print(f"{len(entries)} entries, {format_size(total)} of {format_size(config.cache.max_bytes)}"
-          f" in {config.cache.dir}", file=out)
+        print(
+            f"{format_size(r.size):>9}  {_age(now - r.stored):>5}  {kind:<14} {verified:<9} "
+            f"{r.key}",
+            file=out,
+        )
+    print(
+        f"{len(entries)} entries, {format_size(total)} of {format_size(config.cache.max_bytes)}"
+        f" in {config.cache.dir}",
+        file=out,
+    )
     return EXIT_OK
 
 
 def _row(record: Record, present: bool, config: Config, now: float) -> dict[str, Any]:
     return {
-        "key": record.key, "kind": record.kind, "size": record.size,
-        "age_s": round(now - record.stored, 3), "immutable": record.immutable,
+        "key": record.key,
+        "kind": record.kind,
+        "size": record.size,
+        "age_s": round(now - record.stored, 3),
+        "immutable": record.immutable,
         "stale": (not record.immutable) and now - record.stored >= config.cache.mutable_ttl,
-        "verified_age_s": round(now - record.verified, 3), "present": present,
-        "sha256": record.sha256, "upstream": record.upstream,
+        "verified_age_s": round(now - record.verified, 3),
+        "present": present,
+        "sha256": record.sha256,
+        "upstream": record.upstream,
     }
 
 
@@ -76,21 +94,29 @@ def cache_purge(config_path: str | None, target: str, out: TextIO = sys.stdout) 
     return EXIT_OK
 
 
-def cache_verify(config_path: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
-                 ) -> int:
+def cache_verify(
+    config_path: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
     config = load_config(config_path)
     bar = Progress("verify", err)
     report = verify_all(Layout.at(config.cache.dir), lambda n, total: bar.update(n, total))
     bar.close()
     for key, reason in report.bad:
         print(f"MISMATCH {key}: {reason}", file=out)
-    print(f"verified {report.checked} entries ({format_size(report.bytes)}): "
-          f"{len(report.bad)} bad", file=out)
+    print(
+        f"verified {report.checked} entries ({format_size(report.bytes)}): {len(report.bad)} bad",
+        file=out,
+    )
     return EXIT_FAILED if report.bad else EXIT_OK
 
 
-def warm(config_path: str | None, go_sum: str, jobs: int, out: TextIO = sys.stdout,
-         err: TextIO = sys.stderr) -> int:
+def warm(
+    config_path: str | None,
+    go_sum: str,
+    jobs: int,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
     import asyncio
 
     from sidecar.cache import warm as warming
@@ -108,8 +134,11 @@ def warm(config_path: str | None, go_sum: str, jobs: int, out: TextIO = sys.stdo
         done.append(result)
         fetched = sum(r.size for r in done)
         failed = sum(r.status == "failed" for r in done)
-        bar.update(len(done), len(plan.artifacts),
-                   f"{format_size(fetched)}" + (f", {failed} failed" if failed else ""))
+        bar.update(
+            len(done),
+            len(plan.artifacts),
+            f"{format_size(fetched)}" + (f", {failed} failed" if failed else ""),
+        )
 
     results = asyncio.run(warming.warm(config, plan.artifacts, jobs, on_result))
     bar.close()
@@ -124,10 +153,12 @@ def _warm_summary(results: list[Any], problems: list[str], out: TextIO) -> int:
         print(f"SKIPPED {problem}", file=out)
     for r in failed:
         print(f"FAILED {r.artifact.name}: {r.error}", file=out)
-    print(f"warm: {len(results)} artifacts: {len(fetched)} fetched "
-          f"({format_size(sum(r.size for r in fetched))}), {cached} already cached, "
-          f"{len(failed)} failed" + (f", {len(problems)} go.sum lines skipped" if problems
-                                     else ""), file=out)
+    print(
+        f"warm: {len(results)} artifacts: {len(fetched)} fetched "
+        f"({format_size(sum(r.size for r in fetched))}), {cached} already cached, "
+        f"{len(failed)} failed" + (f", {len(problems)} go.sum lines skipped" if problems else ""),
+        file=out,
+    )
     return EXIT_FAILED if failed or problems else EXIT_OK
 
 

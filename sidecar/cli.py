@@ -24,15 +24,21 @@ EXIT_INVALID = 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="goproxy-sidecar",
-        description="Policy-driven circuit-breaker sidecar for Go module proxies.")
+        description="Policy-driven circuit-breaker sidecar for Go module proxies.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve (the embedded default config without --config)")
     run.add_argument("--config", help="sidecar.yaml")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     check = sub.add_parser("check", help="validate the config and compile the policies")
     check.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
-    check.add_argument("--route", metavar="MODULE", action="append", default=[],
-                       help="also print how MODULE would be routed (repeatable)")
+    check.add_argument(
+        "--route",
+        metavar="MODULE",
+        action="append",
+        default=[],
+        help="also print how MODULE would be routed (repeatable)",
+    )
     ev = sub.add_parser("eval", help="print the policy decision for one input document")
     ev.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
     ev.add_argument("--input", required=True, help="policy input JSON file ('-' for stdin)")
@@ -50,10 +56,14 @@ def _cache_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     ls.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     purge = ops.add_parser("purge", parents=[common], help="remove a module or one version")
     purge.add_argument("target", metavar="MODULE[@VERSION]")
-    ops.add_parser("verify", parents=[common],
-                   help="hash every entry; evict and report mismatches (exit 1 if any)")
-    warm = sub.add_parser("warm", parents=[common],
-                          help="prefetch every module version of a go.sum into the cache")
+    ops.add_parser(
+        "verify",
+        parents=[common],
+        help="hash every entry; evict and report mismatches (exit 1 if any)",
+    )
+    warm = sub.add_parser(
+        "warm", parents=[common], help="prefetch every module version of a go.sum into the cache"
+    )
     warm.add_argument("go_sum", metavar="GO.SUM")
     warm.add_argument("--jobs", type=int, default=8, help="concurrent fetches (default 8)")
 
@@ -103,8 +113,10 @@ def _check(args: argparse.Namespace) -> int:
     warning = asyncio.run(_load_and_close(engine))
     files = discover(config.policy.paths)
     print(f"config ok: {len(config.upstreams)} upstream(s), listen {config.listen}")
-    print(f"policy ok: {len(files)} file(s), decision {config.policy.decision}, "
-          f"engine {config.policy.engine.value}, mode {config.policy.mode.value}")
+    print(
+        f"policy ok: {len(files)} file(s), decision {config.policy.decision}, "
+        f"engine {config.policy.engine.value}, mode {config.policy.mode.value}"
+    )
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     for module in args.route:
@@ -113,8 +125,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _describe_route(router: Router, module: str) -> str:
-    from sidecar.goproxy import check_module_path
     from sidecar.errors import RequestError
+    from sidecar.goproxy import check_module_path
 
     try:
         check_module_path(module)
@@ -124,8 +136,11 @@ def _describe_route(router: Router, module: str) -> str:
     if route.deny:
         return f"denied (rule {route.rule})"
     where = ", ".join(route.targets) or "no upstream (private module, none has private_ok)"
-    flags = [f"rule {route.rule}" if route.rule else "no rule", "private" if route.private
-             else "public", "cache" if route.cache else "no cache"]
+    flags = [
+        f"rule {route.rule}" if route.rule else "no rule",
+        "private" if route.private else "public",
+        "cache" if route.cache else "no cache",
+    ]
     return f"{where} [{'; '.join(flags)}]"
 
 
@@ -184,5 +199,7 @@ async def _evaluate(engine: PolicyEngine, document: dict[str, object]) -> dict[s
         decisions = await engine.evaluate(document)
     finally:
         await engine.close()
-    return {name: {"action": d.action.value, "reason": d.reason, "alert": d.alert}
-            for name, d in decisions.items()}
+    return {
+        name: {"action": d.action.value, "reason": d.reason, "alert": d.alert}
+        for name, d in decisions.items()
+    }

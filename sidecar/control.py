@@ -80,8 +80,10 @@ class ControlLoop:
         except (PolicyError, TimeoutError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
             m.policy_failures.labels(engine.name, reason).inc()
-            log.warning("policy evaluation failed",
-                        extra={"engine": engine.name, "reason": reason, "error": str(exc)})
+            log.warning(
+                "policy evaluation failed",
+                extra={"engine": engine.name, "reason": reason, "error": str(exc)},
+            )
             return self._fallback()
         m.policy_duration.labels(engine.name).observe(time.perf_counter() - started)
         self.last_good, self.last_good_at = decisions, time.time()
@@ -97,8 +99,10 @@ class ControlLoop:
             return None  # breakers already hold the last good decisions
         self.sidecar.metrics.policy_stale.set(1)
         if self.last_good:
-            log.warning("policy decisions stale: falling back to allow",
-                        extra={"age_s": None if age is None else round(age, 1)})
+            log.warning(
+                "policy decisions stale: falling back to allow",
+                extra={"age_s": None if age is None else round(age, 1)},
+            )
             self.last_good = {}
         return {name: ALLOW for name in self.sidecar.breakers}
 
@@ -159,9 +163,16 @@ def build_input(sc: Sidecar) -> dict[str, Any]:
         doc = window.snapshot().as_policy_input()
         breaker = sc.breakers[name]
         doc.update(
-            role=up.role, state=breaker.state.value, state_age_s=round(breaker.state_age(), 3),
-            pool={"limit": up.limit, "in_use": min(peak, up.limit),
-                  "waiting": max(0, peak - up.limit), "saturation": round(peak / up.limit, 4)})
+            role=up.role,
+            state=breaker.state.value,
+            state_age_s=round(breaker.state_age(), 3),
+            pool={
+                "limit": up.limit,
+                "in_use": min(peak, up.limit),
+                "waiting": max(0, peak - up.limit),
+                "saturation": round(peak / up.limit, 4),
+            },
+        )
         upstreams[name] = doc
     return {"now": round(time.time(), 3), "upstreams": upstreams, "cache": sc.cache_summary()}
 
@@ -173,22 +184,32 @@ def on_transition(sc: Sidecar, transition: Transition) -> None:
     m = sc.metrics
     for state in State:
         m.breaker_state.labels(name, state.value).set(1 if state is transition.to_state else 0)
-    m.breaker_transitions.labels(name, transition.from_state.value, transition.to_state.value,
-                                 _reason_label(transition)).inc()
+    m.breaker_transitions.labels(
+        name, transition.from_state.value, transition.to_state.value, _reason_label(transition)
+    ).inc()
     figures = sc.control.last_input.get("upstreams", {}).get(name, {}) if sc.control else {}
-    log.warning("breaker transition", extra={
-        "upstream": name, "from": transition.from_state.value, "to": transition.to_state.value,
-        "action": transition.action.value, "reason": transition.reason,
-        "input": {k: v for k, v in figures.items() if k != "series"}})
+    log.warning(
+        "breaker transition",
+        extra={
+            "upstream": name,
+            "from": transition.from_state.value,
+            "to": transition.to_state.value,
+            "action": transition.action.value,
+            "reason": transition.reason,
+            "input": {k: v for k, v in figures.items() if k != "series"},
+        },
+    )
     sc.swap_plan()
 
 
 def _reason_label(transition: Transition) -> str:
     """A bounded label: the action that tripped, or how half-open ended."""
     if transition.to_state is State.OPEN:
-        return "probe_failed" if transition.from_state is State.HALF_OPEN else str(
-            transition.action.value)
+        return (
+            "probe_failed"
+            if transition.from_state is State.HALF_OPEN
+            else str(transition.action.value)
+        )
     if transition.to_state is State.HALF_OPEN:
         return "cooldown"
     return "probes_ok"
-

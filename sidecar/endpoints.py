@@ -26,17 +26,23 @@ def add_routes(app: web.Application, sidecar: Sidecar) -> None:
 
     async def metrics(request: web.Request) -> web.Response:
         refresh_pool_gauges(sidecar)
-        return web.Response(body=generate_latest(sidecar.metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(sidecar.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
 
     async def breakers(request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(breakers_view(sidecar), indent=2) + "\n",
-                            content_type="application/json")
+        return web.Response(
+            text=json.dumps(breakers_view(sidecar), indent=2) + "\n",
+            content_type="application/json",
+        )
 
     async def routes(request: web.Request) -> web.Response:
         assert sidecar.router is not None
-        return web.Response(text=json.dumps(sidecar.router.describe(), indent=2) + "\n",
-                            content_type="application/json")
+        return web.Response(
+            text=json.dumps(sidecar.router.describe(), indent=2) + "\n",
+            content_type="application/json",
+        )
 
     app.router.add_get("/routes", routes)
     app.router.add_get("/healthz", healthz)

@@ -13,8 +13,24 @@ PREFIX = "goproxy_sidecar"
 
 # Upper bounds in seconds: cache hits are sub-millisecond, zips can take minutes.
 REQUEST_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
 )
 POLICY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -28,110 +44,205 @@ class Metrics:
         p = PREFIX
         # --- requests
         self.requests = Counter(
-            f"{p}_requests", "Client requests answered, by the upstream (or 'cache', 'sidecar') "
+            f"{p}_requests",
+            "Client requests answered, by the upstream (or 'cache', 'sidecar') "
             "that produced the answer, request kind and outcome.",
-            ["upstream", "kind", "outcome"], registry=r)
+            ["upstream", "kind", "outcome"],
+            registry=r,
+        )
         self.request_duration = Histogram(
-            f"{p}_request_duration_seconds", "Time from request to the end of the response "
+            f"{p}_request_duration_seconds",
+            "Time from request to the end of the response "
             "body, by answering upstream, request kind and outcome.",
-            ["upstream", "kind", "outcome"], buckets=REQUEST_BUCKETS, registry=r)
+            ["upstream", "kind", "outcome"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
         self.upstream_attempts = Counter(
-            f"{p}_upstream_attempts", "Requests sent to an upstream, by result "
-            "(ok, not_found, failure class).", ["upstream", "result"], registry=r)
+            f"{p}_upstream_attempts",
+            "Requests sent to an upstream, by result (ok, not_found, failure class).",
+            ["upstream", "result"],
+            registry=r,
+        )
         self.upstream_failures = Counter(
-            f"{p}_upstream_failures", "Upstream failures by class (timeout, connect, "
-            "status, truncated, auth).", ["upstream", "failure"], registry=r)
+            f"{p}_upstream_failures",
+            "Upstream failures by class (timeout, connect, status, truncated, auth).",
+            ["upstream", "failure"],
+            registry=r,
+        )
         self.masked_failures = Counter(
-            f"{p}_masked_failures", "404s from an upstream that a later upstream answered "
-            "with 200 (Athens answers 404 when its own fetch failed).", ["upstream"], registry=r)
+            f"{p}_masked_failures",
+            "404s from an upstream that a later upstream answered "
+            "with 200 (Athens answers 404 when its own fetch failed).",
+            ["upstream"],
+            registry=r,
+        )
         self.invalid_requests = Counter(
-            f"{p}_invalid_requests", "Requests refused before reaching any upstream "
-            "(not a valid GOPROXY request), by status.", ["status"], registry=r)
+            f"{p}_invalid_requests",
+            "Requests refused before reaching any upstream "
+            "(not a valid GOPROXY request), by status.",
+            ["status"],
+            registry=r,
+        )
         self.rejected_requests = Counter(
-            f"{p}_rejected_requests", "Requests answered with the reject status by the "
+            f"{p}_rejected_requests",
+            "Requests answered with the reject status by the "
             "breaker (load shedding) or because no target could serve.",
-            ["upstream", "reason"], registry=r)
+            ["upstream", "reason"],
+            registry=r,
+        )
         self.client_aborts = Counter(
-            f"{p}_client_aborts", "Clients that hung up before their response was complete.",
-            registry=r)
+            f"{p}_client_aborts",
+            "Clients that hung up before their response was complete.",
+            registry=r,
+        )
         # --- upstream health, as the policy sees it
         self.ttfb_p99 = Gauge(
-            f"{p}_upstream_ttfb_p99_seconds", "P99 time to first byte over the stats window.",
-            ["upstream"], registry=r)
+            f"{p}_upstream_ttfb_p99_seconds",
+            "P99 time to first byte over the stats window.",
+            ["upstream"],
+            registry=r,
+        )
         self.error_rate = Gauge(
-            f"{p}_upstream_error_rate", "Failed requests / requests over the stats window.",
-            ["upstream"], registry=r)
+            f"{p}_upstream_error_rate",
+            "Failed requests / requests over the stats window.",
+            ["upstream"],
+            registry=r,
+        )
         self.pool_in_use = Gauge(
-            f"{p}_upstream_pool_in_use", "Connections in use to the upstream.",
-            ["upstream"], registry=r)
+            f"{p}_upstream_pool_in_use",
+            "Connections in use to the upstream.",
+            ["upstream"],
+            registry=r,
+        )
         self.pool_limit = Gauge(
-            f"{p}_upstream_pool_limit", "Connection pool size of the upstream.",
-            ["upstream"], registry=r)
+            f"{p}_upstream_pool_limit",
+            "Connection pool size of the upstream.",
+            ["upstream"],
+            registry=r,
+        )
         self.pool_waiting = Gauge(
-            f"{p}_upstream_pool_waiting", "Requests waiting for a pooled connection.",
-            ["upstream"], registry=r)
+            f"{p}_upstream_pool_waiting",
+            "Requests waiting for a pooled connection.",
+            ["upstream"],
+            registry=r,
+        )
         self.pool_saturation = Gauge(
-            f"{p}_upstream_pool_saturation", "(in use + waiting) / limit of the pool.",
-            ["upstream"], registry=r)
+            f"{p}_upstream_pool_saturation",
+            "(in use + waiting) / limit of the pool.",
+            ["upstream"],
+            registry=r,
+        )
         # --- breakers
         self.breaker_state = Gauge(
-            f"{p}_breaker_state", "1 for the breaker's current state, 0 for the others "
-            "(a StateSet: closed, open, half-open).", ["upstream", "state"], registry=r)
+            f"{p}_breaker_state",
+            "1 for the breaker's current state, 0 for the others "
+            "(a StateSet: closed, open, half-open).",
+            ["upstream", "state"],
+            registry=r,
+        )
         self.breaker_transitions = Counter(
-            f"{p}_breaker_transitions", "Breaker state changes.",
-            ["upstream", "from_state", "to_state", "reason"], registry=r)
+            f"{p}_breaker_transitions",
+            "Breaker state changes.",
+            ["upstream", "from_state", "to_state", "reason"],
+            registry=r,
+        )
         self.breaker_alert = Gauge(
-            f"{p}_breaker_alert", "1 while the policy asks for an alert on this upstream.",
-            ["upstream"], registry=r)
+            f"{p}_breaker_alert",
+            "1 while the policy asks for an alert on this upstream.",
+            ["upstream"],
+            registry=r,
+        )
         self.decisions = Counter(
-            f"{p}_policy_decisions", "Per-upstream decisions returned by the policy, by action "
-            "(counted in shadow mode too).", ["upstream", "action"], registry=r)
+            f"{p}_policy_decisions",
+            "Per-upstream decisions returned by the policy, by action "
+            "(counted in shadow mode too).",
+            ["upstream", "action"],
+            registry=r,
+        )
         self.probes = Counter(
-            f"{p}_breaker_probes", "Half-open probe requests by origin (client, self) and result.",
-            ["upstream", "origin", "result"], registry=r)
+            f"{p}_breaker_probes",
+            "Half-open probe requests by origin (client, self) and result.",
+            ["upstream", "origin", "result"],
+            registry=r,
+        )
         # --- policy engine
         self.policy_evaluations = Counter(
-            f"{p}_policy_evaluations", "Policy evaluations attempted.", ["engine"], registry=r)
+            f"{p}_policy_evaluations", "Policy evaluations attempted.", ["engine"], registry=r
+        )
         self.policy_failures = Counter(
-            f"{p}_policy_failures", "Policy evaluations that failed (error, timeout, bad "
-            "output); the last good decision stays in force.", ["engine", "reason"], registry=r)
+            f"{p}_policy_failures",
+            "Policy evaluations that failed (error, timeout, bad "
+            "output); the last good decision stays in force.",
+            ["engine", "reason"],
+            registry=r,
+        )
         self.policy_duration = Histogram(
-            f"{p}_policy_evaluation_duration_seconds", "Time of one policy evaluation.",
-            ["engine"], buckets=POLICY_BUCKETS, registry=r)
+            f"{p}_policy_evaluation_duration_seconds",
+            "Time of one policy evaluation.",
+            ["engine"],
+            buckets=POLICY_BUCKETS,
+            registry=r,
+        )
         self.policy_reloads = Counter(
-            f"{p}_policy_reloads", "Policy reloads by result (ok, failed).", ["result"],
-            registry=r)
+            f"{p}_policy_reloads", "Policy reloads by result (ok, failed).", ["result"], registry=r
+        )
         self.policy_stale = Gauge(
-            f"{p}_policy_decisions_stale", "1 when the last good decision is older than the "
-            "staleness bound and every upstream falls back to allow.", registry=r)
+            f"{p}_policy_decisions_stale",
+            "1 when the last good decision is older than the "
+            "staleness bound and every upstream falls back to allow.",
+            registry=r,
+        )
         self.policy_last_success = Gauge(
-            f"{p}_policy_last_success_timestamp_seconds", "Unix time of the last successful "
-            "policy evaluation.", registry=r)
+            f"{p}_policy_last_success_timestamp_seconds",
+            "Unix time of the last successful policy evaluation.",
+            registry=r,
+        )
         # --- cache
         self.cache_hits = Counter(
-            f"{p}_cache_hits", "Requests served from the local cache.", ["kind"], registry=r)
+            f"{p}_cache_hits", "Requests served from the local cache.", ["kind"], registry=r
+        )
         self.cache_misses = Counter(
-            f"{p}_cache_misses", "Cacheable requests not found in the local cache.", ["kind"],
-            registry=r)
+            f"{p}_cache_misses",
+            "Cacheable requests not found in the local cache.",
+            ["kind"],
+            registry=r,
+        )
         self.cache_stale_serves = Counter(
-            f"{p}_cache_stale_serves", "Expired mutable entries served because no upstream "
-            "answered or the breaker said cache.", ["kind"], registry=r)
-        self.cache_bytes = Gauge(
-            f"{p}_cache_bytes", "Bytes held by the local cache.", registry=r)
+            f"{p}_cache_stale_serves",
+            "Expired mutable entries served because no upstream "
+            "answered or the breaker said cache.",
+            ["kind"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(f"{p}_cache_bytes", "Bytes held by the local cache.", registry=r)
         self.cache_entries = Gauge(
-            f"{p}_cache_entries", "Entries held by the local cache.", registry=r)
+            f"{p}_cache_entries", "Entries held by the local cache.", registry=r
+        )
         self.cache_evictions = Counter(
-            f"{p}_cache_evictions", "Entries evicted to keep cache.max_bytes.", registry=r)
+            f"{p}_cache_evictions", "Entries evicted to keep cache.max_bytes.", registry=r
+        )
         self.cache_integrity_failures = Counter(
-            f"{p}_cache_integrity_failures", "Cached entries whose size or SHA-256 did not "
-            "match; they are evicted and fetched again.", registry=r)
+            f"{p}_cache_integrity_failures",
+            "Cached entries whose size or SHA-256 did not "
+            "match; they are evicted and fetched again.",
+            registry=r,
+        )
         self.cache_write_errors = Counter(
-            f"{p}_cache_write_errors", "Failed cache writes (disk full, I/O); the request is "
-            "proxied without caching.", registry=r)
+            f"{p}_cache_write_errors",
+            "Failed cache writes (disk full, I/O); the request is proxied without caching.",
+            registry=r,
+        )
         self.cache_fill_joins = Counter(
-            f"{p}_cache_single_flight_joins", "Requests that joined an upstream fetch already "
-            "in flight instead of starting their own.", registry=r)
+            f"{p}_cache_single_flight_joins",
+            "Requests that joined an upstream fetch already "
+            "in flight instead of starting their own.",
+            registry=r,
+        )
         # --- routing
         self.route_refusals = Counter(
-            f"{p}_route_refusals", "Requests refused by routing rules (deny, private module "
-            "with no allowed target).", ["reason"], registry=r)
+            f"{p}_route_refusals",
+            "Requests refused by routing rules (deny, private module with no allowed target).",
+            ["reason"],
+            registry=r,
+        )

@@ -46,8 +46,13 @@ class Route:
     rule: str | None = None  # the rule pattern that matched, for logs and `check --route`
 
     def as_dict(self) -> dict[str, Any]:
-        return {"targets": list(self.targets), "private": self.private, "deny": self.deny,
-                "cache": self.cache, "rule": self.rule}
+        return {
+            "targets": list(self.targets),
+            "private": self.private,
+            "deny": self.deny,
+            "cache": self.cache,
+            "rule": self.rule,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +68,12 @@ class Router:
         self._all = tuple(u.name for u in config.upstreams)
         self._private_ok = tuple(u.name for u in config.upstreams if u.private_ok)
         self._private = tuple(
-            compile_glob(p, f"routing.private[{i}]") for i, p in enumerate(config.routing.private))
+            compile_glob(p, f"routing.private[{i}]") for i, p in enumerate(config.routing.private)
+        )
         self._rules = tuple(
             _Rule(compile_glob(r.match, f"routing.rules[{i}].match"), r.upstreams, r.deny, r.cache)
-            for i, r in enumerate(config.routing.rules))
+            for i, r in enumerate(config.routing.rules)
+        )
         self.default = Route(self._all)
         self._memo: dict[str, Route] = {}
 
@@ -100,8 +107,15 @@ class Router:
             "upstreams": list(self._all),
             "private_ok": list(self._private_ok),
             "private": [g.pattern for g in self._private],
-            "rules": [{"match": r.glob.pattern, "upstreams": list(r.upstreams or self._all),
-                       "deny": r.deny, "cache": r.cache} for r in self._rules],
+            "rules": [
+                {
+                    "match": r.glob.pattern,
+                    "upstreams": list(r.upstreams or self._all),
+                    "deny": r.deny,
+                    "cache": r.cache,
+                }
+                for r in self._rules
+            ],
         }
 
 

@@ -1,8 +1,8 @@
 """Process-level tuning and the event loop for ``run``.
 
-Measured on this machine kind (see PERF-NOTES): uvloop +8–15 % on small
+Measured on this machine kind (see PERF-NOTES): uvloop +8-15 % on small
 requests; freezing start-up objects out of the GC and a larger gen-0
-threshold +10–13 % and half the p99.
+threshold +10-13 % and half the p99.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def run_forever(config: Config, log_level: str = "info") -> int:
     except ImportError:
         runner = asyncio.run
     else:
-        runner = uvloop.run  # type: ignore[assignment]
+        runner = uvloop.run
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)

@@ -23,7 +23,9 @@ FAST_TIMEOUTS = TimeoutsConfig(connect=1.0, first_byte=1.0, idle=1.0)
 
 
 @pytest.fixture
-async def fake_upstreams() -> AsyncIterator[Callable[[int], Awaitable[list[tuple[FakeGoproxy, str]]]]]:
+async def fake_upstreams() -> AsyncIterator[
+    Callable[[int], Awaitable[list[tuple[FakeGoproxy, str]]]]
+]:
     """Start N scriptable upstreams on loopback; returns (fake, base url) pairs."""
     servers: list[TestServer] = []
 
@@ -44,12 +46,15 @@ async def fake_upstreams() -> AsyncIterator[Callable[[int], Awaitable[list[tuple
 
 def make_config(urls: list[str], tmp_path: Path, **overrides: Any) -> Config:
     upstreams = tuple(
-        UpstreamConfig(name=f"up{i}", url=url, timeouts=FAST_TIMEOUTS)
-        for i, url in enumerate(urls))
+        UpstreamConfig(name=f"up{i}", url=url, timeouts=FAST_TIMEOUTS) for i, url in enumerate(urls)
+    )
     config = Config(
-        listen="127.0.0.1:0", upstreams=upstreams,
+        listen="127.0.0.1:0",
+        upstreams=upstreams,
         cache=CacheConfig(dir=str(tmp_path / "cache"), enabled=False),
-        policy=PolicyConfig(), stats=StatsConfig(window=120.0, slice=10.0))
+        policy=PolicyConfig(),
+        stats=StatsConfig(window=120.0, slice=10.0),
+    )
     return dataclasses.replace(config, **overrides)
 
 

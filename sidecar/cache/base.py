@@ -49,8 +49,12 @@ class ModuleCache(Protocol):
         """The leader is done walking the targets."""
 
     async def start_fill(
-        self, req: GoproxyRequest, source: UpstreamResponse, headers: CIMultiDict[str],
-        flight: Flight | None, on_end: Callable[[UpstreamError | None], None] | None = None,
+        self,
+        req: GoproxyRequest,
+        source: UpstreamResponse,
+        headers: CIMultiDict[str],
+        flight: Flight | None,
+        on_end: Callable[[UpstreamError | None], None] | None = None,
     ) -> FillReader | None:
         """Fetch the body once into the cache and return the caller's reader,
         or None when this body is not to be cached (the caller relays it)."""

@@ -244,8 +244,11 @@ class Fill:
 
     def _trim(self) -> None:
         """Drop flushed chunks beyond the ring budget (readers behind use the file)."""
-        while (self._ring_bytes > RING_BYTES and self._head < len(self._bufs)
-               and self._starts[self._head] + len(self._bufs[self._head]) <= self.flushed):
+        while (
+            self._ring_bytes > RING_BYTES
+            and self._head < len(self._bufs)
+            and self._starts[self._head] + len(self._bufs[self._head]) <= self.flushed
+        ):
             self._drop_head()
 
     def _drop_head(self) -> None:
@@ -262,15 +265,19 @@ class Fill:
             if self._on_write_error is not None:
                 self._on_write_error(self.key, exc)
         else:
-            log.info("not cached: larger than cache.max_bytes",
-                     extra={"key": self.key, "limit": self._limit})
+            log.info(
+                "not cached: larger than cache.max_bytes",
+                extra={"key": self.key, "limit": self._limit},
+            )
 
     async def _make_room(self) -> None:
         """Degraded: hold the ring to its budget by waiting for the slowest reader."""
         while True:
             floor = max(self.flushed, min((r.offset for r in self._readers), default=self.received))
-            while (self._head < len(self._bufs)
-                   and self._starts[self._head] + len(self._bufs[self._head]) <= floor):
+            while (
+                self._head < len(self._bufs)
+                and self._starts[self._head] + len(self._bufs[self._head]) <= floor
+            ):
                 self._drop_head()
             if self._ring_bytes <= RING_BYTES or not self._readers:
                 return

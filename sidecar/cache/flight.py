@@ -60,7 +60,8 @@ class Flight:
         if self._ready:
             return self.fill.join() if self.fill is not None else self.answer
         fut: asyncio.Future[FillReader | NotFound | None] = (
-            asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().create_future()
+        )
         self._waiting.append(fut)
         try:
             return await fut

@@ -89,13 +89,20 @@ class Record:
 
     def valid(self) -> bool:
         return (
-            isinstance(self.key, str) and key_problem(self.key) is None
-            and isinstance(self.blob, str) and _BLOB_ID.fullmatch(self.blob) is not None
-            and isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256) is not None
-            and type(self.size) is int and self.size >= 0
-            and isinstance(self.kind, str) and isinstance(self.content_type, str)
-            and isinstance(self.upstream, str) and isinstance(self.immutable, bool)
-            and isinstance(self.stored, int | float) and isinstance(self.verified, int | float)
+            isinstance(self.key, str)
+            and key_problem(self.key) is None
+            and isinstance(self.blob, str)
+            and _BLOB_ID.fullmatch(self.blob) is not None
+            and isinstance(self.sha256, str)
+            and _SHA256.fullmatch(self.sha256) is not None
+            and type(self.size) is int
+            and self.size >= 0
+            and isinstance(self.kind, str)
+            and isinstance(self.content_type, str)
+            and isinstance(self.upstream, str)
+            and isinstance(self.immutable, bool)
+            and isinstance(self.stored, int | float)
+            and isinstance(self.verified, int | float)
         )
 
 

@@ -40,8 +40,11 @@ class Listed:
 
 def list_entries(layout: Layout) -> list[Listed]:
     """Every readable record, sorted by key; a record's blob is checked by size only."""
-    out = [Listed(r, blob_size(layout, r.blob) == r.size)
-           for _path, r in records(layout) if r is not None]
+    out = [
+        Listed(r, blob_size(layout, r.blob) == r.size)
+        for _path, r in records(layout)
+        if r is not None
+    ]
     out.sort(key=lambda item: item.record.key)
     return out
 
@@ -123,8 +126,7 @@ class VerifyReport:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key or path, reason)
 
 
-def verify_all(layout: Layout, progress: Callable[[int, int], None] | None = None
-               ) -> VerifyReport:
+def verify_all(layout: Layout, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Hash every entry; evict and report each one whose bytes do not match its record."""
     report = VerifyReport()
     items = list(records(layout))
@@ -159,4 +161,3 @@ def _check(layout: Layout, path: str, record: Record | None) -> str | None:
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-

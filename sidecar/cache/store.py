@@ -137,8 +137,10 @@ class DiskCache:
         """An entry's bytes are not what was recorded: evict it, count it, say so."""
         if not entry.removed:
             self.metrics.cache_integrity_failures.inc()
-            log.warning("cache entry failed verification; evicted, will be fetched again",
-                        extra={"key": entry.key, "reason": reason})
+            log.warning(
+                "cache entry failed verification; evicted, will be fetched again",
+                extra={"key": entry.key, "reason": reason},
+            )
         self._drop(entry)
 
     def flight(self, req: GoproxyRequest) -> tuple[Flight, bool]:
@@ -152,8 +154,12 @@ class DiskCache:
         self.flights.leave(flight)
 
     async def start_fill(
-        self, req: GoproxyRequest, source: UpstreamResponse, headers: CIMultiDict[str],
-        flight: Flight | None, on_end: Callable[[UpstreamError | None], None] | None = None,
+        self,
+        req: GoproxyRequest,
+        source: UpstreamResponse,
+        headers: CIMultiDict[str],
+        flight: Flight | None,
+        on_end: Callable[[UpstreamError | None], None] | None = None,
     ) -> FillReader | None:
         """Fetch ``source``'s body once into the cache; the caller gets the first reader.
 
@@ -185,12 +191,24 @@ class DiskCache:
     # -- fills -------------------------------------------------------------------
 
     async def _new_fill(
-        self, req: GoproxyRequest, source: UpstreamResponse, headers: CIMultiDict[str],
-        on_end: Callable[[UpstreamError | None], None] | None, keep: bool,
+        self,
+        req: GoproxyRequest,
+        source: UpstreamResponse,
+        headers: CIMultiDict[str],
+        on_end: Callable[[UpstreamError | None], None] | None,
+        keep: bool,
     ) -> Fill:
         temp = await self._open_temp(req.cache_key)
-        return Fill(req, source, headers, temp, limit=self.max_bytes, keep=keep, on_end=on_end,
-                    on_write_error=self._write_error)
+        return Fill(
+            req,
+            source,
+            headers,
+            temp,
+            limit=self.max_bytes,
+            keep=keep,
+            on_end=on_end,
+            on_write_error=self._write_error,
+        )
 
     async def _open_temp(self, key: str) -> TempFile | None:
         blob = new_blob_id()
@@ -226,17 +244,26 @@ class DiskCache:
         assert temp is not None
         now = self._clock()
         record = Record(
-            key=fill.key, kind=fill.req.kind.value, blob=temp.blob, size=fill.received,
-            sha256=fill.sha256(), content_type=fill.content_type, stored=now, verified=now,
-            immutable=fill.req.immutable, upstream=fill.upstream)
+            key=fill.key,
+            kind=fill.req.kind.value,
+            blob=temp.blob,
+            size=fill.received,
+            sha256=fill.sha256(),
+            content_type=fill.content_type,
+            stored=now,
+            verified=now,
+            immutable=fill.req.immutable,
+            upstream=fill.upstream,
+        )
         try:
             await fill.io(commit, self.layout, temp.fd, temp.path, record)
         except CacheError as exc:
             self._write_error(fill.key, exc)
             return
         fill.committed = True
-        entry = Entry(record, self.layout.blob_path(temp.blob), expiry(record, self.ttl), now,
-                      verified=True)
+        entry = Entry(
+            record, self.layout.blob_path(temp.blob), expiry(record, self.ttl), now, verified=True
+        )
         old = self._index.put(entry)
         if old is not None:
             self._retire(old)
@@ -245,8 +272,9 @@ class DiskCache:
     def _write_error(self, key: str, exc: OSError | CacheError) -> None:
         self.metrics.cache_write_errors.inc()
         error = describe(exc) if isinstance(exc, OSError) else str(exc)
-        log.warning("cache write failed; proxying without caching",
-                    extra={"key": key, "error": error})
+        log.warning(
+            "cache write failed; proxying without caching", extra={"key": key, "error": error}
+        )
 
     # -- eviction and removal ------------------------------------------------------
 
@@ -271,7 +299,8 @@ class DiskCache:
 
     def _remove_files(self, entry: Entry) -> None:
         task = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob))
+            asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob)
+        )
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
 
@@ -293,8 +322,10 @@ class DiskCache:
         self.metrics.cache_evictions.inc(len(victims))
         self._changed()
         if victims:
-            log.debug("cache evicted", extra={"entries": len(victims),
-                                              "bytes": self._index.bytes, "max": self.max_bytes})
+            log.debug(
+                "cache evicted",
+                extra={"entries": len(victims), "bytes": self._index.bytes, "max": self.max_bytes},
+            )
         return len(victims)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -307,8 +338,10 @@ class DiskCache:
             swept = await asyncio.to_thread(_prepare_and_sweep, self.layout)
         except OSError as exc:
             self.metrics.cache_write_errors.inc()
-            log.error("cache directory unusable; proxying without caching until restart",
-                      extra={"dir": self.layout.root, "error": describe(exc)})
+            log.error(
+                "cache directory unusable; proxying without caching until restart",
+                extra={"dir": self.layout.root, "error": describe(exc)},
+            )
             self._loaded.set()
         else:
             self._spawn(self._load(swept))
@@ -341,17 +374,26 @@ class DiskCache:
         # Most recent first, each put at the LRU end: entries committed while
         # the scan ran stay the most recently used.
         for record, last_access in sorted(result.entries, key=lambda e: e[1], reverse=True):
-            entry = Entry(record, self.layout.blob_path(record.blob), expiry(record, self.ttl),
-                          last_access)
+            entry = Entry(
+                record, self.layout.blob_path(record.blob), expiry(record, self.ttl), last_access
+            )
             if self._index.get(record.key) is not None:
                 self._retire(entry)  # replaced while we scanned: only its blob goes
             else:
                 self._index.put(entry, oldest=True)
         self._changed()
         self._loaded.set()
-        log.info("cache loaded", extra={
-            "dir": self.layout.root, "entries": len(self._index), "bytes": self._index.bytes,
-            "dropped": result.dropped, "orphans": result.orphans, "temp_swept": swept})
+        log.info(
+            "cache loaded",
+            extra={
+                "dir": self.layout.root,
+                "entries": len(self._index),
+                "bytes": self._index.bytes,
+                "dropped": result.dropped,
+                "orphans": result.orphans,
+                "temp_swept": swept,
+            },
+        )
 
     async def _maintain(self) -> None:
         """Evict when a commit pushed the cache over its bound; persist access times."""

@@ -87,13 +87,16 @@ def _artifact(module: str, version: str, ext: str) -> Artifact:
 
 
 async def warm(
-    config: Config, artifacts: Iterable[Artifact], jobs: int = DEFAULT_JOBS,
+    config: Config,
+    artifacts: Iterable[Artifact],
+    jobs: int = DEFAULT_JOBS,
     on_result: Callable[[Result], None] | None = None,
 ) -> list[Result]:
     """Fetch what is missing, ``jobs`` at a time; one Result per artifact, in order."""
     cache = DiskCache(config.cache, Metrics())
-    upstreams = [Upstream(cfg, "primary" if i == 0 else "backup")
-                 for i, cfg in enumerate(config.upstreams)]
+    upstreams = [
+        Upstream(cfg, "primary" if i == 0 else "backup") for i, cfg in enumerate(config.upstreams)
+    ]
     await cache.start()
     await cache.wait_loaded()
     for upstream in upstreams:
@@ -147,6 +150,10 @@ async def _fetch(cache: DiskCache, upstreams: list[Upstream], artifact: Artifact
         if fill.error is not None:
             errors.append(f"{upstream.name}: {fill.error.message}")
             continue
-        return Result(artifact, "failed", upstream=upstream.name,
-                      error="not cached (write error or larger than cache.max_bytes)")
+        return Result(
+            artifact,
+            "failed",
+            upstream=upstream.name,
+            error="not cached (write error or larger than cache.max_bytes)",
+        )
     return Result(artifact, "failed", error="; ".join(errors) or "no upstream allowed for it")

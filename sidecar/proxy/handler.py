@@ -30,8 +30,8 @@ from sidecar.errors import CacheIntegrityError, RequestError, UpstreamError, Ups
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
 from sidecar.proxy.recorder import Recorder
-from sidecar.routing import Route, Router
 from sidecar.proxy.stream import CLIENT_GONE, EntryResponse, deliver, is_small, read_small, relay
+from sidecar.routing import Route, Router
 from sidecar.stats.window import Outcome
 from sidecar.upstreams import Upstream, UpstreamResponse
 
@@ -100,8 +100,10 @@ class ProxyHandler:
             text = f"goproxy-sidecar: {req.module} is refused by routing rule {route.rule!r}"
         elif route.private and req.kind is Kind.SUMDB_LOOKUP:
             reason, status = "private_sumdb", 403
-            text = (f"goproxy-sidecar: {req.module} is private: checksum lookups for it "
-                    "are not forwarded (set GONOSUMDB or GOPRIVATE for it)")
+            text = (
+                f"goproxy-sidecar: {req.module} is private: checksum lookups for it "
+                "are not forwarded (set GONOSUMDB or GOPRIVATE for it)"
+            )
         else:
             return None
         self.recorder.counter(self.recorder.metrics.route_refusals, reason)()
@@ -128,8 +130,9 @@ class ProxyHandler:
         finally:
             cache.land(flight)
 
-    async def _walk(self, request: web.Request, req: GoproxyRequest, flight: Flight | None,
-                    route: Route) -> Answer:
+    async def _walk(
+        self, request: web.Request, req: GoproxyRequest, flight: Flight | None, route: Route
+    ) -> Answer:
         attempts = Attempts(use_cache=route.cache)
         for target in self._targets(route):
             answer = await self._try_target(request, req, target, attempts, flight)
@@ -141,8 +144,10 @@ class ProxyHandler:
             self.recorder.counter(self.recorder.metrics.route_refusals, "private_no_target")()
             attempts.failed = True  # a cached copy may still serve: it never leaves the host
             attempts.status = 404
-            attempts.message = (f"goproxy-sidecar: {req.module} is private and no upstream "
-                                "with private_ok can serve it")
+            attempts.message = (
+                f"goproxy-sidecar: {req.module} is private and no upstream "
+                "with private_ok can serve it"
+            )
         answer = await self._exhausted(request, req, attempts)
         if flight is not None and answer[2] == "not_found":
             flight.settle(NotFound(attempts.status, attempts.message))
@@ -156,7 +161,11 @@ class ProxyHandler:
         return [t for t in upstreams if t.name in route.targets]
 
     async def _try_target(
-        self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts,
+        self,
+        request: web.Request,
+        req: GoproxyRequest,
+        target: UpstreamPlan,
+        attempts: Attempts,
         flight: Flight | None,
     ) -> Answer | None:
         action = target.action
@@ -175,7 +184,11 @@ class ProxyHandler:
             return None
 
     async def _probe(
-        self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts,
+        self,
+        request: web.Request,
+        req: GoproxyRequest,
+        target: UpstreamPlan,
+        attempts: Attempts,
         flight: Flight | None,
     ) -> Answer | None:
         """A half-open breaker lets this request through as one of its probes."""
@@ -199,7 +212,11 @@ class ProxyHandler:
         return answer
 
     async def _fetch(
-        self, request: web.Request, req: GoproxyRequest, upstream: Upstream, attempts: Attempts,
+        self,
+        request: web.Request,
+        req: GoproxyRequest,
+        upstream: Upstream,
+        attempts: Attempts,
         flight: Flight | None,
     ) -> Answer | None:
         """One upstream attempt. None means "go on"; UpstreamError means it failed."""
@@ -219,8 +236,12 @@ class ProxyHandler:
             self.recorder.masked(name)
         if flight is not None and self.cache is not None:
             reader = await self.cache.start_fill(
-                req, resp, response_headers(resp.headers, upstream.name), flight,
-                partial(self._body_end, upstream.name, resp.ttfb))
+                req,
+                resp,
+                response_headers(resp.headers, upstream.name),
+                flight,
+                partial(self._body_end, upstream.name, resp.ttfb),
+            )
             if reader is not None:
                 return await self._deliver(request, reader, attempts)
         return await self._stream(request, req, resp, attempts)
@@ -234,7 +255,8 @@ class ProxyHandler:
             body = await read_small(resp) if request.method == "GET" else None
             if body is not None:
                 response: web.StreamResponse = web.Response(
-                    body=body, headers=response_headers(resp.headers, name))
+                    body=body, headers=response_headers(resp.headers, name)
+                )
                 outcome = "ok"
             else:
                 response, outcome = await relay(request, resp)
@@ -252,8 +274,9 @@ class ProxyHandler:
         else:
             self._record_failure(name, exc, ttfb)
 
-    async def _deliver(self, request: web.Request, reader: FillReader, attempts: Attempts | None
-                       ) -> Answer:
+    async def _deliver(
+        self, request: web.Request, reader: FillReader, attempts: Attempts | None
+    ) -> Answer:
         """Send a fill's body to this client. UpstreamError: it failed before any
         header was sent (the caller may try elsewhere); after, the connection is cut."""
         fill = reader.fill
@@ -267,15 +290,17 @@ class ProxyHandler:
                     raise
                 return web.Response(body=body, headers=fill.headers), fill.upstream, "ok"
             response, outcome, failure = await deliver(
-                request, reader, fill.headers, fill.content_length)
+                request, reader, fill.headers, fill.content_length
+            )
             if failure is not None and attempts is not None:
                 attempts.cut = failure
             return response, fill.upstream, outcome
         finally:
             reader.close()
 
-    async def _join(self, request: web.Request, req: GoproxyRequest, flight: Flight
-                    ) -> Answer | None:
+    async def _join(
+        self, request: web.Request, req: GoproxyRequest, flight: Flight
+    ) -> Answer | None:
         """Wait for the leader of this key. None: walk the targets yourself."""
         outcome = await flight.outcome()
         if isinstance(outcome, NotFound):
@@ -296,10 +321,18 @@ class ProxyHandler:
 
     def _record_failure(self, name: str, exc: UpstreamError, ttfb: float | None) -> None:
         timeout = isinstance(exc, UpstreamTimeout)
-        self.recorder.attempt(name, Outcome.TIMEOUT if timeout else Outcome.ERROR, ttfb,
-                              exc.failure)
-        log.warning("upstream failure", extra={"upstream": name, "failure": exc.failure,
-                                                "status": exc.status, "error": exc.message})
+        self.recorder.attempt(
+            name, Outcome.TIMEOUT if timeout else Outcome.ERROR, ttfb, exc.failure
+        )
+        log.warning(
+            "upstream failure",
+            extra={
+                "upstream": name,
+                "failure": exc.failure,
+                "status": exc.status,
+                "error": exc.message,
+            },
+        )
 
     @staticmethod
     def _note_failure(exc: UpstreamError, attempts: Attempts) -> None:
@@ -327,8 +360,11 @@ class ProxyHandler:
         assert cache is not None
         if not entry.verified and not await cache.verify(entry):
             return None
-        headers = {"Content-Type": entry.content_type, SOURCE_HEADER: "cache",
-                   "Age": str(cache.age(entry))}
+        headers = {
+            "Content-Type": entry.content_type,
+            SOURCE_HEADER: "cache",
+            "Age": str(cache.age(entry)),
+        }
         if stale:
             headers[STALE_HEADER] = "1"
             headers["Warning"] = STALE_WARNING
@@ -345,15 +381,18 @@ class ProxyHandler:
         finally:
             cache.release(entry)
         metrics = self.recorder.metrics
-        self.recorder.counter(metrics.cache_stale_serves if stale else metrics.cache_hits,
-                              req.kind.value)()
+        self.recorder.counter(
+            metrics.cache_stale_serves if stale else metrics.cache_hits, req.kind.value
+        )()
         return response, "cache", "stale" if stale else "hit"
 
     def _reject(self, target: UpstreamPlan) -> web.StreamResponse:
         self.recorder.counter(self.recorder.metrics.rejected_requests, target.name, "policy")()
         return text_response(
-            self.reject_status, f"goproxy-sidecar: {target.name} is shedding load: "
-            f"{target.breaker.reason}", {"Retry-After": RETRY_AFTER_S})
+            self.reject_status,
+            f"goproxy-sidecar: {target.name} is shedding load: {target.breaker.reason}",
+            {"Retry-After": RETRY_AFTER_S},
+        )
 
     async def _exhausted(
         self, request: web.Request, req: GoproxyRequest, attempts: Attempts
@@ -362,7 +401,8 @@ class ProxyHandler:
             entry = self.cache.lookup(req, allow_stale=True)
             if entry is not None:
                 answer = await self._from_cache(
-                    request, req, entry, stale=self.cache.is_stale(entry))
+                    request, req, entry, stale=self.cache.is_stale(entry)
+                )
                 if answer is not None:
                     return answer
         if attempts.status:
@@ -370,11 +410,21 @@ class ProxyHandler:
             return text_response(attempts.status, attempts.message), "sidecar", outcome
         self.recorder.counter(self.recorder.metrics.rejected_requests, "", "no_target")()
         why = "; ".join(attempts.skipped) or "no upstream configured"
-        return (text_response(503, f"goproxy-sidecar: no target can serve: {why}",
-                              {"Retry-After": RETRY_AFTER_S}), "sidecar", "unavailable")
+        return (
+            text_response(
+                503, f"goproxy-sidecar: no target can serve: {why}", {"Retry-After": RETRY_AFTER_S}
+            ),
+            "sidecar",
+            "unavailable",
+        )
 
 
 def text_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """A short plain-text body the go command prints after the status."""
-    return web.Response(status=status, text=message.strip() + "\n", content_type="text/plain",
-                        charset="utf-8", headers=headers)
+    return web.Response(
+        status=status,
+        text=message.strip() + "\n",
+        content_type="text/plain",
+        charset="utf-8",
+        headers=headers,
+    )

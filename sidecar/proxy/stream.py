@@ -77,7 +77,9 @@ async def relay(request: web.Request, resp: UpstreamResponse) -> tuple[web.Strea
 
 
 async def deliver(
-    request: web.Request, reader: FillReader, headers: CIMultiDict[str],
+    request: web.Request,
+    reader: FillReader,
+    headers: CIMultiDict[str],
     content_length: int | None,
 ) -> tuple[web.StreamResponse, str, UpstreamError | None]:
     """Stream a fill to one client as its bytes arrive: (response, outcome, failure)."""
@@ -133,10 +135,14 @@ class EntryResponse(web.FileResponse):
             raise CacheIntegrityError(f"cannot open cached file: {describe(exc)}") from exc
 
     async def _prepare_open_file(
-        self, request: BaseRequest, fobj: io.BufferedReader, st: os.stat_result,
+        self,
+        request: BaseRequest,
+        fobj: io.BufferedReader,
+        st: os.stat_result,
         file_encoding: str | None,
     ) -> AbstractStreamWriter | None:
         if st.st_size != self._expected_size:
             raise CacheIntegrityError(
-                f"cached file has {st.st_size} bytes, recorded {self._expected_size}")
+                f"cached file has {st.st_size} bytes, recorded {self._expected_size}"
+            )
         return await super()._prepare_open_file(request, fobj, st, file_encoding)

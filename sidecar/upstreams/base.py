@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Final
+
+from multidict import CIMultiDictProxy
 
 if TYPE_CHECKING:
     from sidecar.upstreams.client import Upstream
@@ -36,11 +38,13 @@ class UpstreamResponse(abc.ABC):
     ``headers`` is a case-insensitive mapping (``CIMultiDictProxy``).
     """
 
-    __slots__ = ("_counted", "_released", "content_length", "headers", "status", "ttfb",
-                 "upstream")
+    __slots__ = ("_counted", "_released", "content_length", "headers", "status", "ttfb", "upstream")
 
     def __init__(
-        self, upstream: Upstream, status: int, headers: Mapping[str, str],
+        self,
+        upstream: Upstream,
+        status: int,
+        headers: CIMultiDictProxy[str],
         content_length: int | None,
     ) -> None:
         self.upstream = upstream
@@ -99,14 +103,17 @@ class Backend(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def send(self, upstream: Upstream, method: str, path: str, deadline: float
-                   ) -> UpstreamResponse:
+    def send(
+        self, upstream: Upstream, method: str, path: str, deadline: float
+    ) -> Awaitable[UpstreamResponse]:
         """``method`` the upstream's ``<base path>/<path>``; ``deadline``
-        (time.monotonic) bounds pool wait, connect and headers."""
+        (time.monotonic) bounds pool wait, connect and headers. (May be a
+        plain function returning the awaitable: a coroutine frame less.)"""
 
     @abc.abstractmethod
-    async def send_url(self, upstream: Upstream, method: str, url: str, deadline: float
-                       ) -> UpstreamResponse:
+    async def send_url(
+        self, upstream: Upstream, method: str, url: str, deadline: float
+    ) -> UpstreamResponse:
         """``method`` an absolute URL (a redirect target). Credentials go only
         to the upstream's own origin."""
 

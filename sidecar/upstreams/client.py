@@ -91,6 +91,9 @@ class Upstream:
 
     async def start(self) -> None:
         await self.backend.start()
+        log.info(
+            "upstream client", extra={"upstream": self.name, "client": self.backend.describe()}
+        )
 
     async def close(self) -> None:
         await self.backend.close()
@@ -143,8 +146,9 @@ class Upstream:
         await self._raise_status(answer)
         raise AssertionError("unreachable")
 
-    async def _follow(self, answer: UpstreamResponse, method: str, path: str, deadline: float
-                      ) -> UpstreamResponse:
+    async def _follow(
+        self, answer: UpstreamResponse, method: str, path: str, deadline: float
+    ) -> UpstreamResponse:
         """Follow redirects; the final answer (any status) is returned."""
         url = f"{self.cfg.url}/{path}"
         for _ in range(MAX_REDIRECTS):
@@ -157,16 +161,18 @@ class Upstream:
             scheme = urlsplit(target).scheme.lower()
             if scheme not in ("http", "https") or (url.startswith("https:") and scheme != "https"):
                 raise UpstreamStatusError(
-                    self.name, f"status {answer.status}: redirect to a non-https URL refused",
-                    answer.status)
+                    self.name,
+                    f"status {answer.status}: redirect to a non-https URL refused",
+                    answer.status,
+                )
             answer = await self.backend.send_url(self, method, target, deadline)
             if answer.status not in REDIRECT_STATUSES:
                 return answer
             url = target
         answer.release(reuse=False)
         raise UpstreamStatusError(
-            self.name, f"status {answer.status}: more than {MAX_REDIRECTS} redirects",
-            answer.status)
+            self.name, f"status {answer.status}: more than {MAX_REDIRECTS} redirects", answer.status
+        )
 
     async def _raise_status(self, answer: UpstreamResponse) -> None:
         text = await answer.read_text(200)
@@ -174,13 +180,19 @@ class Upstream:
         if answer.status in AUTH_STATUSES:
             self._warn_auth(answer.status)
         raise UpstreamStatusError(
-            self.name, f"status {answer.status}" + (f": {text}" if text else ""), answer.status)
+            self.name, f"status {answer.status}" + (f": {text}" if text else ""), answer.status
+        )
 
     def _warn_auth(self, status: int) -> None:
         if self._auth_warned:
             return
         self._auth_warned = True
-        hint = ("check auth.basic env vars or ~/.netrc for this upstream" if status == 401
-                else "check the user:password in HTTPS_PROXY/HTTP_PROXY")
-        log.warning("upstream refused credentials",
-                    extra={"upstream": self.name, "status": status, "hint": hint})
+        hint = (
+            "check auth.basic env vars or ~/.netrc for this upstream"
+            if status == 401
+            else "check the user:password in HTTPS_PROXY/HTTP_PROXY"
+        )
+        log.warning(
+            "upstream refused credentials",
+            extra={"upstream": self.name, "status": status, "hint": hint},
+        )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote, urlsplit
 
@@ -135,7 +135,11 @@ class DirectBackend(Backend):
     """Pooled HTTP/1.1 to one origin; one-shot connections for redirects elsewhere."""
 
     def __init__(
-        self, name: str, url: str, limit: int, timeouts: TimeoutsConfig,
+        self,
+        name: str,
+        url: str,
+        limit: int,
+        timeouts: TimeoutsConfig,
         authorization: str | None,
     ) -> None:
         self.name = name
@@ -158,8 +162,9 @@ class DirectBackend(Backend):
     async def close(self) -> None:
         await self.pool.close()
 
-    async def send(self, upstream: Upstream, method: str, path: str, deadline: float
-                   ) -> UpstreamResponse:
+    def send(
+        self, upstream: Upstream, method: str, path: str, deadline: float
+    ) -> Awaitable[UpstreamResponse]:
         if method == "GET":
             prefix = self._get
         elif method == "HEAD":
@@ -167,10 +172,11 @@ class DirectBackend(Backend):
         else:
             prefix = method.encode("ascii") + b" " + self._base
         request = prefix + encode_path(path) + self._tail
-        return await self._pooled(upstream, request, method == "HEAD", deadline)
+        return self._pooled(upstream, request, method == "HEAD", deadline)
 
-    async def send_url(self, upstream: Upstream, method: str, url: str, deadline: float
-                       ) -> UpstreamResponse:
+    async def send_url(
+        self, upstream: Upstream, method: str, url: str, deadline: float
+    ) -> UpstreamResponse:
         origin = Origin.of(url)
         start = method.encode("ascii") + b" " + encode_target(url)
         if origin == self.pool.origin:
@@ -181,27 +187,28 @@ class DirectBackend(Backend):
         pool = self.pool
         conn = await pool.open(deadline, origin)
         try:
-            conn.send(request, method == "HEAD", deadline)
-            await conn.wait_headers()
+            await conn.send(request, method == "HEAD", deadline)
+            conn.check()
         except BaseException:
             pool.release(conn, reuse=False)
             raise
         return Http1Response(upstream, conn, pool, self._idle)
 
-    async def _pooled(self, upstream: Upstream, request: bytes, head: bool, deadline: float
-                      ) -> Http1Response:
+    async def _pooled(
+        self, upstream: Upstream, request: bytes, head: bool, deadline: float
+    ) -> Http1Response:
         pool = self.pool
         conn = pool.acquire_nowait()
         if conn is None:
             conn = await pool.acquire(deadline)
         try:
-            conn.send(request, head, deadline)
-            await conn.wait_headers()
+            await conn.send(request, head, deadline)
+            conn.check()
         except StaleConnection:
             conn = await pool.replace(conn, deadline)
             try:
-                conn.send(request, head, deadline)
-                await conn.wait_headers()
+                await conn.send(request, head, deadline)
+                conn.check()
             except BaseException:
                 pool.release(conn, reuse=False)
                 raise

@@ -62,7 +62,8 @@ class AiohttpResponse(UpstreamResponse):
             raise
         if self.content_length is not None and received < self.content_length:
             raise UpstreamTruncated(
-                name, f"body ended after {received} of {self.content_length} bytes")
+                name, f"body ended after {received} of {self.content_length} bytes"
+            )
 
     async def read_text(self, limit: int = ERROR_BODY_LIMIT) -> str:
         try:
@@ -80,8 +81,13 @@ class AiohttpResponse(UpstreamResponse):
 
 class AiohttpBackend(Backend):
     def __init__(
-        self, name: str, url: str, limit: int, timeouts: TimeoutsConfig,
-        authorization: str | None, proxy: OutboundProxy | None,
+        self,
+        name: str,
+        url: str,
+        limit: int,
+        timeouts: TimeoutsConfig,
+        authorization: str | None,
+        proxy: OutboundProxy | None,
     ) -> None:
         self.name = name
         self._base = url
@@ -99,45 +105,60 @@ class AiohttpBackend(Backend):
 
     async def start(self) -> None:
         t = self._timeouts
-        connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=t.idle,
-                                         ttl_dns_cache=60)
+        connector = aiohttp.TCPConnector(
+            limit=self._limit, keepalive_timeout=t.idle, ttl_dns_cache=60
+        )
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.idle)
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False, trust_env=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"), raise_for_status=False)
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            trust_env=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            raise_for_status=False,
+        )
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
-    async def send(self, upstream: Upstream, method: str, path: str, deadline: float
-                   ) -> UpstreamResponse:
-        return await self._request(upstream, method, f"{self._base}/{path}", self._headers,
-                                   deadline)
+    async def send(
+        self, upstream: Upstream, method: str, path: str, deadline: float
+    ) -> UpstreamResponse:
+        return await self._request(
+            upstream, method, f"{self._base}/{path}", self._headers, deadline
+        )
 
-    async def send_url(self, upstream: Upstream, method: str, url: str, deadline: float
-                       ) -> UpstreamResponse:
+    async def send_url(
+        self, upstream: Upstream, method: str, url: str, deadline: float
+    ) -> UpstreamResponse:
         headers = self._headers if _origin(url) == self._origin else dict(REQUEST_HEADERS)
         return await self._request(upstream, method, url, headers, deadline)
 
-    async def _request(self, upstream: Upstream, method: str, url: str,
-                       headers: dict[str, str], deadline: float) -> UpstreamResponse:
+    async def _request(
+        self, upstream: Upstream, method: str, url: str, headers: dict[str, str], deadline: float
+    ) -> UpstreamResponse:
         assert self._session is not None, "Upstream.start() was not awaited"
         started = time.monotonic()
         try:
             async with asyncio.timeout(deadline - started):
                 resp = await self._session.request(
-                    method, url, headers=headers, allow_redirects=False,
+                    method,
+                    url,
+                    headers=headers,
+                    allow_redirects=False,
                     proxy=self._proxy.url if self._proxy else None,
-                    proxy_headers=self._proxy.headers if self._proxy else None)
+                    proxy_headers=self._proxy.headers if self._proxy else None,
+                )
         except Exception as exc:
             raise self._translate(exc, time.monotonic() - started) from exc
         return AiohttpResponse(upstream, resp)
 
     def _translate(self, exc: Exception, elapsed: float) -> UpstreamError:
         if isinstance(exc, aiohttp.ClientHttpProxyError):
-            return UpstreamStatusError(self.name, f"outbound proxy answered {exc.status}",
-                                       exc.status)
+            return UpstreamStatusError(
+                self.name, f"outbound proxy answered {exc.status}", exc.status
+            )
         if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
             what = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "first byte"
             return UpstreamTimeout(self.name, f"{what} timeout after {elapsed:.2f}s")

@@ -78,8 +78,13 @@ class Pool:
     """Connections to ``origin`` for one upstream named ``name``."""
 
     def __init__(
-        self, name: str, origin: Origin, limit: int, connect_timeout: float,
-        idle_timeout: float, tick: float,
+        self,
+        name: str,
+        origin: Origin,
+        limit: int,
+        connect_timeout: float,
+        idle_timeout: float,
+        tick: float,
     ) -> None:
         self.name = name
         self.origin = origin
@@ -254,7 +259,8 @@ class Pool:
                 self._free_slot()
             what = "connect" if self.connect_timeout <= budget else "first byte"
             raise UpstreamTimeout(
-                self.name, f"{what} timeout after {time.monotonic() - started:.2f}s") from exc
+                self.name, f"{what} timeout after {time.monotonic() - started:.2f}s"
+            ) from exc
         except BaseException:
             if own:
                 self._free_slot()
@@ -276,8 +282,11 @@ class Pool:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 ctx = self._tls_context() if origin.tls else None
                 _, conn = await loop.create_connection(
-                    lambda: Connection(self, self.name), sock=sock, ssl=ctx,
-                    server_hostname=origin.host if ctx is not None else None)
+                    lambda: Connection(self, self.name),
+                    sock=sock,
+                    ssl=ctx,
+                    server_hostname=origin.host if ctx is not None else None,
+                )
             except ssl.SSLError as exc:
                 sock.close()
                 reason = getattr(exc, "reason", None) or type(exc).__name__
@@ -307,7 +316,8 @@ class Pool:
             infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise UpstreamConnectError(
-                self.name, f"cannot resolve host: {exc.strerror or type(exc).__name__}") from exc
+                self.name, f"cannot resolve host: {exc.strerror or type(exc).__name__}"
+            ) from exc
         addresses: list[tuple[int, tuple[str, int]]] = []
         for fam, _type, _proto, _name, sockaddr in infos:
             entry = (int(fam), (str(sockaddr[0]), int(sockaddr[1])))
@@ -338,8 +348,11 @@ class Pool:
         while waiters and (waiters[0][0].done() or waiters[0][1] <= now):
             fut, _ = waiters.popleft()
             if not fut.done():
-                fut.set_exception(UpstreamTimeout(
-                    self.name, "first byte timeout while waiting for a pool connection"))
+                fut.set_exception(
+                    UpstreamTimeout(
+                        self.name, "first byte timeout while waiting for a pool connection"
+                    )
+                )
         expired = [c for c in self._busy if c.deadline and c.deadline <= now]
         for conn in expired:
             conn.expire()

@@ -38,10 +38,17 @@ def policy_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def breaker_sidecar(sidecar_client, policy_dir):
     async def start(urls, mode=PolicyMode.ENFORCE, run_control=False, **kw):
-        policy = PolicyConfig(paths=(str(policy_dir),), interval=0.1, mode=mode,
-                              **kw.pop("policy", {}))
-        return await sidecar_client(urls, run_control=run_control, policy=policy,
-                                    stats=StatsConfig(window=2.0, slice=0.5), **kw)
+        policy = PolicyConfig(
+            paths=(str(policy_dir),), interval=0.1, mode=mode, **kw.pop("policy", {})
+        )
+        return await sidecar_client(
+            urls,
+            run_control=run_control,
+            policy=policy,
+            stats=StatsConfig(window=2.0, slice=0.5),
+            **kw,
+        )
+
     return start
 
 
@@ -69,8 +76,10 @@ async def test_errors_trip_cache_and_spare_the_primary(fake_upstreams, breaker_s
     assert len(a.received) == seen  # open: the primary is spared
     assert sc.windows["up0"].snapshot().requests == 0  # fresh window after the trip
     text = await (await client.get("/metrics")).text()
-    assert ('goproxy_sidecar_breaker_transitions_total{from_state="closed",reason="cache",'
-            'to_state="open",upstream="up0"} 1.0') in text
+    assert (
+        'goproxy_sidecar_breaker_transitions_total{from_state="closed",reason="cache",'
+        'to_state="open",upstream="up0"} 1.0'
+    ) in text
     assert 'goproxy_sidecar_breaker_state{state="open",upstream="up0"} 1.0' in text
 
 
@@ -98,8 +107,11 @@ async def test_saturation_rejects_fast_with_retry_after(fake_upstreams, breaker_
     a.set(INFO, Reply(body=b"{}", delay=0.3))
     b.set(INFO, b"{}")
     from sidecar.config import UpstreamConfig
-    ups = (UpstreamConfig("up0", url_a, pool=PoolConfig(max_connections=2), timeouts=FAST_TIMEOUTS),
-           UpstreamConfig("up1", url_b, timeouts=FAST_TIMEOUTS))
+
+    ups = (
+        UpstreamConfig("up0", url_a, pool=PoolConfig(max_connections=2), timeouts=FAST_TIMEOUTS),
+        UpstreamConfig("up1", url_b, timeouts=FAST_TIMEOUTS),
+    )
     client, sc = await breaker_sidecar([url_a, url_b], upstreams=ups)
     await burst(client, 8)
     await sc.control.step()
@@ -120,8 +132,10 @@ async def test_reject_status_is_configurable(fake_upstreams, breaker_sidecar):
     [(a, url_a)] = await fake_upstreams(1)
     a.set(INFO, Reply(body=b"{}", delay=0.3))
     from sidecar.config import UpstreamConfig
-    ups = (UpstreamConfig("up0", url_a, pool=PoolConfig(max_connections=1),
-                          timeouts=FAST_TIMEOUTS),)
+
+    ups = (
+        UpstreamConfig("up0", url_a, pool=PoolConfig(max_connections=1), timeouts=FAST_TIMEOUTS),
+    )
     client, sc = await breaker_sidecar([url_a], upstreams=ups, policy={"reject_status": 404})
     await burst(client, 4)
     await sc.control.step()
@@ -162,7 +176,7 @@ async def test_bad_probe_reopens(fake_upstreams, breaker_sidecar):
 
 
 async def test_idle_half_open_breaker_probes_by_itself(fake_upstreams, breaker_sidecar):
-    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    (a, url_a), (_b, url_b) = await fake_upstreams(2)
     a.default = Reply(status=500)
     client, sc = await breaker_sidecar([url_a, url_b])
     await burst(client, 10)
@@ -223,8 +237,12 @@ async def test_broken_policy_is_refused_and_the_last_good_stays(
     await burst(client, 10)
     await sc.control.step()
     assert sc.breakers["up0"].action.value == "cache"  # the old policy still decides
-    assert sc.metrics.registry.get_sample_value(
-        "goproxy_sidecar_policy_reloads_total", {"result": "failed"}) == 1
+    assert (
+        sc.metrics.registry.get_sample_value(
+            "goproxy_sidecar_policy_reloads_total", {"result": "failed"}
+        )
+        == 1
+    )
 
 
 async def test_failing_engine_never_fails_requests(fake_upstreams, breaker_sidecar, aiohttp_server):
@@ -239,12 +257,18 @@ async def test_failing_engine_never_fails_requests(fake_upstreams, breaker_sidec
     [(a, url_a)] = await fake_upstreams(1)
     a.set(INFO, b"{}")
     client, sc = await breaker_sidecar(
-        [url_a], policy={"engine": PolicyEngineKind.OPA, "opa_url": str(opa.make_url("")).rstrip("/")})
+        [url_a],
+        policy={"engine": PolicyEngineKind.OPA, "opa_url": str(opa.make_url("")).rstrip("/")},
+    )
     sc.control.stale_after = 0.0
     await sc.control.step()
     assert (await client.get("/" + INFO)).status == 200
     reg = sc.metrics.registry
-    assert (reg.get_sample_value("goproxy_sidecar_policy_failures_total",
-                                 {"engine": "opa", "reason": "PolicyEvalError"}) or 0) >= 1
+    assert (
+        reg.get_sample_value(
+            "goproxy_sidecar_policy_failures_total", {"engine": "opa", "reason": "PolicyEvalError"}
+        )
+        or 0
+    ) >= 1
     assert reg.get_sample_value("goproxy_sidecar_policy_decisions_stale") == 1
     assert sc.breakers["up0"].state.value == "closed"

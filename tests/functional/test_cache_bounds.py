@@ -92,14 +92,23 @@ async def test_bound_holds_under_many_fills(fake_upstreams, sidecar_client, tmp_
     client, sc = await start(sidecar_client, [url], cache_config(tmp_path, max_bytes=400_000))
     await asyncio.gather(*(get(client, mod(f"m{i}")) for i in range(len(sizes))))
     # every body is committed (commits land after the replies), then evicted or kept
-    await wait_for(lambda: sc.cache.summary()["entries"] + metric(sc, EVICTIONS) == len(sizes)
-                   and sc.cache.summary()["bytes"] <= 400_000, what="commits and eviction")
+    await wait_for(
+        lambda: (
+            sc.cache.summary()["entries"] + metric(sc, EVICTIONS) == len(sizes)
+            and sc.cache.summary()["bytes"] <= 400_000
+        ),
+        what="commits and eviction",
+    )
     blobs = Path(Layout.at(str(tmp_path / "cache")).blobs)
-    await wait_for(lambda: sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file())
-                   <= 400_000, what="evicted blobs to be deleted")
+    await wait_for(
+        lambda: sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) <= 400_000,
+        what="evicted blobs to be deleted",
+    )
     assert metric(sc, EVICTIONS) > 0
-    await wait_for(lambda: sc.cache.summary()["entries"] == len(keys_on_disk(tmp_path / "cache")),
-                   what="evicted records to be deleted")
+    await wait_for(
+        lambda: sc.cache.summary()["entries"] == len(keys_on_disk(tmp_path / "cache")),
+        what="evicted records to be deleted",
+    )
 
 
 # ------------------------------------------------------------------ write errors
@@ -112,8 +121,11 @@ def small_fs(tmp_path):
     mountpoint.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount(8) here")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
     try:

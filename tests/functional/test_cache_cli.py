@@ -20,16 +20,27 @@ from tests.upstream import Reply
 
 A = "github.com/!azure/go-autorest"
 KEYS = [
-    f"{A}/@v/v1.0.0.zip", f"{A}/@v/v1.0.0.mod", f"{A}/@v/v1.0.0.info", f"{A}/@v/v1.1.0.mod",
-    f"{A}/@v/list", f"{A}/@latest", f"{A}/autorest/@v/v0.1.0.mod",
+    f"{A}/@v/v1.0.0.zip",
+    f"{A}/@v/v1.0.0.mod",
+    f"{A}/@v/v1.0.0.info",
+    f"{A}/@v/v1.1.0.mod",
+    f"{A}/@v/list",
+    f"{A}/@latest",
+    f"{A}/autorest/@v/v0.1.0.mod",
     f"sumdb/sum.golang.org/lookup/{A}@v1.0.0",
 ]
 
 
 async def cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=str(cwd or Path(__file__).resolve().parents[2]))
+        sys.executable,
+        "-m",
+        "sidecar",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=str(cwd or Path(__file__).resolve().parents[2]),
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -38,8 +49,10 @@ async def cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
 def write_config(tmp_path: Path, urls: list[str], cache_dir: Path) -> Path:
     cfg = tmp_path / "sidecar.yaml"
     ups = "".join(f'  - {{name: up{i}, url: "{u}"}}\n' for i, u in enumerate(urls))
-    cfg.write_text(f'listen: "127.0.0.1:3001"\nupstreams:\n{ups}'
-                   f'cache: {{dir: "{cache_dir}", mutable_ttl: 1h}}\n')
+    cfg.write_text(
+        f'listen: "127.0.0.1:3001"\nupstreams:\n{ups}'
+        f'cache: {{dir: "{cache_dir}", mutable_ttl: 1h}}\n'
+    )
     return cfg
 
 
@@ -77,12 +90,14 @@ async def test_ls_lists_entries_with_size_age_kind_and_verification(
 async def test_purge_one_version_then_the_whole_module(fake_upstreams, sidecar_client, tmp_path):
     await populate(fake_upstreams, sidecar_client, tmp_path)
     cfg = write_config(tmp_path, ["http://127.0.0.1:9"], tmp_path / "cache")
-    code, out, err = await cli("cache", "purge", "github.com/Azure/go-autorest@v1.0.0",
-                               "--config", str(cfg))
+    code, out, err = await cli(
+        "cache", "purge", "github.com/Azure/go-autorest@v1.0.0", "--config", str(cfg)
+    )
     assert code == 0, err
     assert "purged 4 entries" in out
     assert keys_on_disk(tmp_path / "cache") == sorted(
-        [f"{A}/@v/v1.1.0.mod", f"{A}/@v/list", f"{A}/@latest", f"{A}/autorest/@v/v0.1.0.mod"])
+        [f"{A}/@v/v1.1.0.mod", f"{A}/@v/list", f"{A}/@latest", f"{A}/autorest/@v/v0.1.0.mod"]
+    )
     code, out, _ = await cli("cache", "purge", "github.com/Azure/go-autorest", "--config", str(cfg))
     assert code == 0 and "purged 3 entries" in out
     assert keys_on_disk(tmp_path / "cache") == [f"{A}/autorest/@v/v0.1.0.mod"]  # another module
@@ -95,8 +110,9 @@ async def test_purge_while_the_sidecar_runs_means_fetch_again(
 ):
     client, _sc, _up, url = await populate(fake_upstreams, sidecar_client, tmp_path)
     cfg = write_config(tmp_path, [url], tmp_path / "cache")
-    assert (await cli("cache", "purge", "github.com/Azure/go-autorest@v1.0.0", "--config",
-                      str(cfg)))[0] == 0
+    assert (
+        await cli("cache", "purge", "github.com/Azure/go-autorest@v1.0.0", "--config", str(cfg))
+    )[0] == 0
     resp = await client.get("/" + KEYS[0])
     assert resp.status == 200 and resp.headers["X-Sidecar-Upstream"] == "up0"
     assert await resp.read() == KEYS[0].encode() * 10
@@ -145,9 +161,14 @@ async def test_warm_prefetches_a_go_sum_through_the_chain(fake_upstreams, tmp_pa
     assert "FAILED example.com/missing@v0.1.0.zip" in out
     assert "SKIPPED line 6" in out
     assert "warm: " in err and "(100%)" in err  # progress on stderr
-    assert keys_on_disk(cache_dir) == sorted([
-        f"{A}/@v/v1.0.0.zip", f"{A}/@v/v1.0.0.mod", f"{A}/@v/v1.0.0.info",
-        "golang.org/x/text/@v/v0.3.0.mod"])
+    assert keys_on_disk(cache_dir) == sorted(
+        [
+            f"{A}/@v/v1.0.0.zip",
+            f"{A}/@v/v1.0.0.mod",
+            f"{A}/@v/v1.0.0.info",
+            "golang.org/x/text/@v/v0.3.0.mod",
+        ]
+    )
     assert a.received.count(f"{A}/@v/v1.0.0.mod") == 1  # go.sum's two lines, one fetch
     assert temp_files(cache_dir) == []
     code, out, _ = await cli("warm", str(go_sum), "--config", str(cfg))

@@ -188,9 +188,16 @@ def _free_port() -> int:
 
 async def _spawn(cfg: Path, port: int, log: Path) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "--config", str(cfg),
-        stdout=asyncio.subprocess.DEVNULL, stderr=open(log, "ab"),  # noqa: SIM115
-        cwd=str(Path(__file__).resolve().parents[2]))
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(cfg),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=open(log, "ab"),  # noqa: SIM115
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
@@ -213,8 +220,10 @@ async def test_kill_9_mid_transfer_leaves_no_partial_entry(fake_upstreams, tmp_p
     port = _free_port()
     cache_dir = tmp_path / "cache"
     cfg = tmp_path / "sidecar.yaml"
-    cfg.write_text(f'listen: "127.0.0.1:{port}"\nupstreams:\n  - {{name: athens, url: "{url}"}}\n'
-                   f'cache: {{dir: "{cache_dir}", max_bytes: 1GiB}}\n')
+    cfg.write_text(
+        f'listen: "127.0.0.1:{port}"\nupstreams:\n  - {{name: athens, url: "{url}"}}\n'
+        f'cache: {{dir: "{cache_dir}", max_bytes: 1GiB}}\n'
+    )
     log = tmp_path / "sidecar.log"
     proc = await _spawn(cfg, port, log)
     base = f"http://127.0.0.1:{port}/"

@@ -223,8 +223,14 @@ async def test_stale_copy_is_served_when_no_upstream_answers(
     assert resp.headers["X-Sidecar-Stale"] == "1"
     assert resp.headers["Warning"].startswith("110")
     assert int(resp.headers["Age"]) >= 0
-    await wait_for(lambda: metric(sc, "goproxy_sidecar_requests_total", upstream="cache",
-                                  kind="list", outcome="stale") == 1)
+    await wait_for(
+        lambda: (
+            metric(
+                sc, "goproxy_sidecar_requests_total", upstream="cache", kind="list", outcome="stale"
+            )
+            == 1
+        )
+    )
     assert metric(sc, "goproxy_sidecar_cache_stale_serves_total", kind="list") == 1
 
 

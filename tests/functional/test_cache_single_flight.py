@@ -118,8 +118,9 @@ async def test_failed_fetch_cuts_every_client_that_had_headers(
     fake_upstreams, cached_sidecar, tmp_path
 ):
     [(up, url)] = await fake_upstreams(1)
-    up.set(ZIP, Reply(body=b"z" * (4 * 1024 * 1024), truncate_at=2 * 1024 * 1024,
-                      chunk_delay=0.005))
+    up.set(
+        ZIP, Reply(body=b"z" * (4 * 1024 * 1024), truncate_at=2 * 1024 * 1024, chunk_delay=0.005)
+    )
     client, sc = await cached_sidecar([url])
 
     async def one() -> str:

@@ -83,5 +83,8 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "
 
 async def settled(sc, entries: int, timeout: float = 5.0) -> None:
     """Wait until the store holds ``entries`` entries (commits run after the reply)."""
-    await wait_for(lambda: sc.cache.summary()["entries"] == entries, timeout,
-                   f"{entries} cache entries, have {sc.cache.summary()}")
+    await wait_for(
+        lambda: sc.cache.summary()["entries"] == entries,
+        timeout,
+        f"{entries} cache entries, have {sc.cache.summary()}",
+    )

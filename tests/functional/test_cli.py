@@ -31,7 +31,8 @@ def write_config(tmp_path: Path, upstream_url: str, port: int, extra: str = "") 
         "upstreams:\n"
         f'  - {{name: athens, url: "{upstream_url}"}}\n'
         f'cache: {{dir: "{tmp_path / "cache"}", enabled: false}}\n'
-        "shutdown_grace: 5s\n" + extra)
+        "shutdown_grace: 5s\n" + extra
+    )
     return cfg
 
 
@@ -39,11 +40,12 @@ def sidecar_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sidecar", *args]
 
 
-async def start_sidecar(args: list[str], port: int, env: dict[str, str] | None = None
-                        ) -> asyncio.subprocess.Process:
+async def start_sidecar(
+    args: list[str], port: int, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        *sidecar_cmd(*args), stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})})
+        *sidecar_cmd(*args), stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})}
+    )
     deadline = time.monotonic() + 15
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
@@ -60,10 +62,13 @@ async def start_sidecar(args: list[str], port: int, env: dict[str, str] | None =
 
 def test_check_reports_every_bad_key(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text('listen: "127.0.0.1:99999"\nupstreams:\n  - {name: a, url: "not a url"}\n'
-                   "policy: {interval: fast, enigne: opa}\n")
-    out = subprocess.run(sidecar_cmd("check", "--config", str(cfg)), capture_output=True,
-                         text=True, timeout=30)
+    cfg.write_text(
+        'listen: "127.0.0.1:99999"\nupstreams:\n  - {name: a, url: "not a url"}\n'
+        "policy: {interval: fast, enigne: opa}\n"
+    )
+    out = subprocess.run(
+        sidecar_cmd("check", "--config", str(cfg)), capture_output=True, text=True, timeout=30
+    )
     assert out.returncode != 0
     for key in ("listen", "upstreams[0].url", "policy.interval", "policy.enigne"):
         assert key in out.stderr, (key, out.stderr)
@@ -71,8 +76,9 @@ def test_check_reports_every_bad_key(tmp_path: Path) -> None:
 
 def test_check_accepts_the_design_example(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "http://127.0.0.1:3000", 3001)
-    out = subprocess.run(sidecar_cmd("check", "--config", str(cfg)), capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        sidecar_cmd("check", "--config", str(cfg)), capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
 
@@ -82,7 +88,7 @@ async def test_run_without_config_serves_the_embedded_default(tmp_path: Path) ->
     env = {"SIDECAR_LISTEN": f"127.0.0.1:{port}", "XDG_CACHE_HOME": str(tmp_path)}
     proc = await start_sidecar(["run"], port, env)
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession() as session:  # noqa: SIM117
             async with session.get(f"http://127.0.0.1:{port}/breakers") as r:
                 names = list(await r.json())
         assert names == ["athens", "public"]
@@ -97,7 +103,7 @@ async def test_sigterm_drains_in_flight_requests(fake_upstreams, tmp_path: Path)
     up.set(ZIP, Reply(body=body, chunk_delay=0.03))  # ~1 s to send
     port = free_port()
     proc = await start_sidecar(["run", "--config", str(write_config(tmp_path, url, port))], port)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession() as session:  # noqa: SIM117
         async with session.get(f"http://127.0.0.1:{port}/{ZIP}") as r:
             first = await r.content.read(64 * 1024)
             proc.send_signal(signal.SIGTERM)
@@ -113,16 +119,35 @@ POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def test_eval_prints_the_decision_for_one_input(tmp_path: Path) -> None:
-    doc = {"now": 0, "cache": {"enabled": False, "entries": 0, "bytes": 0}, "upstreams": {
-        "athens": {"role": "primary", "state": "closed", "state_age_s": 1, "window_s": 120,
-                   "requests": 100, "errors": 30, "not_found": 0, "timeouts": 0,
-                   "error_rate": 0.3, "not_found_rate": 0, "masked_failures": 0,
-                   "ttfb_ms": {"p50": 1, "p90": 2, "p99": 3},
-                   "pool": {"limit": 64, "in_use": 1, "waiting": 0, "saturation": 0.95},
-                   "series": []}}}
+    doc = {
+        "now": 0,
+        "cache": {"enabled": False, "entries": 0, "bytes": 0},
+        "upstreams": {
+            "athens": {
+                "role": "primary",
+                "state": "closed",
+                "state_age_s": 1,
+                "window_s": 120,
+                "requests": 100,
+                "errors": 30,
+                "not_found": 0,
+                "timeouts": 0,
+                "error_rate": 0.3,
+                "not_found_rate": 0,
+                "masked_failures": 0,
+                "ttfb_ms": {"p50": 1, "p90": 2, "p99": 3},
+                "pool": {"limit": 64, "in_use": 1, "waiting": 0, "saturation": 0.95},
+                "series": [],
+            }
+        },
+    }
     (tmp_path / "in.json").write_text(__import__("json").dumps(doc))
-    out = subprocess.run(sidecar_cmd("eval", "--input", str(tmp_path / "in.json")),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        sidecar_cmd("eval", "--input", str(tmp_path / "in.json")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     decision = __import__("json").loads(out.stdout)["athens"]
     assert decision["action"] == "reject" and decision["alert"] is True
@@ -131,8 +156,12 @@ def test_eval_prints_the_decision_for_one_input(tmp_path: Path) -> None:
 
 def test_eval_refuses_a_document_that_is_not_an_input(tmp_path: Path) -> None:
     (tmp_path / "in.json").write_text('{"upstreams": [1, 2]')
-    out = subprocess.run(sidecar_cmd("eval", "--input", str(tmp_path / "in.json")),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        sidecar_cmd("eval", "--input", str(tmp_path / "in.json")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "in.json:1" in out.stderr
 
@@ -146,8 +175,11 @@ def test_check_names_the_file_and_line_of_a_broken_policy(tmp_path: Path) -> Non
     lines = rego.read_text().splitlines()
     lines.insert(40, "decisions[x] := {{{ broken")
     rego.write_text("\n".join(lines) + "\n")
-    cfg = write_config(tmp_path, "http://127.0.0.1:3000", 3001, f'policy: {{paths: ["{policies}"]}}\n')
-    out = subprocess.run(sidecar_cmd("check", "--config", str(cfg)), capture_output=True,
-                         text=True, timeout=60)
+    cfg = write_config(
+        tmp_path, "http://127.0.0.1:3000", 3001, f'policy: {{paths: ["{policies}"]}}\n'
+    )
+    out = subprocess.run(
+        sidecar_cmd("check", "--config", str(cfg)), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2
     assert "breaker.rego:41" in out.stderr, out.stderr

@@ -19,13 +19,19 @@ INFO = "github.com/!azure/go-autorest/@v/v1.0.0.info"
 KINDS = [
     ("github.com/!azure/go-autorest/@v/list", b"v1.0.0\nv1.1.0\n", "text/plain"),
     (INFO, b'{"Version":"v1.0.0","Time":"2020-01-01T00:00:00Z"}', "application/json"),
-    ("github.com/!azure/go-autorest/@v/v1.0.0.mod", b"module github.com/Azure/go-autorest\n",
-     "text/plain"),
+    (
+        "github.com/!azure/go-autorest/@v/v1.0.0.mod",
+        b"module github.com/Azure/go-autorest\n",
+        "text/plain",
+    ),
     (ZIP, os.urandom(3 * 1024 * 1024 + 17), "application/zip"),
     ("github.com/!azure/go-autorest/@latest", b'{"Version":"v1.1.0"}', "application/json"),
     ("sumdb/sum.golang.org/supported", b"", "text/plain"),
-    ("sumdb/sum.golang.org/lookup/golang.org/x/text@v0.3.0", b"123\ngolang.org/x/text v0.3.0 h1:x\n",
-     "text/plain"),
+    (
+        "sumdb/sum.golang.org/lookup/golang.org/x/text@v0.3.0",
+        b"123\ngolang.org/x/text v0.3.0 h1:x\n",
+        "text/plain",
+    ),
     ("sumdb/sum.golang.org/tile/8/0/001", os.urandom(8192), "application/octet-stream"),
 ]
 
@@ -33,8 +39,17 @@ KINDS = [
 @pytest.mark.parametrize(("path", "body", "ctype"), KINDS, ids=[k[0][-24:] for k in KINDS])
 async def test_every_kind_passes_byte_exact(fake_upstreams, sidecar_client, path, body, ctype):
     [(up, url)] = await fake_upstreams(1)
-    up.set(path, Reply(body=body, headers={"Content-Type": ctype, "ETag": '"abc"',
-                                            "Last-Modified": "Wed, 01 Jan 2020 00:00:00 GMT"}))
+    up.set(
+        path,
+        Reply(
+            body=body,
+            headers={
+                "Content-Type": ctype,
+                "ETag": '"abc"',
+                "Last-Modified": "Wed, 01 Jan 2020 00:00:00 GMT",
+            },
+        ),
+    )
     client, _ = await sidecar_client([url])
     resp = await client.get("/" + path)
     assert resp.status == 200
@@ -48,8 +63,18 @@ async def test_every_kind_passes_byte_exact(fake_upstreams, sidecar_client, path
 
 async def test_hop_by_hop_and_foreign_headers_are_dropped(fake_upstreams, sidecar_client):
     [(up, url)] = await fake_upstreams(1)
-    up.set(INFO, Reply(body=b"{}", headers={"Set-Cookie": "s=1", "Connection": "x-secret",
-                                             "X-Secret": "1", "WWW-Authenticate": "Basic"}))
+    up.set(
+        INFO,
+        Reply(
+            body=b"{}",
+            headers={
+                "Set-Cookie": "s=1",
+                "Connection": "x-secret",
+                "X-Secret": "1",
+                "WWW-Authenticate": "Basic",
+            },
+        ),
+    )
     client, _ = await sidecar_client([url])
     resp = await client.get("/" + INFO)
     assert resp.status == 200
@@ -81,7 +106,7 @@ async def test_404_falls_through_and_counts_a_masked_failure(fake_upstreams, sid
 
 
 async def test_last_404_is_returned_with_its_text(fake_upstreams, sidecar_client):
-    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    (_a, url_a), (b, url_b) = await fake_upstreams(2)
     b.default = Reply(status=410, body=b"gone: module withdrawn")
     client, _ = await sidecar_client([url_a, url_b])
     resp = await client.get("/" + INFO)
@@ -183,8 +208,10 @@ async def test_401_is_a_failure_with_a_hint_and_no_secret_in_logs(
     a.default = Reply(status=401, body=b"auth required")
     b.set(INFO, b"{}")
     auth = AuthConfig(basic=BasicAuth("U", "P", username="ci-bot", password="s3cret-pw"))
-    cfgs = (UpstreamConfig(name="corp", url=url_a, timeouts=FAST_TIMEOUTS, auth=auth),
-            UpstreamConfig(name="public", url=url_b, timeouts=FAST_TIMEOUTS))
+    cfgs = (
+        UpstreamConfig(name="corp", url=url_a, timeouts=FAST_TIMEOUTS, auth=auth),
+        UpstreamConfig(name="public", url=url_b, timeouts=FAST_TIMEOUTS),
+    )
     client, sidecar = await sidecar_client([url_a, url_b], upstreams=cfgs)
     for _ in range(3):
         assert (await client.get("/" + INFO)).status == 200

@@ -4,11 +4,10 @@ record every path they receive: no private path may ever reach a public one."""
 from __future__ import annotations
 
 import asyncio
-
-import pytest
 import tempfile
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,11 +23,17 @@ PRIVATE = ("*.corp.example", "github.com/acme/*")
 
 
 def routing_config(urls: list[str], tmp: Path, rules=(), cache=False):
-    ups = (UpstreamConfig("athens", urls[0], timeouts=FAST_TIMEOUTS, private_ok=True),
-           UpstreamConfig("public", urls[1], timeouts=FAST_TIMEOUTS))
-    return make_config(urls, tmp, upstreams=ups,
-                       routing=RoutingConfig(private=PRIVATE, rules=tuple(rules)),
-                       cache=CacheConfig(dir=str(tmp / "cache"), enabled=cache))
+    ups = (
+        UpstreamConfig("athens", urls[0], timeouts=FAST_TIMEOUTS, private_ok=True),
+        UpstreamConfig("public", urls[1], timeouts=FAST_TIMEOUTS),
+    )
+    return make_config(
+        urls,
+        tmp,
+        upstreams=ups,
+        routing=RoutingConfig(private=PRIVATE, rules=tuple(rules)),
+        cache=CacheConfig(dir=str(tmp / "cache"), enabled=cache),
+    )
 
 
 def leaked(fake: FakeGoproxy) -> list[str]:
@@ -44,18 +49,28 @@ private_modules = st.one_of(
     st.builds(lambda a: f"git.corp.example/{a}/v2", elements),
 )
 public_modules = st.builds(lambda a, b: f"github.com/{a}x/{b}", elements, elements)
-kinds = st.sampled_from(["@v/list", "@v/v1.0.0.info", "@v/v1.0.0.mod", "@v/v1.0.0.zip",
-                         "@latest", "@v/master.info"])
+kinds = st.sampled_from(
+    ["@v/list", "@v/v1.0.0.info", "@v/v1.0.0.mod", "@v/v1.0.0.zip", "@latest", "@v/master.info"]
+)
 actions = st.sampled_from(["allow", "reroute", "cache", "reject", "half-open"])
 failures = st.sampled_from(["ok", "404", "500", "reset", "slow"])
-REPLIES = {"ok": Reply(body=b"{}"), "404": Reply(status=404), "500": Reply(status=500),
-           "reset": Reply(reset=True), "slow": Reply(delay=1.5, body=b"{}")}
+REPLIES = {
+    "ok": Reply(body=b"{}"),
+    "404": Reply(status=404),
+    "500": Reply(status=500),
+    "reset": Reply(reset=True),
+    "slow": Reply(delay=1.5, body=b"{}"),
+}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(private=st.lists(st.tuples(private_modules, kinds), min_size=1, max_size=4),
-       public=st.lists(st.tuples(public_modules, kinds), max_size=2),
-       action=actions, failure=failures, cache=st.booleans())
+@given(
+    private=st.lists(st.tuples(private_modules, kinds), min_size=1, max_size=4),
+    public=st.lists(st.tuples(public_modules, kinds), max_size=2),
+    action=actions,
+    failure=failures,
+    cache=st.booleans(),
+)
 def test_no_private_path_ever_reaches_a_public_upstream(private, public, action, failure, cache):
     asyncio.run(_scenario(private, public, action, failure, cache))
 
@@ -88,8 +103,9 @@ async def _scenario(private, public, action, failure, cache) -> None:
             for s in servers:
                 await s.close()
     assert leaked(public_up) == []
-    assert {p.split("/@")[0] for p in public_up.received} <= {
-        escape_path(m) for m, _ in public} | {"sumdb/sum.golang.org/supported"}
+    assert {p.split("/@")[0] for p in public_up.received} <= {escape_path(m) for m, _ in public} | {
+        "sumdb/sum.golang.org/supported"
+    }
 
 
 def _force(sc, action: str) -> None:
@@ -121,10 +137,13 @@ async def test_reroute_of_the_private_upstream_does_not_leak(fake_upstreams, rou
 async def test_private_module_without_private_ok_upstream_is_a_404(fake_upstreams, tmp_path):
     (a, url_a), (p, url_p) = await fake_upstreams(2)
     p.default = Reply(body=b"{}")
-    ups = (UpstreamConfig("athens", url_a, timeouts=FAST_TIMEOUTS),
-           UpstreamConfig("public", url_p, timeouts=FAST_TIMEOUTS))
-    cfg = make_config([url_a, url_p], tmp_path, upstreams=ups,
-                      routing=RoutingConfig(private=PRIVATE))
+    ups = (
+        UpstreamConfig("athens", url_a, timeouts=FAST_TIMEOUTS),
+        UpstreamConfig("public", url_p, timeouts=FAST_TIMEOUTS),
+    )
+    cfg = make_config(
+        [url_a, url_p], tmp_path, upstreams=ups, routing=RoutingConfig(private=PRIVATE)
+    )
     sc = build_sidecar(cfg)
     client = TestClient(TestServer(build_app(sc, run_control=False), host="127.0.0.1"))
     await client.start_server()
@@ -154,15 +173,21 @@ async def test_private_sumdb_lookup_is_refused(fake_upstreams, routed):
     assert resp.status == 403
     assert "GONOSUMDB" in await resp.text()
     assert a.received == [] and p.received == []
-    assert sc.metrics.registry.get_sample_value(
-        "goproxy_sidecar_route_refusals_total", {"reason": "private_sumdb"}) == 1
+    assert (
+        sc.metrics.registry.get_sample_value(
+            "goproxy_sidecar_route_refusals_total", {"reason": "private_sumdb"}
+        )
+        == 1
+    )
 
 
 async def test_deny_rule_answers_403_and_no_cache_rule_bypasses_the_cache(fake_upstreams, routed):
     (a, url_a), (p, url_p) = await fake_upstreams(2)
     a.default = Reply(body=b"module x\n")
-    rules = [RouteRule("github.com/blocked/*", deny=True),
-             RouteRule("golang.org/x/*", upstreams=("public", "athens"), cache=False)]
+    rules = [
+        RouteRule("github.com/blocked/*", deny=True),
+        RouteRule("golang.org/x/*", upstreams=("public", "athens"), cache=False),
+    ]
     p.default = Reply(body=b"module y\n")
     client, _ = await routed([url_a, url_p], rules=rules, cache=True)
     resp = await client.get("/github.com/blocked/thing/@v/v1.0.0.mod")
@@ -175,9 +200,10 @@ async def test_deny_rule_answers_403_and_no_cache_rule_bypasses_the_cache(fake_u
 
 
 async def test_routes_endpoint_shows_the_compiled_rules(fake_upstreams, routed):
-    (a, url_a), (p, url_p) = await fake_upstreams(2)
-    client, _ = await routed([url_a, url_p],
-                              rules=[RouteRule("golang.org/x/*", upstreams=("public",))])
+    (_a, url_a), (_p, url_p) = await fake_upstreams(2)
+    client, _ = await routed(
+        [url_a, url_p], rules=[RouteRule("golang.org/x/*", upstreams=("public",))]
+    )
     view = await (await client.get("/routes")).json()
     assert view["private"] == list(PRIVATE) and view["private_ok"] == ["athens"]
     assert view["rules"][0]["match"] == "golang.org/x/*"
@@ -189,8 +215,10 @@ async def test_warm_never_sends_a_private_module_to_a_public_upstream(fake_upstr
     (a, url_a), (p, url_p) = await fake_upstreams(2)
     p.default = Reply(body=b"x")
     config = routing_config([url_a, url_p], tmp_path, cache=True)
-    plan = parse_go_sum("git.corp.example/x v1.0.0 h1:abc=\ngit.corp.example/x v1.0.0/go.mod h1:d=\n"
-                        "github.com/pub/y v1.0.0/go.mod h1:e=\n")
+    plan = parse_go_sum(
+        "git.corp.example/x v1.0.0 h1:abc=\ngit.corp.example/x v1.0.0/go.mod h1:d=\n"
+        "github.com/pub/y v1.0.0/go.mod h1:e=\n"
+    )
     await warm(config, plan.artifacts)
     assert leaked(p) == []
     assert any("corp.example" in path for path in a.received)

@@ -29,6 +29,7 @@ from tests.functional.test_upstream_client import (
 def run(request: pytest.FixtureRequest) -> Runner:
     return loop_runner(request.param)
 
+
 MIB = 1024 * 1024
 
 
@@ -109,8 +110,10 @@ def test_waiting_for_a_connection_counts_against_the_first_byte_timeout(run) -> 
         await asyncio.sleep(10)
 
     async def scenario() -> None:
-        async with raw_server(stalls) as url, \
-                upstream(url, limit=1, first_byte=0.3, idle=5.0) as up:
+        async with (
+            raw_server(stalls) as url,
+            upstream(url, limit=1, first_byte=0.3, idle=5.0) as up,
+        ):
             holder = await up.open("slow")  # headers in time, then the body stalls
             started = asyncio.get_running_loop().time()
             with pytest.raises(UpstreamTimeout) as err:

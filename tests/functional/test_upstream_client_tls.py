@@ -50,21 +50,32 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName(HOST), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(HOST), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256()))
+        .sign(key, hashes.SHA256())
+    )
     folder = tmp_path_factory.mktemp("tls")
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
@@ -93,8 +104,10 @@ def test_https_upstream_verified_with_sni_and_kept_alive(run, cert, monkeypatch)
 
     async def scenario() -> None:
         ctx = server_context(cert, names)
-        async with raw_server(keep_alive_server(respond), ssl=ctx) as url, \
-                upstream(by_name(url)) as up:
+        async with (
+            raw_server(keep_alive_server(respond), ssl=ctx) as url,
+            upstream(by_name(url)) as up,
+        ):
             assert await fetch(up, "m/@v/v1.0.0.info") == (200, b"{}")
             assert await fetch(up, "m/@v/v1.0.0.zip") == (200, body)
             assert await fetch(up, "m/@v/v1.0.0.info") == (200, b"{}")
@@ -110,8 +123,10 @@ def test_an_untrusted_certificate_is_a_tls_connect_error(run, cert, monkeypatch)
 
     async def scenario() -> None:
         ctx = server_context(cert, names)
-        async with raw_server(keep_alive_server(lambda _: answer(b"{}")), ssl=ctx) as url, \
-                upstream(by_name(url)) as up:
+        async with (
+            raw_server(keep_alive_server(lambda _: answer(b"{}")), ssl=ctx) as url,
+            upstream(by_name(url)) as up,
+        ):
             with pytest.raises(UpstreamConnectError) as err:
                 await up.open("m/@v/list")
             assert "TLS error" in err.value.message
@@ -133,8 +148,10 @@ def test_a_redirect_from_https_to_http_is_refused(run, cert, monkeypatch) -> Non
         async with raw_server(plain) as plain_url:
             redirect = answer(b"", "302 Found", f"Location: {plain_url}/m.zip\r\n")
             ctx = server_context(cert, names)
-            async with raw_server(keep_alive_server(lambda _: redirect), ssl=ctx) as url, \
-                    upstream(by_name(url)) as up:
+            async with (
+                raw_server(keep_alive_server(lambda _: redirect), ssl=ctx) as url,
+                upstream(by_name(url)) as up,
+            ):
                 with pytest.raises(UpstreamStatusError) as err:
                     await up.open("m/@v/v1.0.0.zip")
                 assert err.value.status == 302 and "non-https" in err.value.message

@@ -100,8 +100,14 @@ async def test_readers_get_every_byte_and_the_file_matches(tmp_path: Path) -> No
 async def test_failure_reaches_every_reader_and_nothing_is_kept(tmp_path: Path) -> None:
     ended: list[object] = []
     src = Source([b"a" * 8, b"b" * 8, b"c" * 8], fail_after=2)
-    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=10_000,  # type: ignore[arg-type]
-                on_end=ended.append)
+    fill = Fill(
+        REQ,
+        src,
+        CIMultiDict(),
+        temp(tmp_path),
+        limit=10_000,  # type: ignore[arg-type]
+        on_end=ended.append,
+    )
     readers = [fill.join(), fill.join()]
     assert await start(fill) is False
     for reader in readers:
@@ -139,8 +145,14 @@ async def test_write_error_degrades_to_a_bounded_ring_with_backpressure(tmp_path
     chunks = [bytes([i]) * 5 for i in range(30)]
     src = Source(chunks)
     src.finish()
-    fill = Fill(REQ, src, CIMultiDict(), ro, limit=10_000,  # type: ignore[arg-type]
-                on_write_error=lambda key, exc: errors.append(exc))
+    fill = Fill(
+        REQ,
+        src,
+        CIMultiDict(),
+        ro,
+        limit=10_000,  # type: ignore[arg-type]
+        on_write_error=lambda key, exc: errors.append(exc),
+    )
     slow = fill.join()
     assert slow is not None
     task = start(fill)
@@ -185,8 +197,12 @@ async def test_joiners_waiting_on_a_flight_get_readers_at_publish(tmp_path: Path
     flight.publish(fill)
     readers = [await w for w in waiting]
     task = start(fill)  # memory only (no temp file): it waits for its slowest reader
-    bodies = await asyncio.gather(*(r.read_all() for r in [first, *readers]  # type: ignore[union-attr]
-                                    ))
+    bodies = await asyncio.gather(
+        *(
+            r.read_all()
+            for r in [first, *readers]  # type: ignore[union-attr]
+        )
+    )
     assert bodies == [b"z" * 50] * 4
     assert await task is False
     for r in [first, *readers]:
@@ -206,8 +222,10 @@ async def test_a_settled_flight_answers_joiners_and_leaves_the_table() -> None:
 
 def test_index_is_lru_with_byte_accounting() -> None:
     index = Index()
-    entries = {k: Entry(record(key=f"example.com/{k}/@v/list", size=n), "p", 0.0, 0.0)
-               for k, n in (("a", 10), ("b", 20), ("c", 30))}
+    entries = {
+        k: Entry(record(key=f"example.com/{k}/@v/list", size=n), "p", 0.0, 0.0)
+        for k, n in (("a", 10), ("b", 20), ("c", 30))
+    }
     for e in entries.values():
         index.put(e)
     index.touch(entries["a"], 1.0)

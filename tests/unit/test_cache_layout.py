@@ -32,8 +32,17 @@ ROOT = Layout.at("/srv/cache")
 
 def record(key: str = "example.com/m/@v/v1.0.0.mod", **kw: object) -> Record:
     fields: dict[str, object] = dict(
-        key=key, kind="mod", blob="ab" * 16, size=3, sha256=hashlib.sha256(b"abc").hexdigest(),
-        content_type="text/plain", stored=1.0, verified=1.0, immutable=True, upstream="up0")
+        key=key,
+        kind="mod",
+        blob="ab" * 16,
+        size=3,
+        sha256=hashlib.sha256(b"abc").hexdigest(),
+        content_type="text/plain",
+        stored=1.0,
+        verified=1.0,
+        immutable=True,
+        upstream="up0",
+    )
     fields.update(kw)
     return Record(**fields)  # type: ignore[arg-type]
 
@@ -43,8 +52,9 @@ def _inside_index(path: str) -> bool:
 
 
 # Characters that make traversal interesting, plus a bit of everything else.
-_NASTY = st.lists(st.sampled_from([*"./\\%!@~-_aZ09:\x00 é", "..", "%2e", "%2f"]),
-                  max_size=30).map("".join)
+_NASTY = st.lists(st.sampled_from([*"./\\%!@~-_aZ09:\x00 é", "..", "%2e", "%2f"]), max_size=30).map(
+    "".join
+)
 
 
 @settings(max_examples=2000, deadline=None)
@@ -58,14 +68,20 @@ def test_no_key_leaves_the_index(key: str) -> None:
     assert ROOT.key_of(path) == key  # one key, one path: no aliasing either
 
 
-_SEGMENT = st.text(alphabet=string.ascii_letters + string.digits + "._~!%-@+", min_size=1,
-                   max_size=12)
+_SEGMENT = st.text(
+    alphabet=string.ascii_letters + string.digits + "._~!%-@+", min_size=1, max_size=12
+)
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.lists(st.one_of(_SEGMENT, st.sampled_from(["..", ".", "", "%2e%2e", "@v", "@latest"])),
-                min_size=1, max_size=8),
-       st.sampled_from(["", ".zip", ".mod", ".info", "/list"]))
+@given(
+    st.lists(
+        st.one_of(_SEGMENT, st.sampled_from(["..", ".", "", "%2e%2e", "@v", "@latest"])),
+        min_size=1,
+        max_size=8,
+    ),
+    st.sampled_from(["", ".zip", ".mod", ".info", "/list"]),
+)
 def test_no_request_path_leads_out_of_the_cache(segments: list[str], suffix: str) -> None:
     raw = "/" + "/".join(segments) + suffix
     try:
@@ -76,10 +92,22 @@ def test_no_request_path_leads_out_of_the_cache(segments: list[str], suffix: str
     assert _inside_index(path), (raw, path)
 
 
-@pytest.mark.parametrize("key", [
-    "", "/etc/passwd", "a/../../b", "a/./b", "a//b", "a\\b", "a/b\x00", "a/é", "..", "a/b/",
-    "x" * 2000,
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "/etc/passwd",
+        "a/../../b",
+        "a/./b",
+        "a//b",
+        "a\\b",
+        "a/b\x00",
+        "a/é",
+        "..",
+        "a/b/",
+        "x" * 2000,
+    ],
+)
 def test_bad_keys_are_refused(key: str) -> None:
     assert key_problem(key) is not None
     with pytest.raises(CacheError):
@@ -95,9 +123,16 @@ def test_blob_ids_are_hex_only() -> None:
 def test_record_round_trip_and_refusals() -> None:
     r = record()
     assert Record.from_json(r.to_json()) == r
-    for bad in (b"{", b"[]", b'{"format": 1}', r.to_json().replace(b'"format":1', b'"format":9'),
-                record(blob="../x").to_json(), record(size=-1).to_json(),
-                record(key="../x").to_json(), record(size=True).to_json()):
+    for bad in (
+        b"{",
+        b"[]",
+        b'{"format": 1}',
+        r.to_json().replace(b'"format":1', b'"format":9'),
+        record(blob="../x").to_json(),
+        record(size=-1).to_json(),
+        record(key="../x").to_json(),
+        record(size=True).to_json(),
+    ):
         with pytest.raises(CacheError):
             Record.from_json(bad)
 

@@ -801,7 +801,11 @@ def test_any_override_value_gives_a_config_or_config_errors(name: str, value: st
 
 
 def test_kubernetes_service_links_of_any_sidecar_service_are_ignored() -> None:
-    env = {"SIDECAR_METRICS_SERVICE_HOST": "10.0.0.1", "SIDECAR_METRICS_SERVICE_PORT": "9090",
-           "SIDECAR_METRICS_PORT_9090_TCP_ADDR": "10.0.0.1", "SIDECAR_PORT": "tcp://10.0.0.2:80",
-           "SIDECAR_LISTEN": "127.0.0.1:4000"}
+    env = {
+        "SIDECAR_METRICS_SERVICE_HOST": "10.0.0.1",
+        "SIDECAR_METRICS_SERVICE_PORT": "9090",
+        "SIDECAR_METRICS_PORT_9090_TCP_ADDR": "10.0.0.1",
+        "SIDECAR_PORT": "tcp://10.0.0.2:80",
+        "SIDECAR_LISTEN": "127.0.0.1:4000",
+    }
     assert load_config(None, env).listen == "127.0.0.1:4000"

@@ -64,10 +64,16 @@ def test_bad_patterns_name_their_key(bad: str) -> None:
 
 
 def config(rules=(), private=(), private_ok=("athens",)) -> Config:
-    ups = tuple(UpstreamConfig(n, f"http://127.0.0.1:{3000 + i}", private_ok=n in private_ok)
-                for i, n in enumerate(("athens", "corp", "public")))
-    return Config(listen="127.0.0.1:3001", upstreams=ups, cache=CacheConfig(dir="/tmp/x"),
-                  routing=RoutingConfig(private=tuple(private), rules=tuple(rules)))
+    ups = tuple(
+        UpstreamConfig(n, f"http://127.0.0.1:{3000 + i}", private_ok=n in private_ok)
+        for i, n in enumerate(("athens", "corp", "public"))
+    )
+    return Config(
+        listen="127.0.0.1:3001",
+        upstreams=ups,
+        cache=CacheConfig(dir="/tmp/x"),
+        routing=RoutingConfig(private=tuple(private), rules=tuple(rules)),
+    )
 
 
 def test_public_modules_go_everywhere_in_order() -> None:
@@ -81,8 +87,12 @@ def test_private_modules_only_reach_private_ok_upstreams() -> None:
 
 
 def test_a_rule_cannot_send_a_private_module_to_a_public_upstream() -> None:
-    r = Router(config(private=["github.com/acme/*"],
-                      rules=[RouteRule("github.com/acme/*", upstreams=("public", "athens"))]))
+    r = Router(
+        config(
+            private=["github.com/acme/*"],
+            rules=[RouteRule("github.com/acme/*", upstreams=("public", "athens"))],
+        )
+    )
     assert r.route("github.com/acme/secret").targets == ("athens",)
 
 
@@ -92,9 +102,11 @@ def test_private_module_without_any_allowed_upstream_has_no_target() -> None:
 
 
 def test_first_matching_rule_wins_and_flags_carry() -> None:
-    rules = [RouteRule("github.com/blocked/*", deny=True),
-             RouteRule("golang.org/x/*", upstreams=("public",), cache=False),
-             RouteRule("golang.org/*", upstreams=("athens",))]
+    rules = [
+        RouteRule("github.com/blocked/*", deny=True),
+        RouteRule("golang.org/x/*", upstreams=("public",), cache=False),
+        RouteRule("golang.org/*", upstreams=("athens",)),
+    ]
     r = Router(config(rules=rules))
     assert r.route("github.com/blocked/thing").deny
     x = r.route("golang.org/x/text")
@@ -116,6 +128,7 @@ def test_memo_is_bounded() -> None:
 def test_describe_lists_the_compiled_rules() -> None:
     cfg = dataclasses.replace(config(rules=[RouteRule("golang.org/x/*", upstreams=("public",))]))
     view = Router(cfg).describe()
-    assert view["rules"] == [{"match": "golang.org/x/*", "upstreams": ["public"], "deny": False,
-                              "cache": True}]
+    assert view["rules"] == [
+        {"match": "golang.org/x/*", "upstreams": ["public"], "deny": False, "cache": True}
+    ]
     assert view["private_ok"] == ["athens"]

@@ -1,0 +1,374 @@
+"""Small uncached requests: bare aiohttp proxy vs the sidecar on each upstream client.
+
+    python3 bench/proxy_micro.py [--reps 3] [--duration 10] [--connections 64]
+                                 [--upstream-core 1] [--profile sidecar-http1]
+
+Issue 6 asks that small uncached requests through the full sidecar reach at
+least 1.4x a bare aiohttp proxy. Three contenders, each in front of the same
+nginx upstream that answers any ``.info`` under ``/example.com/bench/u/``
+with ~100 B from its config (``return 200``: no file per request):
+
+- ``bare``: the ~40-line aiohttp streaming proxy below (ClientSession,
+  ``iter_any``, uvloop, ``gc.freeze`` + ``gc.set_threshold(10000, 10, 10)``
+  as in PERF-NOTES), run from this file with ``--serve-bare``;
+- ``sidecar-aiohttp``: ``python -m sidecar run`` with
+  ``GOPROXY_SIDECAR_UPSTREAM_CLIENT=aiohttp`` (the old aiohttp client);
+- ``sidecar-http1``: the same with the default HTTP/1.1 client.
+
+Sidecar config: one upstream, ``pool.max_connections: 256``,
+``cache: {enabled: false}``, log level warning, the MALLOC_* environment of
+bench/servers.py. Load: ``wrk -t1 -c64`` with a Lua script that asks a new,
+valid module path per request (``example.com/bench/u/t0m<N>/@v/v1.0.0.info``).
+
+Placement (2 cores): wrk on core 0; every proxy and, by default, the
+upstream nginx on core 1 (``--upstream-core 0`` puts nginx with wrk as
+bench/run.py does). Contenders alternate (A B C A B C ...) and the table
+shows medians with min-max, the proxy's own CPU per request (steadier than
+req/s on a shared machine) and per-core busy time.
+
+``--profile NAME`` then samples that contender with py-spy (on core 0)
+during one more wrk run: a flame graph (``--profile-out``, default
+/tmp/profile.svg) and the top functions, self and inclusive, from a raw
+(collapsed-stack) recording of the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.procs import BenchError, Procs, free_port, stopping, wait_http  # noqa: E402
+from bench.sampler import UsageMeter  # noqa: E402
+from bench.servers import (  # noqa: E402
+    HEALTH_PATH,
+    MALLOC_ENV,
+    Server,
+    start_nginx,
+    start_sidecar,
+    upstream_conf,
+)
+from bench.tree import UNIQUE_PREFIX  # noqa: E402
+from bench.wrk import run_wrk, write_script  # noqa: E402
+
+LOAD_CORE = 0
+PROXY_CORE = 1
+CLIENT_ENV = "GOPROXY_SIDECAR_UPSTREAM_CLIENT"
+CONTENDERS = ("bare", "sidecar-aiohttp", "sidecar-http1")
+
+# ---------------------------------------------------------------- the bare proxy
+
+BARE_PROXY = """
+import asyncio, gc, sys
+import aiohttp, uvloop
+from aiohttp import web
+
+async def main(port: int, upstream: str) -> None:
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=600),
+        auto_decompress=False, skip_auto_headers=("Accept-Encoding",))
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        async with session.get(upstream + request.raw_path) as up:
+            resp = web.StreamResponse(status=up.status)
+            ctype = up.headers.get("Content-Type")
+            if ctype:
+                resp.headers["Content-Type"] = ctype
+            if up.content_length is not None:
+                resp.content_length = up.content_length
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10000, 10, 10)
+    await asyncio.Event().wait()
+
+uvloop.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+def start_bare(procs: Procs, work: Path, upstream: Server) -> Server:
+    port = free_port()
+    script = work / "bare_proxy.py"
+    script.write_text(BARE_PROXY)
+    env = {**os.environ, **MALLOC_ENV}
+    proc = procs.start(
+        "bare",
+        [sys.executable, str(script), str(port), upstream.url],
+        PROXY_CORE,
+        env=env,
+        env_note=MALLOC_ENV,
+    )
+    wait_http(proc, f"http://127.0.0.1:{port}{HEALTH_PATH}")
+    return Server("bare", f"http://127.0.0.1:{port}", proc)
+
+
+def start_contender(procs: Procs, work: Path, name: str, upstream: Server) -> Server:
+    if name == "bare":
+        return start_bare(procs, work, upstream)
+    saved = os.environ.get(CLIENT_ENV)
+    os.environ[CLIENT_ENV] = name.removeprefix("sidecar-")
+    try:
+        return start_sidecar(procs, work, name, upstream, cache=False, core=PROXY_CORE)
+    finally:
+        if saved is None:
+            os.environ.pop(CLIENT_ENV, None)
+        else:
+            os.environ[CLIENT_ENV] = saved
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def measure(
+    server: Server, upstream: Server, script: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    meter = UsageMeter(server.proc.tree, upstream.proc.tree)
+    with meter:
+        result = run_wrk(
+            server.url,
+            args.connections,
+            args.duration,
+            script,
+            LOAD_CORE,
+            unique_prefix=UNIQUE_PREFIX,
+            timeout_s=10,
+        )
+    usage = meter.usage
+    return {
+        "rps": result.rps,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "errors": result.errors,
+        "requests": result.requests,
+        "proxy_us_per_req": 1e6 * usage.server_cpu_s / max(1, result.requests),
+        "upstream_us_per_req": 1e6 * usage.upstream_cpu_s / max(1, result.requests),
+        "cores_busy_pct": usage.cores_busy_pct,
+        "peak_rss_mib": usage.peak_rss_kib / 1024,
+    }
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    base = statistics.median(r["rps"] for r in runs["bare"]) if runs.get("bare") else None
+    for name, recs in runs.items():
+        rps = [r["rps"] for r in recs]
+        med = statistics.median(rps)
+        rows.append(
+            {
+                "contender": name,
+                "rps": med,
+                "rps_min": min(rps),
+                "rps_max": max(rps),
+                "p50_ms": statistics.median(r["p50_ms"] for r in recs),
+                "p99_ms": statistics.median(r["p99_ms"] for r in recs),
+                "proxy_us_per_req": statistics.median(r["proxy_us_per_req"] for r in recs),
+                "core0_pct": statistics.median(r["cores_busy_pct"][0] for r in recs),
+                "core1_pct": statistics.median(r["cores_busy_pct"][1] for r in recs),
+                "errors": sum(r["errors"] for r in recs),
+                "vs_bare": med / base if base else None,
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'contender':<16} {'req/s':>8} {'(min-max)':>15} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'CPU us/req':>10} {'core0%':>6} {'core1%':>6} {'errors':>6} {'vs bare':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = f"{r['vs_bare']:.2f}x" if r["vs_bare"] else "-"
+        print(
+            f"{r['contender']:<16} {r['rps']:>8.0f} {r['rps_min']:>7.0f}-{r['rps_max']:<7.0f} "
+            f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['proxy_us_per_req']:>10.1f} "
+            f"{r['core0_pct']:>6.0f} {r['core1_pct']:>6.0f} {r['errors']:>6} {ratio:>7}"
+        )
+
+
+# ---------------------------------------------------------------- profiling
+
+
+def profile(server: Server, upstream: Server, script: Path, args: argparse.Namespace) -> None:
+    py_spy = shutil.which("py-spy")
+    if not py_spy:
+        raise BenchError("py-spy not found: pip install py-spy")
+    pid = str(server.proc.pid)
+    seconds = str(max(3, round(args.duration)))
+    raw = Path(args.profile_out).with_suffix(".txt")
+    for fmt, out in (("flamegraph", args.profile_out), ("raw", str(raw))):
+        spy = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                str(LOAD_CORE),
+                py_spy,
+                "record",
+                "--pid",
+                pid,
+                "--rate",
+                "250",
+                "--duration",
+                seconds,
+                "--format",
+                fmt,
+                "-o",
+                out,
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        run_wrk(
+            server.url,
+            args.connections,
+            int(seconds) + 1,
+            script,
+            LOAD_CORE,
+            unique_prefix=UNIQUE_PREFIX,
+        )
+        _, err = spy.communicate(timeout=60)
+        if spy.returncode != 0:
+            raise BenchError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+    print(f"\nprofile of {server.name}: {args.profile_out} (flame graph), {raw} (raw)")
+    print_top(raw, args.top)
+
+
+def print_top(raw: Path, top: int) -> None:
+    """Top functions by self and inclusive samples from py-spy's collapsed stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [_short(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            incl[frame] += n
+    if not total:
+        print("no samples")
+        return
+    print(f"{total} samples (idle included)")
+    for title, counter in (("self", own), ("inclusive", incl)):
+        print(f"\ntop {top} by {title} time:")
+        for frame, n in counter.most_common(top):
+            print(f"  {100.0 * n / total:5.1f}%  {frame}")
+
+
+def _short(frame: str) -> str:
+    """``func (path/to/file.py:123)`` -> ``func (file.py)``: lines vary per sample."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(Path(where).parts[-2:])})" if where else name
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of wrk per contender first")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--upstream-core", type=int, choices=(0, 1), default=PROXY_CORE)
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--profile", choices=CONTENDERS, help="py-spy this contender afterwards")
+    p.add_argument("--profile-out", default="/tmp/profile.svg")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", help="write the runs and the summary here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [n for n in args.contenders.split(",") if n]
+    if (os.cpu_count() or 1) < 2:
+        raise BenchError("needs 2 cores")
+    work = Path(tempfile.mkdtemp(prefix="proxy-micro-"))
+    procs = Procs(work)
+    try:
+        with stopping(procs):
+            tree = work / "tree"
+            tree.mkdir()
+            port = free_port()
+            prefix = work / "upstream"
+            nginx = start_nginx(
+                procs,
+                "upstream",
+                prefix,
+                upstream_conf(prefix, port, tree),
+                port,
+                args.upstream_core,
+            )
+            upstream = Server("upstream", f"http://127.0.0.1:{port}", nginx)
+            script = write_script(work, unique=True)
+            servers = {name: start_contender(procs, work, name, upstream) for name in names}
+            for server in servers.values():
+                run_wrk(
+                    server.url,
+                    args.connections,
+                    args.warmup,
+                    script,
+                    LOAD_CORE,
+                    unique_prefix=UNIQUE_PREFIX,
+                )
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for rep in range(args.reps):
+                for name in names:
+                    rec = measure(servers[name], upstream, script, args)
+                    runs[name].append(rec)
+                    print(
+                        f"rep {rep + 1} {name:<16} {rec['rps']:8.0f} req/s "
+                        f"p99 {rec['p99_ms']:.2f} ms cpu {rec['proxy_us_per_req']:.1f} us/req "
+                        f"cores {rec['cores_busy_pct']}",
+                        flush=True,
+                    )
+            rows = summarize(runs)
+            print(
+                f"\nmedians of {args.reps} x {args.duration}s, wrk -t1 -c{args.connections} "
+                f"on core {LOAD_CORE}, proxies on core {PROXY_CORE}, "
+                f"upstream nginx on core {args.upstream_core} (shared machine: noisy)\n"
+            )
+            print_table(rows)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"runs": runs, "summary": rows}, indent=1))
+            if args.profile:
+                profile(servers[args.profile], upstream, script, args)
+    finally:
+        procs.stop_all()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
