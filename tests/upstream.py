@@ -84,3 +84,21 @@ def make_app(fake: FakeGoproxy) -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", fake.handle)
     return app
+
+
+async def wait_healthy(port: int, timeout: float) -> bool:
+    """Poll a sidecar's /healthz on loopback until it answers 200 or time runs out."""
+    import time
+
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    if r.status == 200:
+                        return True
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+    return False

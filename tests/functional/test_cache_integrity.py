@@ -33,7 +33,7 @@ from tests.functional.test_cache_support import (
     temp_files,
     wait_for,
 )
-from tests.upstream import Reply
+from tests.upstream import Reply, wait_healthy
 
 FAILURES = "goproxy_sidecar_cache_integrity_failures_total"
 
@@ -198,15 +198,8 @@ async def _spawn(cfg: Path, port: int, log: Path) -> asyncio.subprocess.Process:
         stderr=open(log, "ab"),  # noqa: SIM115
         cwd=str(Path(__file__).resolve().parents[2]),
     )
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
+    if await wait_healthy(port, 20):
+        return proc
     proc.kill()
     await proc.wait()
     raise AssertionError(f"sidecar did not start: {log.read_text()[-2000:]}")

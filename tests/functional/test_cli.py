@@ -8,12 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 
-from tests.upstream import Reply
+from tests.upstream import Reply, wait_healthy
 
 ZIP = "example.com/slow/@v/v1.0.0.zip"
 
@@ -46,15 +45,8 @@ async def start_sidecar(
     proc = await asyncio.create_subprocess_exec(
         *sidecar_cmd(*args), stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})}
     )
-    deadline = time.monotonic() + 15
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
+    if await wait_healthy(port, 15):
+        return proc
     proc.kill()
     _, err = await proc.communicate()
     raise AssertionError(f"sidecar did not start: {err.decode()[-2000:]}")
