@@ -77,6 +77,13 @@ class GoResult:
         )
 
 
+async def cancel_all(tasks: list[asyncio.Task[GoResult]]) -> None:
+    """Cancel go commands still running (their process groups are killed)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class GoWorkspace:
     """A copy of the corpus program plus the environment to build it through ``proxy``."""
 

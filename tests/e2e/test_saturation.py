@@ -11,6 +11,7 @@ import time
 import aiohttp
 import pytest
 
+from tests.e2e.gocmd import cancel_all
 from tests.e2e.processes import wait_until
 from tests.e2e.stack import Thresholds
 
@@ -67,13 +68,15 @@ async def test_saturated_pool_sheds_load_fast_and_alerts(stack, prometheus, aler
     await world.add_toxic("latency", latency=LATENCY_MS)
 
     downloads = [asyncio.create_task(world.go.download(deadline_s=60)) for _ in range(CLIENTS)]
-    view = await world.sidecar.wait_breaker("primary", 15, action="reject")
-    assert view["alert"] is True and "pool saturation" in view["reason"], view
-    status, headers, seconds = await timed_get(world.sidecar.url + NEVER_CACHED)
-    assert status == 503 and headers.get("Retry-After"), (status, headers)
-    assert seconds < LATENCY_MS / 1000 / 2, seconds  # did not wait for the slow primary
-
-    results = await asyncio.gather(*downloads)
+    try:
+        view = await world.sidecar.wait_breaker("primary", 15, action="reject")
+        assert view["alert"] is True and "pool saturation" in view["reason"], view
+        status, headers, seconds = await timed_get(world.sidecar.url + NEVER_CACHED)
+        assert status == 503 and headers.get("Retry-After"), (status, headers)
+        assert seconds < LATENCY_MS / 1000 / 2, seconds  # did not wait for the slow primary
+        results = await asyncio.gather(*downloads)
+    finally:
+        await cancel_all(downloads)
     shed = [r for r in results if not r.ok]
     assert shed, "no go command saw the load shedding:\n" + "\n".join(map(str, results))
     for r in shed:
