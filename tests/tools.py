@@ -24,9 +24,11 @@ PINS = {
 # name -> how to get a tool that scripts/tools.sh does not build (for the message)
 ELSEWHERE = {
     "promtool": "run scripts/debian-deps.sh (Debian package prometheus)",
-    "kustomize": "install kubectl (it embeds kustomize) or put a kustomize binary in the "
-    "tools folder: GOBIN=$SIDECAR_TOOLS_DIR go install "
-    "sigs.k8s.io/kustomize/kustomize/v5@v5.5.0",
+    "prometheus": "run scripts/debian-deps.sh (Debian package prometheus)",
+    "nginx": "run scripts/debian-deps.sh (Debian package nginx-light)",
+    "wrk": "run scripts/debian-deps.sh (Debian package wrk)",
+    "go": "install Go 1.26 (https://go.dev/doc/install)",
+    "kustomize": "run scripts/tools.sh (go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0)",
 }
 
 
