@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve (the embedded default config without --config)")
     run.add_argument("--config", help="sidecar.yaml")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop (auto: uvloop when installed)",
+    )
     check = sub.add_parser("check", help="validate the config and compile the policies")
     check.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
     check.add_argument(
@@ -95,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     from sidecar.runtime import run_forever
 
     config = load_config(args.config)
-    return run_forever(config, args.log_level)
+    return run_forever(config, args.log_level, args.loop)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -17,14 +17,20 @@ from sidecar.logs import setup_logging
 GC_THRESHOLD = (10_000, 10, 10)
 
 
-def run_forever(config: Config, log_level: str = "info") -> int:
+def run_forever(config: Config, log_level: str = "info", loop: str = "auto") -> int:
+    """Serve until SIGTERM. ``loop``: ``uvloop``, ``asyncio``, or ``auto`` (uvloop if
+    importable). asyncio's loop has ``sendfile`` for cache hits; uvloop does not
+    (aiohttp then copies file chunks through Python), but is faster on small requests."""
     setup_logging(log_level)
-    try:
-        import uvloop
-    except ImportError:
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
+    runner = asyncio.run
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            runner = uvloop.run
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)

@@ -34,6 +34,9 @@ class ModuleCache(Protocol):
     async def verify(self, entry: CachedEntry) -> bool:
         """SHA-256 checked once per process life; a mismatch is evicted and False."""
 
+    async def small_body(self, entry: CachedEntry) -> bytes | None:
+        """A small verified entry's bytes from memory (read once), or None: use the file."""
+
     def acquire(self, entry: CachedEntry) -> bool:
         """Hold the entry's file while it is served; False if it was evicted meanwhile."""
 

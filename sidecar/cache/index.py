@@ -29,6 +29,7 @@ class Entry:
     removed: bool = False  # out of the index; its files go when the last reader is done
     touched: bool = False  # accessed since access times were last persisted
     verifying: asyncio.Future[bool] | None = field(default=None, repr=False)
+    body: bytes | None = field(default=None, repr=False)  # small bodies, served from memory
 
     @property
     def key(self) -> str:

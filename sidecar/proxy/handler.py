@@ -368,6 +368,10 @@ class ProxyHandler:
         if stale:
             headers[STALE_HEADER] = "1"
             headers["Warning"] = STALE_WARNING
+        body = await cache.small_body(entry)
+        if body is not None:
+            self._count_hit(req, stale)
+            return web.Response(body=body, headers=headers), "cache", "stale" if stale else "hit"
         if not cache.acquire(entry):
             return None
         response = EntryResponse(entry.path, entry.size, headers)
@@ -380,11 +384,13 @@ class ProxyHandler:
             return response, "cache", "client_abort"
         finally:
             cache.release(entry)
-        metrics = self.recorder.metrics
-        self.recorder.counter(
-            metrics.cache_stale_serves if stale else metrics.cache_hits, req.kind.value
-        )()
+        self._count_hit(req, stale)
         return response, "cache", "stale" if stale else "hit"
+
+    def _count_hit(self, req: GoproxyRequest, stale: bool) -> None:
+        metrics = self.recorder.metrics
+        metric = metrics.cache_stale_serves if stale else metrics.cache_hits
+        self.recorder.counter(metric, req.kind.value)()
 
     def _reject(self, target: UpstreamPlan) -> web.StreamResponse:
         self.recorder.counter(self.recorder.metrics.rejected_requests, target.name, "policy")()
