@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -180,6 +181,12 @@ def opened(up: Upstream) -> int:
     backend = up.backend
     assert isinstance(backend, DirectBackend)
     return backend.pool.opened
+
+
+def pool_size(up: Upstream) -> int:
+    backend = up.backend
+    assert isinstance(backend, DirectBackend)
+    return backend.pool.size
 
 
 # ---------------------------------------------------------------- backend choice
@@ -438,6 +445,37 @@ def test_reset_and_refused_are_connect_errors(run, client) -> None:
             assert up.active == 0
 
     run(scenario())
+
+
+def test_a_connect_that_hangs_times_out(run, client) -> None:
+    # A listener whose accept queue is full drops new SYNs: connect() hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+
+    async def scenario() -> None:
+        url = f"http://127.0.0.1:{port}"
+        async with upstream(url, client, connect=0.3, first_byte=5.0) as up:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(UpstreamTimeout) as err:
+                await up.open("m/@v/list")
+            assert loop.time() - started < 1.5
+            assert "connect" in err.value.message and up.active == 0
+            if client == "http1":
+                assert opened(up) == 0 and pool_size(up) == 0
+
+    try:
+        run(scenario())
+    finally:
+        for sock in [listener, *fillers]:
+            sock.close()
 
 
 def test_an_invalid_answer_is_a_connect_error(run) -> None:
