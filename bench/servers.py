@@ -209,6 +209,9 @@ def sidecar_argv(config: Path) -> list[str]:
         str(config),
         "--log-level",
         "warning",
+        # BENCH_SIDECAR_LOOP=asyncio|uvloop compares event loops (asyncio has sendfile).
+        "--loop",
+        os.environ.get("BENCH_SIDECAR_LOOP", "auto"),
     ]
 
 
