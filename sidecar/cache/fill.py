@@ -49,7 +49,7 @@ log = logging.getLogger("sidecar.cache")
 
 FLUSH_BYTES: Final = 256 * 1024  # write to disk in batches of about this much
 RING_BYTES: Final = 1024 * 1024  # flushed bytes kept in memory for readers that keep up
-READ_BYTES: Final = 256 * 1024  # one pread of a reader that is behind
+READ_BYTES: Final = 64 * 1024  # one pread of a reader that is behind (200 readers: RSS)
 
 _T = TypeVar("_T")
 
