@@ -200,3 +200,42 @@ def test_sweep_keeps_only_live_foreign_temp_files(tmp_path: Path) -> None:
         f.write_bytes(b"x")
     assert sweep_temp(layout) == 3
     assert sorted(os.listdir(tmp)) == [live.name]
+
+
+def test_commit_recreates_a_remembered_directory_removed_behind_its_back(tmp_path) -> None:
+    import hashlib
+    import os
+    import shutil
+
+    from sidecar.cache import layout as lay
+
+    layout = lay.Layout.at(str(tmp_path / "c"))
+    lay.prepare(layout)
+
+    def commit_one(key: str, body: bytes) -> None:
+        blob = lay.new_blob_id()
+        fd, temp = lay.open_temp(layout, blob)
+        try:
+            lay.write_all(fd, [body], hashlib.sha256())
+            record = lay.Record(
+                key=key,
+                kind="mod",
+                blob=blob,
+                size=len(body),
+                sha256=hashlib.sha256(body).hexdigest(),
+                content_type="text/plain",
+                stored=1.0,
+                verified=1.0,
+                immutable=True,
+                upstream="up",
+            )
+            lay.commit(layout, fd, temp, record)
+        finally:
+            os.close(fd)
+
+    commit_one("example.com/a/@v/v1.0.0.mod", b"module a\n")
+    assert layout.known_dirs  # remembered
+    shutil.rmtree(layout.index)  # an operator cleans up under a running sidecar
+    commit_one("example.com/a/@v/v1.1.0.mod", b"module a\n")
+    assert (tmp_path / "c").exists()
+    assert lay.read_record(layout, layout.record_path("example.com/a/@v/v1.1.0.mod")) is not None
