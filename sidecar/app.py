@@ -14,7 +14,7 @@ from functools import partial
 from aiohttp import web
 
 from sidecar.breaker.machine import Breaker
-from sidecar.breaker.plan import Plan, UpstreamPlan
+from sidecar.breaker.plan import Plan
 from sidecar.breaker.state import Decision, State
 from sidecar.cache.base import ModuleCache
 from sidecar.config import Config
@@ -56,22 +56,13 @@ class Sidecar:
     _plan_version: int = 0
 
     def __post_init__(self) -> None:
-        self.plan = self._build_plan()
-
-    def _build_plan(self) -> Plan:
-        self._plan_version += 1
-        return Plan(
-            upstreams=tuple(
-                UpstreamPlan(name, b.action, b.state, b) for name, b in self.breakers.items()
-            ),
-            version=self._plan_version,
-            created_at=time.monotonic(),
-        )
+        self.swap_plan()
 
     def swap_plan(self) -> None:
         """Publish the breakers' current actions; one assignment, so requests see
         either the old plan or the new one, never a mix."""
-        self.plan = self._build_plan()
+        self._plan_version += 1
+        self.plan = Plan.from_breakers(self.breakers.values(), self._plan_version, time.monotonic())
 
     def current_plan(self) -> Plan:
         return self.plan

@@ -45,8 +45,9 @@ class Metrics:
         # --- requests
         self.requests = Counter(
             f"{p}_requests",
-            "Client requests answered, by the upstream (or 'cache', 'sidecar') "
-            "that produced the answer, request kind and outcome.",
+            "Client requests answered, by the upstream (or 'cache', 'sidecar') that produced "
+            "the answer, request kind and outcome (ok, hit, stale, not_found, failed, rejected, "
+            "unavailable, client_abort: the client hung up first).",
             ["upstream", "kind", "outcome"],
             registry=r,
         )
@@ -89,11 +90,6 @@ class Metrics:
             "Requests answered with the reject status by the "
             "breaker (load shedding) or because no target could serve.",
             ["upstream", "reason"],
-            registry=r,
-        )
-        self.client_aborts = Counter(
-            f"{p}_client_aborts",
-            "Clients that hung up before their response was complete.",
             registry=r,
         )
         # --- upstream health, as the policy sees it

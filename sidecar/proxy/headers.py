@@ -15,7 +15,6 @@ from multidict import CIMultiDict
 PASSED: Final = ("Content-Type", "Content-Length", "ETag", "Last-Modified", "Cache-Control")
 SOURCE_HEADER: Final = "X-Sidecar-Upstream"
 STALE_HEADER: Final = "X-Sidecar-Stale"
-TEXT_PLAIN: Final = "text/plain; charset=utf-8"
 
 
 def response_headers(upstream_headers: Mapping[str, str], source: str) -> CIMultiDict[str]:
