@@ -12,13 +12,13 @@ from typing import Protocol
 from multidict import CIMultiDict
 
 from sidecar.cache.fill import FillReader
-from sidecar.cache.flight import Flight, NotFound
+from sidecar.cache.flight import Flight, NotFound, Whole
 from sidecar.cache.index import Entry as CachedEntry
 from sidecar.errors import UpstreamError
 from sidecar.goproxy import GoproxyRequest
 from sidecar.upstreams import UpstreamResponse
 
-__all__ = ["CachedEntry", "FillReader", "Flight", "ModuleCache", "NotFound"]
+__all__ = ["CachedEntry", "FillReader", "Flight", "ModuleCache", "NotFound", "Whole"]
 
 
 class ModuleCache(Protocol):
@@ -61,6 +61,14 @@ class ModuleCache(Protocol):
     ) -> FillReader | None:
         """Fetch the body once into the cache and return the caller's reader,
         or None when this body is not to be cached (the caller relays it)."""
+
+    def takes_small(self, size: int | None) -> bool:
+        """True if a whole body of ``size`` bytes may be given to ``keep_small``."""
+
+    def keep_small(
+        self, req: GoproxyRequest, body: bytes, content_type: str, upstream: str
+    ) -> None:
+        """Cache a body already read whole; it is served from memory at once."""
 
     def summary(self) -> dict[str, int]:
         """``{"entries": ..., "bytes": ...}`` for the policy input."""

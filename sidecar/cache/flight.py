@@ -7,6 +7,8 @@ meanwhile *join* its flight and wait for the outcome:
 - the leader got 200 headers: the flight carries the ``Fill``; every
   waiting joiner gets a reader of it at once, and reads the body as it
   arrives (late joiners too, until it is committed);
+- the leader read a small body whole (``Whole``, see ``cache.writeback``):
+  joiners get the same bytes and headers;
 - the leader's walk ended in 404/410: joiners get the same answer (it is
   never cached, only shared with requests that were already waiting);
 - anything else (every upstream failed, rejected, the leader's client left):
@@ -18,6 +20,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from multidict import CIMultiDict
+
 from sidecar.cache.fill import Fill, FillReader
 
 
@@ -27,15 +31,27 @@ class NotFound:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """A small body the leader read whole, with the headers it was answered with."""
+
+    body: bytes
+    headers: CIMultiDict[str]
+    upstream: str
+
+
+Outcome = FillReader | NotFound | Whole | None
+
+
 class Flight:
     __slots__ = ("_ready", "_waiting", "answer", "fill", "key")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.fill: Fill | None = None
-        self.answer: NotFound | None = None
+        self.answer: NotFound | Whole | None = None
         self._ready = False
-        self._waiting: list[asyncio.Future[FillReader | NotFound | None]] = []
+        self._waiting: list[asyncio.Future[Outcome]] = []
 
     def publish(self, fill: Fill) -> None:
         """Joiners get a reader at once, before the fill can drop a byte they need."""
@@ -44,24 +60,23 @@ class Flight:
             for fut in self._wake():
                 fut.set_result(fill.join())
 
-    def settle(self, answer: NotFound | None) -> None:
+    def settle(self, answer: NotFound | Whole | None) -> None:
         """The leader is done without a body for joiners; first outcome wins."""
         if not self._ready:
             self._ready, self.answer = True, answer
             for fut in self._wake():
                 fut.set_result(answer)
 
-    def _wake(self) -> list[asyncio.Future[FillReader | NotFound | None]]:
+    def _wake(self) -> list[asyncio.Future[Outcome]]:
         waiting, self._waiting = self._waiting, []
         return [fut for fut in waiting if not fut.done()]
 
-    async def outcome(self) -> FillReader | NotFound | None:
-        """A reader of the leader's fill, its shared 404, or None: walk by yourself."""
+    async def outcome(self) -> Outcome:
+        """A reader of the leader's fill, its whole body, its shared 404, or None:
+        walk by yourself."""
         if self._ready:
             return self.fill.join() if self.fill is not None else self.answer
-        fut: asyncio.Future[FillReader | NotFound | None] = (
-            asyncio.get_running_loop().create_future()
-        )
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiting.append(fut)
         try:
             return await fut

@@ -28,6 +28,7 @@ class Entry:
     readers: int = 0  # requests serving it right now: its blob must stay put
     removed: bool = False  # out of the index; its files go when the last reader is done
     touched: bool = False  # accessed since access times were last persisted
+    on_disk: bool = True  # False while a small entry waits in the write-behind queue
     verifying: asyncio.Future[bool] | None = field(default=None, repr=False)
     body: bytes | None = field(default=None, repr=False)  # small bodies, served from memory
 

@@ -37,6 +37,7 @@ import os
 import random
 import re
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Final
@@ -140,6 +141,11 @@ class Layout:
     @property
     def tmp(self) -> str:
         return os.path.join(self.base, "tmp")
+
+    @property
+    def changes(self) -> str:
+        """Replaced by ``cache purge|verify`` and ``warm``: a running sidecar re-reads the index."""
+        return os.path.join(self.base, "changes")
 
     def record_path(self, key: str) -> str:
         """``index/<key>``; raises CacheError if the key could leave the index."""
@@ -267,6 +273,30 @@ def commit(layout: Layout, fd: int, temp: str, record: Record) -> None:
         raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc
 
 
+def commit_bytes(layout: Layout, data: bytes, record: Record) -> None:
+    """``open_temp`` + ``write_all`` + ``commit`` for a body already in memory,
+    in one call (one worker-thread hop for a small miss). Leaves nothing behind
+    on failure; raises CacheWriteError."""
+    try:
+        fd, temp = open_temp(layout, record.blob)
+    except OSError as exc:
+        raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc
+        commit(layout, fd, temp, record)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    finally:
+        os.close(fd)
+
+
 def _place(layout: Layout, temp: str, blob: str, target: str) -> None:
     """Rename the body into blobs/, creating directories; once more from scratch
     if a directory remembered in ``known_dirs`` was removed behind our back."""
@@ -296,6 +326,21 @@ def write_atomic(layout: Layout, target: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+def mark_changed(layout: Layout) -> None:
+    """Tell running sidecars that another process added or removed entries."""
+    with contextlib.suppress(OSError):
+        write_atomic(layout, layout.changes, f"{os.getpid()} {time.time()}\n".encode())
+
+
+def change_stamp(layout: Layout) -> tuple[int, int] | None:
+    """Identifies the last ``mark_changed``; None if there was none."""
+    try:
+        st = os.stat(layout.changes)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def rewrite_record(layout: Layout, record: Record) -> None:

@@ -22,6 +22,7 @@ from sidecar.cache.layout import (
     Record,
     blob_size,
     hash_file,
+    mark_changed,
     read_record,
     records,
     remove_entry,
@@ -113,6 +114,8 @@ def purge(layout: Layout, keys: list[str]) -> tuple[int, int]:
         remove_entry(layout, key, record.blob)
         removed += 1
         size += record.size
+    if removed:
+        mark_changed(layout)
     return removed, size
 
 
@@ -139,6 +142,8 @@ def verify_all(layout: Layout, progress: Callable[[int, int], None] | None = Non
             report.bad.append((record.key if record else layout.key_of(path), problem))
         if progress is not None:
             progress(n, len(items))
+    if report.bad:
+        mark_changed(layout)
     return report
 
 

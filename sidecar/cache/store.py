@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from sidecar.cache.layout import (
     Layout,
     Record,
     blob_size,
+    change_stamp,
     commit,
     describe,
     hash_file,
@@ -36,10 +38,12 @@ from sidecar.cache.layout import (
     open_temp,
     orphan_blobs,
     prepare,
+    read_record,
     records,
     remove_entry,
     sweep_temp,
 )
+from sidecar.cache.writeback import Pending, WriteBehind
 from sidecar.config import CacheConfig
 from sidecar.errors import CacheError, UpstreamError
 from sidecar.goproxy import GoproxyRequest
@@ -49,6 +53,7 @@ from sidecar.upstreams import UpstreamResponse
 log = logging.getLogger("sidecar.cache")
 
 PERSIST_INTERVAL_S: Final = 60.0  # how often access times are written to the blobs' atime
+CHANGES_POLL_S: Final = 1.0  # how soon a running sidecar sees `cache purge` or `warm`
 SMALL_BODY_MAX: Final = 4096  # .info / .mod / list answers: served from memory
 SMALL_BODIES_BUDGET: Final = 32 * 1024 * 1024  # memory all small bodies may hold
 ORPHAN_GRACE_S: Final = 60.0  # an unnamed blob younger than this may be another process's commit
@@ -82,6 +87,7 @@ class DiskCache:
         self._loaded: asyncio.Event | None = None
         self._started_at = 0.0
         self._small_bytes = 0  # held by Entry.body of small entries
+        self._writeback = WriteBehind(self.layout, self._written)
 
     # -- request path ------------------------------------------------------------
 
@@ -154,7 +160,7 @@ class DiskCache:
 
     def release(self, entry: Entry) -> None:
         entry.readers -= 1
-        if entry.readers == 0 and entry.removed:
+        if entry.readers == 0 and entry.removed and entry.on_disk:
             self._remove_files(entry)
 
     def discard(self, entry: Entry, reason: str) -> None:
@@ -202,6 +208,64 @@ class DiskCache:
         if flight is not None:
             self.flights.attach(flight, fill)
         return reader
+
+    def takes_small(self, size: int | None) -> bool:
+        """True if a body of ``size`` bytes may be kept with ``keep_small``."""
+        return size is not None and size <= self.max_bytes and self._writeback.has_room(size)
+
+    def keep_small(
+        self, req: GoproxyRequest, body: bytes, content_type: str, upstream: str
+    ) -> None:
+        """Cache a whole body already in memory: indexed and served from memory
+        now, committed to disk by the write-behind queue (``cache.writeback``)."""
+        now = self._clock()
+        record = Record(
+            key=req.cache_key,
+            kind=req.kind.value,
+            blob=new_blob_id(),
+            size=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+            content_type=content_type,
+            stored=now,
+            verified=now,
+            immutable=req.immutable,
+            upstream=upstream,
+        )
+        entry = Entry(
+            record,
+            self.layout.blob_path(record.blob),
+            expiry(record, self.ttl),
+            now,
+            verified=True,
+            on_disk=False,
+            body=body,
+        )
+        if not self._writeback.add(entry, body):
+            return  # stopping: this one is simply not cached
+        self._small_bytes += len(body)
+        old = self._index.put(entry)
+        if old is not None:
+            self._retire(old)
+        self._changed()
+
+    def _written(self, item: Pending) -> None:
+        entry = item.entry
+        if item.error is not None:
+            self._write_error(entry.key, item.error)
+            self._drop(entry)  # it is only in memory: forget it, fetch it again
+            return
+        entry.on_disk = item.written
+        if entry.removed:
+            if entry.on_disk and entry.readers == 0:
+                self._remove_files(entry)  # evicted or replaced while it was written
+            return
+        if entry.size > SMALL_BODY_MAX or self._small_bytes > SMALL_BODIES_BUDGET:
+            entry.body = None  # served from its file from now on
+            self._small_bytes -= entry.size
+
+    async def written(self) -> None:
+        """Until the small entries cached so far are on disk (tests, ``stop``)."""
+        await self._writeback.drained()
 
     async def prefetch(self, req: GoproxyRequest, source: UpstreamResponse) -> Fill:
         """Fetch a body into the cache with no client reading it (``warm``)."""
@@ -321,8 +385,8 @@ class DiskCache:
         if entry.body is not None:
             self._small_bytes -= len(entry.body)
             entry.body = None
-        if entry.readers == 0:
-            self._remove_files(entry)
+        if entry.readers == 0 and entry.on_disk:
+            self._remove_files(entry)  # else the write-behind removes them once written
 
     def _remove_files(self, entry: Entry) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -373,6 +437,7 @@ class DiskCache:
         else:
             self._spawn(self._load(swept))
         self._spawn(self._maintain())
+        self._writeback.start()
         self._changed()
 
     async def wait_loaded(self) -> None:
@@ -380,6 +445,7 @@ class DiskCache:
         await self._loaded.wait()
 
     async def stop(self) -> None:
+        await self._writeback.stop()
         for task in (*self._fills, *self._tasks):
             task.cancel()
         await asyncio.gather(*self._fills, *self._tasks, return_exceptions=True)
@@ -423,12 +489,15 @@ class DiskCache:
         )
 
     async def _maintain(self) -> None:
-        """Evict when a commit pushed the cache over its bound; persist access times."""
-        assert self._pressure is not None
+        """Evict when a commit pushed the cache over its bound; persist access times;
+        re-read the index when another process (``cache purge``, ``warm``) changed it."""
+        assert self._pressure is not None and self._loaded is not None
         persisted = time.monotonic()
+        await self._loaded.wait()
+        stamp = await asyncio.to_thread(change_stamp, self.layout)
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PERSIST_INTERVAL_S):
+                async with asyncio.timeout(CHANGES_POLL_S):
                     await self._pressure.wait()
             if self._pressure.is_set():
                 self._pressure.clear()
@@ -436,6 +505,34 @@ class DiskCache:
             if time.monotonic() - persisted >= PERSIST_INTERVAL_S:
                 persisted = time.monotonic()
                 await self._persist_access()
+            latest = await asyncio.to_thread(change_stamp, self.layout)
+            if latest != stamp:
+                stamp = latest
+                await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Forget entries whose record another process removed; adopt ones it added."""
+        known = {e.key: e.record.blob for e in self._index.lru() if e.on_disk}
+        try:
+            gone, added = await asyncio.to_thread(diff_index, self.layout, known)
+        except OSError as exc:
+            log.warning("cache index re-read failed", extra={"error": describe(exc)})
+            return
+        for key in gone:
+            entry = self._index.get(key)
+            if entry is not None and entry.on_disk and entry.record.blob == known[key]:
+                self._drop(entry)
+        adopted = 0
+        for record in added:
+            if self._index.get(record.key) is None:
+                path = self.layout.blob_path(record.blob)
+                self._index.put(Entry(record, path, expiry(record, self.ttl), record.stored))
+                adopted += 1
+        self._changed()
+        log.info(
+            "cache index changed by another process",
+            extra={"dropped": len(gone), "adopted": adopted, "entries": len(self._index)},
+        )
 
     async def _persist_access(self) -> None:
         touched = [(e.path, e.last_access, e.stored) for e in self._index.touched()]
@@ -474,6 +571,34 @@ def scan(layout: Layout, orphan_before: float) -> ScanResult:
             os.unlink(path)
             result.orphans += 1
     return result
+
+
+def diff_index(layout: Layout, known: dict[str, str]) -> tuple[list[str], list[Record]]:
+    """Keys of ``known`` (key → blob) whose record is gone or names another blob,
+    and the sane records on disk that ``known`` lacks or has with another blob."""
+    gone: list[str] = []
+    added: list[Record] = []
+    seen: set[str] = set()
+    for directory, _dirs, files in os.walk(layout.index):
+        for name in files:
+            path = os.path.join(directory, name)
+            key = layout.key_of(path)
+            if key in known:
+                seen.add(key)
+                continue
+            record = read_record(layout, path)
+            if record is not None and blob_size(layout, record.blob) == record.size:
+                added.append(record)
+    for key, blob in known.items():
+        if key not in seen:
+            gone.append(key)
+        else:
+            record = read_record(layout, layout.record_path(key))
+            if record is not None and record.blob != blob:  # purged, then warmed again
+                gone.append(key)
+                if blob_size(layout, record.blob) == record.size:
+                    added.append(record)
+    return gone, added
 
 
 def _read_file(path: str) -> bytes:

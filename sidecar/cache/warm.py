@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote
 
+from sidecar.cache.layout import mark_changed
 from sidecar.cache.store import DiskCache
 from sidecar.config import Config
 from sidecar.errors import RequestError, UpstreamError
@@ -118,10 +119,14 @@ async def warm(
             on_result(result)
         return result
 
+    results: list[Result] = []
     try:
-        return list(await asyncio.gather(*(one(a) for a in artifacts)))
+        results = list(await asyncio.gather(*(one(a) for a in artifacts)))
+        return results
     finally:
         await cache.stop()
+        if any(r.status == "fetched" for r in results):
+            mark_changed(cache.layout)  # a running sidecar picks the new entries up
         for upstream in upstreams:
             await upstream.close()
 

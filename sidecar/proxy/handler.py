@@ -25,7 +25,7 @@ from aiohttp import web
 
 from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State
-from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound
+from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound, Whole
 from sidecar.errors import CacheIntegrityError, RequestError, UpstreamError, UpstreamTimeout
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
@@ -234,8 +234,11 @@ class ProxyHandler:
             return None
         for name in attempts.not_found_from:
             self.recorder.masked(name)
-        if flight is not None and self.cache is not None:
-            reader = await self.cache.start_fill(
+        cache = self.cache
+        if flight is not None and cache is not None:
+            if is_small(resp.content_length) and cache.takes_small(resp.content_length):
+                return await self._stream(request, req, resp, attempts, (cache, flight))
+            reader = await cache.start_fill(
                 req,
                 resp,
                 response_headers(resp.headers, upstream.name),
@@ -247,16 +250,25 @@ class ProxyHandler:
         return await self._stream(request, req, resp, attempts)
 
     async def _stream(
-        self, request: web.Request, req: GoproxyRequest, resp: UpstreamResponse, attempts: Attempts
+        self,
+        request: web.Request,
+        req: GoproxyRequest,
+        resp: UpstreamResponse,
+        attempts: Attempts,
+        keep: tuple[ModuleCache, Flight] | None = None,
     ) -> Answer:
-        """Relay a body that is not cached here."""
+        """Relay a body without a fill; ``keep``: a small body, read whole, is also
+        cached and handed to the flight's joiners."""
         name = resp.upstream.name
         try:
             body = await read_small(resp) if request.method == "GET" else None
             if body is not None:
-                response: web.StreamResponse = web.Response(
-                    body=body, headers=response_headers(resp.headers, name)
-                )
+                headers = response_headers(resp.headers, name)
+                if keep is not None:
+                    cache, flight = keep
+                    cache.keep_small(req, body, resp.headers.get("Content-Type", ""), name)
+                    flight.settle(Whole(body, headers, name))
+                response: web.StreamResponse = web.Response(body=body, headers=headers)
                 outcome = "ok"
             else:
                 response, outcome = await relay(request, resp)
@@ -305,6 +317,8 @@ class ProxyHandler:
         outcome = await flight.outcome()
         if isinstance(outcome, NotFound):
             return text_response(outcome.status, outcome.message), "sidecar", "not_found"
+        if isinstance(outcome, Whole):
+            return web.Response(body=outcome.body, headers=outcome.headers), outcome.upstream, "ok"
         if outcome is None:  # no body to share; a fill that ended meanwhile may be committed
             entry = self.cache.lookup(req, allow_stale=False) if self.cache else None
             return await self._from_cache(request, req, entry, stale=False) if entry else None

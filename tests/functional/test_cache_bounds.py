@@ -81,7 +81,7 @@ async def test_lru_order_survives_a_restart(fake_upstreams, sidecar_client, tmp_
     client, sc = await start(sidecar_client, [url], cache)
     await get(client, mod("d"))
     await wait_for(lambda: metric(sc, EVICTIONS) == 1)
-    assert keys_on_disk(tmp_path / "cache") == sorted(map(mod, "acd"))
+    await wait_for(lambda: keys_on_disk(tmp_path / "cache") == sorted(map(mod, "acd")))
 
 
 async def test_bound_holds_under_many_fills(fake_upstreams, sidecar_client, tmp_path):

@@ -15,6 +15,7 @@ from tests.functional.test_cache_support import (
     keys_on_disk,
     settled,
     temp_files,
+    wait_for,
 )
 from tests.upstream import Reply
 
@@ -108,11 +109,14 @@ async def test_purge_one_version_then_the_whole_module(fake_upstreams, sidecar_c
 async def test_purge_while_the_sidecar_runs_means_fetch_again(
     fake_upstreams, sidecar_client, tmp_path
 ):
-    client, _sc, _up, url = await populate(fake_upstreams, sidecar_client, tmp_path)
+    client, sc, _up, url = await populate(fake_upstreams, sidecar_client, tmp_path)
     cfg = write_config(tmp_path, [url], tmp_path / "cache")
     assert (
         await cli("cache", "purge", "github.com/Azure/go-autorest@v1.0.0", "--config", str(cfg))
     )[0] == 0
+    # The running sidecar re-reads the index within about a second, so even
+    # entries it holds in memory are fetched again.
+    await wait_for(lambda: sc.cache.summary()["entries"] == len(KEYS) - 4, what="purge seen")
     resp = await client.get("/" + KEYS[0])
     assert resp.status == 200 and resp.headers["X-Sidecar-Upstream"] == "up0"
     assert await resp.read() == KEYS[0].encode() * 10

@@ -111,16 +111,17 @@ async def test_truncated_blob_of_a_verified_entry_is_not_served_short(
 
 async def test_vanished_blob_is_fetched_again_not_a_404(fake_upstreams, sidecar_client, tmp_path):
     [(up, url)] = await fake_upstreams(1)
-    up.set(INFO, b'{"Version":"v1.0.0"}')
+    body = os.urandom(10_000)  # above the in-memory size: hits read the file
+    up.set(ZIP, body)
     client, sc = await start(sidecar_client, [url], tmp_path)
-    await (await client.get("/" + INFO)).read()
+    await (await client.get("/" + ZIP)).read()
     await settled(sc, 1)
-    blob_of(tmp_path / "cache", INFO).unlink()
-    resp = await client.get("/" + INFO)
-    assert resp.status == 200 and await resp.read() == b'{"Version":"v1.0.0"}'
-    assert up.received == [INFO, INFO]
+    blob_of(tmp_path / "cache", ZIP).unlink()
+    resp = await client.get("/" + ZIP)
+    assert resp.status == 200 and await resp.read() == body
+    assert up.received == [ZIP, ZIP]
     await settled(sc, 1)
-    assert (await client.get("/" + INFO)).headers["X-Sidecar-Upstream"] == "cache"
+    assert (await client.get("/" + ZIP)).headers["X-Sidecar-Upstream"] == "cache"
 
 
 async def test_start_sweeps_leftovers_and_drops_broken_entries(

@@ -142,7 +142,9 @@ async def test_failed_fetch_cuts_every_client_that_had_headers(
     assert await fetch(client, ZIP) == (200, b"whole", "up0")  # the key is free again
 
 
-async def test_joiners_without_headers_walk_on_by_themselves(fake_upstreams, cached_sidecar):
+async def test_small_truncated_answer_falls_through_once_for_every_joiner(
+    fake_upstreams, cached_sidecar
+):
     (a, url_a), (b, url_b) = await fake_upstreams(2)
     a.set(INFO, Reply(body=b"x" * 1000, truncate_at=100, delay=0.2))
     b.set(INFO, b'{"Version":"v1.0.0"}')
@@ -150,10 +152,23 @@ async def test_joiners_without_headers_walk_on_by_themselves(fake_upstreams, cac
     results = await asyncio.gather(*(fetch(client, INFO) for _ in range(5)))
     assert results == [(200, b'{"Version":"v1.0.0"}', "up1")] * 5
     assert metric(sc, JOINS) == 4
-    # the leader's fetch failed before any header was sent: each joiner went
-    # down the chain itself (and met the same broken primary)
-    assert len(a.received) == 5 and len(b.received) == 5
+    # a small body is read whole before anyone is answered: the leader met the
+    # broken primary, moved on, and every joiner got the backup's bytes
+    assert len(a.received) == 1 and len(b.received) == 1
     await settled(sc, 1)
+
+
+async def test_joiners_walk_by_themselves_when_the_leader_gets_nothing(
+    fake_upstreams, cached_sidecar
+):
+    [(a, url_a)] = await fake_upstreams(1)
+    a.set(INFO, Reply(status=500, body=b"boom", delay=0.2))
+    client, sc = await cached_sidecar([url_a])
+    results = await asyncio.gather(*(fetch(client, INFO) for _ in range(5)))
+    assert [status for status, _body, _src in results] == [502] * 5
+    assert metric(sc, JOINS) == 4
+    assert len(a.received) == 5  # each joiner tried the chain itself
+    assert sc.cache.summary()["entries"] == 0
 
 
 async def test_pending_joiners_share_a_404(fake_upstreams, cached_sidecar):

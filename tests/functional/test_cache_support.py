@@ -82,9 +82,11 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "
 
 
 async def settled(sc, entries: int, timeout: float = 5.0) -> None:
-    """Wait until the store holds ``entries`` entries (commits run after the reply)."""
+    """Wait until the store holds ``entries`` entries, all on disk (commits run
+    after the reply; small bodies are indexed at once and written behind)."""
     await wait_for(
         lambda: sc.cache.summary()["entries"] == entries,
         timeout,
         f"{entries} cache entries, have {sc.cache.summary()}",
     )
+    await asyncio.wait_for(sc.cache.written(), timeout)  # small ones: on disk too

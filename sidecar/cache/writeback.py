@@ -1,0 +1,126 @@
+"""Write-behind for small bodies: served from memory at once, put on disk in batches.
+
+A small cache miss (.info, .mod, list answers: most of a build's requests)
+used to go through a fill: a task, a temp file opened in one worker-thread
+hop, written in another, committed in a third. Those hops, not the bytes,
+were most of its cost (about 380 µs of CPU for a 100-byte ``.info``). Here
+the body is already whole in memory when the client is answered, so the
+entry goes into the index at once (served from memory) and one writer task
+commits the queued bodies in batches, one worker-thread hop per batch.
+
+Durability is unchanged: each body is committed with the same temp file →
+rename → record order as a fill, the record being the commit point, so a
+crash loses queued entries (they are fetched again), never leaves half of
+one visible. The queue is bounded in bytes; beyond it small bodies take
+the ordinary fill path again, which has backpressure of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from sidecar.cache.index import Entry
+from sidecar.cache.layout import Layout, commit_bytes
+from sidecar.errors import CacheError
+
+log = logging.getLogger("sidecar.cache")
+
+BACKLOG_BYTES: Final = 8 * 1024 * 1024  # bodies waiting for the disk, at most
+BATCH_ITEMS: Final = 256  # bodies committed per worker-thread hop, at most
+
+
+@dataclass(slots=True)
+class Pending:
+    entry: Entry
+    body: bytes
+    written: bool = False
+    error: CacheError | None = None
+
+
+class WriteBehind:
+    """The queue of small entries indexed but not yet on disk, and its writer."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        on_written: Callable[[Pending], None],
+        backlog_bytes: int = BACKLOG_BYTES,
+    ) -> None:
+        self._layout = layout
+        self._on_written = on_written
+        self._limit = backlog_bytes
+        self._queue: list[Pending] = []
+        self._bytes = 0  # queued and being written
+        self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def has_room(self, size: int) -> bool:
+        return self._task is not None and self._bytes + size <= self._limit
+
+    @property
+    def backlog(self) -> int:
+        return self._bytes
+
+    def add(self, entry: Entry, body: bytes) -> bool:
+        """Queue ``entry`` for the disk; False once stopped (nothing would write it)."""
+        if self._task is None or self._wakeup is None or self._idle is None:
+            return False
+        self._queue.append(Pending(entry, body))
+        self._bytes += len(body)
+        self._idle.clear()
+        self._wakeup.set()
+        return True
+
+    def start(self) -> None:
+        self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def drained(self) -> None:
+        """Until every body queued so far is committed (or has failed)."""
+        if self._idle is not None:
+            await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop: a graceful shutdown keeps its misses."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        await self.drained()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None and self._idle is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch = self._queue[:BATCH_ITEMS]
+                del self._queue[:BATCH_ITEMS]
+                live = [p for p in batch if not p.entry.removed]  # evicted while queued
+                if live:
+                    # Shielded: a stop() that cancels us mid-batch must not leave
+                    # a batch half written with its callbacks never run.
+                    await asyncio.shield(loop.run_in_executor(None, _write, self._layout, live))
+                for item in batch:
+                    self._bytes -= len(item.body)
+                    self._on_written(item)
+            self._idle.set()
+
+
+def _write(layout: Layout, batch: list[Pending]) -> None:
+    """Worker thread: commit each body; one failure does not stop the others."""
+    for item in batch:
+        try:
+            commit_bytes(layout, item.body, item.entry.record)
+        except CacheError as exc:
+            item.error = exc
+        else:
+            item.written = True

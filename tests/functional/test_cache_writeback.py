@@ -1,0 +1,109 @@
+"""Small misses: indexed and answered from memory at once, written to disk behind.
+
+Also: a running sidecar sees entries another process purged or warmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from sidecar.cache.layout import Layout
+from tests.functional.test_cache_cli import A, GO_SUM, cli, write_config
+from tests.functional.test_cache_support import (
+    INFO,
+    cache_config,
+    keys_on_disk,
+    metric,
+    settled,
+    temp_files,
+    wait_for,
+)
+
+WRITE_ERRORS = "goproxy_sidecar_cache_write_errors_total"
+
+
+def info(n: int) -> str:
+    return f"example.com/m{n}/@v/v1.0.{n}.info"
+
+
+async def test_graceful_stop_writes_every_queued_small_entry(
+    fake_upstreams, sidecar_client, tmp_path
+):
+    [(up, url)] = await fake_upstreams(1)
+    for n in range(200):
+        up.set(info(n), f'{{"Version":"v1.0.{n}"}}'.encode())
+    cache = cache_config(tmp_path)
+    client, sc = await sidecar_client([url], run_control=False, cache=cache)
+    await sc.cache.wait_loaded()
+    statuses = await asyncio.gather(*(client.get("/" + info(n)) for n in range(200)))
+    assert [r.status for r in statuses] == [200] * 200
+    await client.close()  # no wait for the writer: stop() must finish its queue
+    assert keys_on_disk(tmp_path / "cache") == sorted(info(n) for n in range(200))
+    assert temp_files(tmp_path / "cache") == []
+    # A new process serves them all from disk, the upstream unreachable.
+    client, sc = await sidecar_client(["http://127.0.0.1:9"], run_control=False, cache=cache)
+    await sc.cache.wait_loaded()
+    for n in (0, 99, 199):
+        resp = await client.get("/" + info(n))
+        assert resp.status == 200 and resp.headers["X-Sidecar-Upstream"] == "cache"
+        assert await resp.read() == f'{{"Version":"v1.0.{n}"}}'.encode()
+
+
+async def test_failed_small_write_is_forgotten_and_leaves_nothing(
+    fake_upstreams, sidecar_client, tmp_path
+):
+    [(up, url)] = await fake_upstreams(1)
+    up.set(INFO, b'{"Version":"v1.0.0"}')
+    client, sc = await sidecar_client([url], run_control=False, cache=cache_config(tmp_path))
+    await sc.cache.wait_loaded()
+    tmp = Path(Layout.at(str(tmp_path / "cache")).tmp)
+    shutil.rmtree(tmp)
+    tmp.write_text("not a directory")  # every temp file open fails
+    resp = await client.get("/" + INFO)
+    assert resp.status == 200 and await resp.read() == b'{"Version":"v1.0.0"}'
+    await wait_for(lambda: metric(sc, WRITE_ERRORS) == 1, what="the write error")
+    assert sc.cache.summary()["entries"] == 0  # not kept in memory only
+    assert keys_on_disk(tmp_path / "cache") == []
+    resp = await client.get("/" + INFO)
+    assert resp.headers["X-Sidecar-Upstream"] == "up0" and up.received == [INFO, INFO]
+
+
+async def test_running_sidecar_adopts_what_warm_fetched(fake_upstreams, sidecar_client, tmp_path):
+    [(up, url)] = await fake_upstreams(1)
+    up.set(f"{A}/@v/v1.0.0.mod", b"module github.com/Azure/go-autorest\n")
+    up.set(f"{A}/@v/v1.0.0.zip", b"zip bytes")
+    up.set("golang.org/x/text/@v/v0.3.0.mod", b"module golang.org/x/text\n")
+    cache_dir = tmp_path / "cache"
+    client, sc = await sidecar_client(
+        [url], run_control=False, cache=cache_config(tmp_path, dir=cache_dir)
+    )
+    await sc.cache.wait_loaded()
+    go_sum = tmp_path / "go.sum"
+    go_sum.write_text(GO_SUM)
+    cfg = write_config(tmp_path, [url], cache_dir)
+    code, out, _ = await cli("warm", str(go_sum), "--config", str(cfg))
+    assert "3 fetched" in out, out
+    await wait_for(lambda: sc.cache.summary()["entries"] == 3, what="warmed entries adopted")
+    asked = len(up.received)
+    resp = await client.get(f"/{A}/@v/v1.0.0.zip")
+    assert await resp.read() == b"zip bytes" and resp.headers["X-Sidecar-Upstream"] == "cache"
+    assert len(up.received) == asked
+
+
+async def test_purge_reaches_entries_held_in_memory(fake_upstreams, sidecar_client, tmp_path):
+    [(up, url)] = await fake_upstreams(1)
+    up.set(INFO, b'{"Version":"v1.0.0"}')
+    client, sc = await sidecar_client([url], run_control=False, cache=cache_config(tmp_path))
+    await sc.cache.wait_loaded()
+    await (await client.get("/" + INFO)).read()
+    await settled(sc, 1)
+    hit = await client.get("/" + INFO)
+    assert hit.headers["X-Sidecar-Upstream"] == "cache"
+    cfg = write_config(tmp_path, [url], tmp_path / "cache")
+    code, out, _ = await cli("cache", "purge", "github.com/Azure/go-autorest", "--config", str(cfg))
+    assert code == 0 and "purged 1 entries" in out
+    await wait_for(lambda: sc.cache.summary()["entries"] == 0, what="purge seen")
+    resp = await client.get("/" + INFO)
+    assert resp.headers["X-Sidecar-Upstream"] == "up0" and up.received == [INFO, INFO]
