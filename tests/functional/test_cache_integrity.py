@@ -20,7 +20,6 @@ import aiohttp
 
 from sidecar.cache.layout import Layout, Record, new_blob_id, write_atomic
 from tests.functional.test_cache_support import (
-    INFO,
     MOD,
     ZIP,
     all_blobs,

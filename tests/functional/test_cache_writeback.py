@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from sidecar.cache.layout import Layout
-from tests.functional.test_cache_cli import A, GO_SUM, cli, write_config
+from tests.functional.test_cache_cli import GO_SUM, A, cli, write_config
 from tests.functional.test_cache_support import (
     INFO,
     cache_config,
