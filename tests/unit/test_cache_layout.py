@@ -186,6 +186,24 @@ def test_make_dirs_inside_refuses_symlinks_out(tmp_path: Path) -> None:
     assert (root / "ok" / "a").is_dir()
 
 
+def test_make_dirs_inside_follows_no_symlink_and_remembers_what_it_checked(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (root / "alias").symlink_to(root / "real")  # even a link that stays inside
+    (root / "file").write_text("x")
+    known: set[str] = set()
+    for bad in ("alias/a", "file/a"):
+        with pytest.raises(CacheWriteError, match="not a directory"):
+            make_dirs_inside(str(root / bad), str(root), known)
+    with pytest.raises(CacheWriteError, match="leaves the cache directory"):
+        make_dirs_inside(str(tmp_path / "elsewhere" / "a"), str(root), known)
+    assert list((root / "real").iterdir()) == []
+    make_dirs_inside(str(root / "real" / "a" / "b"), str(root), known)
+    assert known == {str(root / "real"), str(root / "real" / "a"), str(root / "real" / "a" / "b")}
+
+
 def test_sweep_keeps_only_live_foreign_temp_files(tmp_path: Path) -> None:
     from sidecar.cache.layout import prepare
 
