@@ -72,7 +72,10 @@ def new_parser(owner: Connection) -> httptools.HttpResponseParser:
     return parser
 
 
-class Connection(asyncio.Protocol):
+_ONE_SHOT_READ: Final = 64 * 1024
+
+
+class Connection(asyncio.BufferedProtocol):
     """A keep-alive connection to one origin and the state of its current exchange."""
 
     def __init__(self, pool: Pool | None, name: str) -> None:
@@ -88,6 +91,9 @@ class Connection(asyncio.Protocol):
         self._parser = new_parser(self)
         self._parser_dirty = False
         self._loop = asyncio.get_running_loop()
+        self._view: memoryview | None = (
+            None if pool is not None else memoryview(bytearray(_ONE_SHOT_READ))
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -205,10 +211,20 @@ class Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
-    # -- asyncio.Protocol --------------------------------------------------------
+    # -- asyncio.BufferedProtocol ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.pool is not None:
+            self._view = self.pool.read_view()
+        assert self._view is not None
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._view is not None
+        self.data_received(bytes(self._view[:nbytes]))  # copied out: the buffer is shared
 
     def data_received(self, data: bytes) -> None:
         state = self.state
