@@ -25,6 +25,7 @@ MALLOC_ENV = {
     "MALLOC_TOP_PAD_": "16777216",
     "MALLOC_TRIM_THRESHOLD_": "67108864",
     "MALLOC_MMAP_THRESHOLD_": "4194304",
+    "MALLOC_ARENA_MAX": "2",
 }
 # PERF-NOTES' best nginx proxy buffers (46 k vs 43 k req/s small, 1.7 vs 0.64 GB/s 50 MiB).
 PROXY_BUFFERS = "proxy_buffer_size 64k;\n        proxy_buffers 8 64k;"

@@ -38,7 +38,7 @@ MIN_TICK_S: Final = 0.01
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 READ_MAX: Final = 256 * 1024  # one socket read with few busy connections (large-zip speed)
 READ_MIN: Final = 16 * 1024
-READ_BUDGET: Final = 8 * 1024 * 1024  # what one round of reads of all busy connections may bring
+READ_BUDGET: Final = 16 * 1024 * 1024  # what one round of reads of all busy connections may bring
 
 Waiter = tuple["asyncio.Future[Connection | None]", float]
 

@@ -49,6 +49,7 @@ MALLOC_ENV = {
     "MALLOC_TOP_PAD_": "16777216",
     "MALLOC_TRIM_THRESHOLD_": "67108864",
     "MALLOC_MMAP_THRESHOLD_": "4194304",
+    "MALLOC_ARENA_MAX": "2",
 }
 METRIC = re.compile(r"\bgoproxy_sidecar_[a-z0-9_]+")
 
