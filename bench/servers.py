@@ -184,9 +184,11 @@ def start_nginx_proxy(
     return Server(name, f"http://127.0.0.1:{port}", proc, notes=notes)
 
 
-def sidecar_conf(port: int, upstream: Server, cache_dir: Path, cache: bool) -> str:
+def sidecar_conf(
+    port: int, upstream: Server, cache_dir: Path, cache: bool, max_bytes: str = "20GiB"
+) -> str:
     cache_yaml = (
-        f'{{dir: "{cache_dir}", max_bytes: 20GiB}}'
+        f'{{dir: "{cache_dir}", max_bytes: {max_bytes}}}'
         if cache
         else f'{{dir: "{cache_dir}", enabled: false}}'
     )
@@ -224,12 +226,13 @@ def start_sidecar(
     cache: bool,
     core: int,
     malloc_env: bool = True,
+    max_bytes: str = "20GiB",
 ) -> Server:
     port = free_port()
     home = work / name
     home.mkdir(parents=True, exist_ok=True)
     config = home / "sidecar.yaml"
-    config.write_text(sidecar_conf(port, upstream, home / "cache", cache))
+    config.write_text(sidecar_conf(port, upstream, home / "cache", cache, max_bytes))
     env = dict(os.environ)
     # A SIDECAR_* variable in the caller's shell would silently change the config.
     for key in [k for k in env if k.startswith("SIDECAR_")]:
@@ -243,7 +246,7 @@ def start_sidecar(
     proc = procs.start(name, sidecar_argv(config), core, env=env, cwd=str(home), env_note=used)
     wait_http(proc, f"http://127.0.0.1:{port}/healthz", timeout_s=60)
     notes = {
-        "cache": "enabled (20GiB)" if cache else "disabled (cache.enabled: false)",
+        "cache": f"enabled ({max_bytes})" if cache else "disabled (cache.enabled: false)",
         "pool": "max_connections 256",
         "env": " ".join(f"{k}={v}" for k, v in used.items()) or "glibc defaults",
     }
