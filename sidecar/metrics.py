@@ -229,6 +229,12 @@ class Metrics:
             "Failed cache writes (disk full, I/O); the request is proxied without caching.",
             registry=r,
         )
+        self.cache_write_skips = Counter(
+            f"{p}_cache_write_skips",
+            "Small answers served without caching because the disk writer was "
+            "behind (its queue full).",
+            registry=r,
+        )
         self.cache_fill_joins = Counter(
             f"{p}_cache_single_flight_joins",
             "Requests that joined an upstream fetch already "

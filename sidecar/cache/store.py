@@ -211,7 +211,7 @@ class DiskCache:
 
     def takes_small(self, size: int | None) -> bool:
         """True if a body of ``size`` bytes may be kept with ``keep_small``."""
-        return size is not None and size <= self.max_bytes and self._writeback.has_room(size)
+        return size is not None and size <= self.max_bytes and self._writeback.running
 
     def keep_small(
         self, req: GoproxyRequest, body: bytes, content_type: str, upstream: str
@@ -241,7 +241,9 @@ class DiskCache:
             body=body,
         )
         if not self._writeback.add(entry, body):
-            return  # stopping: this one is simply not cached
+            if self._writeback.running:
+                self.metrics.cache_write_skips.inc()  # the disk is behind
+            return
         self._small_bytes += len(body)
         old = self._index.put(entry)
         if old is not None:

@@ -11,8 +11,8 @@ commits the queued bodies in batches, one worker-thread hop per batch.
 Durability is unchanged: each body is committed with the same temp file →
 rename → record order as a fill, the record being the commit point, so a
 crash loses queued entries (they are fetched again), never leaves half of
-one visible. The queue is bounded in bytes; beyond it small bodies take
-the ordinary fill path again, which has backpressure of its own.
+one visible. The queue is bounded (``BACKLOG_*``): when the disk cannot keep
+up, further small answers are served without being cached, and counted.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from sidecar.errors import CacheError
 log = logging.getLogger("sidecar.cache")
 
 BACKLOG_BYTES: Final = 8 * 1024 * 1024  # bodies waiting for the disk, at most
+# Entries waiting, at most. A file pair costs ~280 µs of kernel CPU on this
+# machine's ext4, so a storm of unique misses can outrun the writer; beyond
+# this the excess is served uncached (and counted) rather than held in memory.
+BACKLOG_ITEMS: Final = 2048
 BATCH_ITEMS: Final = 256  # bodies committed per worker-thread hop, at most
 
 
@@ -49,29 +53,39 @@ class WriteBehind:
         layout: Layout,
         on_written: Callable[[Pending], None],
         backlog_bytes: int = BACKLOG_BYTES,
+        backlog_items: int = BACKLOG_ITEMS,
     ) -> None:
         self._layout = layout
         self._on_written = on_written
         self._limit = backlog_bytes
+        self._max_items = backlog_items
         self._queue: list[Pending] = []
         self._bytes = 0  # queued and being written
+        self._items = 0  # queued and being written
         self._wakeup: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
     def has_room(self, size: int) -> bool:
-        return self._task is not None and self._bytes + size <= self._limit
+        return self._bytes + size <= self._limit and self._items < self._max_items
 
     @property
     def backlog(self) -> int:
         return self._bytes
 
     def add(self, entry: Entry, body: bytes) -> bool:
-        """Queue ``entry`` for the disk; False once stopped (nothing would write it)."""
+        """Queue ``entry`` for the disk; False if full or stopped (not cached)."""
         if self._task is None or self._wakeup is None or self._idle is None:
+            return False
+        if not self.has_room(len(body)):
             return False
         self._queue.append(Pending(entry, body))
         self._bytes += len(body)
+        self._items += 1
         self._idle.clear()
         self._wakeup.set()
         return True
@@ -111,6 +125,7 @@ class WriteBehind:
                     await asyncio.shield(loop.run_in_executor(None, _write, self._layout, live))
                 for item in batch:
                     self._bytes -= len(item.body)
+                    self._items -= 1
                     self._on_written(item)
             self._idle.set()
 

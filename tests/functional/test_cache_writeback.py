@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 
 from sidecar.cache.layout import Layout
+from sidecar.cache.writeback import WriteBehind
 from tests.functional.test_cache_cli import GO_SUM, A, cli, write_config
 from tests.functional.test_cache_support import (
     INFO,
@@ -22,6 +24,7 @@ from tests.functional.test_cache_support import (
 )
 
 WRITE_ERRORS = "goproxy_sidecar_cache_write_errors_total"
+WRITE_SKIPS = "goproxy_sidecar_cache_write_skips_total"
 
 
 def info(n: int) -> str:
@@ -107,3 +110,35 @@ async def test_purge_reaches_entries_held_in_memory(fake_upstreams, sidecar_clie
     await wait_for(lambda: sc.cache.summary()["entries"] == 0, what="purge seen")
     resp = await client.get("/" + INFO)
     assert resp.headers["X-Sidecar-Upstream"] == "up0" and up.received == [INFO, INFO]
+
+
+async def test_a_writer_that_is_behind_skips_caching_and_says_so(
+    fake_upstreams, sidecar_client, tmp_path
+):
+    [(up, url)] = await fake_upstreams(1)
+    for n in range(10):
+        up.set(info(n), f'{{"Version":"v1.0.{n}"}}'.encode())
+    client, sc = await sidecar_client([url], run_control=False, cache=cache_config(tmp_path))
+    await sc.cache.wait_loaded()
+    await sc.cache._writeback.stop()
+    sc.cache._writeback = WriteBehind(sc.cache.layout, sc.cache._written, backlog_items=3)
+    sc.cache._writeback.start()
+    # A slow disk: every worker thread busy, so the writer's batch waits.
+    loop = asyncio.get_running_loop()
+    gate = threading.Event()
+    busy = [loop.run_in_executor(None, gate.wait) for _ in range(64)]
+    try:
+        for n in range(10):
+            resp = await client.get("/" + info(n))
+            assert resp.status == 200
+            assert await resp.read() == f'{{"Version":"v1.0.{n}"}}'.encode()
+        assert metric(sc, WRITE_SKIPS) == 7  # 3 held for the disk, 7 served uncached
+    finally:
+        gate.set()
+        await asyncio.gather(*busy)
+    await sc.cache.written()
+    assert keys_on_disk(tmp_path / "cache") == sorted(info(n) for n in range(3))
+    resp = await client.get("/" + info(9))  # asked again: cached this time
+    assert resp.headers["X-Sidecar-Upstream"] == "up0"
+    await settled(sc, 4)
+    assert (await client.get("/" + info(9))).headers["X-Sidecar-Upstream"] == "cache"
