@@ -29,6 +29,7 @@ class Entry:
     removed: bool = False  # out of the index; its files go when the last reader is done
     touched: bool = False  # accessed since access times were last persisted
     on_disk: bool = True  # False while a small entry waits in the write-behind queue
+    packed: bool = False  # stored in the pack (v1/small.db), not as blob + record files
     verifying: asyncio.Future[bool] | None = field(default=None, repr=False)
     body: bytes | None = field(default=None, repr=False)  # small bodies, served from memory
 

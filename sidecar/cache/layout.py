@@ -143,6 +143,11 @@ class Layout:
         return os.path.join(self.base, "tmp")
 
     @property
+    def pack(self) -> str:
+        """The SQLite file of small entries (``sidecar.cache.pack``)."""
+        return os.path.join(self.base, "small.db")
+
+    @property
     def changes(self) -> str:
         """Replaced by ``cache purge|verify`` and ``warm``: a running sidecar re-reads the index."""
         return os.path.join(self.base, "changes")

@@ -2,15 +2,15 @@
 
 They read and write the directory with the same atomic steps as the
 sidecar (records are only ever replaced by rename, a record goes before its
-blob), so running them beside a live sidecar is safe: ``ls`` only reads;
-``purge`` and ``verify`` remove files, and the sidecar notices a removed
-entry on its next request for it (the file is missing: evicted, fetched
-again).
+blob; pack rows change in transactions), so running them beside a live
+sidecar is safe: ``ls`` only reads; ``purge`` and ``verify`` remove entries
+and then ``mark_changed``, and a running sidecar re-reads its index.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +28,7 @@ from sidecar.cache.layout import (
     remove_entry,
     rewrite_record,
 )
+from sidecar.cache.pack import Pack
 from sidecar.goproxy import escape_path, escape_version, parse_request_path
 
 FILE_KINDS = ("info", "mod", "zip")
@@ -40,12 +41,14 @@ class Listed:
 
 
 def list_entries(layout: Layout) -> list[Listed]:
-    """Every readable record, sorted by key; a record's blob is checked by size only."""
+    """Every readable record, files and pack, sorted by key; a record's blob is
+    checked by size only (a packed entry's body is in its row)."""
     out = [
         Listed(r, blob_size(layout, r.blob) == r.size)
         for _path, r in records(layout)
         if r is not None
     ]
+    out += [Listed(r, True) for r, _key, _t in Pack(layout.pack).records() if r is not None]
     out.sort(key=lambda item: item.record.key)
     return out
 
@@ -61,14 +64,26 @@ def module_keys(layout: Layout, module: str, version: str | None) -> list[str]:
     an invalid module path or version.
     """
     esc = escape_path(module)
+    pack = Pack(layout.pack)
     if version is not None:
         escv = escape_version(version)
         keys = [_file_key(esc, escv, ext) for ext in FILE_KINDS]
         lookup = f"{esc}@{escv}"
     else:
-        keys = [*_files_in(layout, f"{esc}/@v"), f"{esc}/@latest"]
+        keys = [*_files_in(layout, f"{esc}/@v"), *pack.keys(f"{esc}/@v/"), f"{esc}/@latest"]
         lookup = f"{esc}@"
-    return keys + _sumdb_lookups(layout, lookup, exact=version is not None)
+    exact = version is not None
+    lookups = _sumdb_lookups(layout, lookup, exact=exact)
+    lookups += [k for k in pack.keys("sumdb/") if _is_lookup_of(k, lookup, exact=exact)]
+    return sorted(set(keys)) + sorted(set(lookups))
+
+
+def _is_lookup_of(key: str, target: str, *, exact: bool) -> bool:
+    """``sumdb/<db>/lookup/<target...>``: a checksum lookup of ``target``."""
+    parts = key.split("/", 3)
+    if len(parts) != 4 or parts[2] != "lookup":
+        return False
+    return parts[3] == target if exact else parts[3].startswith(target)
 
 
 def _file_key(esc_module: str, esc_version: str, ext: str) -> str:
@@ -107,13 +122,19 @@ def _listdir(directory: str) -> list[str]:
 def purge(layout: Layout, keys: list[str]) -> tuple[int, int]:
     """Remove these entries (record first, then blob); returns (entries, bytes)."""
     removed = size = 0
+    pack = Pack(layout.pack)
+    packed = {key: r for r, key, _t in pack.records() if r is not None}
     for key in keys:
         record = read_record(layout, layout.record_path(key))
-        if record is None:
-            continue
-        remove_entry(layout, key, record.blob)
-        removed += 1
-        size += record.size
+        if record is not None:
+            remove_entry(layout, key, record.blob)
+            removed += 1
+            size += record.size
+        in_pack = packed.get(key)
+        if in_pack is not None and pack.delete(key):
+            removed += 1
+            size += in_pack.size
+    pack.close()
     if removed:
         mark_changed(layout)
     return removed, size
@@ -133,6 +154,9 @@ def verify_all(layout: Layout, progress: Callable[[int, int], None] | None = Non
     """Hash every entry; evict and report each one whose bytes do not match its record."""
     report = VerifyReport()
     items = list(records(layout))
+    pack = Pack(layout.pack)
+    rows = pack.records()
+    total = len(items) + len(rows)
     for n, (path, record) in enumerate(items, 1):
         problem = _check(layout, path, record)
         report.checked += 1
@@ -141,7 +165,17 @@ def verify_all(layout: Layout, progress: Callable[[int, int], None] | None = Non
         if problem is not None:
             report.bad.append((record.key if record else layout.key_of(path), problem))
         if progress is not None:
-            progress(n, len(items))
+            progress(n, total)
+    for n, (packed, key, _t) in enumerate(rows, len(items) + 1):
+        problem = _check_packed(pack, key, packed)
+        report.checked += 1
+        if packed is not None:
+            report.bytes += packed.size
+        if problem is not None:
+            report.bad.append((key, problem))
+        if progress is not None:
+            progress(n, total)
+    pack.close()
     if report.bad:
         mark_changed(layout)
     return report
@@ -160,6 +194,20 @@ def _check(layout: Layout, path: str, record: Record | None) -> str | None:
         remove_entry(layout, record.key, record.blob)
         return f"size {size} (recorded {record.size}) or sha256 mismatch (evicted)"
     rewrite_record(layout, replace(record, verified=time.time()))
+    return None
+
+
+def _check_packed(pack: Pack, key: str, record: Record | None) -> str | None:
+    if record is None:
+        pack.delete(key)
+        return "unreadable record in the pack (removed)"
+    body = pack.body(key, record.blob)
+    if body is None:
+        return None  # replaced or removed since the listing: not this entry any more
+    if len(body) != record.size or hashlib.sha256(body).hexdigest() != record.sha256:
+        pack.delete(key, record.blob)
+        return f"size {len(body)} (recorded {record.size}) or sha256 mismatch (evicted)"
+    pack.rewrite(replace(record, verified=time.time()))
     return None
 
 

@@ -43,6 +43,8 @@ from sidecar.cache.layout import (
     remove_entry,
     sweep_temp,
 )
+from sidecar.cache.pack import MAX_BODY as PACK_MAX
+from sidecar.cache.pack import Pack
 from sidecar.cache.writeback import Pending, WriteBehind
 from sidecar.config import CacheConfig
 from sidecar.errors import CacheError, UpstreamError
@@ -61,7 +63,8 @@ ORPHAN_GRACE_S: Final = 60.0  # an unnamed blob younger than this may be another
 
 @dataclass(slots=True)
 class ScanResult:
-    entries: list[tuple[Record, float]] = field(default_factory=list)  # (record, last access)
+    # (record, last access, packed)
+    entries: list[tuple[Record, float, bool]] = field(default_factory=list)
     dropped: int = 0
     orphans: int = 0
 
@@ -87,7 +90,8 @@ class DiskCache:
         self._loaded: asyncio.Event | None = None
         self._started_at = 0.0
         self._small_bytes = 0  # held by Entry.body of small entries
-        self._writeback = WriteBehind(self.layout, self._written)
+        self.pack = Pack(self.layout.pack)
+        self._writeback = WriteBehind(self.layout, self.pack, self._written)
 
     # -- request path ------------------------------------------------------------
 
@@ -119,9 +123,14 @@ class DiskCache:
 
     async def _verify(self, entry: Entry) -> bool:
         try:
-            size, digest = await asyncio.to_thread(hash_file, entry.path)
+            if entry.packed:
+                size, digest = await self._verify_packed(entry)
+            else:
+                size, digest = await asyncio.to_thread(hash_file, entry.path)
         except OSError as exc:
             reason = describe(exc)
+        except CacheError as exc:
+            reason = str(exc)
         else:
             if size == entry.size and digest == entry.record.sha256:
                 entry.verified = True
@@ -129,6 +138,26 @@ class DiskCache:
             reason = f"size {size} (recorded {entry.size}), sha256 {digest[:12]}…"
         self.discard(entry, reason)
         return False
+
+    async def _verify_packed(self, entry: Entry) -> tuple[int, str]:
+        """Hash a packed entry's row; the bytes are kept if they match (the next
+        thing the caller does is serve them)."""
+        data = await asyncio.to_thread(self.pack.body, entry.key, entry.record.blob)
+        if data is None:
+            raise CacheError("missing from the pack")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == entry.record.sha256 and len(data) == entry.size:
+            self._hold(entry, data)
+        return len(data), digest
+
+    def _hold(self, entry: Entry, data: bytes) -> None:
+        if (
+            entry.body is None
+            and not entry.removed
+            and self._small_bytes + len(data) <= SMALL_BODIES_BUDGET
+        ):
+            entry.body = data
+            self._small_bytes += len(data)
 
     async def small_body(self, entry: Entry) -> bytes | None:
         """The bytes of a small verified entry, kept in memory after the first read.
@@ -139,6 +168,15 @@ class DiskCache:
         """
         if entry.body is not None:
             return entry.body
+        if entry.packed:  # no file to send: from the row, kept if the budget allows
+            try:
+                data = await asyncio.to_thread(self.pack.body, entry.key, entry.record.blob)
+            except CacheError:
+                return None
+            if data is not None and len(data) == entry.size:
+                self._hold(entry, data)
+                return data
+            return None
         if entry.size > SMALL_BODY_MAX or self._small_bytes + entry.size > SMALL_BODIES_BUDGET:
             return None
         try:
@@ -238,6 +276,7 @@ class DiskCache:
             now,
             verified=True,
             on_disk=False,
+            packed=len(body) <= PACK_MAX,
             body=body,
         )
         if not self._writeback.add(entry, body):
@@ -391,9 +430,11 @@ class DiskCache:
             self._remove_files(entry)  # else the write-behind removes them once written
 
     def _remove_files(self, entry: Entry) -> None:
-        task = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob)
-        )
+        if entry.packed:
+            work = asyncio.to_thread(_unpack_quietly, self.pack, entry.key, entry.record.blob)
+        else:
+            work = asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob)
+        task = asyncio.get_running_loop().create_task(work)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
 
@@ -453,6 +494,7 @@ class DiskCache:
         await asyncio.gather(*self._fills, *self._tasks, return_exceptions=True)
         await asyncio.gather(*self._chores, return_exceptions=True)
         await self._persist_access()
+        self.pack.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -462,15 +504,21 @@ class DiskCache:
     async def _load(self, swept: int) -> None:
         assert self._loaded is not None
         try:
-            result = await asyncio.to_thread(scan, self.layout, self._started_at - ORPHAN_GRACE_S)
+            result = await asyncio.to_thread(
+                scan, self.layout, self.pack, self._started_at - ORPHAN_GRACE_S
+            )
         except OSError as exc:
             log.error("cache scan failed; starting empty", extra={"error": describe(exc)})
             result = ScanResult()
         # Most recent first, each put at the LRU end: entries committed while
         # the scan ran stay the most recently used.
-        for record, last_access in sorted(result.entries, key=lambda e: e[1], reverse=True):
+        for record, last_access, packed in sorted(result.entries, key=lambda e: e[1], reverse=True):
             entry = Entry(
-                record, self.layout.blob_path(record.blob), expiry(record, self.ttl), last_access
+                record,
+                self.layout.blob_path(record.blob),
+                expiry(record, self.ttl),
+                last_access,
+                packed=packed,
             )
             if self._index.get(record.key) is not None:
                 self._retire(entry)  # replaced while we scanned: only its blob goes
@@ -514,32 +562,52 @@ class DiskCache:
 
     async def _reconcile(self) -> None:
         """Forget entries whose record another process removed; adopt ones it added."""
-        known = {e.key: e.record.blob for e in self._index.lru() if e.on_disk}
+        known = {e.key: e.record.blob for e in self._index.lru() if e.on_disk and not e.packed}
+        packed = {e.key: e.record.blob for e in self._index.lru() if e.on_disk and e.packed}
         try:
             gone, added = await asyncio.to_thread(diff_index, self.layout, known)
-        except OSError as exc:
-            log.warning("cache index re-read failed", extra={"error": describe(exc)})
+            gone_packed, added_packed = await asyncio.to_thread(diff_pack, self.pack, packed)
+        except (OSError, CacheError) as exc:
+            error = describe(exc) if isinstance(exc, OSError) else str(exc)
+            log.warning("cache index re-read failed", extra={"error": error})
             return
         for key in gone:
             entry = self._index.get(key)
             if entry is not None and entry.on_disk and entry.record.blob == known[key]:
                 self._drop(entry)
+        for key in gone_packed:
+            entry = self._index.get(key)
+            if entry is not None and entry.on_disk and entry.record.blob == packed[key]:
+                self._drop(entry)
         adopted = 0
-        for record in added:
+        for record, is_packed in [(r, False) for r in added] + [(r, True) for r in added_packed]:
             if self._index.get(record.key) is None:
                 path = self.layout.blob_path(record.blob)
-                self._index.put(Entry(record, path, expiry(record, self.ttl), record.stored))
+                self._index.put(
+                    Entry(record, path, expiry(record, self.ttl), record.stored, packed=is_packed)
+                )
                 adopted += 1
         self._changed()
         log.info(
             "cache index changed by another process",
-            extra={"dropped": len(gone), "adopted": adopted, "entries": len(self._index)},
+            extra={
+                "dropped": len(gone) + len(gone_packed),
+                "adopted": adopted,
+                "entries": len(self._index),
+            },
         )
 
     async def _persist_access(self) -> None:
-        touched = [(e.path, e.last_access, e.stored) for e in self._index.touched()]
-        if touched:
-            await asyncio.to_thread(_set_atimes, touched)
+        touched = self._index.touched()
+        files = [(e.path, e.last_access, e.stored) for e in touched if not e.packed]
+        packed = [(e.key, e.record.blob, e.last_access) for e in touched if e.packed]
+        if files:
+            await asyncio.to_thread(_set_atimes, files)
+        if packed:
+            try:
+                await asyncio.to_thread(self.pack.touch_many, packed)
+            except CacheError as exc:
+                log.warning("cache access times not saved", extra={"error": str(exc)})
 
 
 # ---------------------------------------------------------------- worker threads
@@ -550,9 +618,21 @@ def _prepare_and_sweep(layout: Layout) -> int:
     return sweep_temp(layout)
 
 
-def scan(layout: Layout, orphan_before: float) -> ScanResult:
+def scan(layout: Layout, pack: Pack, orphan_before: float) -> ScanResult:
     """Every sane entry with its last access; broken records and orphan blobs are removed."""
     result = ScanResult()
+    try:
+        rows = pack.records()
+    except CacheError as exc:
+        rows = []
+        _set_aside(pack, exc)
+    for packed_record, key, last_access in rows:
+        if packed_record is None:
+            with contextlib.suppress(CacheError):
+                pack.delete(key)
+            result.dropped += 1
+        else:
+            result.entries.append((packed_record, max(last_access, packed_record.stored), True))
     known: set[str] = set()
     for path, record in records(layout):
         if record is None or blob_size(layout, record.blob) != record.size:
@@ -567,7 +647,7 @@ def scan(layout: Layout, orphan_before: float) -> ScanResult:
             atime = os.stat(layout.blob_path(record.blob)).st_atime
         except OSError:
             atime = record.stored
-        result.entries.append((record, max(atime, record.stored)))
+        result.entries.append((record, max(atime, record.stored), False))
     for path in orphan_blobs(layout, known, orphan_before):
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -601,6 +681,35 @@ def diff_index(layout: Layout, known: dict[str, str]) -> tuple[list[str], list[R
                 if blob_size(layout, record.blob) == record.size:
                     added.append(record)
     return gone, added
+
+
+def diff_pack(pack: Pack, known: dict[str, str]) -> tuple[list[str], list[Record]]:
+    """``diff_index`` for the pack: keys of ``known`` whose row is gone or holds
+    another entry, and the rows ``known`` lacks."""
+    rows = {key: record for record, key, _t in pack.records() if record is not None}
+    gone = [key for key, blob in known.items() if key not in rows or rows[key].blob != blob]
+    added = [r for key, r in rows.items() if known.get(key) != r.blob]
+    return gone, added
+
+
+def _set_aside(pack: Pack, exc: CacheError) -> None:
+    """An unreadable pack (not SQLite, corrupt): keep it for a post-mortem under
+    another name and start a new one. Its entries are fetched again."""
+    pack.close()
+    aside = f"{pack.path}.broken-{int(time.time())}"
+    with contextlib.suppress(OSError):
+        os.rename(pack.path, aside)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            os.unlink(pack.path + suffix)
+    log.error("cache pack unreadable; set aside", extra={"error": str(exc), "moved_to": aside})
+
+
+def _unpack_quietly(pack: Pack, key: str, blob: str) -> None:
+    try:
+        pack.delete(key, blob)
+    except CacheError as exc:
+        log.warning("cache entry removal failed", extra={"key": key, "error": str(exc)})
 
 
 def _read_file(path: str) -> bytes:

@@ -8,10 +8,11 @@ the body is already whole in memory when the client is answered, so the
 entry goes into the index at once (served from memory) and one writer task
 commits the queued bodies in batches, one worker-thread hop per batch.
 
-Durability is unchanged: each body is committed with the same temp file →
-rename → record order as a fill, the record being the commit point, so a
-crash loses queued entries (they are fetched again), never leaves half of
-one visible. The queue is bounded (``BACKLOG_*``): when the disk cannot keep
+Durability is unchanged: bodies of up to 4 KiB go to the pack
+(``cache.pack``, one SQLite transaction per batch), larger ones are committed
+with the same temp file → rename → record order as a fill, the record being
+the commit point, so a crash loses queued entries (they are fetched again),
+never leaves half of one visible. The queue is bounded (``BACKLOG_*``): when the disk cannot keep
 up, further small answers are served without being cached, and counted.
 """
 
@@ -25,6 +26,7 @@ from typing import Final
 
 from sidecar.cache.index import Entry
 from sidecar.cache.layout import Layout, commit_bytes
+from sidecar.cache.pack import Pack
 from sidecar.errors import CacheError
 
 log = logging.getLogger("sidecar.cache")
@@ -51,11 +53,13 @@ class WriteBehind:
     def __init__(
         self,
         layout: Layout,
+        pack: Pack,
         on_written: Callable[[Pending], None],
         backlog_bytes: int = BACKLOG_BYTES,
         backlog_items: int = BACKLOG_ITEMS,
     ) -> None:
         self._layout = layout
+        self._pack = pack
         self._on_written = on_written
         self._limit = backlog_bytes
         self._max_items = backlog_items
@@ -122,7 +126,9 @@ class WriteBehind:
                 if live:
                     # Shielded: a stop() that cancels us mid-batch must not leave
                     # a batch half written with its callbacks never run.
-                    await asyncio.shield(loop.run_in_executor(None, _write, self._layout, live))
+                    await asyncio.shield(
+                        loop.run_in_executor(None, _write, self._layout, self._pack, live)
+                    )
                 for item in batch:
                     self._bytes -= len(item.body)
                     self._items -= 1
@@ -130,9 +136,22 @@ class WriteBehind:
             self._idle.set()
 
 
-def _write(layout: Layout, batch: list[Pending]) -> None:
-    """Worker thread: commit each body; one failure does not stop the others."""
+def _write(layout: Layout, pack: Pack, batch: list[Pending]) -> None:
+    """Worker thread: packed entries in one transaction, the others as files;
+    one failure does not stop the others."""
+    packed = [item for item in batch if item.entry.packed]
+    if packed:
+        try:
+            pack.put_many((item.entry.record, item.body) for item in packed)
+        except CacheError as exc:
+            for item in packed:
+                item.error = exc
+        else:
+            for item in packed:
+                item.written = True
     for item in batch:
+        if item.entry.packed:
+            continue
         try:
             commit_bytes(layout, item.body, item.entry.record)
         except CacheError as exc:

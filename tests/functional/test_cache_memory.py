@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 
 from tests.functional import test_cache_support
 from tests.functional.test_cache_support import INFO, ZIP, settled
@@ -20,8 +21,9 @@ async def test_small_hit_is_served_from_memory_once_read(fake_upstreams, cached_
     await settled(sc, 1)
     assert await (await client.get("/" + INFO)).read() == body  # first hit: read into memory
     [entry] = list(sc.cache._index.lru())
-    assert entry.body == body
-    os.remove(entry.path)  # from now on only the memory copy can answer
+    assert entry.body == body and entry.packed  # 51 bytes: a row of the pack
+    with sqlite3.connect(sc.cache.layout.pack) as db:  # only the memory copy can answer now
+        db.execute("DELETE FROM entries")
     hit = await client.get("/" + INFO)
     assert hit.status == 200 and await hit.read() == body
     assert hit.headers["X-Sidecar-Upstream"] == "cache"

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from sidecar.cache.layout import Layout, read_record, records
+from sidecar.cache.pack import Pack
 from sidecar.config import CacheConfig
+from sidecar.errors import CacheError
 
 ZIP = "github.com/!azure/go-autorest/@v/v1.0.0.zip"
 MOD = "github.com/!azure/go-autorest/@v/v1.0.0.mod"
@@ -40,13 +42,32 @@ def cached_sidecar(sidecar_client, tmp_path):
 
 
 def keys_on_disk(directory: str | Path) -> list[str]:
+    """Keys of every committed entry: record files and pack rows."""
     layout = Layout.at(str(directory))
-    return sorted(r.key for _p, r in records(layout) if r is not None)
+    files = [r.key for _p, r in records(layout) if r is not None]
+    return sorted(files + packed_keys(directory))
+
+
+def packed_keys(directory: str | Path) -> list[str]:
+    pack = Pack(Layout.at(str(directory)).pack)
+    try:
+        return sorted(key for r, key, _t in pack.records() if r is not None)
+    except CacheError:  # no usable pack (a test put a directory there)
+        return []
+    finally:
+        pack.close()
 
 
 def record_of(directory: str | Path, key: str):
     layout = Layout.at(str(directory))
-    return read_record(layout, layout.record_path(key))
+    record = read_record(layout, layout.record_path(key))
+    if record is None:
+        pack = Pack(layout.pack)
+        try:
+            record = next((r for r, k, _t in pack.records() if k == key), None)
+        finally:
+            pack.close()
+    return record
 
 
 def blob_of(directory: str | Path, key: str) -> Path:

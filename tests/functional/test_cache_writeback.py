@@ -6,7 +6,6 @@ Also: a running sidecar sees entries another process purged or warmed.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from pathlib import Path
 
@@ -61,9 +60,7 @@ async def test_failed_small_write_is_forgotten_and_leaves_nothing(
     up.set(INFO, b'{"Version":"v1.0.0"}')
     client, sc = await sidecar_client([url], run_control=False, cache=cache_config(tmp_path))
     await sc.cache.wait_loaded()
-    tmp = Path(Layout.at(str(tmp_path / "cache")).tmp)
-    shutil.rmtree(tmp)
-    tmp.write_text("not a directory")  # every temp file open fails
+    Path(Layout.at(str(tmp_path / "cache")).pack).mkdir()  # the pack cannot be opened
     resp = await client.get("/" + INFO)
     assert resp.status == 200 and await resp.read() == b'{"Version":"v1.0.0"}'
     await wait_for(lambda: metric(sc, WRITE_ERRORS) == 1, what="the write error")
@@ -121,7 +118,9 @@ async def test_a_writer_that_is_behind_skips_caching_and_says_so(
     client, sc = await sidecar_client([url], run_control=False, cache=cache_config(tmp_path))
     await sc.cache.wait_loaded()
     await sc.cache._writeback.stop()
-    sc.cache._writeback = WriteBehind(sc.cache.layout, sc.cache._written, backlog_items=3)
+    sc.cache._writeback = WriteBehind(
+        sc.cache.layout, sc.cache.pack, sc.cache._written, backlog_items=3
+    )
     sc.cache._writeback.start()
     # A slow disk: every worker thread busy, so the writer's batch waits.
     loop = asyncio.get_running_loop()
