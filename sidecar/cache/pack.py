@@ -32,15 +32,31 @@ from sidecar.errors import CacheError, CacheWriteError
 MAX_BODY: Final = 4096  # larger bodies stay files: served with sendfile, not from a row
 BUSY_TIMEOUT_MS: Final = 5000
 
+# The record's fields as columns (no JSON to encode per row: that was a third
+# of a commit), plus the body and the last access time.
+_RECORD_COLUMNS: Final = (
+    "key, kind, blob, size, sha256, content_type, stored, verified, immutable, upstream"
+)
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
     blob TEXT NOT NULL,
-    record BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    stored REAL NOT NULL,
+    verified REAL NOT NULL,
+    immutable INTEGER NOT NULL,
+    upstream TEXT NOT NULL,
     body BLOB NOT NULL,
     last_access REAL NOT NULL
 )
 """
+_INSERT: Final = (
+    f"INSERT OR REPLACE INTO entries ({_RECORD_COLUMNS}, body, last_access) "
+    f"VALUES ({', '.join('?' * 12)})"
+)
 
 
 class Pack:
@@ -63,14 +79,30 @@ class Pack:
 
     def put_many(self, items: Iterable[tuple[Record, bytes]]) -> None:
         """Store every (record, body) in one transaction; CacheWriteError if it failed."""
-        rows = [(r.key, r.blob, r.to_json(), body, r.stored) for r, body in items]
+        rows = [
+            (
+                r.key,
+                r.kind,
+                r.blob,
+                r.size,
+                r.sha256,
+                r.content_type,
+                r.stored,
+                r.verified,
+                r.immutable,
+                r.upstream,
+                body,
+                r.stored,
+            )
+            for r, body in items
+        ]
         with self._lock:
             try:
                 db = self._conn(create=True)
                 assert db is not None
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)", rows)
+                    db.executemany(_INSERT, rows)
                     db.execute("COMMIT")
                 except BaseException:
                     db.execute("ROLLBACK")
@@ -92,8 +124,8 @@ class Pack:
     def rewrite(self, record: Record) -> bool:
         """Replace a row's record (a new ``verified`` time) if it is still that entry."""
         return self._change(
-            "UPDATE entries SET record = ? WHERE key = ? AND blob = ?",
-            (record.to_json(), record.key, record.blob),
+            "UPDATE entries SET verified = ? WHERE key = ? AND blob = ?",
+            (record.verified, record.key, record.blob),
         )
 
     def touch_many(self, items: Iterable[tuple[str, str, float]]) -> None:
@@ -112,14 +144,14 @@ class Pack:
     def records(self) -> list[tuple[Record | None, str, float]]:
         """Every row as (record or None when unreadable, key, last access)."""
         out: list[tuple[Record | None, str, float]] = []
-        for key, raw, last_access in self._all("SELECT key, record, last_access FROM entries"):
-            try:
-                record: Record | None = Record.from_json(bytes(raw))
-            except CacheError:
+        for row in self._all(f"SELECT {_RECORD_COLUMNS}, last_access FROM entries"):
+            key, kind, blob, size, sha256, ctype, stored, verified, immutable, up, last_access = row
+            record: Record | None = Record(
+                key, kind, blob, size, sha256, ctype, stored, verified, bool(immutable), up
+            )
+            if record is not None and not record.valid():
                 record = None
-            if record is not None and record.key != key:
-                record = None
-            out.append((record, key, float(last_access)))
+            out.append((record, str(key), float(last_access)))
         return out
 
     def keys(self, prefix: str) -> list[str]:

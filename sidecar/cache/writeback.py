@@ -37,6 +37,9 @@ BACKLOG_BYTES: Final = 8 * 1024 * 1024  # bodies waiting for the disk, at most
 # this the excess is served uncached (and counted) rather than held in memory.
 BACKLOG_ITEMS: Final = 2048
 BATCH_ITEMS: Final = 256  # bodies committed per worker-thread hop, at most
+# A short wait before taking a batch that is not full: at 10 k misses/s one
+# transaction then carries ~20 entries instead of 2-3 (a commit has a fixed cost).
+COALESCE_S: Final = 0.002
 
 
 @dataclass(slots=True)
@@ -118,6 +121,8 @@ class WriteBehind:
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
+            if len(self._queue) < BATCH_ITEMS:
+                await asyncio.sleep(COALESCE_S)
             self._wakeup.clear()
             while self._queue:
                 batch = self._queue[:BATCH_ITEMS]
