@@ -6,6 +6,7 @@ Also: a running sidecar sees entries another process purged or warmed.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -141,3 +142,47 @@ async def test_a_writer_that_is_behind_skips_caching_and_says_so(
     assert resp.headers["X-Sidecar-Upstream"] == "up0"
     await settled(sc, 4)
     assert (await client.get("/" + info(9))).headers["X-Sidecar-Upstream"] == "cache"
+
+
+async def test_flipped_byte_in_a_packed_row_is_caught_after_a_restart(
+    fake_upstreams, sidecar_client, tmp_path
+):
+    [(up, url)] = await fake_upstreams(1)
+    up.set(INFO, b'{"Version":"v1.0.0"}')
+    cache = cache_config(tmp_path)
+    client, sc = await sidecar_client([url], run_control=False, cache=cache)
+    await sc.cache.wait_loaded()
+    await (await client.get("/" + INFO)).read()
+    await client.close()  # stop() writes the queue; a restart verifies again
+    with sqlite3.connect(Layout.at(str(tmp_path / "cache")).pack) as db:
+        db.execute("UPDATE entries SET body = ?", (b'{"Version":"v6.6.6"}',))
+    client, sc = await sidecar_client([url], run_control=False, cache=cache)
+    await sc.cache.wait_loaded()
+    assert sc.cache.summary()["entries"] == 1
+    resp = await client.get("/" + INFO)
+    assert (
+        await resp.read() == b'{"Version":"v1.0.0"}' and resp.headers["X-Sidecar-Upstream"] == "up0"
+    )
+    assert metric(sc, "goproxy_sidecar_cache_integrity_failures_total") == 1
+    await settled(sc, 1)
+    hit = await client.get("/" + INFO)
+    assert hit.headers["X-Sidecar-Upstream"] == "cache"
+    assert await hit.read() == b'{"Version":"v1.0.0"}'
+
+
+async def test_an_unreadable_pack_is_set_aside_and_the_cache_starts_empty(
+    fake_upstreams, sidecar_client, tmp_path, caplog
+):
+    [(up, url)] = await fake_upstreams(1)
+    up.set(INFO, b'{"Version":"v1.0.0"}')
+    layout = Layout.at(str(tmp_path / "cache"))
+    Path(layout.base).mkdir(parents=True)
+    Path(layout.pack).write_bytes(b"not a database" * 1000)
+    client, sc = await sidecar_client([url], run_control=False, cache=cache_config(tmp_path))
+    await sc.cache.wait_loaded()
+    assert "cache pack unreadable; set aside" in caplog.text
+    assert [p.name for p in Path(layout.base).glob("small.db.broken-*")]
+    resp = await client.get("/" + INFO)
+    assert resp.status == 200 and resp.headers["X-Sidecar-Upstream"] == "up0"
+    await settled(sc, 1)
+    assert keys_on_disk(tmp_path / "cache") == [INFO]  # a new pack
