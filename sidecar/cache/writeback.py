@@ -40,6 +40,7 @@ BATCH_ITEMS: Final = 256  # bodies committed per worker-thread hop, at most
 # A short wait before taking a batch that is not full: at 10 k misses/s one
 # transaction then carries ~20 entries instead of 2-3 (a commit has a fixed cost).
 COALESCE_S: Final = 0.002
+STOP_WAIT_S: Final = 10.0  # a graceful shutdown waits this long for the queue
 
 
 @dataclass(slots=True)
@@ -80,10 +81,6 @@ class WriteBehind:
     def has_room(self, size: int) -> bool:
         return self._bytes + size <= self._limit and self._items < self._max_items
 
-    @property
-    def backlog(self) -> int:
-        return self._bytes
-
     def add(self, entry: Entry, body: bytes) -> bool:
         """Queue ``entry`` for the disk; False if full or stopped (not cached)."""
         if self._task is None or self._wakeup is None or self._idle is None:
@@ -112,7 +109,13 @@ class WriteBehind:
         task, self._task = self._task, None
         if task is None:
             return
-        await self.drained()
+        try:
+            await asyncio.wait_for(self.drained(), STOP_WAIT_S)
+        except TimeoutError:
+            log.warning(
+                "cache writer still busy at shutdown; queued entries are not kept",
+                extra={"entries": self._items},
+            )
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -131,9 +134,15 @@ class WriteBehind:
                 if live:
                     # Shielded: a stop() that cancels us mid-batch must not leave
                     # a batch half written with its callbacks never run.
-                    await asyncio.shield(
-                        loop.run_in_executor(None, _write, self._layout, self._pack, live)
-                    )
+                    try:
+                        await asyncio.shield(
+                            loop.run_in_executor(None, _write, self._layout, self._pack, live)
+                        )
+                    except Exception as exc:  # a bug, not a disk error: keep writing
+                        log.exception("cache writer failed", extra={"entries": len(live)})
+                        for item in live:
+                            if not item.written and item.error is None:
+                                item.error = CacheError(f"cache writer failed: {exc!r}")
                 for item in batch:
                     self._bytes -= len(item.body)
                     self._items -= 1
