@@ -18,7 +18,8 @@ from sidecar.cache.layout import Record
 
 @dataclass(slots=True, eq=False)
 class Entry:
-    """One committed entry. ``path`` is its blob; ``expires`` is inf when immutable."""
+    """One committed entry. ``path`` is its blob ("" when packed: a row, no file);
+    ``expires`` is inf when immutable."""
 
     record: Record
     path: str

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -175,11 +176,13 @@ class DiskCache:
         if entry.packed:  # no file to send: from the row, kept if the budget allows
             try:
                 data = await asyncio.to_thread(self.pack.body, entry.key, entry.record.blob)
-            except CacheError:
+            except CacheError as exc:
+                self.discard(entry, str(exc))
                 return None
             if data is not None and len(data) == entry.size:
                 self._hold(entry, data)
                 return data
+            self.discard(entry, "missing from the pack or the wrong size")
             return None
         if entry.size > SMALL_BODY_MAX or self._small_bytes + entry.size > SMALL_BODIES_BUDGET:
             return None
@@ -194,8 +197,9 @@ class DiskCache:
         return data
 
     def acquire(self, entry: Entry) -> bool:
-        """Hold the entry's blob while it is served; False if it is gone already."""
-        if entry.removed:
+        """Hold the entry's blob while it is served; False if it is gone already
+        (or packed: a row has no file to send)."""
+        if entry.removed or entry.packed:
             return False
         entry.readers += 1
         return True
@@ -267,20 +271,21 @@ class DiskCache:
             blob=new_blob_id(),
             size=len(body),
             sha256=hashlib.sha256(body).hexdigest(),
-            content_type=content_type,
+            content_type=sys.intern(content_type),  # one copy for 100 k entries, not 100 k
             stored=now,
             verified=now,
             immutable=req.immutable,
             upstream=upstream,
         )
+        packed = len(body) <= PACK_MAX
         entry = Entry(
             record,
-            self.layout.blob_path(record.blob),
+            "" if packed else self.layout.blob_path(record.blob),  # a row has no file
             expiry(record, self.ttl),
             now,
             verified=True,
             on_disk=False,
-            packed=len(body) <= PACK_MAX,
+            packed=packed,
             body=body,
         )
         if not self._writeback.add(entry, body):
@@ -517,7 +522,7 @@ class DiskCache:
         for record, last_access, packed in sorted(result.entries, key=lambda e: e[1], reverse=True):
             entry = Entry(
                 record,
-                self.layout.blob_path(record.blob),
+                "" if packed else self.layout.blob_path(record.blob),
                 expiry(record, self.ttl),
                 last_access,
                 packed=packed,
@@ -584,7 +589,7 @@ class DiskCache:
         adopted = 0
         for record, is_packed in [(r, False) for r in added] + [(r, True) for r in added_packed]:
             if self._index.get(record.key) is None:
-                path = self.layout.blob_path(record.blob)
+                path = "" if is_packed else self.layout.blob_path(record.blob)
                 self._index.put(
                     Entry(record, path, expiry(record, self.ttl), record.stored, packed=is_packed)
                 )

@@ -186,3 +186,24 @@ async def test_an_unreadable_pack_is_set_aside_and_the_cache_starts_empty(
     assert resp.status == 200 and resp.headers["X-Sidecar-Upstream"] == "up0"
     await settled(sc, 1)
     assert keys_on_disk(tmp_path / "cache") == [INFO]  # a new pack
+
+
+async def test_a_packed_row_removed_behind_the_sidecars_back_is_fetched_again(
+    fake_upstreams, sidecar_client, tmp_path
+):
+    [(up, url)] = await fake_upstreams(1)
+    up.set(INFO, b'{"Version":"v1.0.0"}')
+    cache = cache_config(tmp_path)
+    client, sc = await sidecar_client([url], run_control=False, cache=cache)
+    await sc.cache.wait_loaded()
+    await (await client.get("/" + INFO)).read()
+    await client.close()
+    client, sc = await sidecar_client([url], run_control=False, cache=cache)
+    await sc.cache.wait_loaded()
+    assert sc.cache.summary()["entries"] == 1  # loaded, not read yet
+    with sqlite3.connect(Layout.at(str(tmp_path / "cache")).pack) as db:
+        db.execute("DELETE FROM entries")
+    resp = await client.get("/" + INFO)
+    assert resp.status == 200 and resp.headers["X-Sidecar-Upstream"] == "up0"
+    assert await resp.read() == b'{"Version":"v1.0.0"}'
+    assert up.received == [INFO, INFO]
