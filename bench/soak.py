@@ -224,13 +224,13 @@ class Sampler:
 # ---------------------------------------------------------------- load
 
 
-def plan(total_s: int, leg_s: int) -> list[tuple[Leg, int]]:
+def plan(total_s: int, leg_s: int, mix: Sequence[Leg] = MIX) -> list[tuple[Leg, int]]:
     """The wrk runs of the soak: the mix in turn, ``leg_s`` each, ``total_s`` in all."""
     runs: list[tuple[Leg, int]] = []
     left = total_s
     while left > 0:
         seconds = min(leg_s, left)
-        runs.append((MIX[len(runs) % len(MIX)], seconds))
+        runs.append((mix[len(runs) % len(mix)], seconds))
         left -= seconds
     return runs
 
@@ -409,6 +409,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument(
+        "--legs",
+        nargs="+",
+        choices=[g.name for g in MIX],
+        default=[g.name for g in MIX],
+        help="run only these legs of the mix (to tell which one grows)",
+    )
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.sample_s <= 0 or args.warmup_s < 0:
         p.error("--minutes and --sample-s must be > 0, --warmup-s >= 0")
@@ -428,16 +435,17 @@ def soak_run(args: argparse.Namespace, work: Path, soak: Soak, meta: dict[str, A
         meta["sidecar"] = {"argv": sidecar.proc.argv, "log": str(sidecar.proc.log_path)}
         meta["sidecar"] |= sidecar.notes
         probe(sidecar)
-        runs = plan(max(1, round(args.minutes * 60)), LEG_S)
-        if args.warmup_s < len(MIX) * LEG_S:
+        mix = [g for g in MIX if g.name in args.legs]
+        runs = plan(max(1, round(args.minutes * 60)), LEG_S, mix)
+        if args.warmup_s < len(mix) * LEG_S:
             print(
                 f"soak: note: --warmup-s {args.warmup_s} is shorter than one round of the mix "
-                f"({len(MIX) * LEG_S} s): the slope includes legs' first working set",
+                f"({len(mix) * LEG_S} s): the slope includes legs' first working set",
                 flush=True,
             )
         print(
             f"soak: {len(runs)} wrk runs of <= {LEG_S} s (-c{CONNECTIONS}), mix "
-            f"{', '.join(g.name for g in MIX)}; cache.max_bytes {CACHE_MAX}; "
+            f"{', '.join(g.name for g in mix)}; cache.max_bytes {CACHE_MAX}; "
             f"sampling every {args.sample_s} s",
             flush=True,
         )
@@ -467,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_s": args.warmup_s,
         "wrk": {"connections": CONNECTIONS, "threads": 1, "run_s": LEG_S},
         "cache_max_bytes": CACHE_MAX,
-        "mix": [asdict(g) for g in MIX],
+        "mix": [asdict(g) for g in MIX if g.name in args.legs],
         "pinning": {"sidecar": PROXY_CORE, "wrk": LOADGEN_CORE, "upstream": LOADGEN_CORE},
         "sidecar_env": MALLOC_ENV,
     }
