@@ -123,14 +123,13 @@ def purge(layout: Layout, keys: list[str]) -> tuple[int, int]:
     """Remove these entries (record first, then blob); returns (entries, bytes)."""
     removed = size = 0
     pack = Pack(layout.pack)
-    packed = {key: r for r, key, _t in pack.records() if r is not None}
     for key in keys:
         record = read_record(layout, layout.record_path(key))
         if record is not None:
             remove_entry(layout, key, record.blob)
             removed += 1
             size += record.size
-        in_pack = packed.get(key)
+        in_pack = pack.record(key)
         if in_pack is not None and pack.delete(key):
             removed += 1
             size += in_pack.size

@@ -143,16 +143,13 @@ class Pack:
 
     def records(self) -> list[tuple[Record | None, str, float]]:
         """Every row as (record or None when unreadable, key, last access)."""
-        out: list[tuple[Record | None, str, float]] = []
-        for row in self._all(f"SELECT {_RECORD_COLUMNS}, last_access FROM entries"):
-            key, kind, blob, size, sha256, ctype, stored, verified, immutable, up, last_access = row
-            record: Record | None = Record(
-                key, kind, blob, size, sha256, ctype, stored, verified, bool(immutable), up
-            )
-            if record is not None and not record.valid():
-                record = None
-            out.append((record, str(key), float(last_access)))
-        return out
+        rows = self._all(f"SELECT {_RECORD_COLUMNS}, last_access FROM entries")
+        return [(_record(row[:-1]), str(row[0]), float(row[-1])) for row in rows]
+
+    def record(self, key: str) -> Record | None:
+        """The record of ``key``'s row; None if there is none or it is unreadable."""
+        row = self._one(f"SELECT {_RECORD_COLUMNS} FROM entries WHERE key = ?", (key,))
+        return None if row is None else _record(row)
 
     def keys(self, prefix: str) -> list[str]:
         """Keys that start with ``prefix``."""
@@ -186,3 +183,12 @@ class Pack:
                 return db is not None and db.execute(sql, args).rowcount > 0
             except sqlite3.Error as exc:
                 raise CacheWriteError(f"{self.path}: {exc}") from exc
+
+
+def _record(row: tuple[Any, ...]) -> Record | None:
+    """A row's record columns as a Record; None if they do not make a sane one."""
+    key, kind, blob, size, sha256, ctype, stored, verified, immutable, upstream = row
+    record = Record(
+        key, kind, blob, size, sha256, ctype, stored, verified, bool(immutable), upstream
+    )
+    return record if record.valid() else None

@@ -190,11 +190,10 @@ class DiskCache:
             data = await asyncio.to_thread(_read_file, entry.path)
         except OSError:
             return None
-        if len(data) != entry.size or entry.removed or entry.body is not None:
-            return entry.body
-        entry.body = data
-        self._small_bytes += len(data)
-        return data
+        if len(data) != entry.size:
+            return None
+        self._hold(entry, data)
+        return entry.body
 
     def acquire(self, entry: Entry) -> bool:
         """Hold the entry's blob while it is served; False if it is gone already
@@ -569,8 +568,11 @@ class DiskCache:
 
     async def _reconcile(self) -> None:
         """Forget entries whose record another process removed; adopt ones it added."""
-        known = {e.key: e.record.blob for e in self._index.lru() if e.on_disk and not e.packed}
-        packed = {e.key: e.record.blob for e in self._index.lru() if e.on_disk and e.packed}
+        known: dict[str, str] = {}  # file entries: key -> blob
+        packed: dict[str, str] = {}  # pack rows
+        for e in self._index.lru():
+            if e.on_disk:
+                (packed if e.packed else known)[e.key] = e.record.blob
         try:
             gone, added = await asyncio.to_thread(diff_index, self.layout, known)
             gone_packed, added_packed = await asyncio.to_thread(diff_pack, self.pack, packed)

@@ -64,7 +64,7 @@ def record_of(directory: str | Path, key: str):
     if record is None:
         pack = Pack(layout.pack)
         try:
-            record = next((r for r, k, _t in pack.records() if k == key), None)
+            record = pack.record(key)
         finally:
             pack.close()
     return record

@@ -31,6 +31,19 @@ def info(n: int) -> str:
     return f"example.com/m{n}/@v/v1.0.{n}.info"
 
 
+async def cache_one_info_then_stop(fake_upstreams, sidecar_client, tmp_path):
+    """Cache INFO in a sidecar and stop it (stop() writes the queue): a restart
+    then has an entry that is on disk but not yet verified in this process."""
+    [(up, url)] = await fake_upstreams(1)
+    up.set(INFO, b'{"Version":"v1.0.0"}')
+    cache = cache_config(tmp_path)
+    client, sc = await sidecar_client([url], run_control=False, cache=cache)
+    await sc.cache.wait_loaded()
+    await (await client.get("/" + INFO)).read()
+    await client.close()
+    return up, url, cache
+
+
 async def test_graceful_stop_writes_every_queued_small_entry(
     fake_upstreams, sidecar_client, tmp_path
 ):
@@ -147,13 +160,7 @@ async def test_a_writer_that_is_behind_skips_caching_and_says_so(
 async def test_flipped_byte_in_a_packed_row_is_caught_after_a_restart(
     fake_upstreams, sidecar_client, tmp_path
 ):
-    [(up, url)] = await fake_upstreams(1)
-    up.set(INFO, b'{"Version":"v1.0.0"}')
-    cache = cache_config(tmp_path)
-    client, sc = await sidecar_client([url], run_control=False, cache=cache)
-    await sc.cache.wait_loaded()
-    await (await client.get("/" + INFO)).read()
-    await client.close()  # stop() writes the queue; a restart verifies again
+    _up, url, cache = await cache_one_info_then_stop(fake_upstreams, sidecar_client, tmp_path)
     with sqlite3.connect(Layout.at(str(tmp_path / "cache")).pack) as db:
         db.execute("UPDATE entries SET body = ?", (b'{"Version":"v6.6.6"}',))
     client, sc = await sidecar_client([url], run_control=False, cache=cache)
@@ -191,13 +198,7 @@ async def test_an_unreadable_pack_is_set_aside_and_the_cache_starts_empty(
 async def test_a_packed_row_removed_behind_the_sidecars_back_is_fetched_again(
     fake_upstreams, sidecar_client, tmp_path
 ):
-    [(up, url)] = await fake_upstreams(1)
-    up.set(INFO, b'{"Version":"v1.0.0"}')
-    cache = cache_config(tmp_path)
-    client, sc = await sidecar_client([url], run_control=False, cache=cache)
-    await sc.cache.wait_loaded()
-    await (await client.get("/" + INFO)).read()
-    await client.close()
+    up, url, cache = await cache_one_info_then_stop(fake_upstreams, sidecar_client, tmp_path)
     client, sc = await sidecar_client([url], run_control=False, cache=cache)
     await sc.cache.wait_loaded()
     assert sc.cache.summary()["entries"] == 1  # loaded, not read yet
