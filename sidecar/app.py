@@ -6,12 +6,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
-
-from aiohttp import web
 
 from sidecar.breaker.machine import Breaker
 from sidecar.breaker.plan import Plan
@@ -19,22 +17,21 @@ from sidecar.breaker.state import Decision, State
 from sidecar.cache.base import ModuleCache
 from sidecar.config import Config
 from sidecar.control import ControlLoop, on_transition
-from sidecar.endpoints import add_routes
+from sidecar.endpoints import endpoints
 from sidecar.metrics import Metrics
 from sidecar.policy import make_engine
 from sidecar.policy.base import PolicyEngine
 from sidecar.policy.reloader import PolicyReloader
-from sidecar.proxy.handler import ProxyHandler
+from sidecar.proxy.handler import ProxyHandler, send_text
 from sidecar.proxy.recorder import Recorder
 from sidecar.routing import Router
+from sidecar.server import Exchange, Server
 from sidecar.stats.window import UpstreamWindow
 from sidecar.upstreams import Upstream
 
 log = logging.getLogger("sidecar.app")
 
 MIN_POLICY_POLL_S = 1.0
-
-SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
 
 
 @dataclass
@@ -92,37 +89,83 @@ def build_sidecar(config: Config, metrics: Metrics | None = None) -> Sidecar:
     return sidecar
 
 
-def build_app(sidecar: Sidecar, run_control: bool = True) -> web.Application:
-    """The aiohttp app. ``run_control=False`` leaves stepping the control loop
-    to the caller (tests drive it tick by tick)."""
-    app = web.Application(client_max_size=1024)
-    app[SIDECAR] = sidecar
-    recorder = Recorder(sidecar.metrics, sidecar.windows)
-    assert sidecar.router is not None
-    handler = ProxyHandler(
-        sidecar.upstreams,
-        sidecar.current_plan,
-        recorder,
-        sidecar.cache,
-        sidecar.config.policy.reject_status,
-        sidecar.router,
-    )
-    add_routes(app, sidecar)
-    app.router.add_route("*", "/{tail:.*}", handler.handle)
-    app.cleanup_ctx.append(_lifecycle)
-    if run_control:
-        app.cleanup_ctx.append(_control_task)
-    return app
+class SidecarService:
+    """A sidecar at work: its parts started, the control loop running, the HTTP
+    server answering the proxy and the endpoints on one port.
+
+    ``run_control=False`` leaves stepping the control loop to the caller
+    (tests drive it tick by tick)."""
+
+    def __init__(self, sidecar: Sidecar, run_control: bool = True) -> None:
+        self.sidecar = sidecar
+        self.run_control = run_control
+        assert sidecar.router is not None
+        self.proxy = ProxyHandler(
+            sidecar.upstreams,
+            sidecar.current_plan,
+            Recorder(sidecar.metrics, sidecar.windows),
+            sidecar.cache,
+            sidecar.config.policy.reject_status,
+            sidecar.router,
+        )
+        self.endpoints = endpoints(sidecar)
+        self.server = Server(self.handle, self.answer_now)
+        self._control_task: asyncio.Task[None] | None = None
+        self._started = False
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def handle(self, ex: Exchange) -> None:
+        if not self._endpoint(ex):
+            await self.proxy.handle(ex)
+
+    def answer_now(self, ex: Exchange) -> bool:
+        return self._endpoint(ex) or self.proxy.answer_now(ex)
+
+    def _endpoint(self, ex: Exchange) -> bool:
+        """Answer ``ex`` if it asks for one of the sidecar's own endpoints."""
+        target = ex.target
+        cut = target.find("?")
+        endpoint = self.endpoints.get(target if cut < 0 else target[:cut])
+        if endpoint is None:
+            return False
+        if ex.method not in ("GET", "HEAD"):
+            send_text(ex, 405, "method not allowed", {"Allow": "GET, HEAD"})
+            return True
+        status, content_type, body = endpoint()
+        ex.send(status, {"Content-Type": content_type}, body)
+        return True
+
+    async def start(
+        self, host: str | None = None, port: int | None = None, sock: socket.socket | None = None
+    ) -> None:
+        """Start every part, then listen on ``host:port`` (or ``sock``)."""
+        self._started = True
+        await _start(self.sidecar)
+        control = self.sidecar.control
+        if self.run_control and control is not None:
+            self._control_task = asyncio.create_task(control.run(), name="control-loop")
+        await self.server.listen(host, port, sock)
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening, let requests in progress end within ``grace``, stop every part."""
+        if not self._started:
+            return
+        self._started = False
+        await self.server.close(grace)
+        task, self._control_task = self._control_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.sidecar.control is not None:
+            await self.sidecar.control.close()
+        await _stop(self.sidecar)
 
 
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    await _start(app)
-    yield
-    await _stop(app)
-
-
-async def _start(app: web.Application) -> None:
-    sidecar = app[SIDECAR]
+async def _start(sidecar: Sidecar) -> None:
     for upstream in sidecar.upstreams.values():
         await upstream.start()
     if sidecar.cache is not None:
@@ -151,19 +194,7 @@ def _log_reload(ok: bool, error: str | None) -> None:
         log.error("policy reload refused; the last good policy stays", extra={"error": error})
 
 
-async def _control_task(app: web.Application) -> AsyncIterator[None]:
-    control = app[SIDECAR].control
-    assert control is not None
-    task = asyncio.create_task(control.run(), name="control-loop")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await control.close()
-
-
-async def _stop(app: web.Application) -> None:
-    sidecar = app[SIDECAR]
+async def _stop(sidecar: Sidecar) -> None:
     if sidecar.policy is not None:
         await sidecar.policy.close()
     if sidecar.cache is not None:
@@ -182,28 +213,22 @@ def _reload_on_hup(sidecar: Sidecar) -> None:
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests within the grace."""
-    sidecar = build_sidecar(config)
-    app = build_app(sidecar)
-    # Cancelling a handler when its client hangs up also cancels its upstream fetch.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        config.host,
-        config.port,
-        shutdown_timeout=config.shutdown_grace,
-        backlog=1024,
-        reuse_address=True,
-    )
-    await site.start()
+    service = SidecarService(build_sidecar(config))
+    try:
+        await service.start(config.host, config.port)
+    except BaseException:
+        await service.stop(0)
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_hup(sidecar))
-    log.info("listening", extra={"listen": config.listen, "upstreams": list(sidecar.upstreams)})
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_hup(service.sidecar))
+    log.info(
+        "listening", extra={"listen": config.listen, "upstreams": list(service.sidecar.upstreams)}
+    )
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("shutting down", extra={"grace_s": config.shutdown_grace})
-    await runner.cleanup()
+    await service.stop(config.shutdown_grace)

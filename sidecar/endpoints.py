@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.breaker.state import Action
@@ -14,41 +14,42 @@ if TYPE_CHECKING:
     from sidecar.app import Sidecar
 
 
-def add_routes(app: web.Application, sidecar: Sidecar) -> None:
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+Answer = tuple[int, str, bytes]  # status, content type, body
+Endpoint = Callable[[], Answer]
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json; charset=utf-8"
 
-    async def readyz(request: web.Request) -> web.Response:
+
+def endpoints(sidecar: Sidecar) -> dict[str, Endpoint]:
+    """Path -> a function answering it; GET and HEAD only (the server checks)."""
+
+    def healthz() -> Answer:
+        return 200, TEXT, b"ok\n"
+
+    def readyz() -> Answer:
         problem = not_ready(sidecar)
         if problem:
-            return web.Response(status=503, text=f"not ready: {problem}\n")
-        return web.Response(text="ready\n")
+            return 503, TEXT, f"not ready: {problem}\n".encode()
+        return 200, TEXT, b"ready\n"
 
-    async def metrics(request: web.Request) -> web.Response:
+    def metrics() -> Answer:
         refresh_pool_gauges(sidecar)
-        return web.Response(
-            body=generate_latest(sidecar.metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
+        return 200, CONTENT_TYPE_LATEST, generate_latest(sidecar.metrics.registry)
 
-    async def breakers(request: web.Request) -> web.Response:
-        return web.Response(
-            text=json.dumps(breakers_view(sidecar), indent=2) + "\n",
-            content_type="application/json",
-        )
+    def breakers() -> Answer:
+        return 200, JSON, (json.dumps(breakers_view(sidecar), indent=2) + "\n").encode()
 
-    async def routes(request: web.Request) -> web.Response:
+    def routes() -> Answer:
         assert sidecar.router is not None
-        return web.Response(
-            text=json.dumps(sidecar.router.describe(), indent=2) + "\n",
-            content_type="application/json",
-        )
+        return 200, JSON, (json.dumps(sidecar.router.describe(), indent=2) + "\n").encode()
 
-    app.router.add_get("/routes", routes)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/breakers", breakers)
+    return {
+        "/routes": routes,
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/metrics": metrics,
+        "/breakers": breakers,
+    }
 
 
 def not_ready(sidecar: Sidecar) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.app import Sidecar, build_app, build_sidecar
+from sidecar.app import Sidecar, SidecarService, build_sidecar
 from sidecar.config import (
     CacheConfig,
     Config,
@@ -17,6 +17,7 @@ from sidecar.config import (
     TimeoutsConfig,
     UpstreamConfig,
 )
+from tests.serving import SidecarTestServer
 from tests.upstream import FakeGoproxy, make_app
 
 FAST_TIMEOUTS = TimeoutsConfig(connect=1.0, first_byte=1.0, idle=1.0)
@@ -69,7 +70,7 @@ async def sidecar_client(
         urls: list[str], run_control: bool = True, **overrides: Any
     ) -> tuple[TestClient[Any, Any], Sidecar]:
         sidecar = build_sidecar(make_config(urls, tmp_path, **overrides))
-        client = TestClient(TestServer(build_app(sidecar, run_control), host="127.0.0.1"))
+        client = TestClient(SidecarTestServer(SidecarService(sidecar, run_control)))
         await client.start_server()
         clients.append(client)
         return client, sidecar

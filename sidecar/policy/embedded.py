@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from typing import Any
 
 import regopy
 
+import sidecar
 from sidecar.breaker.state import Decision
 from sidecar.errors import PolicyEvalError, PolicyLoadError
 from sidecar.policy import files
@@ -40,6 +42,8 @@ from sidecar.policy.base import (
 # "(error 23:policies/sidecar/x.rego|39|1" then "(errormsg 16:this is unclosed)"
 _ERROR_AT = re.compile(r"\(error (?:\d+:)?([^|\n]*)\|(\d+)\|(\d+)")
 _ERROR_MSG = re.compile(r"\(errormsg (\d+):")
+
+log = logging.getLogger("sidecar.policy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,11 @@ class EmbeddedEngine(PolicyEngine):
         return self._compiled.policy.fingerprint if self._compiled else None
 
     async def load(self) -> str | None:
+        if sidecar.REGOPY_LOADED_LATE:
+            log.warning(
+                "regopy was imported after the C++ runtime: each policy evaluation will "
+                "leak memory; import sidecar before aiohttp (see README Troubleshooting)"
+            )
         policy = await asyncio.to_thread(files.load_policy_set, self.paths)
         compiled = await self._run(_compile, policy, self.decision)
         settings = _breaker_settings(policy)

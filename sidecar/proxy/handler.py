@@ -22,17 +22,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Final
 
-from aiohttp import web
-
 from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State
 from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound, Whole
 from sidecar.errors import CacheIntegrityError, RequestError, UpstreamError, UpstreamTimeout
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
+from sidecar.proxy.ranges import UNSATISFIABLE, byte_range
 from sidecar.proxy.recorder import Recorder
-from sidecar.proxy.stream import CLIENT_GONE, EntryResponse, deliver, is_small, read_small, relay
+from sidecar.proxy.stream import deliver, is_small, read_small, relay, send_file
 from sidecar.routing import Route, Router
+from sidecar.server import Exchange
 from sidecar.stats.window import Outcome
 from sidecar.upstreams import Upstream, UpstreamResponse
 
@@ -46,7 +46,7 @@ PARSE_MEMO: Final = 8192
 RETRY_AFTER_S: Final = "5"
 STALE_WARNING: Final = '110 - "Response is Stale"'
 
-Answer = tuple[web.StreamResponse, str, str]  # response, who answered, outcome
+Answer = tuple[str, str]  # who answered, outcome; the response is sent by then
 
 
 @dataclass(slots=True)
@@ -80,26 +80,53 @@ class ProxyHandler:
         self.router = router
         self._parse = functools.lru_cache(maxsize=PARSE_MEMO)(parse_request_path)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, ex: Exchange) -> None:
         started = time.perf_counter()
-        raw = request.raw_path
+        checked = self._check(ex)
+        if checked is None:
+            return
+        req, route = checked
+        source, outcome = await self._serve(ex, req, route)
+        self.recorder.answered(source, req.kind.value, outcome, time.perf_counter() - started)
+
+    def answer_now(self, ex: Exchange) -> bool:
+        """Answer without waiting if nothing needs I/O: a refused request, or a
+        verified small entry held in memory (most of a warm build's requests).
+        False: ``handle`` must answer it."""
+        started = time.perf_counter()
+        checked = self._check(ex)
+        if checked is None:
+            return True
+        req, route = checked
+        cache = self.cache
+        if cache is None or not route.cache:
+            return False
+        entry = cache.lookup(req, allow_stale=False)
+        if entry is None or not entry.verified or entry.body is None:
+            return False
+        self._send_hit(ex, req, entry, entry.body, stale=False)
+        self.recorder.answered("cache", req.kind.value, "hit", time.perf_counter() - started)
+        return True
+
+    def _check(self, ex: Exchange) -> tuple[GoproxyRequest, Route] | None:
+        """The parsed request and its route; None if it was refused (and answered)."""
+        raw = ex.target
         cut = raw.find("?")
         try:
             req = self._parse(raw if cut < 0 else raw[:cut])
         except RequestError as exc:
             self.recorder.counter(self.recorder.metrics.invalid_requests, str(exc.status))()
-            return text_response(exc.status, exc.message)
-        if request.method not in METHODS:
-            return text_response(405, "method not allowed", {"Allow": "GET, HEAD"})
+            send_text(ex, exc.status, exc.message)
+            return None
+        if ex.method not in METHODS:
+            send_text(ex, 405, "method not allowed", {"Allow": "GET, HEAD"})
+            return None
         route = self.router.route(req.module)
-        refusal = self._refused(req, route)
-        if refusal is not None:
-            return refusal
-        response, source, outcome = await self._serve(request, req, route)
-        self.recorder.answered(source, req.kind.value, outcome, time.perf_counter() - started)
-        return response
+        if self._refused(ex, req, route):
+            return None
+        return req, route
 
-    def _refused(self, req: GoproxyRequest, route: Route) -> web.Response | None:
+    def _refused(self, ex: Exchange, req: GoproxyRequest, route: Route) -> bool:
         """Routing refusals, answered before any cache or upstream is asked."""
         if route.deny:
             reason, status = "deny", 403
@@ -111,37 +138,38 @@ class ProxyHandler:
                 "are not forwarded (set GONOSUMDB or GOPRIVATE for it)"
             )
         else:
-            return None
+            return False
         self.recorder.counter(self.recorder.metrics.route_refusals, reason)()
-        return text_response(status, text)
+        send_text(ex, status, text)
+        return True
 
-    async def _serve(self, request: web.Request, req: GoproxyRequest, route: Route) -> Answer:
+    async def _serve(self, ex: Exchange, req: GoproxyRequest, route: Route) -> Answer:
         cache = self.cache
         if cache is None or not route.cache:
-            return await self._walk(request, req, None, route)
+            return await self._walk(ex, req, None, route)
         entry = cache.lookup(req, allow_stale=False)
         if entry is not None:
-            answer = await self._from_cache(request, req, entry, stale=False)
+            answer = await self._from_cache(ex, req, entry, stale=False)
             if answer is not None:
                 return answer
         self.recorder.counter(self.recorder.metrics.cache_misses, req.kind.value)()
-        if request.method != "GET":
-            return await self._walk(request, req, None, route)
+        if ex.method != "GET":
+            return await self._walk(ex, req, None, route)
         flight, leader = cache.flight(req)
         if not leader:
-            answer = await self._join(request, req, flight)
-            return answer if answer is not None else await self._walk(request, req, None, route)
+            answer = await self._join(ex, req, flight)
+            return answer if answer is not None else await self._walk(ex, req, None, route)
         try:
-            return await self._walk(request, req, flight, route)
+            return await self._walk(ex, req, flight, route)
         finally:
             cache.land(flight)
 
     async def _walk(
-        self, request: web.Request, req: GoproxyRequest, flight: Flight | None, route: Route
+        self, ex: Exchange, req: GoproxyRequest, flight: Flight | None, route: Route
     ) -> Answer:
         attempts = Attempts(use_cache=route.cache)
         for target in self._targets(route):
-            answer = await self._try_target(request, req, target, attempts, flight)
+            answer = await self._try_target(ex, req, target, attempts, flight)
             if answer is not None:
                 return answer
         if not route.targets:
@@ -154,8 +182,8 @@ class ProxyHandler:
                 f"goproxy-sidecar: {req.module} is private and no upstream "
                 "with private_ok can serve it"
             )
-        answer = await self._exhausted(request, req, attempts)
-        if flight is not None and answer[2] == "not_found":
+        answer = await self._exhausted(ex, req, attempts)
+        if flight is not None and answer[1] == "not_found":
             flight.settle(NotFound(attempts.status, attempts.message))
         return answer
 
@@ -168,7 +196,7 @@ class ProxyHandler:
 
     async def _try_target(
         self,
-        request: web.Request,
+        ex: Exchange,
         req: GoproxyRequest,
         target: UpstreamPlan,
         attempts: Attempts,
@@ -176,22 +204,23 @@ class ProxyHandler:
     ) -> Answer | None:
         action = target.action
         if target.state is State.HALF_OPEN and target.breaker.try_acquire_probe():
-            return await self._probe(request, req, target, attempts, flight)
+            return await self._probe(ex, req, target, attempts, flight)
         if action is Action.REJECT:
-            return self._reject(target), target.name, "rejected"
+            self._reject(ex, target)
+            return target.name, "rejected"
         if action is Action.REROUTE:
             attempts.skipped.append(f"{target.name}: rerouted ({target.breaker.reason})")
             return None
         if action is Action.CACHE:
-            return await self._cache_action(request, req, target, attempts)
+            return await self._cache_action(ex, req, target, attempts)
         try:
-            return await self._fetch(request, req, self.upstreams[target.name], attempts, flight)
+            return await self._fetch(ex, req, self.upstreams[target.name], attempts, flight)
         except UpstreamError:
             return None
 
     async def _probe(
         self,
-        request: web.Request,
+        ex: Exchange,
         req: GoproxyRequest,
         target: UpstreamPlan,
         attempts: Attempts,
@@ -201,7 +230,7 @@ class ProxyHandler:
         breaker = target.breaker
         period = breaker.probe_period
         try:
-            answer = await self._fetch(request, req, self.upstreams[target.name], attempts, flight)
+            answer = await self._fetch(ex, req, self.upstreams[target.name], attempts, flight)
         except UpstreamError as exc:
             self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "failed")()
             breaker.release_probe(False, exc.message, period=period)
@@ -219,7 +248,7 @@ class ProxyHandler:
 
     async def _fetch(
         self,
-        request: web.Request,
+        ex: Exchange,
         req: GoproxyRequest,
         upstream: Upstream,
         attempts: Attempts,
@@ -227,7 +256,7 @@ class ProxyHandler:
     ) -> Answer | None:
         """One upstream attempt. None means "go on"; UpstreamError means it failed."""
         try:
-            resp = await upstream.open(req.path, request.method)
+            resp = await upstream.open(req.path, ex.method)
         except UpstreamError as exc:
             self._failed(upstream.name, exc, None, attempts)
             raise
@@ -243,7 +272,7 @@ class ProxyHandler:
         cache = self.cache
         if flight is not None and cache is not None:
             if is_small(resp.content_length) and cache.takes_small(resp.content_length):
-                return await self._stream(request, req, resp, attempts, (cache, flight))
+                return await self._stream(ex, req, resp, attempts, (cache, flight))
             reader = await cache.start_fill(
                 req,
                 resp,
@@ -252,12 +281,12 @@ class ProxyHandler:
                 partial(self._body_end, upstream.name, resp.ttfb),
             )
             if reader is not None:
-                return await self._deliver(request, reader, attempts)
-        return await self._stream(request, req, resp, attempts)
+                return await self._deliver(ex, reader, attempts)
+        return await self._stream(ex, req, resp, attempts)
 
     async def _stream(
         self,
-        request: web.Request,
+        ex: Exchange,
         req: GoproxyRequest,
         resp: UpstreamResponse,
         attempts: Attempts,
@@ -267,23 +296,23 @@ class ProxyHandler:
         cached and handed to the flight's joiners."""
         name = resp.upstream.name
         try:
-            body = await read_small(resp) if request.method == "GET" else None
+            body = await read_small(resp) if ex.method == "GET" else None
             if body is not None:
                 headers = response_headers(resp.headers, name)
                 if keep is not None:
                     cache, flight = keep
                     cache.keep_small(req, body, resp.headers.get("Content-Type", ""), name)
                     flight.settle(Whole(body, headers, name))
-                response: web.StreamResponse = web.Response(body=body, headers=headers)
+                ex.send(200, headers, body)
                 outcome = "ok"
             else:
-                response, outcome = await relay(request, resp)
+                outcome = await relay(ex, resp)
         except UpstreamError as exc:
             resp.release(reuse=False)
             self._failed(name, exc, resp.ttfb, attempts)
             raise
         self.recorder.attempt(name, Outcome.OK, resp.ttfb, "ok")
-        return response, name, outcome
+        return name, outcome
 
     def _body_end(self, name: str, ttfb: float, exc: UpstreamError | None) -> None:
         """The fill of one body ended: recorded once, however many clients read it."""
@@ -292,9 +321,7 @@ class ProxyHandler:
         else:
             self._record_failure(name, exc, ttfb)
 
-    async def _deliver(
-        self, request: web.Request, reader: FillReader, attempts: Attempts | None
-    ) -> Answer:
+    async def _deliver(self, ex: Exchange, reader: FillReader, attempts: Attempts | None) -> Answer:
         """Send a fill's body to this client. UpstreamError: it failed before any
         header was sent (the caller may try elsewhere); after, the connection is cut."""
         fill = reader.fill
@@ -306,30 +333,29 @@ class ProxyHandler:
                     if attempts is not None:
                         self._note_failure(exc, attempts)
                     raise
-                return web.Response(body=body, headers=fill.headers), fill.upstream, "ok"
-            response, outcome, failure = await deliver(
-                request, reader, fill.headers, fill.content_length
-            )
+                ex.send(200, fill.headers, body)
+                return fill.upstream, "ok"
+            outcome, failure = await deliver(ex, reader, fill.headers, fill.content_length)
             if failure is not None and attempts is not None:
                 attempts.cut = failure
-            return response, fill.upstream, outcome
+            return fill.upstream, outcome
         finally:
             reader.close()
 
-    async def _join(
-        self, request: web.Request, req: GoproxyRequest, flight: Flight
-    ) -> Answer | None:
+    async def _join(self, ex: Exchange, req: GoproxyRequest, flight: Flight) -> Answer | None:
         """Wait for the leader of this key. None: walk the targets yourself."""
         outcome = await flight.outcome()
         if isinstance(outcome, NotFound):
-            return text_response(outcome.status, outcome.message), "sidecar", "not_found"
+            send_text(ex, outcome.status, outcome.message)
+            return "sidecar", "not_found"
         if isinstance(outcome, Whole):
-            return web.Response(body=outcome.body, headers=outcome.headers), outcome.upstream, "ok"
+            ex.send(200, outcome.headers, outcome.body)
+            return outcome.upstream, "ok"
         if outcome is None:  # no body to share; a fill that ended meanwhile may be committed
             entry = self.cache.lookup(req, allow_stale=False) if self.cache else None
-            return await self._from_cache(request, req, entry, stale=False) if entry else None
+            return await self._from_cache(ex, req, entry, stale=False) if entry else None
         try:
-            return await self._deliver(request, outcome, None)
+            return await self._deliver(ex, outcome, None)
         except UpstreamError:
             return None  # failed before headers: this client moves on by itself
 
@@ -361,96 +387,123 @@ class ProxyHandler:
         attempts.failed = True
 
     async def _cache_action(
-        self, request: web.Request, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
+        self, ex: Exchange, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
     ) -> Answer | None:
         cache = self.cache if attempts.use_cache else None
         entry = cache.lookup(req, allow_stale=True) if cache is not None else None
         if entry is not None and cache is not None:
-            answer = await self._from_cache(request, req, entry, stale=cache.is_stale(entry))
+            answer = await self._from_cache(ex, req, entry, stale=cache.is_stale(entry))
             if answer is not None:
                 return answer
         attempts.skipped.append(f"{target.name}: cache miss ({target.breaker.reason})")
         return None
 
     async def _from_cache(
-        self, request: web.Request, req: GoproxyRequest, entry: CachedEntry, stale: bool
+        self, ex: Exchange, req: GoproxyRequest, entry: CachedEntry, stale: bool
     ) -> Answer | None:
-        """Serve an entry with sendfile; None if it turned out broken (evicted meanwhile)."""
+        """Serve an entry from memory or its file; None if it turned out broken
+        (evicted meanwhile): the caller fetches it again."""
         cache = self.cache
         assert cache is not None
         if not entry.verified and not await cache.verify(entry):
             return None
+        body = await cache.small_body(entry)
+        if body is not None:
+            return self._send_hit(ex, req, entry, body, stale)
+        part = wanted_range(ex, entry.size)
+        if part == UNSATISFIABLE:
+            return self._send_hit(ex, req, entry, b"", stale)
+        if not cache.acquire(entry):
+            return None
+        try:
+            headers = self._hit_headers(entry, stale)
+            outcome = await send_file(ex, entry.path, entry.size, headers, part)
+        except CacheIntegrityError as exc:
+            cache.discard(entry, str(exc))
+            return None
+        finally:
+            cache.release(entry)
+        if outcome == "ok":
+            self._count_hit(req, stale)
+            outcome = "stale" if stale else "hit"
+        return "cache", outcome
+
+    def _send_hit(
+        self, ex: Exchange, req: GoproxyRequest, entry: CachedEntry, body: bytes, stale: bool
+    ) -> Answer:
+        headers = self._hit_headers(entry, stale)
+        part = wanted_range(ex, entry.size)
+        if part is None:
+            ex.send(200, headers, body)
+        elif part == UNSATISFIABLE:
+            headers["Content-Range"] = f"bytes */{entry.size}"
+            ex.send(416, headers, b"")
+            return "cache", "unsatisfiable"
+        else:
+            first, last = part
+            headers["Content-Range"] = f"bytes {first}-{last}/{entry.size}"
+            ex.send(206, headers, body[first : last + 1])
+        self._count_hit(req, stale)
+        return "cache", "stale" if stale else "hit"
+
+    def _hit_headers(self, entry: CachedEntry, stale: bool) -> dict[str, str]:
+        assert self.cache is not None
         headers = {
             "Content-Type": entry.content_type,
             SOURCE_HEADER: "cache",
-            "Age": str(cache.age(entry)),
+            "Age": str(self.cache.age(entry)),
         }
         if stale:
             headers[STALE_HEADER] = "1"
             headers["Warning"] = STALE_WARNING
-        body = await cache.small_body(entry)
-        if body is not None:
-            self._count_hit(req, stale)
-            return web.Response(body=body, headers=headers), "cache", "stale" if stale else "hit"
-        if not cache.acquire(entry):
-            return None
-        response = EntryResponse(entry.path, entry.size, headers)
-        try:
-            await response.prepare(request)
-        except CacheIntegrityError as exc:
-            cache.discard(entry, str(exc))
-            return None
-        except CLIENT_GONE:
-            return response, "cache", "client_abort"
-        finally:
-            cache.release(entry)
-        self._count_hit(req, stale)
-        return response, "cache", "stale" if stale else "hit"
+        return headers
 
     def _count_hit(self, req: GoproxyRequest, stale: bool) -> None:
         metrics = self.recorder.metrics
         metric = metrics.cache_stale_serves if stale else metrics.cache_hits
         self.recorder.counter(metric, req.kind.value)()
 
-    def _reject(self, target: UpstreamPlan) -> web.StreamResponse:
+    def _reject(self, ex: Exchange, target: UpstreamPlan) -> None:
         self.recorder.counter(self.recorder.metrics.rejected_requests, target.name, "policy")()
-        return text_response(
+        send_text(
+            ex,
             self.reject_status,
             f"goproxy-sidecar: {target.name} is shedding load: {target.breaker.reason}",
             {"Retry-After": RETRY_AFTER_S},
         )
 
-    async def _exhausted(
-        self, request: web.Request, req: GoproxyRequest, attempts: Attempts
-    ) -> Answer:
+    async def _exhausted(self, ex: Exchange, req: GoproxyRequest, attempts: Attempts) -> Answer:
         if attempts.failed and attempts.use_cache and self.cache is not None:
             entry = self.cache.lookup(req, allow_stale=True)
             if entry is not None:
-                answer = await self._from_cache(
-                    request, req, entry, stale=self.cache.is_stale(entry)
-                )
+                answer = await self._from_cache(ex, req, entry, stale=self.cache.is_stale(entry))
                 if answer is not None:
                     return answer
         if attempts.status:
             outcome = "not_found" if attempts.status in (404, 410) else "failed"
-            return text_response(attempts.status, attempts.message), "sidecar", outcome
+            send_text(ex, attempts.status, attempts.message)
+            return "sidecar", outcome
         self.recorder.counter(self.recorder.metrics.rejected_requests, "", "no_target")()
         why = "; ".join(attempts.skipped) or "no upstream configured"
-        return (
-            text_response(
-                503, f"goproxy-sidecar: no target can serve: {why}", {"Retry-After": RETRY_AFTER_S}
-            ),
-            "sidecar",
-            "unavailable",
+        send_text(
+            ex, 503, f"goproxy-sidecar: no target can serve: {why}", {"Retry-After": RETRY_AFTER_S}
         )
+        return "sidecar", "unavailable"
 
 
-def text_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def wanted_range(ex: Exchange, size: int) -> tuple[int, int] | None:
+    """The single byte range a GET asks for, if any (see sidecar.proxy.ranges)."""
+    if ex.method != "GET":
+        return None
+    header = ex.header("range")
+    return None if header is None else byte_range(header, size, ex.header("if-range"))
+
+
+def send_text(
+    ex: Exchange, status: int, message: str, headers: dict[str, str] | None = None
+) -> None:
     """A short plain-text body the go command prints after the status."""
-    return web.Response(
-        status=status,
-        text=message.strip() + "\n",
-        content_type="text/plain",
-        charset="utf-8",
-        headers=headers,
-    )
+    out = {"Content-Type": "text/plain; charset=utf-8"}
+    if headers:
+        out.update(headers)
+    ex.send(status, out, (message.strip() + "\n").encode())

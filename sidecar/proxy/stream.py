@@ -8,31 +8,21 @@ client sees a short body, never a complete one.
 
 from __future__ import annotations
 
-import io
-import os
-from typing import TYPE_CHECKING
-
-from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.client_exceptions import ClientConnectionResetError
-from aiohttp.web_fileresponse import _FileResponseResult
-from multidict import CIMultiDict
+import asyncio
+from collections.abc import Mapping
 
 from sidecar.cache.base import FillReader
 from sidecar.cache.layout import describe
 from sidecar.errors import CacheIntegrityError, UpstreamError
 from sidecar.proxy.headers import response_headers
+from sidecar.server import Exchange
 from sidecar.upstreams import UpstreamResponse
 
-if TYPE_CHECKING:
-    from aiohttp.web_request import BaseRequest
-
-CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError, BrokenPipeError)
+CLIENT_GONE = (ConnectionResetError, BrokenPipeError)
 # Bodies up to this size (.info, .mod, lists, sumdb answers) are read whole
 # before the client sees a byte: a truncated one can still fall through to
 # the next upstream, and one write is cheaper than a streamed response.
 BUFFER_LIMIT = 256 * 1024
-FILE_CHUNK = 256 * 1024  # read size when sendfile is not available (uvloop)
 
 
 async def read_small(resp: UpstreamResponse) -> bytes | None:
@@ -49,100 +39,89 @@ def is_small(content_length: int | None) -> bool:
     return content_length is not None and content_length <= BUFFER_LIMIT
 
 
-async def relay(request: web.Request, resp: UpstreamResponse) -> tuple[web.StreamResponse, str]:
-    """Stream ``resp`` to the client. Returns the response and an outcome label."""
-    response = web.StreamResponse(headers=response_headers(resp.headers, resp.upstream.name))
-    if resp.content_length is not None:
-        response.content_length = resp.content_length
+async def relay(ex: Exchange, resp: UpstreamResponse) -> str:
+    """Stream ``resp`` to the client. Returns an outcome label."""
     try:
-        await response.prepare(request)
-        if request.method == "HEAD":
+        await ex.start(200, response_headers(resp.headers, resp.upstream.name), resp.content_length)
+        if ex.method == "HEAD":
             resp.release(reuse=False)
-            return response, "ok"
+            await ex.end()
+            return "ok"
         async for chunk in resp.chunks():
-            await response.write(chunk)
-        await response.write_eof()
+            await ex.write(chunk)
+        await ex.end()
     except CLIENT_GONE:
         resp.release(reuse=False)
-        return response, "client_abort"
+        return "client_abort"
     except UpstreamError:
         resp.release(reuse=False)
-        _cut(request)
+        ex.abort()
         raise
     except BaseException:
         resp.release(reuse=False)
         raise
     resp.release()
-    return response, "ok"
+    return "ok"
 
 
 async def deliver(
-    request: web.Request,
+    ex: Exchange,
     reader: FillReader,
-    headers: CIMultiDict[str],
+    headers: Mapping[str, str],
     content_length: int | None,
-) -> tuple[web.StreamResponse, str, UpstreamError | None]:
-    """Stream a fill to one client as its bytes arrive: (response, outcome, failure)."""
-    response = web.StreamResponse(headers=headers)
-    if content_length is not None:
-        response.content_length = content_length
+) -> tuple[str, UpstreamError | None]:
+    """Stream a fill to one client as its bytes arrive: (outcome, failure)."""
     try:
-        await response.prepare(request)
+        await ex.start(200, headers, content_length)
         while (chunk := await reader.next_chunk()) is not None:
-            await response.write(chunk)
-        await response.write_eof()
+            await ex.write(chunk)
+        await ex.end()
     except CLIENT_GONE:
-        return response, "client_abort", None
+        return "client_abort", None
     except UpstreamError as exc:
-        _cut(request)
-        return response, "failed", exc
-    return response, "ok", None
+        ex.abort()
+        return "failed", exc
+    return "ok", None
 
 
-def _cut(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.abort()
+async def send_file(
+    ex: Exchange,
+    path: str,
+    size: int,
+    headers: dict[str, str],
+    part: tuple[int, int] | None = None,
+) -> str:
+    """A cache hit from its blob (sendfile where the loop has it), whole or
+    ``part`` (first, last byte): an outcome label.
 
-
-class EntryResponse(web.FileResponse):
-    """A cache hit: the entry's blob with sendfile, and two guards.
-
-    Both guards raise CacheIntegrityError before a byte is sent, so the
-    handler can evict the entry and fetch it again instead of answering
-    404/403 (what FileResponse does for a missing file) or sending a body of
-    the wrong length. They override private FileResponse methods (aiohttp
-    3.14); tests/functional/test_cache_integrity.py fails if that breaks.
-    The handler prepares the response itself, so ``prepare`` must be
-    idempotent when aiohttp calls it again after the handler returns.
+    CacheIntegrityError before a byte is sent, so the caller can evict the
+    entry and fetch it again: a missing file, or one whose size is not the
+    recorded one. A file that shrinks while it is sent cuts the connection.
     """
-
-    def __init__(self, path: str, size: int, headers: dict[str, str]) -> None:
-        super().__init__(path, chunk_size=FILE_CHUNK, headers=headers)
-        self._expected_size = size
-
-    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        if self.prepared:
-            return None
-        return await super().prepare(request)
-
-    def _make_response(
-        self, request: BaseRequest, accept_encoding: str
-    ) -> tuple[_FileResponseResult, io.BufferedReader | None, os.stat_result, str | None]:
-        try:
-            # "": never look for pre-compressed .gz/.br siblings (one stat saved per hit).
-            return super()._make_response(request, "")
-        except OSError as exc:
-            raise CacheIntegrityError(f"cannot open cached file: {describe(exc)}") from exc
-
-    async def _prepare_open_file(
-        self,
-        request: BaseRequest,
-        fobj: io.BufferedReader,
-        st: os.stat_result,
-        file_encoding: str | None,
-    ) -> AbstractStreamWriter | None:
-        if st.st_size != self._expected_size:
-            raise CacheIntegrityError(
-                f"cached file has {st.st_size} bytes, recorded {self._expected_size}"
-            )
-        return await super()._prepare_open_file(request, fobj, st, file_encoding)
+    try:
+        # open() in a thread, as aiohttp's FileResponse does: a cold disk can block.
+        fobj = await asyncio.to_thread(open, path, "rb")
+    except OSError as exc:
+        raise CacheIntegrityError(f"cannot open cached file: {describe(exc)}") from exc
+    try:
+        found = fobj.seek(0, 2)
+        if found != size:
+            raise CacheIntegrityError(f"cached file has {found} bytes, recorded {size}")
+        fobj.seek(0)
+        if part is None:
+            await ex.start(200, headers, size)
+            await ex.sendfile(fobj, 0, size)
+        else:
+            first, last = part
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+            await ex.start(206, headers, last - first + 1)
+            await ex.sendfile(fobj, first, last - first + 1)
+        await ex.end()
+    except CLIENT_GONE:
+        return "client_abort"
+    except OSError:
+        ex.abort()
+        return "failed"
+    finally:
+        fobj.close()
+    return "ok"

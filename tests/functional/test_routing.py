@@ -13,11 +13,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.app import build_app, build_sidecar
+from sidecar.app import SidecarService, build_sidecar
 from sidecar.breaker.state import Action, Decision
 from sidecar.config import CacheConfig, RouteRule, RoutingConfig, UpstreamConfig
 from sidecar.goproxy import escape_path
 from tests.conftest import FAST_TIMEOUTS, make_config
+from tests.serving import SidecarTestServer
 from tests.upstream import FakeGoproxy, Reply, make_app
 
 PRIVATE = ("*.corp.example", "github.com/acme/*")
@@ -91,7 +92,7 @@ async def _scenario(private, public, action, failure, cache) -> None:
         urls = [str(s.make_url("")).rstrip("/") for s in servers]
         sc = build_sidecar(routing_config(urls, Path(tmp), cache=cache))
         _force(sc, action)
-        client = TestClient(TestServer(build_app(sc, run_control=False), host="127.0.0.1"))
+        client = TestClient(SidecarTestServer(SidecarService(sc, run_control=False)))
         await client.start_server()
         try:
             for module, kind in [*private, *public]:
@@ -149,7 +150,7 @@ async def test_private_module_without_private_ok_upstream_is_a_404(fake_upstream
         [url_a, url_p], tmp_path, upstreams=ups, routing=RoutingConfig(private=PRIVATE)
     )
     sc = build_sidecar(cfg)
-    client = TestClient(TestServer(build_app(sc, run_control=False), host="127.0.0.1"))
+    client = TestClient(SidecarTestServer(SidecarService(sc, run_control=False)))
     await client.start_server()
     try:
         resp = await client.get(INFO)
@@ -234,7 +235,7 @@ async def routed(tmp_path):
 
     async def start(urls, rules=(), cache=False):
         sc = build_sidecar(routing_config(urls, tmp_path, rules, cache))
-        client = TestClient(TestServer(build_app(sc, run_control=False), host="127.0.0.1"))
+        client = TestClient(SidecarTestServer(SidecarService(sc, run_control=False)))
         await client.start_server()
         clients.append(client)
         return client, sc

@@ -1,0 +1,207 @@
+"""One request and its response on a connection: what a handler reads and writes.
+
+A handler either answers whole with ``send`` (headers and body in one write,
+what every small GOPROXY answer is) or streams: ``start``, ``write`` as the
+bytes arrive, ``end``. ``write`` waits while the client's socket buffer is
+full, so a slow client slows its upstream read instead of growing memory.
+A client that hung up makes ``write`` raise ``ConnectionResetError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from sidecar.server.connection import Connection
+
+# Response headers the server owns: framing and connection management.
+_OWN: Final = frozenset({"content-length", "transfer-encoding", "connection", "date"})
+REASONS: Final = {
+    200: "OK",
+    206: "Partial Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    416: "Range Not Satisfiable",
+    405: "Method Not Allowed",
+    410: "Gone",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        reason = REASONS.get(status, "Unknown")
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")
+    return line
+
+
+class _DateHeader:
+    """``Date: ...\\r\\n``, formatted once per second rather than per response."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode("ascii")
+        return self._line
+
+
+DATE: Final = _DateHeader()
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+    """Serialised ``name: value`` lines; refuses a line break in a value, which
+    would let an upstream header smuggle a second response."""
+    out = []
+    for name, value in headers.items():
+        if name.lower() in _OWN:
+            continue
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"header {name!r} has a line break in its value")
+        out.append(f"{name}: {value}\r\n")
+    return "".join(out).encode("latin-1")
+
+
+class Exchange:
+    """A parsed request (``method``, ``target``, ``headers``) and its response."""
+
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "finished",
+        "headers",
+        "http11",
+        "keep_alive",
+        "method",
+        "sent",
+        "status",
+        "target",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        http11: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.target = target  # the raw request-target, query included
+        self.headers = headers  # raw, as received; see header()
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self.status = 0
+        self.sent = False  # headers written: from here only a cut connection can signal failure
+        self.finished = False
+        self._chunked = False
+
+    def header(self, name: str) -> str | None:
+        """The first request header called ``name`` (case-insensitive)."""
+        wanted = name.lower().encode("latin-1")
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value.decode("latin-1")
+        return None
+
+    @property
+    def peer(self) -> str:
+        return self._conn.peer
+
+    def send(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        """The whole response in one write (no body for HEAD, its length still announced)."""
+        self._begin(status)
+        head = self._head(status, header_block(headers), len(body))
+        self._conn.write(head if self.method == "HEAD" else head + body)
+        self.finished = True
+
+    def send_prepared(self, status: int, block: bytes, body: bytes) -> None:
+        """``send`` with headers serialised once by the caller (cache hits)."""
+        self._begin(status)
+        head = self._head(status, block, len(body))
+        self._conn.write(head if self.method == "HEAD" else head + body)
+        self.finished = True
+
+    async def start(self, status: int, headers: Mapping[str, str], length: int | None) -> None:
+        """Send the headers of a streamed body of ``length`` bytes (None: unknown,
+        sent chunked, or delimited by closing the connection for HTTP/1.0)."""
+        self._begin(status)
+        if length is None and self.method != "HEAD":
+            if self.http11:
+                self._chunked = True
+            else:
+                self.keep_alive = False
+        self._conn.write(self._head(status, header_block(headers), length))
+        await self._conn.drain()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self.method == "HEAD" or not data:
+            return
+        conn = self._conn
+        if self._chunked:
+            conn.write(b"%x\r\n" % len(data))
+            conn.write(data)
+            conn.write(b"\r\n")
+        else:
+            conn.write(data)
+        await conn.drain()
+
+    async def end(self) -> None:
+        if self._chunked and self.method != "HEAD":
+            self._conn.write(b"0\r\n\r\n")
+        self.finished = True
+        await self._conn.drain()
+
+    async def sendfile(self, fobj: object, offset: int, count: int) -> None:
+        """``count`` bytes of an open binary file from ``offset``, after ``start``."""
+        if self.method != "HEAD" and count:
+            await self._conn.sendfile(fobj, offset, count)
+
+    def abort(self) -> None:
+        """Cut the connection: the client sees a short body, never a complete one."""
+        self.keep_alive = False
+        self._conn.abort()
+
+    def _begin(self, status: int) -> None:
+        if self.sent:
+            raise RuntimeError("response headers already sent")
+        self._conn.check_open()
+        self.status = status
+        self.sent = True
+        if self._conn.closing:
+            self.keep_alive = False
+
+    def _head(self, status: int, block: bytes, length: int | None) -> bytes:
+        parts = [status_line(status), DATE.line(), block]
+        if length is not None:
+            parts.append(b"Content-Length: %d\r\n" % length)
+        elif self._chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not self.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif not self.http11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
