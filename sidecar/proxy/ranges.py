@@ -33,9 +33,8 @@ def byte_range(
             return UNSATISFIABLE
         return max(0, size - n), size - 1
     first = int(first_s)
-    last = int(last_s) if last_s else size - 1
-    if last < first:
+    if last_s and int(last_s) < first:
         return None  # invalid: ignored, the whole body
     if first >= size:
         return UNSATISFIABLE
-    return first, min(last, size - 1)
+    return first, min(int(last_s), size - 1) if last_s else size - 1

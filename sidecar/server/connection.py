@@ -108,7 +108,7 @@ class Connection(asyncio.Protocol):
             refused = exc.__context__
             self._refuse(refused if isinstance(refused, _Refused) else _Refused(400, "bad request"))
         except httptools.HttpParserUpgrade:
-            self._refuse(_Refused(400, "protocol upgrades are not supported"))
+            self._no_upgrade()
         except httptools.HttpParserError as exc:
             self._refuse(_Refused(400, f"bad request: {exc}"))
         self._pump()
@@ -155,6 +155,18 @@ class Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     # -- answering, in order ----------------------------------------------
+    def _no_upgrade(self) -> None:
+        """An Upgrade (or CONNECT) request: answered as a plain request if it is
+        one, then the connection closes; what follows it is not HTTP/1.1."""
+        last = self._queue[-1] if self._queue else self._current
+        if isinstance(last, Exchange) and not last.sent:
+            last.keep_alive = False
+            if self._transport is not None and self._reading:
+                self._reading = False
+                self._transport.pause_reading()
+        else:
+            self._refuse(_Refused(400, "protocol upgrades are not supported"))
+
     def _refuse(self, refused: _Refused) -> None:
         self._queue.append(refused)
         if self._transport is not None and self._reading:

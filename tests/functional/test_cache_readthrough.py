@@ -91,6 +91,29 @@ async def test_range_and_conditional_requests_on_a_hit(fake_upstreams, cached_si
     await settled(sc, 1)
     part = await client.get("/" + ZIP, headers={"Range": "bytes=10-19"})
     assert part.status == 206 and await part.read() == body[10:20]
+    assert part.headers["Content-Range"] == f"bytes 10-19/{len(body)}"
+    whole = await client.get("/" + ZIP, headers={"Range": "bytes=0-1", "If-Range": '"x"'})
+    assert whole.status == 200 and await whole.read() == body  # no validators: whole
+    past = await client.get("/" + ZIP, headers={"Range": f"bytes={len(body)}-"})
+    assert past.status == 416 and past.headers["Content-Range"] == f"bytes */{len(body)}"
+    assert up.received == [ZIP]
+
+
+async def test_ranges_on_a_hit_held_in_memory(fake_upstreams, cached_sidecar):
+    [(up, url)] = await fake_upstreams(1)
+    body = b'{"Version":"v1.0.0","Time":"2020-01-01T00:00:00Z"}'
+    up.set(INFO, body)
+    client, sc = await cached_sidecar([url])
+    await (await client.get("/" + INFO)).read()
+    await settled(sc, 1)
+    await (await client.get("/" + INFO)).read()  # verified and held from here
+    tail = await client.get("/" + INFO, headers={"Range": "bytes=-5"})
+    assert tail.status == 206 and await tail.read() == body[-5:]
+    past = await client.get("/" + INFO, headers={"Range": "bytes=999-"})
+    assert past.status == 416 and await past.read() == b""
+    head = await client.head("/" + INFO, headers={"Range": "bytes=0-3"})
+    assert head.status == 200 and head.headers["Content-Length"] == str(len(body))
+    assert up.received == [INFO]
 
 
 async def test_404_and_failures_are_never_cached(fake_upstreams, cached_sidecar, tmp_path):

@@ -255,7 +255,10 @@ async def test_non_get_methods_are_refused(fake_upstreams, sidecar_client):
     [(a, url)] = await fake_upstreams(1)
     client, _ = await sidecar_client([url])
     resp = await client.post("/" + INFO, data=b"x")
-    assert resp.status == 405
+    assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD"
+    # the connection stays usable after a request with a body
+    assert (await client.post("/metrics", data=b"y" * 100_000)).status == 405
+    assert (await client.get("/healthz")).status == 200
     assert a.received == []
 
 

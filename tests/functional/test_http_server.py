@@ -1,0 +1,352 @@
+"""The sidecar's HTTP/1.1 server (sidecar.server), over real loopback sockets.
+
+Raw sockets rather than an HTTP client: framing, pipelining and what is sent
+on the wire are the point here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from sidecar.proxy.stream import send_file
+from sidecar.server import Exchange, Server
+from sidecar.server.exchange import header_block
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+
+async def hello(ex: Exchange) -> None:
+    ex.send(200, {"Content-Type": "text/plain"}, f"hello {ex.target}".encode())
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    servers: list[Server] = []
+
+    async def start(handler: Handler = hello, **kwargs: object) -> Server:
+        server = Server(handler, **kwargs)  # type: ignore[arg-type]
+        await server.listen("127.0.0.1", 0)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close(1.0)
+
+
+async def connect(server: Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", server.port)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response: status, headers (lower-case names), body (by length or chunks)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            if size == 0:
+                await reader.readline()
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readline()
+        body = b"".join(parts)
+    else:
+        body = await asyncio.wait_for(reader.read(), 5)  # delimited by the close
+    return status, headers, body
+
+
+def get(path: str, *extra: str, method: str = "GET", version: str = "1.1") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}", "Host: t", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(serve):
+    server = await serve()
+    reader, writer = await connect(server)
+    for path in ("/a", "/b"):
+        writer.write(get(path))
+        status, headers, body = await read_response(reader)
+        assert (status, body) == (200, f"hello {path}".encode())
+        assert "connection" not in headers and "date" in headers
+    writer.close()
+
+
+async def test_http10_without_keep_alive_is_closed_after_the_answer(serve):
+    server = await serve()
+    reader, writer = await connect(server)
+    writer.write(get("/x", version="1.0"))
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers["connection"] == "close" and body == b"hello /x"
+    assert await closed(reader)
+
+
+async def test_pipelined_requests_are_answered_in_order(serve):
+    async def slow_first(ex: Exchange) -> None:
+        if ex.target == "/1":
+            await asyncio.sleep(0.2)  # the second one is ready long before
+        await hello(ex)
+
+    server = await serve(slow_first)
+    reader, writer = await connect(server)
+    writer.write(get("/1") + get("/2") + get("/3"))
+    bodies = [(await read_response(reader))[2] for _ in range(3)]
+    assert bodies == [b"hello /1", b"hello /2", b"hello /3"]
+
+
+async def test_answer_now_and_tasks_mix_in_order(serve):
+    async def later(ex: Exchange) -> None:
+        await asyncio.sleep(0.05)
+        ex.send(200, {}, b"later " + ex.target.encode())
+
+    def now(ex: Exchange) -> bool:
+        if ex.target.startswith("/now"):
+            ex.send(200, {}, b"now " + ex.target.encode())
+            return True
+        return False
+
+    server = await serve(later, answer_now=now)
+    reader, writer = await connect(server)
+    writer.write(get("/now1") + get("/task") + get("/now2"))
+    bodies = [(await read_response(reader))[2] for _ in range(3)]
+    assert bodies == [b"now /now1", b"later /task", b"now /now2"]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"this is not http\r\n\r\n", 400),
+        (get("/" + "a" * 9000), 414),
+        (get("/x", *[f"X-Filler-{i}: {'v' * 200}" for i in range(90)]), 431),
+    ],
+)
+async def test_bad_requests_are_refused_and_never_reach_the_handler(serve, request_bytes, status):
+    seen: list[str] = []
+
+    async def handler(ex: Exchange) -> None:
+        seen.append(ex.target)
+        await hello(ex)
+
+    server = await serve(handler)
+    reader, writer = await connect(server)
+    writer.write(request_bytes)
+    got, headers, _ = await read_response(reader)
+    assert got == status and headers["connection"] == "close"
+    assert await closed(reader)
+    assert seen == []
+
+
+async def test_an_upgrade_request_is_answered_plainly_then_closed(serve):
+    server = await serve()
+    reader, writer = await connect(server)
+    writer.write(get("/x", "Upgrade: websocket", "Connection: Upgrade") + b"\x81\x05hello")
+    status, headers, body = await read_response(reader)
+    assert (status, body, headers["connection"]) == (200, b"hello /x", "close")
+    assert await closed(reader)
+
+
+async def test_head_announces_the_length_and_sends_no_body(serve):
+    server = await serve()
+    reader, writer = await connect(server)
+    writer.write(get("/x", method="HEAD") + get("/y"))
+    status, headers, _ = await asyncio.wait_for(read_head(reader), 5)
+    assert status == 200 and headers["content-length"] == str(len(b"hello /x"))
+    # the next response starts right after the HEAD's headers: no body was sent
+    status, _, body = await read_response(reader)
+    assert body == b"hello /y"
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], None]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+    return int(head[0].split()[1]), headers, None
+
+
+async def stream_unknown_length(ex: Exchange) -> None:
+    await ex.start(200, {"Content-Type": "application/zip"}, None)
+    for part in (b"one ", b"two ", b"three"):
+        await ex.write(part)
+    await ex.end()
+
+
+async def test_unknown_length_is_chunked_for_http11(serve):
+    server = await serve(stream_unknown_length)
+    reader, writer = await connect(server)
+    writer.write(get("/z") + get("/z"))
+    for _ in range(2):  # and the connection stays usable
+        status, headers, body = await read_response(reader)
+        assert headers["transfer-encoding"] == "chunked" and body == b"one two three"
+
+
+async def test_unknown_length_is_close_delimited_for_http10(serve):
+    server = await serve(stream_unknown_length)
+    reader, writer = await connect(server)
+    writer.write(get("/z", "Connection: keep-alive", version="1.0"))
+    status, headers, body = await read_response(reader)
+    assert "transfer-encoding" not in headers and headers["connection"] == "close"
+    assert body == b"one two three"
+
+
+async def test_a_client_that_leaves_cancels_its_handler(serve):
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def waits(ex: Exchange) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    server = await serve(waits)
+    reader, writer = await connect(server)
+    writer.write(get("/slow"))
+    await asyncio.wait_for(started.wait(), 5)
+    writer.close()
+    await asyncio.wait_for(cancelled.wait(), 5)
+
+
+async def test_writes_wait_for_a_slow_reader(serve):
+    chunk = b"x" * (1024 * 1024)
+    written: list[int] = []
+
+    async def big(ex: Exchange) -> None:
+        await ex.start(200, {}, 64 * len(chunk))
+        for i in range(64):
+            await ex.write(chunk)
+            written.append(i)
+        await ex.end()
+
+    server = await serve(big)
+    reader, writer = await connect(server)
+    writer.write(get("/big"))
+    await asyncio.sleep(0.5)  # not reading: the server must stop producing
+    assert len(written) < 32, f"{len(written)} MiB written to a client that reads nothing"
+    status, _, body = await read_response(reader)
+    assert status == 200 and len(body) == 64 * len(chunk) and len(written) == 64
+
+
+async def test_a_handler_error_is_a_500_and_a_closed_connection(serve, caplog):
+    async def broken(ex: Exchange) -> None:
+        raise RuntimeError("bug")
+
+    server = await serve(broken)
+    reader, writer = await connect(server)
+    writer.write(get("/x"))
+    status, headers, _ = await read_response(reader)
+    assert status == 500 and headers["connection"] == "close"
+    assert await closed(reader)
+    assert "request handler failed" in caplog.text
+
+
+async def test_a_handler_that_leaves_a_body_unfinished_cuts_the_connection(serve):
+    async def unfinished(ex: Exchange) -> None:
+        await ex.start(200, {}, 100)
+        await ex.write(b"only ten b")
+
+    server = await serve(unfinished)
+    reader, writer = await connect(server)
+    writer.write(get("/x"))
+    with pytest.raises(asyncio.IncompleteReadError):
+        await read_response(reader)
+
+
+async def test_idle_keep_alive_connections_are_closed(serve):
+    server = await serve(keepalive_s=0.2)
+    reader, writer = await connect(server)
+    writer.write(get("/x"))
+    await read_response(reader)
+    assert await closed(reader)  # within the read's 5 s, after ~0.2-0.4 s
+    assert not server.connections
+
+
+async def test_close_lets_requests_in_progress_finish_and_closes_idle_ones(serve):
+    release = asyncio.Event()
+
+    async def held(ex: Exchange) -> None:
+        if ex.target == "/held":
+            await release.wait()
+        await hello(ex)
+
+    server = await serve(held)
+    port = server.port
+    busy_r, busy_w = await connect(server)
+    idle_r, idle_w = await connect(server)
+    idle_w.write(get("/quick"))
+    await read_response(idle_r)
+    busy_w.write(get("/held"))
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(server.close(5.0))
+    assert await closed(idle_r)
+    release.set()
+    status, headers, body = await read_response(busy_r)
+    assert status == 200 and body == b"hello /held" and headers["connection"] == "close"
+    await asyncio.wait_for(closing, 5)
+    with pytest.raises(OSError):  # no longer listening
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_close_cuts_what_outlives_the_grace(serve):
+    async def forever(ex: Exchange) -> None:
+        await asyncio.sleep(30)
+
+    server = await serve(forever)
+    reader, writer = await connect(server)
+    writer.write(get("/x"))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(server.close(0.2), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+def test_a_line_break_in_a_header_value_is_refused():
+    with pytest.raises(ValueError, match="line break"):
+        header_block({"ETag": 'x"\r\nSet-Cookie: a=b'})
+    assert header_block({"Content-Length": "5", "ETag": "e"}) == b"ETag: e\r\n"
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_files_are_sent_whole_and_in_parts_on_both_loops(tmp_path: Path, loop_factory):
+    """asyncio's loop has sendfile; uvloop has not (the copy through Python)."""
+    data = bytes(range(256)) * 4096 * 3  # 3 MiB: more than one copy chunk
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+
+    async def scenario() -> None:
+        async def files(ex: Exchange) -> None:
+            part = None if ex.target == "/whole" else (1000, 2_500_000)
+            await send_file(ex, str(path), len(data), {"Content-Type": "x"}, part)
+
+        server = Server(files)
+        await server.listen("127.0.0.1", 0)
+        try:
+            reader, writer = await connect(server)
+            writer.write(get("/whole") + get("/part"))
+            status, _, body = await read_response(reader)
+            assert status == 200 and body == data
+            status, headers, body = await read_response(reader)
+            assert status == 206 and body == data[1000:2_500_001]
+            assert headers["content-range"] == f"bytes 1000-2500000/{len(data)}"
+            writer.close()
+        finally:
+            await server.close(1.0)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
