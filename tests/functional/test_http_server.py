@@ -192,7 +192,7 @@ async def test_unknown_length_is_chunked_for_http11(serve):
     reader, writer = await connect(server)
     writer.write(get("/z") + get("/z"))
     for _ in range(2):  # and the connection stays usable
-        status, headers, body = await read_response(reader)
+        _, headers, body = await read_response(reader)
         assert headers["transfer-encoding"] == "chunked" and body == b"one two three"
 
 
@@ -200,7 +200,7 @@ async def test_unknown_length_is_close_delimited_for_http10(serve):
     server = await serve(stream_unknown_length)
     reader, writer = await connect(server)
     writer.write(get("/z", "Connection: keep-alive", version="1.0"))
-    status, headers, body = await read_response(reader)
+    _, headers, body = await read_response(reader)
     assert "transfer-encoding" not in headers and headers["connection"] == "close"
     assert body == b"one two three"
 
@@ -217,7 +217,7 @@ async def test_a_client_that_leaves_cancels_its_handler(serve):
             raise
 
     server = await serve(waits)
-    reader, writer = await connect(server)
+    _, writer = await connect(server)
     writer.write(get("/slow"))
     await asyncio.wait_for(started.wait(), 5)
     writer.close()
