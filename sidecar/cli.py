@@ -1,7 +1,8 @@
 """``goproxy-sidecar run | check | eval`` — the command line.
 
-Heavy imports (aiohttp, regopy) happen inside the subcommand that needs them
-so ``check`` and ``--help`` start fast.
+Heavy imports (aiohttp, the server) happen inside the subcommand that needs
+them so ``check`` and ``--help`` start fast; regopy is imported with the
+package, first of all (see sidecar.native).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ GC_THRESHOLD = (10_000, 10, 10)
 def run_forever(config: Config, log_level: str = "info", loop: str = "auto") -> int:
     """Serve until SIGTERM. ``loop``: ``uvloop``, ``asyncio``, or ``auto`` (uvloop if
     importable). asyncio's loop has ``sendfile`` for cache hits; uvloop does not
-    (aiohttp then copies file chunks through Python), but is faster on small requests."""
+    (the server then copies file chunks through Python), but is faster on small requests."""
     setup_logging(log_level)
     runner = asyncio.run
     if loop != "asyncio":

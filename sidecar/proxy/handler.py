@@ -79,6 +79,8 @@ class ProxyHandler:
         self.reject_status = reject_status
         self.router = router
         self._parse = functools.lru_cache(maxsize=PARSE_MEMO)(parse_request_path)
+        # Decided once: the level is set before the server starts (--log-level).
+        self._debug = log.isEnabledFor(logging.DEBUG)
 
     async def handle(self, ex: Exchange) -> None:
         started = time.perf_counter()
@@ -87,7 +89,7 @@ class ProxyHandler:
             return
         req, route = checked
         source, outcome = await self._serve(ex, req, route)
-        self.recorder.answered(source, req.kind.value, outcome, time.perf_counter() - started)
+        self._answered(ex, req, source, outcome, time.perf_counter() - started)
 
     def answer_now(self, ex: Exchange) -> bool:
         """Answer without waiting if nothing needs I/O: a refused request, or a
@@ -104,9 +106,26 @@ class ProxyHandler:
         entry = cache.lookup(req, allow_stale=False)
         if entry is None or not entry.verified or entry.body is None:
             return False
-        self._send_hit(ex, req, entry, entry.body, stale=False)
-        self.recorder.answered("cache", req.kind.value, "hit", time.perf_counter() - started)
+        source, outcome = self._send_hit(ex, req, entry, entry.body, stale=False)
+        self._answered(ex, req, source, outcome, time.perf_counter() - started)
         return True
+
+    def _answered(
+        self, ex: Exchange, req: GoproxyRequest, source: str, outcome: str, seconds: float
+    ) -> None:
+        self.recorder.answered(source, req.kind.value, outcome, seconds)
+        if self._debug:
+            log.debug(
+                "request",
+                extra={
+                    "method": ex.method,
+                    "path": req.path,
+                    "status": ex.status,
+                    "source": source,
+                    "outcome": outcome,
+                    "ms": round(seconds * 1000, 3),
+                },
+            )
 
     def _check(self, ex: Exchange) -> tuple[GoproxyRequest, Route] | None:
         """The parsed request and its route; None if it was refused (and answered)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
@@ -273,6 +274,19 @@ async def test_health_and_metrics_endpoints(fake_upstreams, sidecar_client):
     assert 'goproxy_sidecar_requests_total{kind="info",outcome="ok",upstream="up0"} 1.0' in text
     assert "goproxy_sidecar_upstream_pool_limit" in text
     assert "autorest" not in text  # no module path in any label
+
+
+async def test_debug_level_logs_one_line_per_request(fake_upstreams, sidecar_client, caplog):
+    [(a, url)] = await fake_upstreams(1)
+    a.set(INFO, b"{}")
+    caplog.set_level(logging.DEBUG, logger="sidecar.proxy")
+    client, _ = await sidecar_client([url])
+    assert (await client.get("/" + INFO)).status == 200
+    lines = [r for r in caplog.records if r.name == "sidecar.proxy" and r.msg == "request"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line.method, line.status, line.source, line.outcome) == ("GET", 200, "up0", "ok")
+    assert line.path == INFO and line.ms >= 0
 
 
 def _closed_port() -> int:
