@@ -48,7 +48,7 @@ CASES: tuple[Case, ...] = (
     Case(
         "small-uncached",
         WRK,
-        ("direct", "nginx", "nginx-cache", "sidecar"),
+        ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache"),
         INFO_SIZE,
         "unique .info URL per request (never cached), 64 connections",
     ),

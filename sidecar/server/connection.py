@@ -58,7 +58,6 @@ class Connection(asyncio.Protocol):
         "closed",
         "closing",
         "idle_since",
-        "peer",
     )
 
     def __init__(self, server: Server) -> None:
@@ -78,15 +77,15 @@ class Connection(asyncio.Protocol):
         self._reading = True
         self.closed = False
         self.closing = False  # answer what is in progress, then close
-        self.idle_since = self._loop.time()  # 0.0 while a request is in progress
-        self.peer = ""
+        # When the last answer ended (or the connection opened); 0.0 while a
+        # request is being answered. A client that sends half a request and
+        # stalls is closed like an idle one.
+        self.idle_since = self._loop.time()
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self._server.connections.add(self)
         if self._server.closing:
             self.closing = True
@@ -101,7 +100,6 @@ class Connection(asyncio.Protocol):
         self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
-        self.idle_since = 0.0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -182,6 +180,7 @@ class Connection(asyncio.Protocol):
                 self._write_refusal(item)
                 return
             self._current = item
+            self.idle_since = 0.0
             if answer_now is not None and self._answered_now(answer_now, item):
                 if not self._finished(item):
                     return

@@ -126,21 +126,10 @@ class Exchange:
                 return value.decode("latin-1")
         return None
 
-    @property
-    def peer(self) -> str:
-        return self._conn.peer
-
     def send(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         """The whole response in one write (no body for HEAD, its length still announced)."""
         self._begin(status)
         head = self._head(status, header_block(headers), len(body))
-        self._conn.write(head if self.method == "HEAD" else head + body)
-        self.finished = True
-
-    def send_prepared(self, status: int, block: bytes, body: bytes) -> None:
-        """``send`` with headers serialised once by the caller (cache hits)."""
-        self._begin(status)
-        head = self._head(status, block, len(body))
         self._conn.write(head if self.method == "HEAD" else head + body)
         self.finished = True
 

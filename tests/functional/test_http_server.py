@@ -278,6 +278,14 @@ async def test_idle_keep_alive_connections_are_closed(serve):
     assert not server.connections
 
 
+async def test_a_half_sent_request_is_closed_like_an_idle_connection(serve):
+    server = await serve(keepalive_s=0.2)
+    reader, writer = await connect(server)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n")  # and never the end
+    assert await closed(reader)
+    assert not server.connections
+
+
 async def test_close_lets_requests_in_progress_finish_and_closes_idle_ones(serve):
     release = asyncio.Event()
 
