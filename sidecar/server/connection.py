@@ -215,6 +215,10 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("request handler failed", extra={"path": exchange.target})
             self._fail(exchange)
+        else:
+            if not exchange.sent:
+                log.error("request handler returned no answer", extra={"path": exchange.target})
+                self._fail(exchange)
         self._task = None
         if self._finished(exchange):
             self._pump()

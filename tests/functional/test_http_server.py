@@ -257,6 +257,17 @@ async def test_a_handler_error_is_a_500_and_a_closed_connection(serve, caplog):
     assert "request handler failed" in caplog.text
 
 
+async def test_a_handler_that_answers_nothing_is_a_500(serve, caplog):
+    async def silent(ex: Exchange) -> None:
+        return None
+
+    server = await serve(silent)
+    reader, writer = await connect(server)
+    writer.write(get("/x"))
+    status, _, _ = await read_response(reader)
+    assert status == 500 and "returned no answer" in caplog.text
+
+
 async def test_a_handler_that_leaves_a_body_unfinished_cuts_the_connection(serve):
     async def unfinished(ex: Exchange) -> None:
         await ex.start(200, {}, 100)
