@@ -44,6 +44,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_current",
         "_drain",
+        "_halted",
         "_header_bytes",
         "_headers",
         "_loop",
@@ -75,6 +76,7 @@ class Connection(asyncio.Protocol):
         self._paused = False  # the transport's write buffer is over its high-water mark
         self._drain: asyncio.Future[None] | None = None
         self._reading = True
+        self._halted = False  # nothing more is read: a broken request or an upgrade came
         self.closed = False
         self.closing = False  # answer what is in progress, then close
         # When the last answer ended (or the connection opened); 0.0 while a
@@ -159,17 +161,19 @@ class Connection(asyncio.Protocol):
         last = self._queue[-1] if self._queue else self._current
         if isinstance(last, Exchange) and not last.sent:
             last.keep_alive = False
-            if self._transport is not None and self._reading:
-                self._reading = False
-                self._transport.pause_reading()
+            self._halt()
         else:
             self._refuse(_Refused(400, "protocol upgrades are not supported"))
 
     def _refuse(self, refused: _Refused) -> None:
         self._queue.append(refused)
+        self._halt()  # nothing after a broken request is trusted
+
+    def _halt(self) -> None:
+        self._halted = True
         if self._transport is not None and self._reading:
             self._reading = False
-            self._transport.pause_reading()  # nothing after a broken request is trusted
+            self._transport.pause_reading()
 
     def _pump(self) -> None:
         """Answer queued requests until one needs a task or the connection ends."""
@@ -187,7 +191,7 @@ class Connection(asyncio.Protocol):
                 continue
             self._task = self._loop.create_task(self._run(item))
             return
-        if not self._queue and not self._reading and not self.closed and self._transport:
+        if not (self._queue or self._reading or self._halted or self.closed) and self._transport:
             self._reading = True
             self._transport.resume_reading()
 
@@ -216,7 +220,8 @@ class Connection(asyncio.Protocol):
             log.exception("request handler failed", extra={"path": exchange.target})
             self._fail(exchange)
         else:
-            if not exchange.sent:
+            # A client that left before its answer started is not a handler bug.
+            if not exchange.sent and not self.gone:
                 log.error("request handler returned no answer", extra={"path": exchange.target})
                 self._fail(exchange)
         self._task = None
@@ -225,7 +230,7 @@ class Connection(asyncio.Protocol):
 
     def _fail(self, exchange: Exchange) -> None:
         """A handler bug: a 500 if nothing was sent yet, else a cut connection."""
-        if exchange.sent or self.closed:
+        if exchange.sent or self.gone:
             exchange.abort()
             return
         exchange.keep_alive = False
@@ -264,12 +269,17 @@ class Connection(asyncio.Protocol):
         self.close()
 
     # -- writing ------------------------------------------------------------
+    @property
+    def gone(self) -> bool:
+        """The client hung up (or we cut it): nothing more can be written."""
+        return self.closed or self._transport is None or self._transport.is_closing()
+
     def check_open(self) -> None:
-        if self.closed or self._transport is None or self._transport.is_closing():
+        if self.gone:
             raise ConnectionResetError("the client closed the connection")
 
     def write(self, data: bytes | memoryview) -> None:
-        transport = self._transport
+        transport = self._transport  # (gone, spelt out: this is every write)
         if self.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         transport.write(data)
