@@ -49,7 +49,10 @@ log = logging.getLogger("sidecar.cache")
 
 FLUSH_BYTES: Final = 256 * 1024  # write to disk in batches of about this much
 RING_BYTES: Final = 1024 * 1024  # flushed bytes kept in memory for readers that keep up
-READ_BYTES: Final = 64 * 1024  # one pread of a reader that is behind (200 readers: RSS)
+# One pread of a reader that is behind, and one ring piece. 200 cold readers
+# of a 50 MiB body peaked at 134-138 MB RSS with 64 KiB, 97-104 MB with 32 KiB,
+# for 1.3 instead of 1.8 GB/s in all (bench/run.py --cases rss-200x50m).
+READ_BYTES: Final = 32 * 1024
 
 _T = TypeVar("_T")
 
