@@ -118,7 +118,8 @@ class SidecarService:
         return self.server.port
 
     async def handle(self, ex: Exchange) -> None:
-        if not self._endpoint(ex):
+        # A request answer_now has seen (scratch set) is no endpoint.
+        if ex.scratch is not None or not self._endpoint(ex):
             await self.proxy.handle(ex)
 
     def answer_now(self, ex: Exchange) -> bool:

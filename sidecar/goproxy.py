@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from sidecar.errors import RequestError
 
@@ -45,14 +44,17 @@ class Kind(str, enum.Enum):  # noqa: UP042 - the shared contract spells it so
     SUMDB_LATEST = "sumdb-latest"
 
 
-@dataclass(frozen=True, slots=True)
-class GoproxyRequest:
+class GoproxyRequest(NamedTuple):
     """One valid GOPROXY request.
 
     ``path`` is the canonical escaped path to forward (no leading slash,
     already percent-encoded where needed); ``cache_key`` is derived from it
     only and is a safe relative file path (no ``..``, no empty segment, no
     backslash, no control or non-ASCII character).
+
+    A named tuple, not a frozen dataclass: one is made for every request not
+    seen before, and a frozen dataclass' seven ``object.__setattr__`` calls
+    cost more than the tuple (immutable all the same).
     """
 
     kind: Kind

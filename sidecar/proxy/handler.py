@@ -84,7 +84,7 @@ class ProxyHandler:
 
     async def handle(self, ex: Exchange) -> None:
         started = time.perf_counter()
-        checked = self._check(ex)
+        checked: tuple[GoproxyRequest, Route] | None = ex.scratch or self._check(ex)
         if checked is None:
             return
         req, route = checked
@@ -96,7 +96,7 @@ class ProxyHandler:
         verified small entry held in memory (most of a warm build's requests).
         False: ``handle`` must answer it."""
         started = time.perf_counter()
-        checked = self._check(ex)
+        checked = ex.scratch = self._check(ex)
         if checked is None:
             return True
         req, route = checked

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from sidecar.server.connection import Connection
@@ -93,6 +93,7 @@ class Exchange:
         "http11",
         "keep_alive",
         "method",
+        "scratch",
         "sent",
         "status",
         "target",
@@ -117,6 +118,9 @@ class Exchange:
         self.sent = False  # headers written: from here only a cut connection can signal failure
         self.finished = False
         self._chunked = False
+        # The handler's own note on this request: what ``answer_now`` worked
+        # out (the parsed path) is not worked out again by the handler.
+        self.scratch: Any = None
 
     def header(self, name: str) -> str | None:
         """The first request header called ``name`` (case-insensitive)."""
