@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
-from sidecar.server.exchange import DATE, Exchange, status_line
+from sidecar.server.exchange import DateHeader, Exchange, status_line
 
 if TYPE_CHECKING:
     from sidecar.server.listener import AnswerNow, Server
@@ -259,7 +259,7 @@ class Connection(asyncio.Protocol):
             b"".join(
                 (
                     status_line(refused.status),
-                    DATE.line(),
+                    self.date.line(),
                     b"Content-Type: text/plain; charset=utf-8\r\n",
                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body),
                     body,
@@ -269,6 +269,10 @@ class Connection(asyncio.Protocol):
         self.close()
 
     # -- writing ------------------------------------------------------------
+    @property
+    def date(self) -> DateHeader:
+        return self._server.date
+
     @property
     def gone(self) -> bool:
         """The client hung up (or we cut it): nothing more can be written."""

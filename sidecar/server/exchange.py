@@ -38,18 +38,17 @@ REASONS: Final = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
-_STATUS_LINES: dict[int, bytes] = {}
+_STATUS_LINES: Final = {
+    status: f"HTTP/1.1 {status} {reason}\r\n".encode("ascii") for status, reason in REASONS.items()
+}
 
 
 def status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
-    if line is None:
-        reason = REASONS.get(status, "Unknown")
-        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")
-    return line
+    return line if line is not None else f"HTTP/1.1 {status} Unknown\r\n".encode("ascii")
 
 
-class _DateHeader:
+class DateHeader:
     """``Date: ...\\r\\n``, formatted once per second rather than per response."""
 
     __slots__ = ("_line", "_second")
@@ -64,9 +63,6 @@ class _DateHeader:
             self._second = now
             self._line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode("ascii")
         return self._line
-
-
-DATE: Final = _DateHeader()
 
 
 def header_block(headers: Mapping[str, str]) -> bytes:
@@ -187,7 +183,7 @@ class Exchange:
             self.keep_alive = False
 
     def _head(self, status: int, block: bytes, length: int | None) -> bytes:
-        parts = [status_line(status), DATE.line(), block]
+        parts = [status_line(status), self._conn.date.line(), block]
         if length is not None:
             parts.append(b"Content-Length: %d\r\n" % length)
         elif self._chunked:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from sidecar.server.connection import Connection
-from sidecar.server.exchange import Exchange
+from sidecar.server.exchange import DateHeader, Exchange
 
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections are closed after this (as aiohttp)
 SWEEP_S: Final = 5.0
@@ -39,6 +39,7 @@ class Server:
         self.answer_now = answer_now
         self.keepalive_s = keepalive_s
         self.connections: set[Connection] = set()
+        self.date = DateHeader()
         self.closing = False
         self._listener: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
