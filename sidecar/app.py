@@ -22,7 +22,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy import make_engine
 from sidecar.policy.base import PolicyEngine
 from sidecar.policy.reloader import PolicyReloader
-from sidecar.proxy.handler import ProxyHandler, send_text
+from sidecar.proxy.handler import METHODS, ProxyHandler, send_text
 from sidecar.proxy.recorder import Recorder
 from sidecar.routing import Router
 from sidecar.server import Exchange, Server
@@ -132,7 +132,7 @@ class SidecarService:
         endpoint = self.endpoints.get(target if cut < 0 else target[:cut])
         if endpoint is None:
             return False
-        if ex.method not in ("GET", "HEAD"):
+        if ex.method not in METHODS:
             send_text(ex, 405, "method not allowed", {"Allow": "GET, HEAD"})
             return True
         status, content_type, body = endpoint()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.breaker.state import Action
+from sidecar.server.exchange import TEXT_PLAIN as TEXT
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 
 Answer = tuple[int, str, bytes]  # status, content type, body
 Endpoint = Callable[[], Answer]
-TEXT = "text/plain; charset=utf-8"
 JSON = "application/json; charset=utf-8"
 
 

@@ -28,11 +28,12 @@ from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, Not
 from sidecar.errors import CacheIntegrityError, RequestError, UpstreamError, UpstreamTimeout
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
-from sidecar.proxy.ranges import UNSATISFIABLE, byte_range
+from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
 from sidecar.proxy.recorder import Recorder
 from sidecar.proxy.stream import deliver, is_small, read_small, relay, send_file
 from sidecar.routing import Route, Router
 from sidecar.server import Exchange
+from sidecar.server.exchange import TEXT_PLAIN
 from sidecar.stats.window import Outcome
 from sidecar.upstreams import Upstream, UpstreamResponse
 
@@ -106,7 +107,8 @@ class ProxyHandler:
         entry = cache.lookup(req, allow_stale=False)
         if entry is None or not entry.verified or entry.body is None:
             return False
-        source, outcome = self._send_hit(ex, req, entry, entry.body, stale=False)
+        part = wanted_range(ex, entry.size)
+        source, outcome = self._send_hit(ex, req, entry, entry.body, False, part)
         self._answered(ex, req, source, outcome, time.perf_counter() - started)
         return True
 
@@ -426,12 +428,10 @@ class ProxyHandler:
         assert cache is not None
         if not entry.verified and not await cache.verify(entry):
             return None
-        body = await cache.small_body(entry)
-        if body is not None:
-            return self._send_hit(ex, req, entry, body, stale)
         part = wanted_range(ex, entry.size)
-        if part == UNSATISFIABLE:
-            return self._send_hit(ex, req, entry, b"", stale)
+        body = await cache.small_body(entry)
+        if body is not None or part == UNSATISFIABLE:  # a 416 needs no bytes
+            return self._send_hit(ex, req, entry, body or b"", stale, part)
         if not cache.acquire(entry):
             return None
         try:
@@ -448,20 +448,24 @@ class ProxyHandler:
         return "cache", outcome
 
     def _send_hit(
-        self, ex: Exchange, req: GoproxyRequest, entry: CachedEntry, body: bytes, stale: bool
+        self,
+        ex: Exchange,
+        req: GoproxyRequest,
+        entry: CachedEntry,
+        body: bytes,
+        stale: bool,
+        part: tuple[int, int] | None,
     ) -> Answer:
+        """A hit from bytes in memory, whole or ``part`` of it (wanted_range)."""
         headers = self._hit_headers(entry, stale)
-        part = wanted_range(ex, entry.size)
         if part is None:
             ex.send(200, headers, body)
-        elif part == UNSATISFIABLE:
-            headers["Content-Range"] = f"bytes */{entry.size}"
-            ex.send(416, headers, b"")
-            return "cache", "unsatisfiable"
         else:
-            first, last = part
-            headers["Content-Range"] = f"bytes {first}-{last}/{entry.size}"
-            ex.send(206, headers, body[first : last + 1])
+            headers["Content-Range"] = content_range(part, entry.size)
+            if part == UNSATISFIABLE:
+                ex.send(416, headers, b"")
+                return "cache", "unsatisfiable"
+            ex.send(206, headers, body[part[0] : part[1] + 1])
         self._count_hit(req, stale)
         return "cache", "stale" if stale else "hit"
 
@@ -522,7 +526,7 @@ def send_text(
     ex: Exchange, status: int, message: str, headers: dict[str, str] | None = None
 ) -> None:
     """A short plain-text body the go command prints after the status."""
-    out = {"Content-Type": "text/plain; charset=utf-8"}
+    out = {"Content-Type": TEXT_PLAIN}
     if headers:
         out.update(headers)
     ex.send(status, out, (message.strip() + "\n").encode())

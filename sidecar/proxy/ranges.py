@@ -13,6 +13,13 @@ from typing import Final
 UNSATISFIABLE: Final = (-1, -1)
 
 
+def content_range(part: tuple[int, int], size: int) -> str:
+    """The ``Content-Range`` value answering ``part`` (206, or 416 if unsatisfiable)."""
+    if part == UNSATISFIABLE:
+        return f"bytes */{size}"
+    return f"bytes {part[0]}-{part[1]}/{size}"
+
+
 def byte_range(
     header: str | None, size: int, if_range: str | None = None
 ) -> tuple[int, int] | None:

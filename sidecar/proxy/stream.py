@@ -15,6 +15,7 @@ from sidecar.cache.base import FillReader
 from sidecar.cache.layout import describe
 from sidecar.errors import CacheIntegrityError, UpstreamError
 from sidecar.proxy.headers import response_headers
+from sidecar.proxy.ranges import content_range
 from sidecar.server import Exchange
 from sidecar.upstreams import UpstreamResponse
 
@@ -113,7 +114,7 @@ async def send_file(
             await ex.sendfile(fobj, 0, size)
         else:
             first, last = part
-            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+            headers["Content-Range"] = content_range(part, size)
             await ex.start(206, headers, last - first + 1)
             await ex.sendfile(fobj, first, last - first + 1)
         await ex.end()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
-from sidecar.server.exchange import DateHeader, Exchange, status_line
+from sidecar.server.exchange import TEXT_PLAIN, DateHeader, Exchange
 
 if TYPE_CHECKING:
     from sidecar.server.listener import AnswerNow, Server
@@ -234,7 +234,7 @@ class Connection(asyncio.Protocol):
             exchange.abort()
             return
         exchange.keep_alive = False
-        exchange.send(500, {"Content-Type": "text/plain; charset=utf-8"}, b"internal error\n")
+        exchange.send(500, {"Content-Type": TEXT_PLAIN}, b"internal error\n")
 
     def _finished(self, exchange: Exchange) -> bool:
         """After a response: True if the connection stays open for the next one."""
@@ -254,18 +254,11 @@ class Connection(asyncio.Protocol):
         return True
 
     def _write_refusal(self, refused: _Refused) -> None:
-        body = (refused.message + "\n").encode()
-        self.write(
-            b"".join(
-                (
-                    status_line(refused.status),
-                    self.date.line(),
-                    b"Content-Type: text/plain; charset=utf-8\r\n",
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body),
-                    body,
-                )
-            )
-        )
+        """The answer to a request that could not be parsed: no method, no target."""
+        if self.gone:
+            return
+        answer = Exchange(self, "", "", [], keep_alive=False, http11=True)
+        answer.send(refused.status, {"Content-Type": TEXT_PLAIN}, (refused.message + "\n").encode())
         self.close()
 
     # -- writing ------------------------------------------------------------
@@ -311,7 +304,7 @@ class Connection(asyncio.Protocol):
             raise ConnectionResetError("the client closed the connection")
         try:
             sent = await self._loop.sendfile(transport, fobj, offset, count, fallback=False)
-        except (NotImplementedError, RuntimeError, AttributeError):
+        except (NotImplementedError, asyncio.SendfileNotAvailableError):
             pass  # uvloop, or a transport without a socket: copy through Python
         except OSError:
             if self.closed:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from sidecar.server.connection import Connection
 
+TEXT_PLAIN: Final = "text/plain; charset=utf-8"
 # Response headers the server owns: framing and connection management.
 _OWN: Final = frozenset({"content-length", "transfer-encoding", "connection", "date"})
 REASONS: Final = {
@@ -149,10 +150,8 @@ class Exchange:
         if self.method == "HEAD" or not data:
             return
         conn = self._conn
-        if self._chunked:
-            conn.write(b"%x\r\n" % len(data))
-            conn.write(data)
-            conn.write(b"\r\n")
+        if self._chunked:  # one write: each transport.write may be a send(2)
+            conn.write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
         else:
             conn.write(data)
         await conn.drain()
