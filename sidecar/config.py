@@ -15,6 +15,13 @@ DEFAULT_LISTEN = "127.0.0.1:3001"
 DEFAULT_PRIMARY_URL = "http://127.0.0.1:3000"
 DEFAULT_BACKUP_URL = "https://proxy.golang.org"
 DEFAULT_POOL_MAX_CONNECTIONS = 64
+# Envoy's max_pending_requests default: enough that a burst of 1,024 clients
+# against the smallest sensible pool queues instead of overflowing.
+DEFAULT_POOL_MAX_PENDING = 1024
+# Longer than the queue a healthy burst builds (1,024 clients on 8 connections
+# to a 3 ms upstream drain in well under a second), short beside the
+# first-byte timeout, so an upstream that cannot keep up overflows soon.
+DEFAULT_POOL_MAX_WAIT_S = 2.0
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_FIRST_BYTE_TIMEOUT_S = 15.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
@@ -57,7 +64,13 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
+    """Admission per upstream (``sidecar.upstreams.admission``): at most
+    ``max_connections`` requests in flight, ``max_pending`` more queued, each
+    for at most ``max_wait`` seconds; past that a request overflows."""
+
     max_connections: int = DEFAULT_POOL_MAX_CONNECTIONS
+    max_pending: int = DEFAULT_POOL_MAX_PENDING
+    max_wait: float = DEFAULT_POOL_MAX_WAIT_S
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,8 @@ from sidecar.config import (
     DEFAULT_POLICY_DECISION,
     DEFAULT_POLICY_INTERVAL_S,
     DEFAULT_POOL_MAX_CONNECTIONS,
+    DEFAULT_POOL_MAX_PENDING,
+    DEFAULT_POOL_MAX_WAIT_S,
     DEFAULT_PRIMARY_URL,
     DEFAULT_REJECT_STATUS,
     DEFAULT_SHUTDOWN_GRACE_S,
@@ -77,7 +79,7 @@ _UPSTREAM_SCHEMA: dict[str, _Node] = {
     "name": "str",
     "url": "str",
     "private_ok": "bool",
-    "pool": {"max_connections": "int"},
+    "pool": {"max_connections": "int", "max_pending": "int", "max_wait": "duration"},
     "timeouts": {"connect": "duration", "first_byte": "duration", "idle": "duration"},
     "auth": {"netrc": "bool", "basic": {"username_env": "str", "password_env": "str"}},
 }
@@ -665,7 +667,9 @@ def _upstream(section: _Section, env: Mapping[str, str]) -> UpstreamConfig:
         name=section.require("name", _name, ""),
         url=section.require("url", _http_url, ""),
         pool=PoolConfig(
-            max_connections=pool.get("max_connections", _integer(1), DEFAULT_POOL_MAX_CONNECTIONS)
+            max_connections=pool.get("max_connections", _integer(1), DEFAULT_POOL_MAX_CONNECTIONS),
+            max_pending=pool.get("max_pending", _integer(0), DEFAULT_POOL_MAX_PENDING),
+            max_wait=pool.get("max_wait", positive, DEFAULT_POOL_MAX_WAIT_S),
         ),
         timeouts=TimeoutsConfig(
             connect=timeouts.get("connect", positive, DEFAULT_CONNECT_TIMEOUT_S),

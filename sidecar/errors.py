@@ -8,12 +8,19 @@
     │   ├── UpstreamConnectError   refused, reset, DNS, TLS, proxy errors
     │   ├── UpstreamStatusError    5xx, 429, 401/407 (a failure status)
     │   └── UpstreamTruncated      body shorter than its Content-Length
+    ├── UpstreamBusy           no connection to that upstream in time (admission
+    │                          overflow): the sidecar's own load, never a failure
     ├── PolicyError
     │   ├── PolicyLoadError        a policy or data file is refused (file, line)
     │   └── PolicyEvalError        evaluation failed or returned garbage
-    └── CacheError
-        ├── CacheIntegrityError    size or SHA-256 mismatch on disk
-        └── CacheWriteError        disk full, permission, I/O error
+    ├── CacheError
+    │   ├── CacheIntegrityError    size or SHA-256 mismatch on disk
+    │   └── CacheWriteError        disk full, permission, I/O error
+    └── SumdbError             the checksum database cannot vouch for module@version
+        ├── SumdbKeyError          a malformed verifier key or GOSUMDB value
+        ├── SumdbUnavailable       a lookup or tile could not be fetched
+        ├── SumdbVerifyError       a hostile answer: bad signature, proof, tile or syntax
+        └── ZipHashError           a module zip that cannot be hashed (not a zip, bad name)
 
 Library exceptions (aiohttp, OSError, regopy) are translated at the boundary
 with ``raise X from exc``; nothing outside this tree crosses module lines.
@@ -80,6 +87,20 @@ class UpstreamTruncated(UpstreamError):
     failure = "truncated"
 
 
+class UpstreamBusy(SidecarError):
+    """The upstream's pool and pending queue were full, or ``pool.max_wait`` ran out.
+
+    Not an UpstreamError on purpose: nothing was asked of the upstream, so
+    nothing may count it as a failure. ``waited`` is the time spent queued.
+    """
+
+    def __init__(self, upstream: str, message: str, waited: float) -> None:
+        self.upstream = upstream
+        self.message = message
+        self.waited = waited
+        super().__init__(f"{upstream}: {message}")
+
+
 class PolicyError(SidecarError):
     """Base of policy loading and evaluation errors."""
 
@@ -109,3 +130,27 @@ class CacheIntegrityError(CacheError):
 
 class CacheWriteError(CacheError):
     """Writing an entry failed (disk full, permissions, I/O)."""
+
+
+class SumdbError(SidecarError):
+    """Base of checksum-database errors: module@version could not be vouched for."""
+
+
+class SumdbKeyError(SumdbError):
+    """A malformed verifier key or GOSUMDB value (the config loader names the key)."""
+
+
+class SumdbUnavailable(SumdbError):
+    """A lookup or tile could not be fetched: the database says nothing either way."""
+
+
+class SumdbVerifyError(SumdbError):
+    """The database's answer does not verify: bad signature, proof, tile or syntax.
+
+    Unlike SumdbUnavailable this is evidence of a hostile or broken database (or of
+    whatever carried its answer), never a reason to trust the module bytes.
+    """
+
+
+class ZipHashError(SumdbError):
+    """A module zip cannot be hashed (not a zip, unreadable member, a name with a newline)."""

@@ -147,6 +147,14 @@ def test_missing_keys_take_their_defaults(tmp_path: Path) -> None:
     assert config.shutdown_grace == 10.0
 
 
+def test_admission_keys(tmp_path: Path) -> None:
+    config = load(
+        tmp_path, MINIMAL + "    pool: {max_connections: 8, max_pending: 0, max_wait: 250ms}\n"
+    )
+    assert config.upstreams[0].pool == PoolConfig(max_pending=1024, max_wait=2.0)
+    assert config.upstreams[1].pool == PoolConfig(max_connections=8, max_pending=0, max_wait=0.25)
+
+
 def test_extra_keys_and_alternatives(tmp_path: Path) -> None:
     config = load(
         tmp_path,
@@ -276,6 +284,16 @@ ERROR_CASES = [
         MINIMAL + "    pool: {max_connections: many}\n",
         "upstreams[1].pool.max_connections",
         "expected an integer >= 1, got 'many'",
+    ),
+    (
+        MINIMAL + "    pool: {max_pending: -1}\n",
+        "upstreams[1].pool.max_pending",
+        "expected an integer >= 0, got -1",
+    ),
+    (
+        MINIMAL + "    pool: {max_wait: 0s}\n",
+        "upstreams[1].pool.max_wait",
+        "must be greater than 0",
     ),
     (MINIMAL + "    pool: 4\n", "upstreams[1].pool", "expected a mapping, got 4"),
     (
