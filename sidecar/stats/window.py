@@ -8,6 +8,12 @@ rate. The window covers the current (partial) slice plus the ``n - 1`` before
 it, so the data a snapshot sees spans between ``window_s - slice_s`` and
 ``window_s`` seconds.
 
+Besides what the upstream does (outcomes, TTFB), a window keeps what the
+sidecar's own admission saw of it: how long requests waited for a pooled
+connection (``record_queue_wait``) and how many could not get one in time
+(``record_overflow``). Queueing is admission, not sickness by itself; the
+policy decides what it means together with the upstream's TTFB.
+
 Time comes from an injectable clock (``time.monotonic`` by default) so tests
 advance a fake clock instead of sleeping. Not thread-safe: use one window from
 one thread (the event loop).
@@ -26,6 +32,7 @@ from sidecar.stats.histogram import Histogram
 Clock = Callable[[], float]
 
 QUANTILES = (0.5, 0.9, 0.99)
+QUEUE_QUANTILES = (0.5, 0.99)
 
 
 class Outcome(enum.Enum):
@@ -46,10 +53,21 @@ _TIMEOUT = Outcome.TIMEOUT
 class _Slice:
     """Counters of one time slice. Mutable and reused: the ring never reallocates."""
 
-    __slots__ = ("errors", "masked", "not_found", "requests", "saturation", "timeouts", "ttfb")
+    __slots__ = (
+        "errors",
+        "masked",
+        "not_found",
+        "overflows",
+        "queue",
+        "requests",
+        "saturation",
+        "timeouts",
+        "ttfb",
+    )
 
     def __init__(self) -> None:
         self.ttfb = Histogram()
+        self.queue = Histogram()
         self.clear()
 
     def clear(self) -> None:
@@ -58,8 +76,10 @@ class _Slice:
         self.not_found = 0
         self.timeouts = 0
         self.masked = 0
+        self.overflows = 0
         self.saturation = 0.0
         self.ttfb.reset()
+        self.queue.reset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +91,9 @@ class SliceSnapshot:
     error_rate: float
     p99_ms: float
     saturation: float
+    queue_wait_p50_ms: float
+    queue_wait_p99_ms: float
+    overflows: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +103,10 @@ class WindowSnapshot:
     ``errors`` counts every failure, timeouts included; ``timeouts`` is the
     subset. ``masked_failures`` are 404s that a later upstream answered with
     200. TTFB quantiles cover OK, NOT_FOUND and ERROR records that carried a
-    TTFB; they are 0.0 when there is none. ``series`` is newest first and only
-    as long as the time elapsed since the window (re)started.
+    TTFB; they are 0.0 when there is none. Queue-wait quantiles cover every
+    wait recorded (0.0 when none); ``overflows`` counts requests that got no
+    connection in time. ``series`` is newest first and only as long as the
+    time elapsed since the window (re)started.
     """
 
     window_s: float
@@ -95,12 +120,16 @@ class WindowSnapshot:
     ttfb_p50_ms: float
     ttfb_p90_ms: float
     ttfb_p99_ms: float
+    queue_wait_p50_ms: float
+    queue_wait_p99_ms: float
+    overflows: int
     series: tuple[SliceSnapshot, ...]
 
     def as_policy_input(self) -> dict[str, Any]:
-        """This upstream's stats in the policy input shape of DESIGN.md.
+        """This upstream's stats in the policy input shape of the README.
 
-        The caller adds ``role``, ``state``, ``state_age_s`` and ``pool``.
+        The caller adds ``role``, ``state``, ``state_age_s`` and ``pool``
+        (whose ``overflows`` and ``queue_wait_ms`` come from ``pool_input``).
         """
         return {
             "window_s": _seconds(self.window_s),
@@ -123,9 +152,24 @@ class WindowSnapshot:
                     "error_rate": _ratio(s.error_rate),
                     "p99_ms": _ms(s.p99_ms),
                     "saturation": _ratio(s.saturation),
+                    "queue_wait_ms": {
+                        "p50": _ms(s.queue_wait_p50_ms),
+                        "p99": _ms(s.queue_wait_p99_ms),
+                    },
+                    "overflows": s.overflows,
                 }
                 for s in self.series
             ],
+        }
+
+    def pool_input(self) -> dict[str, Any]:
+        """The window's share of the policy input's ``pool`` object."""
+        return {
+            "overflows": self.overflows,
+            "queue_wait_ms": {
+                "p50": _ms(self.queue_wait_p50_ms),
+                "p99": _ms(self.queue_wait_p99_ms),
+            },
         }
 
 
@@ -157,6 +201,7 @@ class UpstreamWindow:
         "_n",
         "_next_edge",
         "_origin",
+        "_queue_scratch",
         "_scratch",
         "_slice_s",
         "_slices",
@@ -170,6 +215,7 @@ class UpstreamWindow:
         self._clock = clock
         self._slices = [_Slice() for _ in range(self._n)]
         self._scratch = Histogram()  # reused by snapshot() to merge the slices
+        self._queue_scratch = Histogram()
         self._origin = 0.0
         self._epoch = 0
         self._current = self._slices[0]
@@ -232,6 +278,24 @@ class UpstreamWindow:
             self._advance(now)
         self._current.masked += 1
 
+    def record_queue_wait(self, seconds: float) -> None:
+        """How long one request waited for a pooled connection (0 if it did not).
+
+        Every admitted request records its wait, so the quantiles describe
+        all requests, not only the unlucky ones.
+        """
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        self._current.queue.record(seconds)
+
+    def record_overflow(self) -> None:
+        """One request could not get a connection in time (admission overflow)."""
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        self._current.overflows += 1
+
     def sample_saturation(self, value: float) -> None:
         """Pool saturation sampled by the control loop; a slice keeps its maximum."""
         now = self._clock()
@@ -248,9 +312,11 @@ class UpstreamWindow:
             self._advance(now)
         live = min(self._epoch + 1, self._n)
         newest_first = [self._slices[(self._epoch - age) % self._n] for age in range(live)]
-        requests = errors = not_found = timeouts = masked = 0
+        requests = errors = not_found = timeouts = masked = overflows = 0
         merged = self._scratch
         merged.reset()
+        queued = self._queue_scratch
+        queued.reset()
         series = []
         for age, s in enumerate(newest_first):
             requests += s.requests
@@ -258,7 +324,10 @@ class UpstreamWindow:
             not_found += s.not_found
             timeouts += s.timeouts
             masked += s.masked
+            overflows += s.overflows
             s.ttfb.merge_into(merged)
+            s.queue.merge_into(queued)
+            q50, q99 = s.queue.quantiles(QUEUE_QUANTILES)
             series.append(
                 SliceSnapshot(
                     age_s=age * self._slice_s,
@@ -266,9 +335,13 @@ class UpstreamWindow:
                     error_rate=_rate(s.errors, s.requests),
                     p99_ms=s.ttfb.quantile(0.99),
                     saturation=s.saturation,
+                    queue_wait_p50_ms=q50,
+                    queue_wait_p99_ms=q99,
+                    overflows=s.overflows,
                 )
             )
         p50, p90, p99 = merged.quantiles(QUANTILES)
+        q50, q99 = queued.quantiles(QUEUE_QUANTILES)
         return WindowSnapshot(
             window_s=self._window_s,
             requests=requests,
@@ -281,6 +354,9 @@ class UpstreamWindow:
             ttfb_p50_ms=p50,
             ttfb_p90_ms=p90,
             ttfb_p99_ms=p99,
+            queue_wait_p50_ms=q50,
+            queue_wait_p99_ms=q99,
+            overflows=overflows,
             series=tuple(series),
         )
 

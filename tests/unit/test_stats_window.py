@@ -52,6 +52,9 @@ def test_empty_window(window: UpstreamWindow) -> None:
         ttfb_p50_ms=0.0,
         ttfb_p90_ms=0.0,
         ttfb_p99_ms=0.0,
+        queue_wait_p50_ms=0.0,
+        queue_wait_p99_ms=0.0,
+        overflows=0,
         series=snap.series,
     )
     assert len(snap.series) == 1
@@ -124,6 +127,44 @@ def test_slice_without_saturation_samples_reports_zero(
     window.sample_saturation(0.7)
     clock.advance(SLICE_S)
     assert [s.saturation for s in window.snapshot().series] == [0.0, 0.7]
+
+
+def test_queue_waits_and_overflows_per_slice_and_over_the_window(
+    window: UpstreamWindow, clock: FakeClock
+) -> None:
+    for i in range(1, 101):
+        window.record_queue_wait(i / 1000)  # 1 .. 100 ms
+    window.record_overflow()
+    clock.advance(SLICE_S)
+    for _ in range(10):
+        window.record_queue_wait(0.0)  # admitted at once: a wait of 0 still counts
+    newest, older = window.snapshot().series
+    assert (newest.queue_wait_p50_ms, newest.queue_wait_p99_ms, newest.overflows) == (
+        pytest.approx(0.0005),
+        pytest.approx(0.0005),
+        0,
+    )
+    assert older.queue_wait_p50_ms == pytest.approx(50.0, rel=0.02)
+    assert older.queue_wait_p99_ms == pytest.approx(99.0, rel=0.02)
+    assert older.overflows == 1
+    snap = window.snapshot()
+    assert snap.overflows == 1
+    assert snap.queue_wait_p99_ms == pytest.approx(98.0, rel=0.03)  # 110 samples, rank 109
+    assert snap.requests == 0  # admission is not an upstream request
+    assert snap.series[0].requests == 0
+
+
+def test_queue_figures_expire_and_reset(window: UpstreamWindow, clock: FakeClock) -> None:
+    window.record_queue_wait(0.5)
+    window.record_overflow()
+    clock.advance(WINDOW_S)
+    snap = window.snapshot()
+    assert (snap.queue_wait_p99_ms, snap.overflows) == (0.0, 0)
+    window.record_queue_wait(0.5)
+    window.record_overflow()
+    window.reset()
+    snap = window.snapshot()
+    assert (snap.queue_wait_p99_ms, snap.overflows, snap.series[0].overflows) == (0.0, 0, 0)
 
 
 def test_series_is_newest_first_with_slice_ages(window: UpstreamWindow, clock: FakeClock) -> None:
@@ -230,12 +271,15 @@ def test_memory_is_constant(window: UpstreamWindow, clock: FakeClock) -> None:
         if i % 1000 == 0:
             window.record_masked()
             window.sample_saturation((i % 100) / 100)
+            window.record_queue_wait((i % 13) * 1e-3)
+            window.record_overflow()
             clock.advance(0.7)
     window.snapshot()
     assert len(window._slices) == window.slice_count == 12
     assert all(a is b for a, b in zip(window._slices, slices_before, strict=True))
     assert all(s.ttfb.bucket_count == BUCKETS for s in window._slices)
-    assert window._scratch.bucket_count == BUCKETS
+    assert all(s.queue.bucket_count == BUCKETS for s in window._slices)
+    assert window._scratch.bucket_count == window._queue_scratch.bucket_count == BUCKETS
 
 
 def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeClock) -> None:
@@ -243,9 +287,12 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
         window.record(Outcome.OK, 0.0121234)
         window.record(Outcome.ERROR if i == 0 else Outcome.NOT_FOUND, 0.0403)
     window.sample_saturation(0.312345)
+    window.record_queue_wait(0.2501234)
+    window.record_overflow()
     clock.advance(SLICE_S)
     window.record(Outcome.TIMEOUT, None)
-    doc = window.snapshot().as_policy_input()
+    snap = window.snapshot()
+    doc = snap.as_policy_input()
     assert set(doc) == {
         "window_s",
         "requests",
@@ -266,16 +313,23 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
     assert doc["ttfb_ms"]["p50"] == pytest.approx(12.1, rel=0.02)
     assert doc["ttfb_ms"]["p99"] == round(doc["ttfb_ms"]["p99"], 2)
     newest, older = doc["series"]
-    assert set(newest) == {"age_s", "requests", "error_rate", "p99_ms", "saturation"}
     assert newest == {
         "age_s": 0,
         "requests": 1,
         "error_rate": 1.0,
         "p99_ms": 0.0,
         "saturation": 0.0,
+        "queue_wait_ms": {"p50": 0.0, "p99": 0.0},
+        "overflows": 0,
     }
     assert older["age_s"] == 10 and older["saturation"] == 0.3123
+    assert older["overflows"] == 1
+    assert older["queue_wait_ms"]["p99"] == pytest.approx(250.1, rel=0.02)
+    assert older["queue_wait_ms"]["p99"] == round(older["queue_wait_ms"]["p99"], 2)
     assert json.loads(json.dumps(doc)) == doc
+    pool = snap.pool_input()
+    assert pool["overflows"] == 1
+    assert pool["queue_wait_ms"] == older["queue_wait_ms"]
 
 
 def test_fractional_slices(clock: FakeClock) -> None:
