@@ -7,6 +7,7 @@ Contenders:
   sidecar          goproxy-sidecar, cache enabled
   sidecar-nocache  goproxy-sidecar with ``cache: {enabled: false}``: a pure proxy,
                    the fair match for plain nginx on uncached zips
+  sidecar-aiohttp  the sidecar with GOPROXY_SIDECAR_UPSTREAM_CLIENT=aiohttp
 
 "Ratio to nginx" compares with ``ref_nginx``: plain nginx for uncached cases,
 nginx-cache for cache hits.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from bench.tree import ZIP1M, ZIP50M, info_body, static_info_path
 
 WRK, RATE, PARALLEL = "wrk", "rate", "parallel"
-CONTENDERS = ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache")
+CONTENDERS = ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache", "sidecar-aiohttp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class Case:
     count: int = 0  # PARALLEL: concurrent downloads
     rate: float = 0.0  # RATE: requests per second
     fresh_per_rep: bool = False  # restart servers each repetition (clean VmHWM, cold cache)
+    rtt_ms: float = 0.0  # added upstream round-trip time (toxiproxy latency toxic)
 
     @property
     def unique(self) -> bool:
@@ -48,9 +50,22 @@ CASES: tuple[Case, ...] = (
     Case(
         "small-uncached",
         WRK,
-        ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache"),
+        ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache", "sidecar-aiohttp"),
         INFO_SIZE,
         "unique .info URL per request (never cached), 64 connections",
+    ),
+    *(
+        Case(
+            f"miss-rtt{rtt}",
+            WRK,
+            ("nginx-cache", "sidecar", "sidecar-aiohttp"),
+            INFO_SIZE,
+            f"unique .info URL per request, cache on (each one a miss, filled and kept); "
+            f"upstream {rtt} ms away (toxiproxy), 64 connections",
+            ref_nginx="nginx-cache",
+            rtt_ms=float(rtt),
+        )
+        for rtt in (2, 20)
     ),
     Case(
         "small-hit",

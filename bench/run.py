@@ -43,8 +43,10 @@ from bench.procs import (  # noqa: E402
 )
 from bench.sampler import UsageMeter  # noqa: E402
 from bench.servers import (  # noqa: E402
+    CLIENT_ENV,
     MALLOC_ENV,
     Server,
+    Toxiproxy,
     nginx_binary,
     start_nginx_proxy,
     start_sidecar,
@@ -77,6 +79,8 @@ class Bench:
         self._seq = 0
         self._token = os.urandom(3).hex()
         self.upstream: Server | None = None
+        self.toxiproxy: Toxiproxy | None = None
+        self.delayed: dict[float, Server] = {}
         self.scripts = {u: write_script(work, u) for u in (False, True)}
 
     def nonce(self) -> str:
@@ -91,25 +95,36 @@ class Bench:
             self.procs, self.work, self.work / "tree", self.upstream_core
         )
 
-    def start(self, name: str) -> Server:
+    def upstream_of(self, case: Case) -> Server:
+        """The upstream nginx, behind toxiproxy when the case adds a round-trip time."""
         assert self.upstream is not None
+        if not case.rtt_ms:
+            return self.upstream
+        if case.rtt_ms not in self.delayed:
+            if self.toxiproxy is None:
+                self.toxiproxy = Toxiproxy(self.procs, self.upstream_core)
+            self.delayed[case.rtt_ms] = self.toxiproxy.delayed(self.upstream, case.rtt_ms)
+        return self.delayed[case.rtt_ms]
+
+    def start(self, name: str, upstream: Server) -> Server:
         self._seq += 1
         label = f"{name}-{self._seq}"
         if name == "direct":
-            return Server("direct", self.upstream.url, self.upstream.proc)
+            return Server("direct", upstream.url, upstream.proc)
         if name in ("nginx", "nginx-cache"):
             s = start_nginx_proxy(
-                self.procs, self.work, label, self.upstream, name == "nginx-cache", PROXY_CORE
+                self.procs, self.work, label, upstream, name == "nginx-cache", PROXY_CORE
             )
-        elif name in ("sidecar", "sidecar-nocache"):
+        elif name in ("sidecar", "sidecar-nocache", "sidecar-aiohttp"):
             s = start_sidecar(
                 self.procs,
                 self.work,
                 label,
-                self.upstream,
-                name == "sidecar",
+                upstream,
+                name != "sidecar-nocache",
                 PROXY_CORE,
                 self.malloc_env,
+                extra_env={CLIENT_ENV: "aiohttp" if name == "sidecar-aiohttp" else "http1"},
             )
         else:
             raise BenchError(f"unknown contender {name}")
@@ -362,7 +377,7 @@ class Bench:
 
     def try_start(self, case: Case, name: str) -> Server | None:
         try:
-            return self.start(name)
+            return self.start(name, self.upstream_of(case))
         except BenchError as exc:
             first = str(exc)
             self.problems.append(f"{case.name}/{name}: failed to start: {first}")

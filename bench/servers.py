@@ -7,9 +7,11 @@ pid, logs and temp files inside it, listening on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from bench.tree import UNIQUE_PREFIX, ZIPS, info_body
 
 REPO = Path(__file__).resolve().parent.parent
 HEALTH_PATH = "/bench-health"
+CLIENT_ENV = "GOPROXY_SIDECAR_UPSTREAM_CLIENT"  # http1 (default) or aiohttp
 
 # PERF-NOTES: glibc heap trimming is the large-body bottleneck; these made zip
 # throughput roughly double. The sidecar is always started with them.
@@ -168,6 +171,66 @@ def start_upstream(procs: Procs, work: Path, tree: Path, core: int) -> Server:
     return Server("upstream", f"http://127.0.0.1:{port}", proc)
 
 
+def toxiproxy_binary() -> str:
+    """toxiproxy-server from scripts/tools.sh's folder, else PATH."""
+    folder = os.environ.get("SIDECAR_TOOLS_DIR") or str(
+        Path.home() / ".cache" / "goproxy-sidecar" / "bin"
+    )
+    candidate = Path(folder) / "toxiproxy-server"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("toxiproxy-server")
+    if not found:
+        raise BenchError("toxiproxy-server not found: run scripts/tools.sh toxiproxy-server")
+    return found
+
+
+class Toxiproxy:
+    """toxiproxy-server (v2.5) on loopback: upstreams with an added round-trip time."""
+
+    def __init__(self, procs: Procs, core: int) -> None:
+        port = free_port()
+        self.api = f"http://127.0.0.1:{port}"
+        argv = [toxiproxy_binary(), "-host", "127.0.0.1", "-port", str(port)]
+        self.proc = procs.start("toxiproxy", argv, core)
+        wait_http(self.proc, f"{self.api}/version")
+
+    def _post(self, path: str, body: dict[str, object]) -> None:
+        req = urllib.request.Request(
+            self.api + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
+    def delayed(self, upstream: Server, rtt_ms: float) -> Server:
+        """A proxy to ``upstream`` whose answers arrive ``rtt_ms`` late: one latency
+        toxic on the downstream stream (each answer's first bytes are held that
+        long; requests are not), so a request/answer round trip gains ``rtt_ms``."""
+        port = free_port()
+        name = f"rtt{rtt_ms:g}ms-{port}"
+        target = upstream.url.removeprefix("http://")
+        self._post(
+            "/proxies",
+            {"name": name, "listen": f"127.0.0.1:{port}", "upstream": target, "enabled": True},
+        )
+        self._post(
+            f"/proxies/{name}/toxics",
+            {
+                "name": "rtt",
+                "type": "latency",
+                "stream": "downstream",
+                "toxicity": 1.0,
+                "attributes": {"latency": int(rtt_ms), "jitter": 0},
+            },
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_http(self.proc, url + HEALTH_PATH)
+        return Server(f"upstream+{rtt_ms:g}ms", url, self.proc, notes={"rtt_ms": f"{rtt_ms:g}"})
+
+
 def start_nginx_proxy(
     procs: Procs, work: Path, name: str, upstream: Server, cache: bool, core: int
 ) -> Server:
@@ -227,6 +290,7 @@ def start_sidecar(
     core: int,
     malloc_env: bool = True,
     max_bytes: str = "20GiB",
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
     port = free_port()
     home = work / name
@@ -241,8 +305,10 @@ def start_sidecar(
         env.pop(key, None)
     if malloc_env:
         env.update(MALLOC_ENV)
+    env.pop(CLIENT_ENV, None)
+    env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    used = MALLOC_ENV if malloc_env else {}
+    used = {**(MALLOC_ENV if malloc_env else {}), **(extra_env or {})}
     proc = procs.start(name, sidecar_argv(config), core, env=env, cwd=str(home), env_note=used)
     wait_http(proc, f"http://127.0.0.1:{port}/healthz", timeout_s=60)
     notes = {
