@@ -1,0 +1,211 @@
+"""What the checksum database vouches for: verified ``h1:`` hashes of module@version.
+
+A ``lookup/<module>@<version>`` answer is the record id, the record text (the
+go.sum lines ``<module> <version> h1:...`` and ``<module> <version>/go.mod
+h1:...``), a blank line, then the signed tree head. :class:`SumdbVerifier`
+trusts the record only after, like the go command's sumdb client:
+
+1. the tree head's note is signed by the configured key;
+2. the tree is consistent with the largest tree this verifier accepted before
+   (the smaller one's hash is rebuilt from the larger one's tiles), so a
+   database cannot show different histories to different lookups;
+3. the record is in that tree: its audit path, read from tiles that were
+   themselves checked against the signed tree hash, leads to the root.
+
+Records and tiles come from ``fetch(path)`` for ``sumdb/<name>/...`` paths; the
+caller routes them (its upstreams' sumdb path, or a configured URL) and caches
+them. ``fetch`` raises SumdbUnavailable (any other SidecarError is taken as
+that) when it gets no answer; every wrong answer raises SumdbVerifyError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+from sidecar.errors import SidecarError, SumdbError, SumdbUnavailable, SumdbVerifyError
+from sidecar.goproxy import escape_path, escape_version
+from sidecar.sumdb.note import Verifier, open_note
+from sidecar.sumdb.tile import DEFAULT_TILE_HEIGHT, Tile, TileHashReader
+from sidecar.sumdb.tlog import (
+    HASH_SIZE,
+    Tree,
+    check_record,
+    parse_record,
+    parse_tree,
+    prove_record,
+    record_hash,
+    tree_hash,
+)
+
+Fetch = Callable[[str], Awaitable[bytes]]
+
+# Verified answers kept per verifier: a record never changes once in the log, and a
+# module's .mod and .zip are usually asked for together.
+MEMO_SIZE: Final = 4096
+# Rounds of "check against the newest tree, install it" while other lookups race ahead.
+MAX_MERGE_ROUNDS: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class LookupAnswer:
+    record_id: int
+    text: bytes  # the record: go.sum lines, each ending in a newline
+    note: bytes  # the signed tree head
+
+
+def parse_lookup(data: bytes) -> LookupAnswer:
+    """Split a lookup answer; raises SumdbVerifyError when it is malformed."""
+    record_id, text, note = parse_record(data)
+    return LookupAnswer(record_id, text, note)
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleHashes:
+    """The database's hashes for module@version; None where it has no ``h1:`` line
+    (the go command then accepts whatever it downloaded)."""
+
+    module: str
+    version: str
+    zip: str | None
+    gomod: str | None
+    record_id: int
+    tree: Tree
+
+
+def hashes_from_record(text: bytes, module: str, version: str) -> tuple[str | None, str | None]:
+    """(zip h1, go.mod h1) from a record's lines: the first ``h1:`` line of each, as
+    the go command's checkSumDB takes it."""
+    prefix = f"{module} {version}"
+    lines = text.decode("utf-8").splitlines()
+    if not any(line.startswith((prefix + " ", prefix + "/go.mod ")) for line in lines):
+        raise SumdbVerifyError(f"the record for {module}@{version} has no line for it")
+    return _first_h1(lines, prefix + " "), _first_h1(lines, prefix + "/go.mod ")
+
+
+def _first_h1(lines: list[str], prefix: str) -> str | None:
+    for line in lines:
+        if line.startswith(prefix + "h1:"):
+            return line[len(prefix) :]
+    return None
+
+
+class SumdbVerifier:
+    """Verified lookups against one checksum database (name and key of ``verifier``)."""
+
+    def __init__(
+        self, verifier: Verifier, fetch: Fetch, tile_height: int = DEFAULT_TILE_HEIGHT
+    ) -> None:
+        self._verifier = verifier
+        self._fetch = fetch
+        self._height = tile_height
+        self._latest: Tree | None = None
+        self._memo: OrderedDict[tuple[str, str], ModuleHashes] = OrderedDict()
+        self._inflight: dict[tuple[str, str], asyncio.Future[ModuleHashes]] = {}
+
+    @property
+    def name(self) -> str:
+        return self._verifier.name
+
+    @property
+    def latest(self) -> Tree | None:
+        """The largest tree head accepted so far."""
+        return self._latest
+
+    async def lookup(self, module: str, version: str) -> ModuleHashes:
+        """The verified hashes of module@version (one lookup shared by concurrent callers)."""
+        key = (module, version)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        if key not in self._inflight:
+            task = asyncio.ensure_future(self._lookup(module, version))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._settle(key, done))
+        # shield: one caller giving up does not cancel the others' lookup.
+        hashes = await asyncio.shield(self._inflight[key])
+        self._memo[key] = hashes
+        if len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
+        return hashes
+
+    def _settle(self, key: tuple[str, str], done: asyncio.Future[ModuleHashes]) -> None:
+        self._inflight.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have left before it ended
+
+    async def _lookup(self, module: str, version: str) -> ModuleHashes:
+        path = f"lookup/{escape_path(module)}@{escape_version(version)}"
+        answer = parse_lookup(await self._get(path))
+        note = open_note(answer.note, self._verifier)
+        tree = parse_tree(note.text)
+        if not 0 <= answer.record_id < tree.n:
+            raise SumdbVerifyError(f"record {answer.record_id} is not in tree {tree.n}")
+        zip_h1, gomod_h1 = hashes_from_record(answer.text, module, version)
+        await self._accept_tree(tree)
+        reader = self._reader(tree)
+        proof = await prove_record(tree.n, answer.record_id, reader)
+        check_record(proof, tree.n, tree.hash, answer.record_id, record_hash(answer.text))
+        return ModuleHashes(module, version, zip_h1, gomod_h1, answer.record_id, tree)
+
+    async def _accept_tree(self, tree: Tree) -> None:
+        """Check ``tree`` against the latest accepted one; keep the larger."""
+        for _ in range(MAX_MERGE_ROUNDS):
+            latest = self._latest
+            if latest is None:
+                self._latest = tree
+                return
+            if tree.n <= latest.n:
+                await self._check_prefix(tree, latest)
+                return
+            await self._check_prefix(latest, tree)
+            if self._latest is latest:  # no other lookup moved it while we awaited
+                self._latest = tree
+                return
+        raise SumdbUnavailable(f"{self.name}: the tree head kept moving; try again")
+
+    async def _check_prefix(self, older: Tree, newer: Tree) -> None:
+        if older.n == newer.n:
+            same = older.hash == newer.hash
+        else:
+            same = await tree_hash(older.n, self._reader(newer)) == older.hash
+        if not same:
+            raise SumdbVerifyError(
+                f"{self.name} forked: tree {older.n} ({older.hash.hex()}) is not the "
+                f"prefix of tree {newer.n} ({newer.hash.hex()})"
+            )
+
+    def _reader(self, tree: Tree) -> TileHashReader:
+        return TileHashReader(tree, self._height, self._read_tiles)
+
+    async def _read_tiles(self, tiles: list[Tile]) -> list[bytes]:
+        results = await asyncio.gather(*(self._read_tile(t) for t in tiles), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if isinstance(r, bytes)]
+
+    async def _read_tile(self, tile: Tile) -> bytes:
+        """The tile; a partial one that is gone is cut from its full tile (as Go's client)."""
+        try:
+            return await self._get(tile.path)
+        except SumdbUnavailable:
+            if tile.full:
+                raise
+            full = Tile(tile.h, tile.l, tile.n, 1 << tile.h)
+            data = await self._get(full.path)
+            if len(data) != full.w * HASH_SIZE:
+                raise SumdbVerifyError(f"tile {full.path}: {len(data)} bytes") from None
+            return data[: tile.w * HASH_SIZE]
+
+    async def _get(self, path: str) -> bytes:
+        full_path = f"sumdb/{self.name}/{path}"
+        try:
+            return await self._fetch(full_path)
+        except SumdbError:
+            raise
+        except SidecarError as exc:
+            raise SumdbUnavailable(f"{full_path}: {exc}") from exc

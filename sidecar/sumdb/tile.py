@@ -1,0 +1,202 @@
+"""Tiles of the transparency log and reading authenticated hashes from them.
+
+A tile of height H at level L, number N, lists W consecutive stored hashes of
+tree level H·L starting at N·2^H: the leaves of a subtree of height H, from
+which the levels above are recomputed. Its path is ``tile/H/L/NNN[.p/W]``,
+N written in groups of three digits (``x001/x234/067``); ``.p/W`` marks a
+partial tile (W < 2^H) at the right edge of the tree. Level ``data`` holds the
+record texts instead of hashes. sum.golang.org serves tiles of height 8.
+
+:class:`TileHashReader` is tlog.TileHashReader as of golang.org/x/mod v0.43.0:
+it fetches the tiles that rebuild the signed tree hash and the tiles holding
+the wanted hashes, checks the first against the tree head and every other
+against its parent tile, and only then returns hashes. (Older x/mod releases
+skipped some of those parent checks.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from sidecar.errors import SumdbVerifyError
+from sidecar.sumdb.tlog import (
+    HASH_SIZE,
+    Tree,
+    is_valid_record_text,
+    node_hash,
+    split_stored_hash_index,
+    stored_hash_index,
+    subtree_indexes,
+)
+
+DEFAULT_TILE_HEIGHT: Final = 8
+DATA_LEVEL: Final = -1
+PATH_BASE: Final = 1000
+MAX_LEVELS: Final = 64  # a tile level is < 64 (int64 record numbers)
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    h: int  # height: 2^h hashes in a full tile
+    l: int  # level of tiles; DATA_LEVEL for record data  # noqa: E741 - tlog's name
+    n: int  # number within the level
+    w: int  # width: hashes in this tile, 2^h when full
+
+    @property
+    def full(self) -> bool:
+        return self.w == 1 << self.h
+
+    @property
+    def path(self) -> str:
+        """``tile/H/L/NNN[.p/W]`` (Tile.Path)."""
+        n = self.n
+        digits = f"{n % PATH_BASE:03d}"
+        while n >= PATH_BASE:
+            n //= PATH_BASE
+            digits = f"x{n % PATH_BASE:03d}/{digits}"
+        level = "data" if self.l == DATA_LEVEL else str(self.l)
+        partial = "" if self.full else f".p/{self.w}"
+        return f"tile/{self.h}/{level}/{digits}{partial}"
+
+
+def tile_for_index(h: int, index: int) -> tuple[Tile, int, int]:
+    """The narrowest tile of height h holding stored hash ``index``, and the byte range
+    of the tile data whose subtree hash is that stored hash."""
+    level, n = split_stored_hash_index(index)
+    tile_level = level // h
+    level -= tile_level * h  # level within the tile
+    tile_n = (n << level) >> h
+    n -= (tile_n << h) >> level  # n within the tile, at that level
+    tile = Tile(h, tile_level, tile_n, (n + 1) << level)
+    return tile, (n << level) * HASH_SIZE, ((n + 1) << level) * HASH_SIZE
+
+
+def tile_hash(data: bytes) -> bytes:
+    """The subtree hash over 2^k hashes laid end to end."""
+    if len(data) == HASH_SIZE:
+        return data
+    half = len(data) // 2
+    return node_hash(tile_hash(data[:half]), tile_hash(data[half:]))
+
+
+def hash_from_tile(tile: Tile, data: bytes, index: int) -> bytes:
+    """Stored hash ``index`` from ``tile``'s data (HashFromTile)."""
+    if not (1 <= tile.h <= 30 and 0 <= tile.l < MAX_LEVELS and 1 <= tile.w <= 1 << tile.h):
+        raise SumdbVerifyError(f"invalid tile {tile.path}")
+    if len(data) < tile.w * HASH_SIZE:
+        raise SumdbVerifyError(f"tile {tile.path}: {len(data)} bytes is too short")
+    needed, start, end = tile_for_index(tile.h, index)
+    if (tile.l, tile.n) != (needed.l, needed.n) or tile.w < needed.w:
+        raise SumdbVerifyError(f"index {index} is in {needed.path}, not {tile.path}")
+    return tile_hash(data[start:end])
+
+
+def tile_parent(tile: Tile, k: int, n: int) -> Tile | None:
+    """``tile``'s k-th parent among the tiles of a tree of n records (None: past the edge)."""
+    level = tile.l + k
+    number = tile.n >> (k * tile.h)
+    hashes_at_level = n >> (level * tile.h)
+    start = number << tile.h
+    if start >= hashes_at_level:
+        return None
+    return Tile(tile.h, level, number, min(1 << tile.h, hashes_at_level - start))
+
+
+def parse_data_tile(data: bytes, width: int) -> list[bytes]:
+    """The ``width`` record texts of a data tile (records without their id line)."""
+    records = []
+    for _ in range(width):
+        end = data.find(b"\n\n")
+        if end < 0:
+            raise SumdbVerifyError(f"data tile has fewer than {width} records")
+        text, data = data[: end + 1], data[end + 2 :]
+        if not is_valid_record_text(text):
+            raise SumdbVerifyError("data tile holds a malformed record")
+        records.append(text)
+    if data:
+        raise SumdbVerifyError(f"data tile has more than {width} records")
+    return records
+
+
+ReadTiles = Callable[[list[Tile]], Awaitable[list[bytes]]]
+
+
+class TileHashReader:
+    """Reads stored hashes of ``tree`` from tiles, each one authenticated first."""
+
+    def __init__(self, tree: Tree, height: int, read_tiles: ReadTiles) -> None:
+        self._tree = tree
+        self._height = height
+        self._read_tiles = read_tiles
+
+    async def read_hashes(self, indexes: Sequence[int]) -> list[bytes]:
+        if self._tree.n == 0:
+            raise SumdbVerifyError("the empty tree stores no hashes")
+        tiles: list[Tile] = []
+        order: dict[Tile, int] = {}  # order[tiles[i]] == i
+        stx = subtree_indexes(0, self._tree.n)
+        stx_order = [self._plan(self._edge_tile(x), tiles, order) for x in stx]
+        stx_tiles = len(tiles)
+        index_order = [self._plan_index(x, tiles, order) for x in indexes]
+
+        data = await self._read_tiles(tiles)
+        if len(data) != len(tiles):
+            raise SumdbVerifyError(f"read {len(data)} tiles, wanted {len(tiles)}")
+        for tile, tile_data in zip(tiles, data, strict=True):
+            if len(tile_data) != tile.w * HASH_SIZE:
+                raise SumdbVerifyError(f"tile {tile.path}: {len(tile_data)} bytes")
+
+        self._check_tree_hash(stx, [tiles[j] for j in stx_order], [data[j] for j in stx_order])
+        # Parents come before children in `tiles`, so each check uses a checked parent.
+        for i in range(stx_tiles, len(tiles)):
+            parent = tile_parent(tiles[i], 1, self._tree.n)
+            assert parent is not None, "a full tile below the edge has a parent"
+            j = order[parent]
+            expected = hash_from_tile(
+                parent, data[j], stored_hash_index(parent.l * parent.h, tiles[i].n)
+            )
+            if tile_hash(data[i]) != expected:
+                raise SumdbVerifyError(f"downloaded inconsistent tile {tiles[i].path}")
+        return [
+            hash_from_tile(tiles[j], data[j], x) for j, x in zip(index_order, indexes, strict=True)
+        ]
+
+    def _edge_tile(self, index: int) -> Tile:
+        tile = tile_parent(tile_for_index(self._height, index)[0], 0, self._tree.n)
+        assert tile is not None, "a subtree of the tree lies in one of its tiles"
+        return tile
+
+    @staticmethod
+    def _plan(tile: Tile, tiles: list[Tile], order: dict[Tile, int]) -> int:
+        if tile not in order:
+            order[tile] = len(tiles)
+            tiles.append(tile)
+        return order[tile]
+
+    def _plan_index(self, index: int, tiles: list[Tile], order: dict[Tile, int]) -> int:
+        """Plan the tile holding ``index`` and its parents up to one already planned."""
+        if not 0 <= index < stored_hash_index(0, self._tree.n):
+            raise SumdbVerifyError(f"stored hash {index} is not in tree {self._tree.n}")
+        tile = tile_for_index(self._height, index)[0]
+        chain: list[Tile] = []
+        for k in range(MAX_LEVELS):
+            parent = tile_parent(tile, k, self._tree.n)
+            if parent is None:
+                break
+            if parent in order:
+                for child in reversed(chain):  # walk back down: parents before children
+                    if not child.full:
+                        raise SumdbVerifyError(f"tile {child.path} has a parent but is partial")
+                    self._plan(child, tiles, order)
+                return order[chain[0] if chain else parent]
+            chain.append(parent)
+        raise SumdbVerifyError(f"no tile of tree {self._tree.n} leads to stored hash {index}")
+
+    def _check_tree_hash(self, stx: list[int], tiles: list[Tile], data: list[bytes]) -> None:
+        th = hash_from_tile(tiles[-1], data[-1], stx[-1])
+        for i in range(len(stx) - 2, -1, -1):
+            th = node_hash(hash_from_tile(tiles[i], data[i], stx[i]), th)
+        if th != self._tree.hash:
+            raise SumdbVerifyError(f"downloaded inconsistent tile: tree {self._tree.n} hash")
