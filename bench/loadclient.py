@@ -25,17 +25,17 @@ READ_CHUNK = 256 * 1024
 WARMUP_S = 0.5
 
 
-def _percentile(sorted_ms: list[float], q: float) -> float:
+def percentile(sorted_ms: list[float], q: float) -> float:
     if not sorted_ms:
         return 0.0
     i = min(len(sorted_ms) - 1, max(0, round(q / 100 * (len(sorted_ms) - 1))))
     return round(sorted_ms[i], 3)
 
 
-def _summary(latencies_ms: list[float]) -> dict[str, float]:
+def summary(latencies_ms: list[float]) -> dict[str, float]:
     s = sorted(latencies_ms)
     return {
-        f"p{k}_ms": _percentile(s, q)
+        f"p{k}_ms": percentile(s, q)
         for k, q in (("50", 50), ("90", 90), ("99", 99), ("999", 99.9))
     } | {"max_ms": round(s[-1], 3) if s else 0.0}
 
@@ -93,8 +93,8 @@ async def rate_mode(
         "elapsed_s": round(elapsed, 3),
         "achieved_rps": round(len(latency) / elapsed, 1),
         "rate": rate,
-        "latency": _summary(latency),
-        "service": _summary(service),
+        "latency": summary(latency),
+        "service": summary(service),
     }
 
 

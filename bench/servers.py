@@ -55,7 +55,7 @@ def nginx_binary() -> str:
     return path
 
 
-def _nginx_main(prefix: Path, http_body: str) -> str:
+def nginx_main(prefix: Path, http_body: str) -> str:
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the 0700 temp dir
     return f"""{user}daemon off;
 master_process on;
@@ -108,7 +108,7 @@ def upstream_conf(prefix: Path, port: int, tree: Path) -> str:
         location ~ [.]mod$ {{ default_type "text/plain; charset=utf-8"; }}
         location ~ /list$ {{ default_type "text/plain; charset=utf-8"; }}
     }}"""
-    return _nginx_main(prefix, body)
+    return nginx_main(prefix, body)
 
 
 def proxy_conf(prefix: Path, port: int, upstream_port: int, cache: bool) -> str:
@@ -141,7 +141,7 @@ def proxy_conf(prefix: Path, port: int, upstream_port: int, cache: bool) -> str:
         {PROXY_BUFFERS}{cache_loc}
         }}
     }}"""
-    return _nginx_main(prefix, body)
+    return nginx_main(prefix, body)
 
 
 def start_nginx(
@@ -281,6 +281,40 @@ def sidecar_argv(config: Path) -> list[str]:
     ]
 
 
+def launch_sidecar(
+    procs: Procs,
+    home: Path,
+    name: str,
+    config_text: str,
+    port: int,
+    core: int,
+    malloc_env: bool = True,
+    extra_env: dict[str, str] | None = None,
+    source: Path = REPO,
+) -> tuple[Proc, dict[str, str]]:
+    """Start ``python -m sidecar run`` on ``home/sidecar.yaml`` (written from
+    ``config_text``) and wait for /healthz; returns the process and the
+    environment variables it was given on purpose. ``source``: the folder
+    whose ``sidecar`` package runs (this checkout, or an exported revision)."""
+    config = home / "sidecar.yaml"
+    config.write_text(config_text)
+    env = dict(os.environ)
+    # A SIDECAR_* variable in the caller's shell would silently change the config.
+    for key in [k for k in env if k.startswith("SIDECAR_")]:
+        del env[key]
+    for key in MALLOC_ENV:
+        env.pop(key, None)
+    if malloc_env:
+        env.update(MALLOC_ENV)
+    env.pop(CLIENT_ENV, None)
+    env.update(extra_env or {})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
+    used = {**(MALLOC_ENV if malloc_env else {}), **(extra_env or {})}
+    proc = procs.start(name, sidecar_argv(config), core, env=env, cwd=str(home), env_note=used)
+    wait_http(proc, f"http://127.0.0.1:{port}/healthz", timeout_s=60)
+    return proc, used
+
+
 def start_sidecar(
     procs: Procs,
     work: Path,
@@ -295,22 +329,8 @@ def start_sidecar(
     port = free_port()
     home = work / name
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "sidecar.yaml"
-    config.write_text(sidecar_conf(port, upstream, home / "cache", cache, max_bytes))
-    env = dict(os.environ)
-    # A SIDECAR_* variable in the caller's shell would silently change the config.
-    for key in [k for k in env if k.startswith("SIDECAR_")]:
-        del env[key]
-    for key in MALLOC_ENV:
-        env.pop(key, None)
-    if malloc_env:
-        env.update(MALLOC_ENV)
-    env.pop(CLIENT_ENV, None)
-    env.update(extra_env or {})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    used = {**(MALLOC_ENV if malloc_env else {}), **(extra_env or {})}
-    proc = procs.start(name, sidecar_argv(config), core, env=env, cwd=str(home), env_note=used)
-    wait_http(proc, f"http://127.0.0.1:{port}/healthz", timeout_s=60)
+    conf = sidecar_conf(port, upstream, home / "cache", cache, max_bytes)
+    proc, used = launch_sidecar(procs, home, name, conf, port, core, malloc_env, extra_env)
     notes = {
         "cache": f"enabled ({max_bytes})" if cache else "disabled (cache.enabled: false)",
         "pool": "max_connections 256",
