@@ -9,8 +9,8 @@ trusts the record only after, like the go command's sumdb client:
 2. the tree is consistent with the largest tree this verifier accepted before
    (the smaller one's hash is rebuilt from the larger one's tiles), so a
    database cannot show different histories to different lookups;
-3. the record is in that tree: its audit path, read from tiles that were
-   themselves checked against the signed tree hash, leads to the root.
+3. the record is in the larger of the two: its audit path, read from tiles
+   that were themselves checked against the signed tree hash, leads to the root.
 
 Records and tiles come from ``fetch(path)`` for ``sumdb/<name>/...`` paths; the
 caller routes them (its upstreams' sumdb path, or a configured URL) and caches
@@ -46,6 +46,10 @@ Fetch = Callable[[str], Awaitable[bytes]]
 # Verified answers kept per verifier: a record never changes once in the log, and a
 # module's .mod and .zip are usually asked for together.
 MEMO_SIZE: Final = 4096
+# Authenticated tiles kept per verifier (8 KiB each at height 8). A tile's content
+# never changes, partial ones included (the log only grows), and the upper levels
+# serve every lookup.
+TILE_MEMO_SIZE: Final = 256
 # Rounds of "check against the newest tree, install it" while other lookups race ahead.
 MAX_MERGE_ROUNDS: Final = 8
 
@@ -73,7 +77,7 @@ class ModuleHashes:
     zip: str | None
     gomod: str | None
     record_id: int
-    tree: Tree
+    tree: Tree  # the tree the record was proven in
 
 
 def hashes_from_record(text: bytes, module: str, version: str) -> tuple[str | None, str | None]:
@@ -105,6 +109,7 @@ class SumdbVerifier:
         self._latest: Tree | None = None
         self._memo: OrderedDict[tuple[str, str], ModuleHashes] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Future[ModuleHashes]] = {}
+        self._tiles: OrderedDict[Tile, bytes] = OrderedDict()
 
     @property
     def name(self) -> str:
@@ -145,26 +150,32 @@ class SumdbVerifier:
         if not 0 <= answer.record_id < tree.n:
             raise SumdbVerifyError(f"record {answer.record_id} is not in tree {tree.n}")
         zip_h1, gomod_h1 = hashes_from_record(answer.text, module, version)
-        await self._accept_tree(tree)
-        reader = self._reader(tree)
-        proof = await prove_record(tree.n, answer.record_id, reader)
-        check_record(proof, tree.n, tree.hash, answer.record_id, record_hash(answer.text))
-        return ModuleHashes(module, version, zip_h1, gomod_h1, answer.record_id, tree)
+        # Prove the record in the largest accepted tree, as the go command does: its
+        # tiles serve every lookup, and an old tree's edge tiles may be gone.
+        latest = await self._accept_tree(tree)
+        proof = await prove_record(latest.n, answer.record_id, self._reader(latest))
+        check_record(proof, latest.n, latest.hash, answer.record_id, record_hash(answer.text))
+        return ModuleHashes(module, version, zip_h1, gomod_h1, answer.record_id, latest)
 
-    async def _accept_tree(self, tree: Tree) -> None:
-        """Check ``tree`` against the latest accepted one; keep the larger."""
+    async def merge_latest(self, signed_note: bytes) -> Tree:
+        """Accept a signed tree head (``sumdb/<name>/latest``, or one kept from an
+        earlier run) after checking it like a lookup's; returns the latest tree."""
+        return await self._accept_tree(parse_tree(open_note(signed_note, self._verifier).text))
+
+    async def _accept_tree(self, tree: Tree) -> Tree:
+        """Check ``tree`` against the latest accepted one; keep and return the larger."""
         for _ in range(MAX_MERGE_ROUNDS):
             latest = self._latest
             if latest is None:
                 self._latest = tree
-                return
+                return tree
             if tree.n <= latest.n:
                 await self._check_prefix(tree, latest)
-                return
+                return latest
             await self._check_prefix(latest, tree)
             if self._latest is latest:  # no other lookup moved it while we awaited
                 self._latest = tree
-                return
+                return tree
         raise SumdbUnavailable(f"{self.name}: the tree head kept moving; try again")
 
     async def _check_prefix(self, older: Tree, newer: Tree) -> None:
@@ -179,7 +190,14 @@ class SumdbVerifier:
             )
 
     def _reader(self, tree: Tree) -> TileHashReader:
-        return TileHashReader(tree, self._height, self._read_tiles)
+        return TileHashReader(tree, self._height, self._read_tiles, self._save_tiles)
+
+    def _save_tiles(self, tiles: list[Tile], data: list[bytes]) -> None:
+        for tile, tile_data in zip(tiles, data, strict=True):
+            self._tiles[tile] = tile_data
+            self._tiles.move_to_end(tile)
+        while len(self._tiles) > TILE_MEMO_SIZE:
+            self._tiles.popitem(last=False)
 
     async def _read_tiles(self, tiles: list[Tile]) -> list[bytes]:
         results = await asyncio.gather(*(self._read_tile(t) for t in tiles), return_exceptions=True)
@@ -190,12 +208,15 @@ class SumdbVerifier:
 
     async def _read_tile(self, tile: Tile) -> bytes:
         """The tile; a partial one that is gone is cut from its full tile (as Go's client)."""
+        full = Tile(tile.h, tile.l, tile.n, 1 << tile.h)
+        for known in (tile, full):
+            if known in self._tiles:
+                return self._tiles[known][: tile.w * HASH_SIZE]
         try:
             return await self._get(tile.path)
         except SumdbUnavailable:
             if tile.full:
                 raise
-            full = Tile(tile.h, tile.l, tile.n, 1 << tile.h)
             data = await self._get(full.path)
             if len(data) != full.w * HASH_SIZE:
                 raise SumdbVerifyError(f"tile {full.path}: {len(data)} bytes") from None

@@ -121,15 +121,27 @@ def parse_data_tile(data: bytes, width: int) -> list[bytes]:
 
 
 ReadTiles = Callable[[list[Tile]], Awaitable[list[bytes]]]
+SaveTiles = Callable[[list[Tile], list[bytes]], None]
+
+
+def _save_nothing(tiles: list[Tile], data: list[bytes]) -> None:
+    pass
 
 
 class TileHashReader:
-    """Reads stored hashes of ``tree`` from tiles, each one authenticated first."""
+    """Reads stored hashes of ``tree`` from tiles, each one authenticated first.
 
-    def __init__(self, tree: Tree, height: int, read_tiles: ReadTiles) -> None:
+    ``save_tiles`` receives every tile after it was authenticated (TileReader.SaveTiles):
+    the only point where keeping a tile is safe.
+    """
+
+    def __init__(
+        self, tree: Tree, height: int, read_tiles: ReadTiles, save_tiles: SaveTiles = _save_nothing
+    ) -> None:
         self._tree = tree
         self._height = height
         self._read_tiles = read_tiles
+        self._save_tiles = save_tiles
 
     async def read_hashes(self, indexes: Sequence[int]) -> list[bytes]:
         if self._tree.n == 0:
@@ -159,6 +171,7 @@ class TileHashReader:
             )
             if tile_hash(data[i]) != expected:
                 raise SumdbVerifyError(f"downloaded inconsistent tile {tiles[i].path}")
+        self._save_tiles(tiles, data)
         return [
             hash_from_tile(tiles[j], data[j], x) for j, x in zip(index_order, indexes, strict=True)
         ]

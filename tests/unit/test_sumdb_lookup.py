@@ -1,0 +1,162 @@
+"""sidecar.sumdb.lookup on real answers of sum.golang.org, checked with its published key.
+
+tests/sumdb/data/sum.golang.org holds what the go command fetched (through the
+Go module proxy) to verify rsc.io/quote v1.5.2 and rsc.io/sampler v1.3.0: the
+two lookup answers (signed tree heads of 51,929,436 and 66,327,379 records),
+the tiles it read, and the signed tree head it kept (72,097,574 records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import SumdbUnavailable, SumdbVerifyError, UpstreamStatusError
+from sidecar.sumdb.gosumdb import SUM_GOLANG_ORG_KEY, parse_gosumdb
+from sidecar.sumdb.lookup import SumdbVerifier, hashes_from_record, parse_lookup
+from sidecar.sumdb.note import parse_verifier_key
+from tests.unit.test_sumdb_note import generated_key
+
+DATA = Path(__file__).resolve().parents[1] / "sumdb" / "data" / "sum.golang.org"
+QUOTE = ("rsc.io/quote", "v1.5.2")
+QUOTE_H1 = "h1:w5fcysjrx7yqtD/aO+QwRjYZOKnaM9Uh2b40tElTs3Y="
+QUOTE_GOMOD_H1 = "h1:LzX7hefJvL54yjefDEDHNONDjII0t9xZLPXsUe+TKr0="
+SAMPLER = ("rsc.io/sampler", "v1.3.0")
+SAMPLER_H1 = "h1:7uVkIFmeBqHfdjD+gZwtXXI+RODJ2Wc4O7MPEh/QiW4="
+LATEST_N = 72097574
+
+
+class Files:
+    """fetch() over the stored answers; ``changes`` rewrites one path's answer.
+
+    Like a tlog server, it answers a partial tile of any width up to one it has
+    (a narrower partial tile is a prefix of a wider one: the log only grows).
+    """
+
+    def __init__(self, changes: dict[str, bytes] | None = None) -> None:
+        self.changes = changes or {}
+        self.paths: list[str] = []
+
+    async def fetch(self, path: str) -> bytes:
+        self.paths.append(path)
+        rel = path.removeprefix("sumdb/sum.golang.org/")
+        if rel in self.changes:
+            return self.changes[rel]
+        file = DATA / rel
+        if file.is_file():
+            return file.read_bytes()
+        base, partial, width = rel.partition(".p/")
+        if partial:
+            for wider in sorted((DATA / base).parent.glob(Path(base).name + ".p/*")):
+                if int(wider.name) > int(width):
+                    return wider.read_bytes()[: int(width) * 32]
+        raise SumdbUnavailable(f"{path}: 404")
+
+
+def sum_golang_org(files: Files) -> SumdbVerifier:
+    gosumdb = parse_gosumdb("")
+    assert gosumdb is not None
+    return SumdbVerifier(gosumdb.verifier, files.fetch)
+
+
+async def test_real_records_verify() -> None:
+    files = Files()
+    verifier = sum_golang_org(files)
+    assert (await verifier.merge_latest((DATA / "latest").read_bytes())).n == LATEST_N
+    quote = await verifier.lookup(*QUOTE)
+    assert (quote.zip, quote.gomod, quote.record_id) == (QUOTE_H1, QUOTE_GOMOD_H1, 942)
+    sampler = await verifier.lookup(*SAMPLER)
+    assert (sampler.zip, sampler.record_id) == (SAMPLER_H1, 469)
+    # Both proven in the newest tree, and each old tree head checked as its prefix.
+    assert quote.tree.n == sampler.tree.n == LATEST_N
+    assert files.paths[1] == "sumdb/sum.golang.org/tile/8/3/000.p/4"
+    # Verified tiles are kept: the upper levels are fetched once for both lookups.
+    assert len(files.paths) == len(set(files.paths))
+
+
+async def test_old_tree_alone_is_enough() -> None:
+    """Without a newer head the record is proven in its own tree; the tiles of that
+    tree's edge are partial tiles since completed, cut from the full ones."""
+    files = Files()
+    sampler = await sum_golang_org(files).lookup(*SAMPLER)
+    assert (sampler.tree.n, sampler.zip) == (66327379, SAMPLER_H1)
+
+
+async def test_every_tile_read_is_checked() -> None:
+    files = Files()
+    verifier = sum_golang_org(files)
+    await verifier.merge_latest((DATA / "latest").read_bytes())
+    await verifier.lookup(*QUOTE)
+    tiles = [p.removeprefix("sumdb/sum.golang.org/") for p in files.paths if "/tile/" in p]
+    assert len(tiles) >= 8
+    for tile in tiles:
+        data = bytearray((DATA / tile).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        tampered = sum_golang_org(Files({tile: bytes(data)}))
+        await tampered.merge_latest((DATA / "latest").read_bytes())
+        with pytest.raises(SumdbVerifyError):
+            await tampered.lookup(*QUOTE)
+
+
+async def test_a_changed_record_line_is_refused() -> None:
+    answer = (DATA / "lookup/rsc.io/quote@v1.5.2").read_bytes()
+    forged = answer.replace(QUOTE_H1.encode(), SAMPLER_H1.encode())
+    assert forged != answer
+    with pytest.raises(SumdbVerifyError, match="proof"):
+        await sum_golang_org(Files({"lookup/rsc.io/quote@v1.5.2": forged})).lookup(*QUOTE)
+
+
+async def test_a_changed_tree_head_is_refused() -> None:
+    answer = (DATA / "lookup/rsc.io/quote@v1.5.2").read_bytes()
+    forged = answer.replace(b"\n51929436\n", b"\n51929437\n")
+    with pytest.raises(SumdbVerifyError, match="invalid signature"):
+        await sum_golang_org(Files({"lookup/rsc.io/quote@v1.5.2": forged})).lookup(*QUOTE)
+
+
+async def test_another_key_of_the_same_name_is_refused() -> None:
+    _, vkey = generated_key("sum.golang.org")
+    verifier = SumdbVerifier(parse_verifier_key(vkey), Files().fetch)
+    with pytest.raises(SumdbVerifyError, match=r"no signature by sum\.golang\.org"):
+        await verifier.lookup(*QUOTE)
+
+
+async def test_a_missing_answer_is_unavailable_not_wrong() -> None:
+    with pytest.raises(SumdbUnavailable):
+        await sum_golang_org(Files()).lookup("rsc.io/quote", "v1.5.1")
+
+    async def failing(path: str) -> bytes:
+        raise UpstreamStatusError("up0", "503", 503)
+
+    verifier = SumdbVerifier(parse_verifier_key(SUM_GOLANG_ORG_KEY), failing)
+    with pytest.raises(SumdbUnavailable, match="503"):
+        await verifier.lookup(*QUOTE)
+
+
+async def test_concurrent_lookups_share_one_fetch_and_answers_are_kept() -> None:
+    files = Files()
+    verifier = sum_golang_org(files)
+    results = await asyncio.gather(*(verifier.lookup(*QUOTE) for _ in range(5)))
+    assert {r.zip for r in results} == {QUOTE_H1}
+    await verifier.lookup(*QUOTE)
+    assert files.paths.count("sumdb/sum.golang.org/lookup/rsc.io/quote@v1.5.2") == 1
+
+
+def test_parse_lookup_and_record_lines() -> None:
+    answer = parse_lookup((DATA / "lookup/rsc.io/quote@v1.5.2").read_bytes())
+    assert answer.record_id == 942
+    assert answer.note.startswith(b"go.sum database tree\n51929436\n")
+    assert hashes_from_record(answer.text, *QUOTE) == (QUOTE_H1, QUOTE_GOMOD_H1)
+    with pytest.raises(SumdbVerifyError):
+        parse_lookup(b"942\nrsc.io/quote v1.5.2 h1:x=\n")  # no blank line, no note
+
+
+def test_record_lines_as_the_go_command_reads_them() -> None:
+    text = b"m v1.0.0 h2:future=\nm v1.0.0 h1:first=\nm v1.0.0 h1:second=\n"
+    assert hashes_from_record(text, "m", "v1.0.0") == ("h1:first=", None)
+    assert hashes_from_record(b"m v1.0.0 h2:future=\n", "m", "v1.0.0") == (None, None)
+    with pytest.raises(SumdbVerifyError):
+        hashes_from_record(b"other v1.0.0 h1:x=\n", "m", "v1.0.0")
+    with pytest.raises(SumdbVerifyError):  # v1.0.0 is not v1.0.0-rc
+        hashes_from_record(b"m v1.0.0-rc h1:x=\n", "m", "v1.0.0")
