@@ -152,7 +152,7 @@ func signerKey(name, given string) (skey, vkey string) {
 	}
 	// A Signer does not give its public key: derive it from the seed (NewSigner checked
 	// the form: PRIVATE+KEY+<name>+<hash>+<alg byte and 32-byte seed>).
-	fields := strings.Split(given, "+")
+	fields := strings.SplitN(given, "+", 5) // base64 may hold "+" too
 	seed, _ := base64.StdEncoding.DecodeString(fields[4])
 	public := ed25519.NewKeyFromSeed(seed[1:]).Public().(ed25519.PublicKey)
 	vkey, err = note.NewEd25519VerifierKey(signer.Name(), public)
