@@ -15,7 +15,8 @@ trusts the record only after, like the go command's sumdb client:
 Records and tiles come from ``fetch(path)`` for ``sumdb/<name>/...`` paths; the
 caller routes them (its upstreams' sumdb path, or a configured URL) and caches
 them. ``fetch`` raises SumdbUnavailable (any other SidecarError is taken as
-that) when it gets no answer; every wrong answer raises SumdbVerifyError.
+that) when it gets no answer; every wrong answer raises SumdbVerifyError. An
+invalid module path or version raises RequestError (404) before any fetch.
 """
 
 from __future__ import annotations

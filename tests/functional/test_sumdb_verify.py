@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -106,9 +106,9 @@ class Remote:
 
 
 @pytest.fixture
-async def session() -> Iterator[aiohttp.ClientSession]:
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s  # type: ignore[misc]
+        yield s
 
 
 def verifier_for(db: GoSumdb, fetch: Fetch, height: int = 8) -> SumdbVerifier:

@@ -37,7 +37,9 @@ STOP_TIMEOUT_S = 10.0
 def go_env(**extra: str) -> dict[str, str]:
     """The environment for the go command: the local toolchain, no user go env file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GO")}
-    env.update(GOTOOLCHAIN="local", GOENV="off", GOFLAGS="-mod=readonly", CGO_ENABLED="0")
+    env.update(
+        GOTOOLCHAIN="local", GOENV="off", GOFLAGS="-mod=readonly -buildvcs=false", CGO_ENABLED="0"
+    )
     for name in ("GOPROXY", "GOCACHE", "GOMODCACHE", "GOPATH"):
         if name in os.environ:
             env[name] = os.environ[name]

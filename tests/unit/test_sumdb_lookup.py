@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import SumdbUnavailable, SumdbVerifyError, UpstreamStatusError
+from sidecar.errors import RequestError, SumdbUnavailable, SumdbVerifyError, UpstreamStatusError
 from sidecar.sumdb.gosumdb import SUM_GOLANG_ORG_KEY, parse_gosumdb
 from sidecar.sumdb.lookup import SumdbVerifier, hashes_from_record, parse_lookup
 from sidecar.sumdb.note import parse_verifier_key
@@ -29,11 +29,7 @@ LATEST_N = 72097574
 
 
 class Files:
-    """fetch() over the stored answers; ``changes`` rewrites one path's answer.
-
-    Like a tlog server, it answers a partial tile of any width up to one it has
-    (a narrower partial tile is a prefix of a wider one: the log only grows).
-    """
+    """fetch() over the stored answers; ``changes`` rewrites one path's answer."""
 
     def __init__(self, changes: dict[str, bytes] | None = None) -> None:
         self.changes = changes or {}
@@ -45,14 +41,9 @@ class Files:
         if rel in self.changes:
             return self.changes[rel]
         file = DATA / rel
-        if file.is_file():
-            return file.read_bytes()
-        base, partial, width = rel.partition(".p/")
-        if partial:
-            for wider in sorted((DATA / base).parent.glob(Path(base).name + ".p/*")):
-                if int(wider.name) > int(width):
-                    return wider.read_bytes()[: int(width) * 32]
-        raise SumdbUnavailable(f"{path}: 404")
+        if not file.is_file():
+            raise SumdbUnavailable(f"{path}: 404")
+        return file.read_bytes()
 
 
 def sum_golang_org(files: Files) -> SumdbVerifier:
@@ -77,11 +68,24 @@ async def test_real_records_verify() -> None:
 
 
 async def test_old_tree_alone_is_enough() -> None:
-    """Without a newer head the record is proven in its own tree; the tiles of that
-    tree's edge are partial tiles since completed, cut from the full ones."""
+    """Without a newer head the record is proven in its own tree. Most tiles at that
+    tree's edge have been completed since: their partial forms are gone (404) and
+    are cut from the full tiles, as the go command does. (tile/8/3/000.p/3 is the
+    first 3 hashes of the stored 000.p/4, as the database serves it.)"""
     files = Files()
     sampler = await sum_golang_org(files).lookup(*SAMPLER)
     assert (sampler.tree.n, sampler.zip) == (66327379, SAMPLER_H1)
+    prefix = "sumdb/sum.golang.org/tile/8/0/x259/091"
+    assert files.paths.index(f"{prefix}.p/83") < files.paths.index(prefix)
+
+
+async def test_bad_input_fetches_nothing() -> None:
+    files = Files()
+    with pytest.raises(RequestError):
+        await sum_golang_org(files).lookup("../etc/passwd", "v1.0.0")
+    with pytest.raises(RequestError):
+        await sum_golang_org(files).lookup("rsc.io/quote", "v1.5.2/../x")
+    assert files.paths == []
 
 
 async def test_every_tile_read_is_checked() -> None:
