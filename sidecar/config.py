@@ -27,6 +27,7 @@ DEFAULT_FIRST_BYTE_TIMEOUT_S = 15.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 DEFAULT_CACHE_MAX_BYTES = 10 * 1024**3
 DEFAULT_MUTABLE_TTL_S = 60.0
+DEFAULT_CACHE_SCRUB_RATE = 8 * 1024**2  # bytes/s: ~1 % of a core hashing, a trickle of disk reads
 DEFAULT_POLICY_DECISION = "sidecar/breaker/decisions"
 DEFAULT_OPA_URL = "http://127.0.0.1:8181"
 DEFAULT_POLICY_INTERVAL_S = 1.0
@@ -96,6 +97,7 @@ class CacheConfig:
     max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     mutable_ttl: float = DEFAULT_MUTABLE_TTL_S
     enabled: bool = True
+    scrub_rate: int = DEFAULT_CACHE_SCRUB_RATE  # bytes/s the background scrub may read; 0: off
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import yaml
 from sidecar.config import (
     DEFAULT_BACKUP_URL,
     DEFAULT_CACHE_MAX_BYTES,
+    DEFAULT_CACHE_SCRUB_RATE,
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_FIRST_BYTE_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -93,7 +94,13 @@ _SCHEMA: dict[str, _Node] = {
     "listen": "str",
     "shutdown_grace": "duration",
     "upstreams": [_UPSTREAM_SCHEMA],
-    "cache": {"dir": "str", "max_bytes": "size", "mutable_ttl": "duration", "enabled": "bool"},
+    "cache": {
+        "dir": "str",
+        "max_bytes": "size",
+        "mutable_ttl": "duration",
+        "enabled": "bool",
+        "scrub_rate": "size",
+    },
     "policy": {
         "engine": "str",
         "paths": "list",
@@ -529,6 +536,19 @@ def _size(value: object) -> int:
     return size
 
 
+def _rate(value: object) -> int:
+    """Bytes per second: a size, optionally written with ``/s`` (``8MiB/s``); 0 allowed."""
+    text = value.removesuffix("/s") if isinstance(value, str) else value
+    try:
+        if not isinstance(text, str | int):
+            raise ValueError(text)
+        return parse_size(text)
+    except ValueError:
+        raise _Invalid(
+            f"expected a rate like '8MiB/s' (or 0 to turn it off), got {_show(value)}"
+        ) from None
+
+
 def _choice(kind: type[_E]) -> Callable[[object], _E]:
     def convert(value: object) -> _E:
         for member in kind:
@@ -711,6 +731,7 @@ def _cache(section: _Section, env: Mapping[str, str]) -> CacheConfig:
         max_bytes=section.get("max_bytes", _size, DEFAULT_CACHE_MAX_BYTES),
         mutable_ttl=section.get("mutable_ttl", _duration(positive=False), DEFAULT_MUTABLE_TTL_S),
         enabled=section.get("enabled", _boolean, True),
+        scrub_rate=section.get("scrub_rate", _rate, DEFAULT_CACHE_SCRUB_RATE),
     )
 
 

@@ -224,6 +224,30 @@ class Metrics:
             "match; they are evicted and fetched again.",
             registry=r,
         )
+        self.cache_scrub_bytes = Counter(
+            f"{p}_cache_scrub_bytes",
+            "Bytes of cached entries read again and hashed by the background scrub "
+            "(at most cache.scrub_rate per second); flat while the scrub is off or idle "
+            "between passes.",
+            registry=r,
+        )
+        self.cache_scrub_entries = Counter(
+            f"{p}_cache_scrub_entries",
+            "Cached entries the background scrub hashed again, by result: ok, or corrupt "
+            "(bytes no longer match the SHA-256 recorded at write time: bit rot, a file "
+            "edited on disk; evicted, logged, fetched again on the next request).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_scrub_last_pass = Gauge(
+            f"{p}_cache_scrub_last_pass_timestamp_seconds",
+            "Unix time the background scrub last finished a pass over every cached entry "
+            "(0: none yet). A pass takes about cache bytes / cache.scrub_rate and starts "
+            "at most once an hour; older than a few hours means the scrub is off or stuck.",
+            registry=r,
+        )
+        for result in ("ok", "corrupt"):
+            self.cache_scrub_entries.labels(result)
         self.cache_write_errors = Counter(
             f"{p}_cache_write_errors",
             "Failed cache writes (disk full, I/O); the request is proxied without caching.",

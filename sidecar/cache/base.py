@@ -7,7 +7,7 @@ index, the fills and the single-flight table live behind it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from multidict import CIMultiDict
 
@@ -32,7 +32,8 @@ class ModuleCache(Protocol):
         """Seconds since the entry was stored (the ``Age`` header)."""
 
     async def verify(self, entry: CachedEntry) -> bool:
-        """SHA-256 checked once per process life; a mismatch is evicted and False."""
+        """SHA-256 checked on the first serve in this process (and after its file
+        changed); a mismatch is evicted and False."""
 
     async def small_body(self, entry: CachedEntry) -> bytes | None:
         """A small verified entry's bytes from memory (read once), or None: use the file."""
@@ -41,6 +42,10 @@ class ModuleCache(Protocol):
         """Hold the entry's file while it is served; False if it was evicted meanwhile."""
 
     def release(self, entry: CachedEntry) -> None: ...
+
+    async def open_blob(self, entry: CachedEntry) -> BinaryIO | None:
+        """The held entry's file, open and checked (one ``fstat``) against what was
+        hashed; None if it changed and no longer matches (evicted). The caller closes it."""
 
     def discard(self, entry: CachedEntry, reason: str) -> None:
         """The entry's file is not what was recorded: evict and count it."""

@@ -24,6 +24,13 @@ fetched again, never served. Two fsyncs per entry cost most of a cache miss
 (measured: ~1.7k misses/s with them on this machine's disk), and a cache can
 afford to lose entries, not to serve wrong bytes.
 
+A record also holds its blob's ``Identity`` (size, mtime_ns, inode, device)
+as it was when its bytes were last hashed. Every hit compares it with one
+``fstat`` of the descriptor it then sends from: a file replaced, rewritten
+or touched since is hashed again before a byte of it is served. A same-size
+write that also restores the mtime keeps the identity; the background scrub
+(``sidecar.cache.scrub``) is what finds those.
+
 Every function here does blocking I/O and runs in a worker thread.
 """
 
@@ -39,10 +46,10 @@ import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass, field, replace
+from typing import BinaryIO, Final, NamedTuple
 
-from sidecar.errors import CacheError, CacheWriteError
+from sidecar.errors import CacheError, CacheIntegrityError, CacheWriteError
 
 LAYOUT: Final = "v1"
 FORMAT: Final = 1
@@ -63,6 +70,34 @@ _KEY_CHARS: Final = re.compile(r"[\x21-\x7e]+")
 _TEMP: Final = re.compile(r"(\d+)-[0-9a-f]{32}\.(part|meta)")
 
 
+class Identity(NamedTuple):
+    """What ``fstat`` says about a blob: any write, replacement or ``touch``
+    changes at least one of these (a write that restores the mtime aside)."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    @classmethod
+    def parse(cls, raw: object) -> Identity | None:
+        """From a record's JSON (a list of four integers; absent or null in
+        records written before identities existed: None). CacheError if malformed."""
+        if raw is None:
+            return None
+        if (
+            not isinstance(raw, list)
+            or len(raw) != len(cls._fields)
+            or not all(type(v) is int and v >= 0 for v in raw)
+        ):
+            raise CacheError("malformed identity")
+        return cls(*raw)
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """What ``index/<key>`` holds about one entry."""
@@ -77,6 +112,10 @@ class Record:
     verified: float  # unix time its SHA-256 was last checked against the bytes
     immutable: bool
     upstream: str
+    # The blob's identity when its bytes last matched sha256. None for a pack
+    # row (no file) and in records of earlier versions: such an entry is
+    # hashed on its first serve, and its identity recorded then.
+    identity: Identity | None = None
 
     def to_json(self) -> bytes:
         # Not dataclasses.asdict: its deep copy was a third of a pack commit.
@@ -88,8 +127,9 @@ class Record:
         """Parse a record; raises CacheError for anything malformed."""
         try:
             raw = json.loads(data)
-            record = cls(**{name: raw[name] for name in cls.__slots__})
-        except (ValueError, KeyError, TypeError) as exc:
+            fields = {name: raw[name] for name in _REQUIRED}
+            record = cls(**fields, identity=Identity.parse(raw.get("identity")))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CacheError(f"unreadable record: {exc}") from exc
         if raw.get("format") != FORMAT or not record.valid():
             raise CacheError("malformed record")
@@ -111,7 +151,11 @@ class Record:
             and isinstance(self.immutable, bool)
             and isinstance(self.stored, int | float)
             and isinstance(self.verified, int | float)
+            and (self.identity is None or isinstance(self.identity, Identity))
         )
+
+
+_REQUIRED: Final = tuple(name for name in Record.__slots__ if name != "identity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,8 +310,9 @@ def write_all(fd: int, chunks: list[bytes], hasher: hashlib._Hash) -> None:
         hasher.update(chunk)
 
 
-def commit(layout: Layout, fd: int, temp: str, record: Record) -> None:
-    """Make a complete body and its record visible, in the order readers tolerate.
+def commit(layout: Layout, fd: int, temp: str, record: Record) -> Record:
+    """Make a complete body and its record visible, in the order readers tolerate;
+    returns the record as written: with the blob's identity.
 
     The record is written last and is the commit point. Raises CacheWriteError
     (the temp file is then left to the caller).
@@ -276,6 +321,9 @@ def commit(layout: Layout, fd: int, temp: str, record: Record) -> None:
     target = layout.record_path(record.key)
     try:
         os.utime(fd, (record.stored, record.stored))
+        # After the utime (it sets the mtime) and before the rename (which
+        # changes neither inode nor mtime): what every later hit must find.
+        record = replace(record, identity=Identity.of(os.fstat(fd)))
         _place(layout, temp, blob, target)
     except OSError as exc:
         raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc
@@ -290,12 +338,13 @@ def commit(layout: Layout, fd: int, temp: str, record: Record) -> None:
         with contextlib.suppress(OSError):
             os.unlink(blob)
         raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc
+    return record
 
 
-def commit_bytes(layout: Layout, data: bytes, record: Record) -> None:
+def commit_bytes(layout: Layout, data: bytes, record: Record) -> Record:
     """``open_temp`` + ``write_all`` + ``commit`` for a body already in memory,
-    in one call (one worker-thread hop for a small miss). Leaves nothing behind
-    on failure; raises CacheWriteError."""
+    in one call (one worker-thread hop for a small miss); returns the record
+    as written. Leaves nothing behind on failure; raises CacheWriteError."""
     try:
         fd, temp = open_temp(layout, record.blob)
     except OSError as exc:
@@ -307,7 +356,7 @@ def commit_bytes(layout: Layout, data: bytes, record: Record) -> None:
                 view = view[os.write(fd, view) :]
         except OSError as exc:
             raise CacheWriteError(f"{record.key}: {describe(exc)}") from exc
-        commit(layout, fd, temp, record)
+        return commit(layout, fd, temp, record)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -402,15 +451,72 @@ def blob_size(layout: Layout, blob: str) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def hash_file(path: str) -> tuple[int, str]:
-    """(size, SHA-256 hex) of a file, read in 1 MiB chunks (hashlib releases the GIL)."""
+class Hashed(NamedTuple):
+    """A file's bytes as read: their size and SHA-256, and the identity they had."""
+
+    size: int
+    sha256: str
+    identity: Identity
+
+    def problem(self, record: Record) -> str | None:
+        """Why these bytes are not ``record``'s, or None if they are."""
+        return mismatch(record, self.size, self.sha256)
+
+
+def mismatch(record: Record, size: int, sha256: str) -> str | None:
+    """Why bytes of this size and digest are not ``record``'s, or None if they are."""
+    if size == record.size and sha256 == record.sha256:
+        return None
+    return f"size {size} (recorded {record.size}), sha256 {sha256[:12]}…"
+
+
+def hash_fd(fd: int) -> Hashed:
+    """Hash an open file from its first byte, in 1 MiB chunks (hashlib releases
+    the GIL); ``pread`` leaves the descriptor's offset alone. CacheIntegrityError
+    if the file changed while it was read: the digest then describes no version of it."""
+    before = Identity.of(os.fstat(fd))
     hasher = hashlib.sha256()
     size = 0
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(HASH_CHUNK):
-            size += len(chunk)
-            hasher.update(chunk)
-    return size, hasher.hexdigest()
+    while chunk := os.pread(fd, HASH_CHUNK, size):
+        size += len(chunk)
+        hasher.update(chunk)
+    if Identity.of(os.fstat(fd)) != before:
+        raise CacheIntegrityError("changed while it was being hashed")
+    return Hashed(size, hasher.hexdigest(), before)
+
+
+def hash_file(path: str) -> Hashed:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def open_blob(path: str) -> tuple[BinaryIO, Identity]:
+    """Open a blob to send it, with the identity of that very descriptor (one
+    ``fstat``). The caller compares it with the identity the bytes were last
+    hashed with and sends from this file, so nothing can be swapped in between
+    check and send. Raises OSError."""
+    f = open(path, "rb")  # noqa: SIM115 - returned open, the sender closes it
+    try:
+        return f, Identity.of(os.fstat(f.fileno()))
+    except BaseException:
+        f.close()
+        raise
+
+
+def read_small(path: str, record: Record) -> tuple[bytes, Identity]:
+    """A small blob's bytes, hashed (a few µs for 4 KiB) before they are kept in
+    memory, and its identity. Raises OSError, or CacheIntegrityError when they
+    are not the record's."""
+    with open(path, "rb") as f:
+        identity = Identity.of(os.fstat(f.fileno()))
+        data = f.read(record.size + 1)  # bounded: a grown file is not read whole
+    problem = Hashed(len(data), hashlib.sha256(data).hexdigest(), identity).problem(record)
+    if problem is not None:
+        raise CacheIntegrityError(problem)
+    return data, identity
 
 
 # ---------------------------------------------------------------- removing

@@ -29,6 +29,7 @@ from sidecar.cache.layout import (
     rewrite_record,
 )
 from sidecar.cache.pack import Pack
+from sidecar.errors import CacheIntegrityError
 from sidecar.goproxy import escape_path, escape_version, parse_request_path
 
 FILE_KINDS = ("info", "mod", "zip")
@@ -185,14 +186,20 @@ def _check(layout: Layout, path: str, record: Record | None) -> str | None:
         _unlink(path)
         return "unreadable record (removed)"
     try:
-        size, digest = hash_file(layout.blob_path(record.blob))
+        hashed = hash_file(layout.blob_path(record.blob))
     except OSError as exc:
         remove_entry(layout, record.key, record.blob)
         return f"blob unreadable: {exc.strerror or exc} (evicted)"
-    if size != record.size or digest != record.sha256:
+    except CacheIntegrityError as exc:
         remove_entry(layout, record.key, record.blob)
-        return f"size {size} (recorded {record.size}) or sha256 mismatch (evicted)"
-    rewrite_record(layout, replace(record, verified=time.time()))
+        return f"blob {exc} (evicted)"
+    problem = hashed.problem(record)
+    if problem is not None:
+        remove_entry(layout, record.key, record.blob)
+        return f"{problem} (evicted)"
+    # The bytes are right: whatever changed the file's identity (a copy, a
+    # restore from backup, a touch) is recorded, so hits stop re-hashing it.
+    rewrite_record(layout, replace(record, verified=time.time(), identity=hashed.identity))
     return None
 
 

@@ -10,7 +10,12 @@ transaction per write-behind batch costs 2-16 µs per entry.
 Same guarantees as the file layout: a row is written whole or not at all
 (a transaction); nothing is fsynced (WAL, ``synchronous=NORMAL``), so a power
 loss can lose recent rows, and the SHA-256 in the record is checked again
-the first time an entry is served after a start. Any process may use the
+the first time an entry is served after a start.
+
+A row has no file identity to check per hit: it changes only through SQLite.
+Every read of a body from a row is hashed (a few µs for 4 KiB, against the
+query and thread hop around it), and the background scrub re-hashes rows
+whose entries are served from memory. Any process may use the
 file (the sidecar, ``cache purge|verify|ls``): WAL lets readers and the one
 writer proceed together, ``busy_timeout`` covers the rest.
 
@@ -150,6 +155,15 @@ class Pack:
         """The record of ``key``'s row; None if there is none or it is unreadable."""
         row = self._one(f"SELECT {_RECORD_COLUMNS} FROM entries WHERE key = ?", (key,))
         return None if row is None else _record(row)
+
+    def page(self, after: str, limit: int) -> list[tuple[str, str, int, str, bytes]]:
+        """Up to ``limit`` rows with keys after ``after``, in key order, as
+        (key, blob, size, sha256, body): the scrub's walk through the pack."""
+        rows = self._all(
+            "SELECT key, blob, size, sha256, body FROM entries WHERE key > ? ORDER BY key LIMIT ?",
+            (after, limit),
+        )
+        return [(str(k), str(b), int(n), str(h), bytes(body)) for k, b, n, h, body in rows]
 
     def keys(self, prefix: str) -> list[str]:
         """Keys that start with ``prefix``."""

@@ -4,6 +4,13 @@ Request path (event loop, no file system call): ``lookup`` is a dict access.
 Everything that touches the disk runs in a worker thread: the start-up scan,
 hashing, temp files, commits, deletions, access-time persistence.
 
+What is served is what was fetched: an entry's bytes are hashed on its first
+serve after start; a blob is then checked on every hit with one ``fstat`` of
+the descriptor it is sent from (``open_blob``), and hashed again before a byte
+goes out if it changed; bytes read from a pack row or a small file are hashed
+as they are read; the scrub (``sidecar.cache.scrub``) re-hashes everything
+over time for what an ``fstat`` cannot see.
+
 Start-up sweeps the temp files of dead processes (synchronously: it is one
 directory listing), then scans the index in the background; until the scan
 is merged every lookup misses and requests are simply proxied.
@@ -19,8 +26,8 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, Final
 
 from multidict import CIMultiDict
 
@@ -28,6 +35,7 @@ from sidecar.cache.fill import Fill, FillReader, TempFile
 from sidecar.cache.flight import Flight, Flights
 from sidecar.cache.index import Entry, Index, expiry
 from sidecar.cache.layout import (
+    Identity,
     Layout,
     Record,
     blob_size,
@@ -35,20 +43,25 @@ from sidecar.cache.layout import (
     commit,
     describe,
     hash_file,
+    mismatch,
     new_blob_id,
+    open_blob,
     open_temp,
     orphan_blobs,
     prepare,
     read_record,
+    read_small,
     records,
     remove_entry,
+    rewrite_record,
     sweep_temp,
 )
 from sidecar.cache.pack import MAX_BODY as PACK_MAX
 from sidecar.cache.pack import Pack
+from sidecar.cache.scrub import Scrub
 from sidecar.cache.writeback import Pending, WriteBehind
 from sidecar.config import CacheConfig
-from sidecar.errors import CacheError, UpstreamError
+from sidecar.errors import CacheError, CacheIntegrityError, UpstreamError
 from sidecar.goproxy import GoproxyRequest
 from sidecar.metrics import Metrics
 from sidecar.upstreams import UpstreamResponse
@@ -97,6 +110,7 @@ class DiskCache:
         metrics.cache_entries.set_function(lambda: len(self._index))
         self.pack = Pack(self.layout.pack)
         self._writeback = WriteBehind(self.layout, self.pack, self._written)
+        self.scrub = Scrub(self, config.scrub_rate, metrics) if config.scrub_rate > 0 else None
 
     # -- request path ------------------------------------------------------------
 
@@ -117,43 +131,48 @@ class DiskCache:
         return max(0, int(self._clock() - entry.stored))
 
     async def verify(self, entry: Entry) -> bool:
-        """True if servable: hashed once per process life (in a thread); evicts a mismatch."""
+        """True if servable: hashed (in a thread) on its first serve in this process
+        and again after its blob changed; one hash for all concurrent callers.
+        Evicts a mismatch."""
         if entry.verified:
             return True
         if entry.removed:
             return False
-        if entry.verifying is None:
+        if entry.verifying is None or entry.verifying.done():
             entry.verifying = asyncio.ensure_future(self._verify(entry))
         return await asyncio.shield(entry.verifying)
 
     async def _verify(self, entry: Entry) -> bool:
         try:
             if entry.packed:
-                size, digest = await self._verify_packed(entry)
-            else:
-                size, digest = await asyncio.to_thread(hash_file, entry.path)
+                self._hold(entry, await asyncio.to_thread(_row, self.pack, entry.record))
+                entry.verified = True
+                return True
+            hashed = await asyncio.to_thread(hash_file, entry.path)
         except OSError as exc:
             reason = describe(exc)
         except CacheError as exc:
             reason = str(exc)
         else:
-            if size == entry.size and digest == entry.record.sha256:
-                entry.verified = True
+            problem = hashed.problem(entry.record)
+            if problem is None:
+                self.trust(entry, hashed.identity)
                 return True
-            reason = f"size {size} (recorded {entry.size}), sha256 {digest[:12]}…"
+            reason = problem
         self.discard(entry, reason)
         return False
 
-    async def _verify_packed(self, entry: Entry) -> tuple[int, str]:
-        """Hash a packed entry's row; the bytes are kept if they match (the next
-        thing the caller does is serve them)."""
-        data = await asyncio.to_thread(self.pack.body, entry.key, entry.record.blob)
-        if data is None:
-            raise CacheError("missing from the pack")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest == entry.record.sha256 and len(data) == entry.size:
-            self._hold(entry, data)
-        return len(data), digest
+    def trust(self, entry: Entry, identity: Identity) -> None:
+        """A file entry's bytes, with this identity, just matched its record: it is
+        served on one ``fstat`` while the blob keeps that identity. A new identity
+        (an old record without one, a touched or copied file) is written to the
+        record too, so the check holds across restarts."""
+        entry.verified = True
+        if identity == entry.record.identity or entry.removed:
+            return
+        entry.record = replace(entry.record, identity=identity)
+        if entry.on_disk:
+            self._chore(asyncio.to_thread(_rewrite_quietly, self.layout, entry.record))
 
     def _hold(self, entry: Entry, data: bytes) -> None:
         if (
@@ -175,25 +194,69 @@ class DiskCache:
             return entry.body
         if entry.packed:  # no file to send: from the row, kept if the budget allows
             try:
-                data = await asyncio.to_thread(self.pack.body, entry.key, entry.record.blob)
+                data = await asyncio.to_thread(_row, self.pack, entry.record)
             except CacheError as exc:
                 self.discard(entry, str(exc))
                 return None
-            if data is not None and len(data) == entry.size:
-                self._hold(entry, data)
-                return data
-            self.discard(entry, "missing from the pack or the wrong size")
-            return None
+            self._hold(entry, data)
+            return data
         if entry.size > SMALL_BODY_MAX or self._small_bytes + entry.size > SMALL_BODIES_BUDGET:
             return None
         try:
-            data = await asyncio.to_thread(_read_file, entry.path)
-        except OSError:
+            data, identity = await asyncio.to_thread(read_small, entry.path, entry.record)
+        except OSError as exc:
+            self.discard(entry, describe(exc))
             return None
-        if len(data) != entry.size:
+        except CacheIntegrityError as exc:
+            self.discard(entry, str(exc))
             return None
+        self.trust(entry, identity)
         self._hold(entry, data)
-        return entry.body
+        return data
+
+    async def open_blob(self, entry: Entry) -> BinaryIO | None:
+        """The entry's blob, open for sending, checked with one ``fstat`` of that
+        descriptor against the identity its bytes last matched the record with.
+
+        A blob that changed since (rewritten, replaced, touched) is hashed again
+        before it is returned; None if it no longer matches, or cannot be opened:
+        the entry is then evicted and the caller fetches it again. Call between
+        ``acquire`` and ``release``; the caller closes the file.
+        """
+        # Twice at most: a descriptor opened just before a concurrent hit re-hashed
+        # a replaced file holds the old file; the second open gets the new one.
+        for _attempt in range(2):
+            opened = await self._open(entry)
+            if opened is None:
+                return None
+            fobj, found = opened
+            if entry.verified and found == entry.record.identity:
+                return fobj  # the hit path: one fstat, compared here
+            try:
+                if found != entry.record.identity:
+                    entry.verified = False  # changed on disk since its bytes were hashed
+                good = await self.verify(entry)
+            except BaseException:
+                fobj.close()
+                raise
+            if good and found == entry.record.identity:
+                return fobj  # the bytes just hashed are the ones this descriptor holds
+            fobj.close()
+            if not good:
+                return None  # evicted
+        self.discard(entry, "keeps changing on disk")
+        return None
+
+    async def _open(self, entry: Entry) -> tuple[BinaryIO, Identity] | None:
+        fut = asyncio.get_running_loop().run_in_executor(None, open_blob, entry.path)
+        try:
+            return await asyncio.shield(fut)
+        except OSError as exc:
+            self.discard(entry, describe(exc))
+            return None
+        except asyncio.CancelledError:
+            fut.add_done_callback(_close_opened)
+            raise
 
     def acquire(self, entry: Entry) -> bool:
         """Hold the entry's blob while it is served; False if it is gone already
@@ -304,6 +367,8 @@ class DiskCache:
             self._drop(entry)  # it is only in memory: forget it, fetch it again
             return
         entry.on_disk = item.written
+        if item.record is not None:
+            entry.record = item.record  # with its blob's identity
         if entry.removed:
             if entry.on_disk and entry.readers == 0:
                 self._remove_files(entry)  # evicted or replaced while it was written
@@ -393,7 +458,7 @@ class DiskCache:
             upstream=fill.upstream,
         )
         try:
-            await fill.io(commit, self.layout, temp.fd, temp.path, record)
+            record = await fill.io(commit, self.layout, temp.fd, temp.path, record)
         except CacheError as exc:
             self._write_error(fill.key, exc)
             return
@@ -437,12 +502,32 @@ class DiskCache:
 
     def _remove_files(self, entry: Entry) -> None:
         if entry.packed:
-            work = asyncio.to_thread(_unpack_quietly, self.pack, entry.key, entry.record.blob)
+            self._chore(asyncio.to_thread(_unpack_quietly, self.pack, entry.key, entry.record.blob))
         else:
-            work = asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob)
+            self._chore(
+                asyncio.to_thread(_remove_quietly, self.layout, entry.key, entry.record.blob)
+            )
+
+    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
+        """File work that must finish even at shutdown (``stop`` awaits it)."""
         task = asyncio.get_running_loop().create_task(work)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
+
+    # -- scrub (sidecar.cache.scrub) -------------------------------------------------
+
+    def file_entries(self) -> list[Entry]:
+        return [e for e in self._index.lru() if not e.packed]
+
+    def discard_row(self, key: str, blob: str, reason: str) -> None:
+        entry = self._index.get(key)
+        if entry is not None and entry.packed and entry.record.blob == blob:
+            self.discard(entry, reason)
+            return
+        # Not indexed (any more, or not yet): the row alone goes.
+        self.metrics.cache_integrity_failures.inc()
+        log.warning("cache row failed verification; removed", extra={"key": key, "reason": reason})
+        self._chore(asyncio.to_thread(_unpack_quietly, self.pack, key, blob))
 
     def evict(self) -> int:
         """Drop least recently used entries until the bound holds; returns how many."""
@@ -486,6 +571,8 @@ class DiskCache:
         else:
             self._spawn(self._load(swept))
         self._spawn(self._maintain())
+        if self.scrub is not None:
+            self._spawn(self.scrub.run())
         self._writeback.start()
         self._changed()
 
@@ -608,7 +695,7 @@ class DiskCache:
 
     async def _persist_access(self) -> None:
         touched = self._index.touched()
-        files = [(e.path, e.last_access, e.stored) for e in touched if not e.packed]
+        files = [(e.path, e.last_access) for e in touched if not e.packed]
         packed = [(e.key, e.record.blob, e.last_access) for e in touched if e.packed]
         if files:
             await asyncio.to_thread(_set_atimes, files)
@@ -721,9 +808,23 @@ def _unpack_quietly(pack: Pack, key: str, blob: str) -> None:
         log.warning("cache entry removal failed", extra={"key": key, "error": str(exc)})
 
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+def _row(pack: Pack, record: Record) -> bytes:
+    """A packed entry's body, hashed as it is read (a few µs for 4 KiB: a row
+    changed through SQLite is never served); CacheError if missing or wrong."""
+    data = pack.body(record.key, record.blob)
+    if data is None:
+        raise CacheError("missing from the pack")
+    problem = mismatch(record, len(data), hashlib.sha256(data).hexdigest())
+    if problem is not None:
+        raise CacheIntegrityError(problem)
+    return data
+
+
+def _rewrite_quietly(layout: Layout, record: Record) -> None:
+    try:
+        rewrite_record(layout, record)
+    except (OSError, CacheError) as exc:
+        log.warning("cache record not updated", extra={"key": record.key, "error": str(exc)})
 
 
 def _remove_quietly(layout: Layout, key: str, blob: str) -> None:
@@ -733,10 +834,18 @@ def _remove_quietly(layout: Layout, key: str, blob: str) -> None:
         log.warning("cache entry removal failed", extra={"key": key, "error": str(exc)})
 
 
-def _set_atimes(items: list[tuple[str, float, float]]) -> None:
-    for path, atime, mtime in items:
+def _set_atimes(items: list[tuple[str, float]]) -> None:
+    # The mtime is set to what it is now, never to what it was recorded as:
+    # that would hide a change from the identity check of the next hit.
+    for path, atime in items:
         with contextlib.suppress(OSError):
-            os.utime(path, (atime, mtime))
+            os.utime(path, ns=(int(atime * 1e9), os.stat(path).st_mtime_ns))
+
+
+def _close_opened(fut: asyncio.Future[tuple[BinaryIO, Identity]]) -> None:
+    """A blob opened for a request that was cancelled meanwhile."""
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result()[0].close()
 
 
 def _close_abandoned(fut: asyncio.Future[tuple[int, str]]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 from urllib.parse import quote
 
@@ -94,7 +94,8 @@ async def warm(
     on_result: Callable[[Result], None] | None = None,
 ) -> list[Result]:
     """Fetch what is missing, ``jobs`` at a time; one Result per artifact, in order."""
-    cache = DiskCache(config.cache, Metrics())
+    # No scrub: a warm run is short, and a running sidecar scrubs the same directory.
+    cache = DiskCache(replace(config.cache, scrub_rate=0), Metrics())
     upstreams = [
         Upstream(cfg, "primary" if i == 0 else "backup") for i, cfg in enumerate(config.upstreams)
     ]

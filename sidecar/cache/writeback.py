@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sidecar.cache.index import Entry
-from sidecar.cache.layout import Layout, commit_bytes
+from sidecar.cache.layout import Layout, Record, commit_bytes
 from sidecar.cache.pack import Pack
 from sidecar.errors import CacheError
 
@@ -49,6 +49,7 @@ class Pending:
     body: bytes
     written: bool = False
     error: CacheError | None = None
+    record: Record | None = None  # as committed to a file: with the blob's identity
 
 
 class WriteBehind:
@@ -167,7 +168,7 @@ def _write(layout: Layout, pack: Pack, batch: list[Pending]) -> None:
         if item.entry.packed:
             continue
         try:
-            commit_bytes(layout, item.body, item.entry.record)
+            item.record = commit_bytes(layout, item.body, item.entry.record)
         except CacheError as exc:
             item.error = exc
         else:

@@ -25,7 +25,7 @@ from typing import Final
 from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State
 from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound, Whole
-from sidecar.errors import CacheIntegrityError, RequestError, UpstreamError, UpstreamTimeout
+from sidecar.errors import RequestError, UpstreamError, UpstreamTimeout
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
 from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
@@ -435,11 +435,10 @@ class ProxyHandler:
         if not cache.acquire(entry):
             return None
         try:
-            headers = self._hit_headers(entry, stale)
-            outcome = await send_file(ex, entry.path, entry.size, headers, part)
-        except CacheIntegrityError as exc:
-            cache.discard(entry, str(exc))
-            return None
+            blob = await cache.open_blob(entry)  # checked against what was hashed
+            if blob is None:
+                return None
+            outcome = await send_file(ex, blob, entry.size, self._hit_headers(entry, stale), part)
         finally:
             cache.release(entry)
         if outcome == "ok":

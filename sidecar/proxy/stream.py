@@ -8,12 +8,11 @@ client sees a short body, never a complete one.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
+from typing import BinaryIO
 
 from sidecar.cache.base import FillReader
-from sidecar.cache.layout import describe
-from sidecar.errors import CacheIntegrityError, UpstreamError
+from sidecar.errors import UpstreamError
 from sidecar.proxy.headers import response_headers
 from sidecar.proxy.ranges import content_range
 from sidecar.server import Exchange
@@ -87,28 +86,17 @@ async def deliver(
 
 async def send_file(
     ex: Exchange,
-    path: str,
+    fobj: BinaryIO,
     size: int,
     headers: dict[str, str],
     part: tuple[int, int] | None = None,
 ) -> str:
     """A cache hit from its blob (sendfile where the loop has it), whole or
-    ``part`` (first, last byte): an outcome label.
-
-    CacheIntegrityError before a byte is sent, so the caller can evict the
-    entry and fetch it again: a missing file, or one whose size is not the
-    recorded one. A file that shrinks while it is sent cuts the connection.
+    ``part`` (first, last byte): an outcome label. ``fobj`` is the blob as
+    ``ModuleCache.open_blob`` opened and checked it; it is closed here. A file
+    that shrinks while it is sent cuts the connection.
     """
     try:
-        # open() in a thread, as aiohttp's FileResponse does: a cold disk can block.
-        fobj = await asyncio.to_thread(open, path, "rb")
-    except OSError as exc:
-        raise CacheIntegrityError(f"cannot open cached file: {describe(exc)}") from exc
-    try:
-        found = fobj.seek(0, 2)
-        if found != size:
-            raise CacheIntegrityError(f"cached file has {found} bytes, recorded {size}")
-        fobj.seek(0)
         if part is None:
             await ex.start(200, headers, size)
             await ex.sendfile(fobj, 0, size)

@@ -351,7 +351,8 @@ def test_files_are_sent_whole_and_in_parts_on_both_loops(tmp_path: Path, loop_fa
     async def scenario() -> None:
         async def files(ex: Exchange) -> None:
             part = None if ex.target == "/whole" else (1000, 2_500_000)
-            await send_file(ex, str(path), len(data), {"Content-Type": "x"}, part)
+            blob = path.open("rb")  # send_file closes it
+            await send_file(ex, blob, len(data), {"Content-Type": "x"}, part)
 
         server = Server(files)
         await server.listen("127.0.0.1", 0)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import string
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,19 +14,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.cache.layout import (
+    Identity,
     Layout,
     Record,
     commit,
+    hash_file,
     key_problem,
     make_dirs_inside,
+    open_blob,
     open_temp,
     read_record,
+    read_small,
     records,
     remove_entry,
     sweep_temp,
     write_all,
 )
-from sidecar.errors import CacheError, CacheWriteError, RequestError
+from sidecar.cache.store import _set_atimes
+from sidecar.errors import CacheError, CacheIntegrityError, CacheWriteError, RequestError
 from sidecar.goproxy import parse_request_path
 
 ROOT = Layout.at("/srv/cache")
@@ -137,16 +144,71 @@ def test_record_round_trip_and_refusals() -> None:
             Record.from_json(bad)
 
 
+def test_identity_round_trips_and_an_old_record_without_one_loads() -> None:
+    r = record(identity=Identity(3, 1_700_000_000_123_456_789, 2**40, 64769))
+    assert Record.from_json(r.to_json()) == r
+    old = json.loads(record().to_json())
+    del old["identity"]  # written by a version before identities
+    assert Record.from_json(json.dumps(old).encode()).identity is None
+    for bad in ([1, 2, 3], [1, 2, 3, -4], [1, 2, 3, "4"], [1, 2, 3, True], {"size": 3}, "x"):
+        with pytest.raises(CacheError):
+            Record.from_json(json.dumps({**old, "identity": bad}).encode())
+
+
+def test_what_a_blob_open_or_hash_reports_follows_every_kind_of_change(tmp_path: Path) -> None:
+    from sidecar.cache.layout import prepare
+
+    layout = Layout.at(str(tmp_path))
+    prepare(layout)
+    r = _commit(layout, "example.com/m/@v/v1.0.0.mod", b"module m\n")
+    path = layout.blob_path(r.blob)
+    f, found = open_blob(path)
+    f.close()
+    hashed = hash_file(path)
+    assert found == r.identity == hashed.identity and hashed.problem(r) is None
+    assert read_small(path, r) == (b"module m\n", r.identity)
+
+    with open(path, "r+b") as f:  # one byte, in place, mtime restored: same identity
+        f.write(b"M")
+    os.utime(path, ns=(r.identity.mtime_ns, r.identity.mtime_ns))
+    assert open_blob(path)[1] == r.identity  # what only the scrub (a hash) can find
+    assert "sha256" in (hash_file(path).problem(r) or "")
+    with pytest.raises(CacheIntegrityError):
+        read_small(path, r)
+
+    os.utime(path)  # touched: a new mtime
+    assert open_blob(path)[1].mtime_ns != r.identity.mtime_ns
+    replacement = tmp_path / "new"
+    replacement.write_bytes(b"module m\n")
+    os.utime(replacement, ns=(r.identity.mtime_ns, r.identity.mtime_ns))
+    os.rename(replacement, path)  # replaced by rename: same size and mtime, new inode
+    f, found = open_blob(path)
+    f.close()
+    assert found.size == r.size and found.mtime_ns == r.identity.mtime_ns
+    assert found.ino != r.identity.ino
+    assert hash_file(path).problem(r) is None  # good bytes: re-hashed, then trusted
+
+
+def test_persisting_access_times_keeps_the_mtime_a_hit_compares(tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x")
+    os.utime(blob, ns=(5, 123_456_789_012))  # say, changed by hand since it was recorded
+    _set_atimes([(str(blob), 1_000.5)])
+    st = os.stat(blob)
+    assert st.st_atime_ns == 1_000_500_000_000 and st.st_mtime_ns == 123_456_789_012
+
+
 def _commit(layout: Layout, key: str, data: bytes) -> Record:
     fd, temp = open_temp(layout, "cd" * 16)
     hasher = hashlib.sha256()
     write_all(fd, [data[:2], data[2:]], hasher)
     r = record(key=key, blob="cd" * 16, size=len(data), sha256=hasher.hexdigest())
     try:
-        commit(layout, fd, temp, r)
+        committed = commit(layout, fd, temp, r)
     finally:
         os.close(fd)
-    return r
+    assert committed == replace(r, identity=committed.identity)
+    return committed
 
 
 def test_commit_makes_blob_then_record_visible(tmp_path: Path) -> None:
@@ -156,6 +218,7 @@ def test_commit_makes_blob_then_record_visible(tmp_path: Path) -> None:
     prepare(layout)
     r = _commit(layout, "example.com/m/@v/v1.0.0.mod", b"module m\n")
     assert Path(layout.blob_path(r.blob)).read_bytes() == b"module m\n"
+    assert r.identity == Identity.of(os.stat(layout.blob_path(r.blob)))  # after the rename
     assert read_record(layout, layout.record_path(r.key)) == r
     assert os.listdir(layout.tmp) == []
     assert [rec for _p, rec in records(layout)] == [r]
