@@ -191,7 +191,7 @@ class SumdbVerifier:
             )
 
     def _reader(self, tree: Tree) -> TileHashReader:
-        return TileHashReader(tree, self._height, self._read_tiles, self._save_tiles)
+        return TileHashReader(tree, self._height, self._read_tiles, self._save_tiles, self._tiles)
 
     def _save_tiles(self, tiles: list[Tile], data: list[bytes]) -> None:
         for tile, tile_data in zip(tiles, data, strict=True):

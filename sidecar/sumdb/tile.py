@@ -16,8 +16,9 @@ skipped some of those parent checks.)
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from hashlib import sha256
 from typing import Final
 
 from sidecar.errors import SumdbVerifyError
@@ -75,10 +76,13 @@ def tile_for_index(h: int, index: int) -> tuple[Tile, int, int]:
 
 def tile_hash(data: bytes) -> bytes:
     """The subtree hash over 2^k hashes laid end to end."""
-    if len(data) == HASH_SIZE:
-        return data
-    half = len(data) // 2
-    return node_hash(tile_hash(data[:half]), tile_hash(data[half:]))
+    level = [data[i : i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)]
+    # Level by level rather than by recursion: this is most of a lookup's CPU.
+    while len(level) > 1:
+        level = [
+            sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)
+        ]
+    return level[0]
 
 
 def hash_from_tile(tile: Tile, data: bytes, index: int) -> bytes:
@@ -132,16 +136,25 @@ class TileHashReader:
     """Reads stored hashes of ``tree`` from tiles, each one authenticated first.
 
     ``save_tiles`` receives every tile after it was authenticated (TileReader.SaveTiles):
-    the only point where keeping a tile is safe.
+    the only point where keeping a tile is safe. A tile whose data is the same as in
+    ``authenticated`` (tiles saved before, against a tree this one was found
+    consistent with) skips the check against its parent; the tiles that rebuild
+    the tree hash are always checked.
     """
 
     def __init__(
-        self, tree: Tree, height: int, read_tiles: ReadTiles, save_tiles: SaveTiles = _save_nothing
+        self,
+        tree: Tree,
+        height: int,
+        read_tiles: ReadTiles,
+        save_tiles: SaveTiles = _save_nothing,
+        authenticated: Mapping[Tile, bytes] | None = None,
     ) -> None:
         self._tree = tree
         self._height = height
         self._read_tiles = read_tiles
         self._save_tiles = save_tiles
+        self._authenticated = authenticated or {}
 
     async def read_hashes(self, indexes: Sequence[int]) -> list[bytes]:
         if self._tree.n == 0:
@@ -151,6 +164,10 @@ class TileHashReader:
         stx = subtree_indexes(0, self._tree.n)
         stx_order = [self._plan(self._edge_tile(x), tiles, order) for x in stx]
         stx_tiles = len(tiles)
+        end = stored_hash_index(0, self._tree.n)
+        for x in indexes:
+            if not 0 <= x < end:
+                raise SumdbVerifyError(f"stored hash {x} is not in tree {self._tree.n}")
         index_order = [self._plan_index(x, tiles, order) for x in indexes]
 
         data = await self._read_tiles(tiles)
@@ -163,6 +180,8 @@ class TileHashReader:
         self._check_tree_hash(stx, [tiles[j] for j in stx_order], [data[j] for j in stx_order])
         # Parents come before children in `tiles`, so each check uses a checked parent.
         for i in range(stx_tiles, len(tiles)):
+            if self._authenticated.get(tiles[i]) == data[i]:
+                continue
             parent = tile_parent(tiles[i], 1, self._tree.n)
             assert parent is not None, "a full tile below the edge has a parent"
             j = order[parent]
@@ -190,8 +209,6 @@ class TileHashReader:
 
     def _plan_index(self, index: int, tiles: list[Tile], order: dict[Tile, int]) -> int:
         """Plan the tile holding ``index`` and its parents up to one already planned."""
-        if not 0 <= index < stored_hash_index(0, self._tree.n):
-            raise SumdbVerifyError(f"stored hash {index} is not in tree {self._tree.n}")
         tile = tile_for_index(self._height, index)[0]
         chain: list[Tile] = []
         for k in range(MAX_LEVELS):

@@ -52,14 +52,11 @@ def maxpow2(n: int) -> tuple[int, int]:
 
 def stored_hash_index(level: int, n: int) -> int:
     """Where the n-th hash of ``level`` sits in the linear stored-hash order."""
-    # Level L's n-th hash is written right after level L+1's ... down to its last leaf.
-    for _ in range(level):
-        n = 2 * n + 1
-    index = 0
-    while n > 0:  # leaf n is written at n + n/2 + n/4 + ...
-        index += n
-        n >>= 1
-    return index + level
+    # It follows its last leaf m = (n+1)·2^level - 1 and the level-1 lower hashes that
+    # leaf completes: index(0, m) + level, where leaf m sits at m + m/2 + m/4 + ... =
+    # 2m - popcount(m).
+    m = ((n + 1) << level) - 1
+    return 2 * m - m.bit_count() + level
 
 
 def split_stored_hash_index(index: int) -> tuple[int, int]:
