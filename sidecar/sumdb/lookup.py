@@ -171,27 +171,36 @@ class SumdbVerifier:
                 self._latest = tree
                 return tree
             if tree.n <= latest.n:
-                await self._check_prefix(tree, latest)
+                await self._check_prefix(tree, latest, self._reader(latest))
                 return latest
-            await self._check_prefix(latest, tree)
+            # Tiles of a tree not yet accepted are checked in full (no shortcut for
+            # known tiles: a forked tree must not borrow the accepted tree's tiles)
+            # and kept only once the tree is accepted.
+            seen: tuple[list[Tile], list[bytes]] = ([], [])
+            reader = TileHashReader(tree, self._height, self._read_tiles, _collect(seen))
+            await self._check_prefix(latest, tree, reader)
             if self._latest is latest:  # no other lookup moved it while we awaited
                 self._latest = tree
+                self._save_tiles(*seen)
                 return tree
         raise SumdbUnavailable(f"{self.name}: the tree head kept moving; try again")
 
-    async def _check_prefix(self, older: Tree, newer: Tree) -> None:
+    async def _check_prefix(self, older: Tree, newer: Tree, reader: TileHashReader) -> None:
         if older.n == newer.n:
             same = older.hash == newer.hash
         else:
-            same = await tree_hash(older.n, self._reader(newer)) == older.hash
+            same = await tree_hash(older.n, reader) == older.hash
         if not same:
             raise SumdbVerifyError(
                 f"{self.name} forked: tree {older.n} ({older.hash.hex()}) is not the "
                 f"prefix of tree {newer.n} ({newer.hash.hex()})"
             )
 
-    def _reader(self, tree: Tree) -> TileHashReader:
-        return TileHashReader(tree, self._height, self._read_tiles, self._save_tiles, self._tiles)
+    def _reader(self, accepted: Tree) -> TileHashReader:
+        """A reader for an accepted tree: tiles already authenticated need no recheck."""
+        return TileHashReader(
+            accepted, self._height, self._read_tiles, self._save_tiles, self._tiles
+        )
 
     def _save_tiles(self, tiles: list[Tile], data: list[bytes]) -> None:
         for tile, tile_data in zip(tiles, data, strict=True):
@@ -231,3 +240,11 @@ class SumdbVerifier:
             raise
         except SidecarError as exc:
             raise SumdbUnavailable(f"{full_path}: {exc}") from exc
+
+
+def _collect(into: tuple[list[Tile], list[bytes]]) -> Callable[[list[Tile], list[bytes]], None]:
+    def save(tiles: list[Tile], data: list[bytes]) -> None:
+        into[0].extend(tiles)
+        into[1].extend(data)
+
+    return save

@@ -250,3 +250,21 @@ async def test_tile_reader_refuses_a_wrong_tree_hash_and_short_tiles() -> None:
     reader = TileHashReader(Tree(20, log.root()), 2, TileStore(short).read)
     with pytest.raises(SumdbVerifyError):
         await reader.read_hashes([stored_hash_index(0, 3)])
+
+
+async def test_known_tiles_skip_only_their_own_recheck() -> None:
+    """A tile identical to an authenticated one skips the parent check; a tile with
+    the same coordinates but other bytes is checked as usual."""
+    log = Log.of(301)
+    tiles = log.tiles(8)
+    full = Tile(8, 0, 0, 256)
+    index = stored_hash_index(0, 5)
+    known = {full: tiles[full]}
+    reader = TileHashReader(Tree(301, log.root()), 8, TileStore(tiles).read, authenticated=known)
+    assert await reader.read_hashes([index]) == [log.leaves[5]]
+    forged = bytearray(tiles[full])
+    forged[5 * 32] ^= 1
+    store = TileStore({**tiles, full: bytes(forged)})
+    reader = TileHashReader(Tree(301, log.root()), 8, store.read, authenticated=known)
+    with pytest.raises(SumdbVerifyError, match="inconsistent"):
+        await reader.read_hashes([index])
