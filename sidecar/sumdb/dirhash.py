@@ -27,6 +27,9 @@ H1_PREFIX: Final = "h1:"
 GOMOD_NAME: Final = b"go.mod"
 # Pieces read from a zip member; large enough that hashing, not Python, is the cost.
 READ_PIECE: Final = 1 << 20
+# The go command refuses a module whose files add up to more (x/mod zip.MaxZipFile):
+# hashing stops there, so a small zip of huge members costs no more than a real one.
+MAX_CONTENT: Final = 500 << 20
 # Bit 11 of a zip entry's flags: the name is UTF-8 (else the bytes are taken as is).
 _UTF8_FLAG: Final = 0x800
 _GO_METHODS: Final = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
@@ -68,6 +71,9 @@ def _member_digests(archive: zipfile.ZipFile) -> list[tuple[bytes, str]]:
     # Go's HashZip opens each name through a map, so every line for a duplicated
     # name hashes the LAST entry of that name.
     infos = archive.infolist()
+    total = sum(info.file_size for info in infos)
+    if total > MAX_CONTENT:
+        raise ZipHashError(f"{total} bytes of files: more than a module may hold ({MAX_CONTENT})")
     last = {_raw_name(info): info for info in infos}
     digests = {name: _digest(archive, info) for name, info in last.items()}
     return [(_raw_name(info), digests[_raw_name(info)]) for info in infos]

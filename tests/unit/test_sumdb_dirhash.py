@@ -143,3 +143,13 @@ def test_hash_zip_streams_large_members(tmp_path: Path) -> None:
     content = hashlib.sha256(bytes(range(256)) * 4096 * (size // (256 * 4096))).hexdigest()
     assert result == htop(f"{content}  m@v1/big\n")
     assert peak < 8 << 20, f"peak {peak} bytes while hashing a {size}-byte member"
+
+
+def test_hash_zip_refuses_more_content_than_a_module_may_hold() -> None:
+    """A zip whose directory declares more than 500 MiB of files (a zip bomb) is
+    refused from its directory, before any member is inflated."""
+    data = bytearray(make_zip([("m@v1/a", b"x"), ("m@v1/b", b"y")]))
+    central = data.index(b"PK\x01\x02")  # first central directory entry
+    data[central + 24 : central + 28] = (600 << 20).to_bytes(4, "little")  # its size
+    with pytest.raises(ZipHashError, match="more than a module may hold"):
+        hash_zip(io.BytesIO(bytes(data)))
