@@ -17,7 +17,7 @@ from sidecar.errors import RequestError, SumdbUnavailable, SumdbVerifyError, Ups
 from sidecar.sumdb.gosumdb import SUM_GOLANG_ORG_KEY, parse_gosumdb
 from sidecar.sumdb.lookup import SumdbVerifier, hashes_from_record, parse_lookup
 from sidecar.sumdb.note import parse_verifier_key
-from tests.unit.test_sumdb_note import generated_key
+from tests.sumdb.gosumdb import signer_key
 
 DATA = Path(__file__).resolve().parents[1] / "sumdb" / "data" / "sum.golang.org"
 QUOTE = ("rsc.io/quote", "v1.5.2")
@@ -120,7 +120,7 @@ async def test_a_changed_tree_head_is_refused() -> None:
 
 
 async def test_another_key_of_the_same_name_is_refused() -> None:
-    _, vkey = generated_key("sum.golang.org")
+    _, vkey = signer_key("sum.golang.org")
     verifier = SumdbVerifier(parse_verifier_key(vkey), Files().fetch)
     with pytest.raises(SumdbVerifyError, match=r"no signature by sum\.golang\.org"):
         await verifier.lookup(*QUOTE)
