@@ -23,7 +23,7 @@ from sidecar.policy import make_engine
 from sidecar.policy.base import PolicyEngine
 from sidecar.policy.reloader import PolicyReloader
 from sidecar.proxy.handler import METHODS, ProxyHandler, send_text
-from sidecar.proxy.recorder import Recorder
+from sidecar.proxy.recorder import Recorder, queue_wait_sink
 from sidecar.routing import Router
 from sidecar.server import Exchange, Server
 from sidecar.stats.window import UpstreamWindow
@@ -76,6 +76,10 @@ def build_sidecar(config: Config, metrics: Metrics | None = None) -> Sidecar:
     for index, cfg in enumerate(config.upstreams):
         upstreams[cfg.name] = Upstream(cfg, "primary" if index == 0 else "backup")
     windows = {name: UpstreamWindow(config.stats.window, config.stats.slice) for name in upstreams}
+    for name, up in upstreams.items():
+        up.admission.on_wait = queue_wait_sink(
+            windows[name], metrics.upstream_queue_wait.labels(name)
+        )
     sidecar = Sidecar(config, metrics, upstreams, windows, router=Router(config))
     if config.cache.enabled:
         from sidecar.cache.store import DiskCache

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from sidecar.breaker.state import ALLOW, Decision, State, Transition
-from sidecar.errors import PolicyError, UpstreamError
+from sidecar.errors import PolicyError, UpstreamBusy, UpstreamError
 from sidecar.policy.base import PolicyEngine
 
 if TYPE_CHECKING:
@@ -138,6 +138,9 @@ class ControlLoop:
             ok = True
         except UpstreamError as exc:
             detail = exc.message
+        except UpstreamBusy:
+            breaker.cancel_probe(period=period)  # no connection in time: no verdict
+            return
         sc.metrics.probes.labels(name, "self", "ok" if ok else "failed").inc()
         breaker.release_probe(ok, detail, period=period)
 

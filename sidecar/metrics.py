@@ -32,6 +32,8 @@ REQUEST_BUCKETS = (
     120.0,
     300.0,
 )
+# A healthy pool waits nothing or a few ms; pool.max_wait defaults to 2 s.
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 POLICY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -47,7 +49,8 @@ class Metrics:
             f"{p}_requests",
             "Client requests answered, by the upstream (or 'cache', 'sidecar') that produced "
             "the answer, request kind and outcome (ok, hit, stale, not_found, failed, rejected, "
-            "unavailable, client_abort: the client hung up first).",
+            "unavailable, overflow: every upstream it may use was busy, client_abort: the "
+            "client hung up first).",
             ["upstream", "kind", "outcome"],
             registry=r,
         )
@@ -87,8 +90,9 @@ class Metrics:
         )
         self.rejected_requests = Counter(
             f"{p}_rejected_requests",
-            "Requests answered with the reject status by the "
-            "breaker (load shedding) or because no target could serve.",
+            "Requests answered with the reject status by the breaker (load shedding, "
+            "reason policy), with 503 because every upstream was busy (reason overflow), "
+            "or because no target could serve (reason no_target).",
             ["upstream", "reason"],
             registry=r,
         )
@@ -121,6 +125,23 @@ class Metrics:
             f"{p}_upstream_pool_waiting",
             "Requests waiting for a pooled connection.",
             ["upstream"],
+            registry=r,
+        )
+        # --- admission (sidecar.upstreams.admission): the sidecar's own load, not health
+        self.upstream_overflows = Counter(
+            f"{p}_upstream_overflows",
+            "Requests that found no connection to this upstream in time (pending queue "
+            "full, or pool.max_wait ran out) and went to the next target, the cache or a "
+            "503. Not an upstream failure: the pool is too small for the load.",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_queue_wait = Histogram(
+            f"{p}_upstream_queue_wait_seconds",
+            "Time a request waited for a connection to this upstream (0 when one was "
+            "free); waits that ran out at pool.max_wait included.",
+            ["upstream"],
+            buckets=QUEUE_WAIT_BUCKETS,
             registry=r,
         )
         self.pool_saturation = Gauge(

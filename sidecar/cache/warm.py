@@ -20,7 +20,7 @@ from urllib.parse import quote
 from sidecar.cache.layout import mark_changed
 from sidecar.cache.store import DiskCache
 from sidecar.config import Config
-from sidecar.errors import RequestError, UpstreamError
+from sidecar.errors import RequestError, UpstreamBusy, UpstreamError
 from sidecar.goproxy import GoproxyRequest, escape_path, escape_version, parse_request_path
 from sidecar.metrics import Metrics
 from sidecar.routing import Router
@@ -139,7 +139,7 @@ async def _fetch(cache: DiskCache, upstreams: list[Upstream], artifact: Artifact
     for upstream in upstreams:
         try:
             resp = await upstream.open(artifact.req.path)
-        except UpstreamError as exc:
+        except (UpstreamError, UpstreamBusy) as exc:
             errors.append(f"{upstream.name}: {exc.message}")
             continue
         if resp.status != 200:

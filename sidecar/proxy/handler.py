@@ -25,7 +25,7 @@ from typing import Final
 from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State
 from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound, Whole
-from sidecar.errors import RequestError, UpstreamError, UpstreamTimeout
+from sidecar.errors import RequestError, UpstreamBusy, UpstreamError, UpstreamTimeout
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
 from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
@@ -45,6 +45,11 @@ METHODS: Final = frozenset({"GET", "HEAD"})
 # asks the same paths again and again. Failures are not kept (they raise).
 PARSE_MEMO: Final = 8192
 RETRY_AFTER_S: Final = "5"
+# An overflow is a queue that was full a moment ago: worth retrying at once.
+OVERFLOW_RETRY_AFTER_S: Final = "1"
+# At most one "upstream overflow" log line per upstream per this many seconds;
+# the metric counts every one.
+OVERFLOW_LOG_EVERY_S: Final = 10.0
 STALE_WARNING: Final = '110 - "Response is Stale"'
 
 Answer = tuple[str, str]  # who answered, outcome; the response is sent by then
@@ -60,6 +65,7 @@ class Attempts:
     skipped: list[str] = field(default_factory=list)
     failed: bool = False
     cut: UpstreamError | None = None  # the body failed after headers were sent
+    overflowed: bool = False  # an upstream had no connection in time (admission)
     use_cache: bool = True  # false for modules a routing rule keeps out of the cache
 
 
@@ -80,6 +86,7 @@ class ProxyHandler:
         self.reject_status = reject_status
         self.router = router
         self._parse = functools.lru_cache(maxsize=PARSE_MEMO)(parse_request_path)
+        self._overflow_logged: dict[str, tuple[float, int]] = {}  # upstream: (last line, since)
         # Decided once: the level is set before the server starts (--log-level).
         self._debug = log.isEnabledFor(logging.DEBUG)
 
@@ -236,7 +243,7 @@ class ProxyHandler:
             return await self._cache_action(ex, req, target, attempts)
         try:
             return await self._fetch(ex, req, self.upstreams[target.name], attempts, flight)
-        except UpstreamError:
+        except (UpstreamError, UpstreamBusy):
             return None
 
     async def _probe(
@@ -255,6 +262,9 @@ class ProxyHandler:
         except UpstreamError as exc:
             self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "failed")()
             breaker.release_probe(False, exc.message, period=period)
+            return None
+        except UpstreamBusy:
+            breaker.cancel_probe(period=period)  # never reached the upstream: no verdict
             return None
         except BaseException:
             breaker.cancel_probe(period=period)  # the client left: no verdict
@@ -275,9 +285,13 @@ class ProxyHandler:
         attempts: Attempts,
         flight: Flight | None,
     ) -> Answer | None:
-        """One upstream attempt. None means "go on"; UpstreamError means it failed."""
+        """One upstream attempt. None means "go on"; UpstreamError means it failed,
+        UpstreamBusy that it had no connection in time (not a failure)."""
         try:
             resp = await upstream.open(req.path, ex.method)
+        except UpstreamBusy as exc:
+            self._overflowed(exc, attempts)
+            raise
         except UpstreamError as exc:
             self._failed(upstream.name, exc, None, attempts)
             raise
@@ -407,6 +421,23 @@ class ProxyHandler:
         attempts.message = str(exc)
         attempts.failed = True
 
+    def _overflowed(self, exc: UpstreamBusy, attempts: Attempts) -> None:
+        """Admission overflow: counted, logged now and then, never a failure."""
+        attempts.overflowed = True
+        attempts.skipped.append(str(exc))
+        name = exc.upstream
+        self.recorder.overflowed(name)
+        now = time.monotonic()
+        last, since = self._overflow_logged.get(name, (-OVERFLOW_LOG_EVERY_S, 0))
+        if now - last < OVERFLOW_LOG_EVERY_S:
+            self._overflow_logged[name] = (last, since + 1)
+            return
+        self._overflow_logged[name] = (now, 0)
+        log.warning(
+            "upstream overflow",
+            extra={"upstream": name, "error": exc.message, "unlogged_before": since},
+        )
+
     async def _cache_action(
         self, ex: Exchange, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
     ) -> Answer | None:
@@ -495,12 +526,25 @@ class ProxyHandler:
         )
 
     async def _exhausted(self, ex: Exchange, req: GoproxyRequest, attempts: Attempts) -> Answer:
-        if attempts.failed and attempts.use_cache and self.cache is not None:
+        busy = attempts.overflowed
+        if (attempts.failed or busy) and attempts.use_cache and self.cache is not None:
             entry = self.cache.lookup(req, allow_stale=True)
             if entry is not None:
                 answer = await self._from_cache(ex, req, entry, stale=self.cache.is_stale(entry))
                 if answer is not None:
                     return answer
+        if busy:
+            # Not the policy's reject_status: an upstream that may hold the answer
+            # was only busy, so "not found" would be a lie and a retry may succeed.
+            self.recorder.counter(self.recorder.metrics.rejected_requests, "", "overflow")()
+            why = "; ".join(attempts.skipped + ([attempts.message] if attempts.status else []))
+            send_text(
+                ex,
+                503,
+                f"goproxy-sidecar: no upstream could take the request now: {why}",
+                {"Retry-After": OVERFLOW_RETRY_AFTER_S},
+            )
+            return "sidecar", "overflow"
         if attempts.status:
             outcome = "not_found" if attempts.status in (404, 410) else "failed"
             send_text(ex, attempts.status, attempts.message)

@@ -41,6 +41,13 @@ class Recorder:
             window.record_masked()
         self._child(self.metrics.masked_failures, upstream).inc()
 
+    def overflowed(self, upstream: str) -> None:
+        """A request found no connection to ``upstream`` in time: admission, not health."""
+        window = self.windows.get(upstream)
+        if window is not None:
+            window.record_overflow()
+        self._child(self.metrics.upstream_overflows, upstream).inc()
+
     def answered(self, source: str, kind: str, outcome: str, seconds: float) -> None:
         """The client's request is over: who answered it, how, and how long it took."""
         self._child(self.metrics.requests, source, kind, outcome).inc()
@@ -49,3 +56,16 @@ class Recorder:
     def counter(self, metric: Any, *labels: str) -> Callable[[], None]:
         child = self._child(metric, *labels)
         return child.inc  # type: ignore[no-any-return]
+
+
+def queue_wait_sink(window: UpstreamWindow, histogram: Any) -> Callable[[float], None]:
+    """Where an upstream's admission gate reports each request's queue wait:
+    the upstream's window (for the policy) and its histogram child (for Prometheus)."""
+    record = window.record_queue_wait
+    observe = histogram.observe
+
+    def sink(seconds: float) -> None:
+        record(seconds)
+        observe(seconds)
+
+    return sink

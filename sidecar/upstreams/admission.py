@@ -66,14 +66,21 @@ class Admission:
         """Requests queued for a slot now (expired and cancelled ones excluded)."""
         return self._waiting
 
-    async def acquire(self) -> None:
-        """Take a slot (FIFO); UpstreamBusy when the queue is full or ``max_wait`` ran out.
-
-        Every successful ``acquire`` must be paired with exactly one ``release``.
-        """
+    def try_acquire(self) -> bool:
+        """Take a free slot if nobody is queued: the common case, without a coroutine."""
         if self.in_use < self.limit and not self._waiting:
             self.in_use += 1
             self.on_wait(0.0)
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a slot (FIFO); UpstreamBusy when the queue is full or ``max_wait`` ran out.
+
+        Every successful ``acquire`` (or true ``try_acquire``) must be paired
+        with exactly one ``release``.
+        """
+        if self.try_acquire():
             return
         if self._waiting >= self.max_pending:
             raise UpstreamBusy(

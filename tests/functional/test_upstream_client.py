@@ -150,11 +150,12 @@ async def upstream(
     first_byte: float = 1.0,
     idle: float = 1.0,
     auth: AuthConfig | None = None,
+    max_wait: float = 2.0,
 ) -> AsyncIterator[Upstream]:
     cfg = UpstreamConfig(
         name="up",
         url=url,
-        pool=PoolConfig(limit),
+        pool=PoolConfig(limit, max_wait=max_wait),
         timeouts=TimeoutsConfig(connect, first_byte, idle),
         auth=auth or AuthConfig(),
     )

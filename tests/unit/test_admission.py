@@ -105,7 +105,7 @@ async def test_a_waiter_that_waits_out_max_wait_overflows_and_holds_nothing() ->
     g.on_wait = waits.append
     with pytest.raises(UpstreamBusy) as caught:
         await g.acquire()
-    assert caught.value.waited >= 0.02 and "pool.max_wait" in caught.value.message
+    assert caught.value.waited > 0.015 and "pool.max_wait" in caught.value.message
     assert waits == [caught.value.waited]
     assert (g.in_use, g.waiting) == (1, 0)
     g.release()  # nobody live is queued: the slot returns to the pool
