@@ -264,7 +264,8 @@ class Metrics:
             f"{p}_cache_scrub_last_pass_timestamp_seconds",
             "Unix time the background scrub last finished a pass over every cached entry "
             "(0: none yet). A pass takes about cache bytes / cache.scrub_rate and starts "
-            "at most once an hour; older than a few hours means the scrub is off or stuck.",
+            "at most once an hour; older than that plus an hour means the scrub is off or "
+            "stuck.",
             registry=r,
         )
         for result in ("ok", "corrupt"):

@@ -189,6 +189,32 @@ def test_what_a_blob_open_or_hash_reports_follows_every_kind_of_change(tmp_path:
     assert hash_file(path).problem(r) is None  # good bytes: re-hashed, then trusted
 
 
+def test_verify_hashes_every_byte_and_records_the_identity_of_good_blobs(
+    tmp_path: Path,
+) -> None:
+    from sidecar.cache.layout import prepare
+    from sidecar.cache.offline import verify_all
+
+    layout = Layout.at(str(tmp_path))
+    prepare(layout)
+    r = _commit(layout, "example.com/m/@v/v1.0.0.mod", b"module m\n")
+    path = layout.blob_path(r.blob)
+    os.utime(path, ns=(1, 5_000_000_000))  # restored from a backup: bytes intact
+    report = verify_all(layout)
+    assert (report.checked, report.bad) == (1, [])
+    rerecorded = read_record(layout, layout.record_path(r.key))
+    assert rerecorded is not None and rerecorded.identity == Identity.of(os.stat(path))
+    assert rerecorded.identity != r.identity and rerecorded.verified > r.verified
+
+    with open(path, "r+b") as f:  # a same-size write, identity put back
+        f.write(b"M")
+    os.utime(path, ns=(1, 5_000_000_000))
+    assert Identity.of(os.stat(path)) == rerecorded.identity
+    report = verify_all(layout)
+    assert [key for key, _why in report.bad] == [r.key]  # the full check is not fooled
+    assert list(records(layout)) == [] and not os.path.exists(path)
+
+
 def test_persisting_access_times_keeps_the_mtime_a_hit_compares(tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(b"x")

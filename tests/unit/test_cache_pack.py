@@ -52,6 +52,25 @@ def test_rows_round_trip_and_change_only_the_entry_they_name(tmp_path: Path) -> 
     pack.close()
 
 
+def test_pages_walk_every_row_once_in_key_order(tmp_path: Path) -> None:
+    pack = Pack(str(tmp_path / "small.db"))
+    assert pack.page("", 10) == []  # no file yet: nothing, and nothing created
+    rows = {f"example.com/m{i:02d}/@v/list": f"v1.{i}.0\n".encode() for i in range(7)}
+    records = {key: record(key, body) for key, body in rows.items()}
+    pack.put_many((records[key], body) for key, body in reversed(rows.items()))
+    seen: list[str] = []
+    after = ""
+    while page := pack.page(after, 3):
+        assert len(page) <= 3
+        for key, blob, size, sha256, body in page:
+            r = records[key]
+            assert (blob, size, sha256, body) == (r.blob, r.size, r.sha256, rows[key])
+            seen.append(key)
+        after = page[-1][0]
+    assert seen == sorted(rows)
+    pack.close()
+
+
 def test_an_insane_row_is_reported_as_unreadable(tmp_path: Path) -> None:
     pack = Pack(str(tmp_path / "small.db"))
     good = record("example.com/a/@v/v1.0.0.mod", b"module a\n")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sidecar.config import (
     DEFAULT_BACKUP_URL,
+    DEFAULT_CACHE_SCRUB_RATE,
     DEFAULT_PRIMARY_URL,
     AuthConfig,
     BasicAuth,
@@ -153,6 +154,17 @@ def test_admission_keys(tmp_path: Path) -> None:
     )
     assert config.upstreams[0].pool == PoolConfig(max_pending=1024, max_wait=2.0)
     assert config.upstreams[1].pool == PoolConfig(max_connections=8, max_pending=0, max_wait=0.25)
+
+
+@pytest.mark.parametrize(
+    ("value", "rate"),
+    [("8MiB/s", 8 * 1024**2), ("512KiB", 512 * 1024), ("1GB/s", 10**9), ("0", 0), ("0/s", 0)],
+)
+def test_scrub_rate(tmp_path: Path, value: str, rate: int) -> None:
+    assert load(tmp_path, MINIMAL).cache.scrub_rate == DEFAULT_CACHE_SCRUB_RATE == 8 * 1024**2
+    assert load(tmp_path, MINIMAL + f"cache: {{scrub_rate: {value}}}\n").cache.scrub_rate == rate
+    overridden = load(tmp_path, MINIMAL, {"SIDECAR_CACHE_SCRUB_RATE": value})
+    assert overridden.cache.scrub_rate == rate
 
 
 def test_extra_keys_and_alternatives(tmp_path: Path) -> None:
@@ -343,6 +355,9 @@ ERROR_CASES = [
     (MINIMAL + "cache: {max_bytes: 0}\n", "cache.max_bytes", "must be greater than 0"),
     (MINIMAL + "cache: {mutable_ttl: -1s}\n", "cache.mutable_ttl", "expected a duration"),
     (MINIMAL + "cache: {enabled: maybe}\n", "cache.enabled", "expected true or false"),
+    (MINIMAL + "cache: {scrub_rate: fast}\n", "cache.scrub_rate", "expected a rate like '8MiB/s'"),
+    (MINIMAL + "cache: {scrub_rate: -1MiB/s}\n", "cache.scrub_rate", "expected a rate"),
+    (MINIMAL + "cache: {scrub_rate: 8MiB/h}\n", "cache.scrub_rate", "expected a rate"),
     (MINIMAL + "cache: []\n", "cache", "expected a mapping, got a list"),
     (
         MINIMAL + "policy: {engine: rego}\n",
