@@ -25,7 +25,9 @@ class Entry:
     path: str
     expires: float
     last_access: float
-    verified: bool = False  # SHA-256 checked since this process started
+    # Its bytes matched the SHA-256 in this process, while its blob had
+    # record.identity: a hit that finds another identity hashes it again.
+    verified: bool = False
     readers: int = 0  # requests serving it right now: its blob must stay put
     removed: bool = False  # out of the index; its files go when the last reader is done
     touched: bool = False  # accessed since access times were last persisted

@@ -14,8 +14,9 @@ the first time an entry is served after a start.
 
 A row has no file identity to check per hit: it changes only through SQLite.
 Every read of a body from a row is hashed (a few µs for 4 KiB, against the
-query and thread hop around it), and the background scrub re-hashes rows
-whose entries are served from memory. Any process may use the
+query and thread hop around it); a body kept in memory is the one that was
+hashed, and the background scrub re-hashes every row, so a row changed behind
+such a copy is found and evicted too. Any process may use the
 file (the sidecar, ``cache purge|verify|ls``): WAL lets readers and the one
 writer proceed together, ``busy_timeout`` covers the rest.
 
