@@ -46,6 +46,7 @@ from sidecar.config import (
     UpstreamConfig,
 )
 from sidecar.errors import ConfigError, ConfigErrors
+from sidecar.routing import compile_glob
 from sidecar.units import format_duration, parse_duration, parse_size
 
 # --------------------------------------------------------------------------
@@ -772,16 +773,33 @@ def _stats(section: _Section) -> StatsConfig:
 
 def _routing(section: _Section, names: Sequence[str], env: Mapping[str, str]) -> RoutingConfig:
     private = section.get("private", _strings, _NO_STRINGS)
-    from_env = [
-        glob.strip() for var in ("GOPRIVATE", "GONOPROXY") for glob in env.get(var, "").split(",")
-    ]
-    merged = tuple(dict.fromkeys(glob for glob in (*private, *from_env) if glob))
+    for i, glob in enumerate(private):
+        _check_glob(glob, f"{section.key('private')}[{i}]", section.errors)
+    from_env: list[str] = []
+    for var in ("GOPRIVATE", "GONOPROXY"):
+        # Indexed like the go command splits it, empty entries included, so
+        # GOPRIVATE[2] is the third comma-separated item as the user wrote it.
+        for i, glob in enumerate(item.strip() for item in env.get(var, "").split(",")):
+            if glob:
+                _check_glob(glob, f"{var}[{i}]", section.errors)
+                from_env.append(glob)
+    merged = tuple(dict.fromkeys((*private, *from_env)))
     rules = tuple(_rule(rule, names) for rule in section.items("rules"))
     return RoutingConfig(private=merged, rules=rules)
 
 
+def _check_glob(pattern: str, key: str, errors: list[ConfigError]) -> None:
+    """Compile it as the Router will, so every bad pattern is reported in this one pass."""
+    try:
+        compile_glob(pattern, key)
+    except ConfigError as exc:
+        errors.append(exc)
+
+
 def _rule(section: _Section, names: Sequence[str]) -> RouteRule:
     match = section.require("match", _string, "")
+    if match:
+        _check_glob(match, section.key("match"), section.errors)
     deny = section.get("deny", _boolean, False)
     upstreams: tuple[str, ...] | None = None
     if section.has("upstreams"):

@@ -416,6 +416,17 @@ ERROR_CASES = [
         "routing.rules[0].cache",
         "true",
     ),
+    (
+        MINIMAL + "routing: {private: [ok.example, 'a/[']}\n",
+        "routing.private[1]",
+        "bad pattern 'a/[': unterminated character class",
+    ),
+    (
+        MINIMAL + "routing: {rules: [{match: 'x\\'}]}\n",
+        "routing.rules[0].match",
+        "trailing backslash",
+    ),
+    (MINIMAL + "routing: {rules: [{match: /}]}\n", "routing.rules[0].match", "empty pattern"),
     (MINIMAL + "shutdown_grace: later\n", "shutdown_grace", "expected a duration"),
 ]
 
@@ -740,6 +751,37 @@ def test_goprivate_and_gonoproxy_are_appended(tmp_path: Path) -> None:
         "git.internal/*",
         "github.com/acme/secret",
     )
+
+
+def test_every_bad_pattern_is_reported_in_one_pass_naming_its_key(tmp_path: Path) -> None:
+    text = MINIMAL + (
+        "routing:\n"
+        "  private: ['[', good.example, 'x/[]']\n"
+        "  rules: [{match: ok/*}, {match: 'b/[^'}, {match: 'c\\', deny: true}]\n"
+    )
+    errors = errors_of(tmp_path, text, {"GOPRIVATE": "fine.example,,[z", "GONOPROXY": "a/["})
+    assert errors == {
+        "routing.private[0]": "bad pattern '[': unterminated character class",
+        "routing.private[2]": "bad pattern 'x/[]': unterminated character class",
+        "GOPRIVATE[2]": "bad pattern '[z': unterminated character class",
+        "GONOPROXY[0]": "bad pattern 'a/[': unterminated character class",
+        "routing.rules[1].match": "bad pattern 'b/[^': unterminated character class",
+        "routing.rules[2].match": "bad pattern 'c\\\\': trailing backslash",
+    }
+
+
+def test_a_bad_pattern_set_by_a_variable_names_it(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, MINIMAL, {"SIDECAR_ROUTING_PRIVATE": "ok.example,b/["})
+    assert errors == {
+        "routing.private[1]": "bad pattern 'b/[': unterminated character class "
+        "(set by SIDECAR_ROUTING_PRIVATE)"
+    }
+
+
+def test_a_bad_goprivate_is_refused_with_the_embedded_default() -> None:
+    with pytest.raises(ConfigErrors) as info:
+        default_config(env={"HOME": "/h", "GOPRIVATE": "["})
+    assert str(info.value) == "GOPRIVATE[0]: bad pattern '[': unterminated character class"
 
 
 def test_goprivate_applies_to_the_embedded_default() -> None:
