@@ -6,8 +6,10 @@
     ├── UpstreamError          one upstream failed to answer usefully
     │   ├── UpstreamTimeout        connect / first-byte / idle timeout
     │   ├── UpstreamConnectError   refused, reset, DNS, TLS, proxy errors
-    │   ├── UpstreamStatusError    5xx, 429, 401/407 (a failure status)
-    │   └── UpstreamTruncated      body shorter than its Content-Length
+    │   ├── UpstreamStatusError    5xx, 429, 401/407 (a failure status), a refused redirect
+    │   ├── UpstreamTruncated      body shorter than its Content-Length, or cut by a reset
+    │   └── UpstreamProtocolError  an answer the sidecar does not trust: malformed, over
+    │                              the header limits, an encoding it did not ask for
     ├── UpstreamBusy           no connection to that upstream in time (admission
     │                          overflow): the sidecar's own load, never a failure
     ├── PolicyError
@@ -85,6 +87,10 @@ class UpstreamStatusError(UpstreamError):
 
 class UpstreamTruncated(UpstreamError):
     failure = "truncated"
+
+
+class UpstreamProtocolError(UpstreamError):
+    failure = "protocol"
 
 
 class UpstreamBusy(SidecarError):

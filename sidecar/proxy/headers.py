@@ -3,6 +3,11 @@
 An allow-list rather than a hop-by-hop deny-list: a GOPROXY answer needs
 only these, and nothing an upstream sets (cookies, auth challenges, proxy
 headers) can leak through by accident.
+
+Content-Encoding is not among them because no answer that carries one
+(other than identity) gets this far: the upstream client asks for identity
+and refuses anything else (``sidecar.upstreams.client``), so the bytes
+served and cached are always the artifact itself.
 """
 
 from __future__ import annotations

@@ -2,19 +2,17 @@
 
 ``Upstream.open`` returns once response headers arrived (that is the TTFB the
 breaker sees) and raises only the UpstreamError tree, so the proxy above
-never sees a library exception. Which client does the HTTP is a backend
-(``base.Backend``):
+never sees a library exception. The HTTP is ``sender.Sender``'s, an
+HTTP/1.1 keep-alive client on asyncio transports, straight or through an
+outbound HTTP(S)_PROXY (``route``).
 
-- direct http/https upstreams use ``direct.DirectBackend``, a lean HTTP/1.1
-  keep-alive client on asyncio transports (about 40 % of a bare aiohttp
-  proxy's CPU per small request was aiohttp's client path);
-- an upstream reached through an outbound HTTP(S)_PROXY uses
-  ``fallback.AiohttpBackend`` (aiohttp);
-- ``GOPROXY_SIDECAR_UPSTREAM_CLIENT=aiohttp`` in the environment puts every
-  upstream on aiohttp: the operator's escape hatch if the direct client
-  misbehaves with some server (``http1``, the default, is the other value).
-  The name is not ``SIDECAR_...``: that prefix is reserved for configuration
-  overrides, and the config loader refuses unknown ``SIDECAR_*`` variables.
+What an upstream answers is trusted only when it is framed exactly
+(``http1``), and only as identity: the request asks for
+``Accept-Encoding: identity``, and a 200 with any other Content-Encoding is
+refused (UpstreamProtocolError). Passing it on would need its header kept
+and every byte-level rule (Content-Length, ranges, the checksum database's
+hash of a zip, the cache's SHA-256) to be about encoded bytes; relabelling
+it would serve and cache compressed bytes as the artifact.
 
 Redirects. The go command follows redirects from a GOPROXY (up to 10,
 never from https to http), and real servers send them: Athens' download
@@ -22,51 +20,35 @@ mode ``redirect`` answers 301 to another proxy, Artifactory-style stores
 answer 302 to signed storage URLs. So GET/HEAD follow up to
 ``MAX_REDIRECTS`` hops, on the pool for the upstream's own origin, on a
 one-shot connection elsewhere; credentials go only to the upstream's own
-origin, and a hop from https to http is refused. The whole chain shares one
-first-byte deadline and its TTFB.
+origin, a hop from https to http is refused, and another origin may be
+reached only at a public address or one of the upstream's own address
+classes (``addresses.RedirectGuard``). The whole chain shares one
+first-byte deadline and its TTFB. What the chain ends with is the
+upstream's answer, cached by the same rules as if it had sent it itself:
+a refused hop is the upstream's failure, and nothing from it is kept.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from time import monotonic
 from typing import Final
 from urllib.parse import urljoin, urlsplit
 
 from sidecar.config import UpstreamConfig
-from sidecar.errors import ConfigError, UpstreamStatusError
+from sidecar.errors import ConfigError, UpstreamProtocolError, UpstreamStatusError
 from sidecar.upstreams.admission import Admission
-from sidecar.upstreams.auth import basic_auth_for, outbound_proxy_for
-from sidecar.upstreams.base import ERROR_BODY_LIMIT, Backend, UpstreamResponse
-from sidecar.upstreams.direct import DirectBackend
-from sidecar.upstreams.fallback import AiohttpBackend
+from sidecar.upstreams.auth import basic_auth_for, route_for
+from sidecar.upstreams.connect import AddressRefused, Connector, Resolver
+from sidecar.upstreams.response import ERROR_BODY_LIMIT, UpstreamResponse, encoded
+from sidecar.upstreams.sender import Sender
 
 log = logging.getLogger("sidecar.upstream")
 
-CLIENT_ENV: Final = "GOPROXY_SIDECAR_UPSTREAM_CLIENT"
-CLIENTS: Final = ("http1", "aiohttp")
 NOT_FOUND_STATUSES: Final = frozenset({404, 410})
 AUTH_STATUSES: Final = frozenset({401, 407})
 REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS: Final = 3
-
-
-def client_choice(env: dict[str, str] | os._Environ[str] | None = None) -> str:
-    """``http1`` or ``aiohttp`` from CLIENT_ENV; ConfigError names the variable."""
-    value = (os.environ if env is None else env).get(CLIENT_ENV, "").strip().lower() or "http1"
-    if value not in CLIENTS:
-        raise ConfigError(CLIENT_ENV, f"expected one of {', '.join(CLIENTS)}, got {value!r}")
-    return value
-
-
-def make_backend(cfg: UpstreamConfig, choice: str | None = None) -> Backend:
-    authorization = basic_auth_for(cfg)
-    proxy = outbound_proxy_for(cfg.url)
-    limit = cfg.pool.max_connections
-    if proxy is not None or (choice or client_choice()) == "aiohttp":
-        return AiohttpBackend(cfg.name, cfg.url, limit, cfg.timeouts, authorization, proxy)
-    return DirectBackend(cfg.name, cfg.url, limit, cfg.timeouts, authorization)
 
 
 class Upstream:
@@ -74,11 +56,12 @@ class Upstream:
 
     ``active`` counts requests from ``open`` until their response is released
     (or ``open`` failed): those holding a connection and those queued for one.
-    ``admission`` is the only gate on connections (the backend's own pool
+    ``admission`` is the only gate on connections (the sender's own pool
     never makes a request wait): see ``sidecar.upstreams.admission``.
     """
 
-    def __init__(self, cfg: UpstreamConfig, role: str, backend: Backend | None = None) -> None:
+    def __init__(self, cfg: UpstreamConfig, role: str, resolver: Resolver | None = None) -> None:
+        """``resolver`` replaces the system's getaddrinfo (tests, static hosts)."""
         self.cfg = cfg
         self.name = cfg.name
         self.role = role
@@ -87,21 +70,26 @@ class Upstream:
         self.admission = Admission(cfg.name, pool.max_connections, pool.max_pending, pool.max_wait)
         self.active = 0
         self.peak = 0
-        self.backend = backend if backend is not None else make_backend(cfg)
+        self.sender = Sender(
+            cfg.name,
+            cfg.url,
+            pool.max_connections,
+            cfg.timeouts,
+            basic_auth_for(cfg),
+            Connector(cfg.name, resolver),
+        )
         self._first_byte = cfg.timeouts.first_byte
         self._auth_warned = False
 
     def __repr__(self) -> str:
-        return f"Upstream({self.name!r}, {self.role}, client={self.backend.describe()})"
+        return f"Upstream({self.name!r}, {self.role}, client={self.sender.describe()})"
 
     async def start(self) -> None:
-        await self.backend.start()
-        log.info(
-            "upstream client", extra={"upstream": self.name, "client": self.backend.describe()}
-        )
+        self.sender.start()
+        log.info("upstream client", extra={"upstream": self.name, "client": self.sender.describe()})
 
     async def close(self) -> None:
-        await self.backend.close()
+        await self.sender.close()
 
     @property
     def in_use(self) -> int:
@@ -151,7 +139,7 @@ class Upstream:
         started = monotonic()
         deadline = started + self._first_byte
         try:
-            answer = await self.backend.send(self, method, path, deadline)
+            answer = await self.sender.send(self, method, path, deadline)
             if answer.status in REDIRECT_STATUSES:
                 answer = await self._follow(answer, method, path, deadline)
         except BaseException as exc:
@@ -163,10 +151,21 @@ class Upstream:
         answer.ttfb = monotonic() - started
         answer._counted = True
         status = answer.status
-        if status == 200 or status in NOT_FOUND_STATUSES:
+        if status == 200:
+            if encoded(answer.headers) is not None:
+                self._refuse_encoding(answer)
+            return answer
+        if status in NOT_FOUND_STATUSES:
             return answer
         await self._raise_status(answer)
         raise AssertionError("unreachable")
+
+    def _refuse_encoding(self, answer: UpstreamResponse) -> None:
+        """A 200 in an encoding the sidecar did not ask for (see the module docstring)."""
+        answer.release(reuse=False)
+        raise UpstreamProtocolError(
+            self.name, f"Content-Encoding {encoded(answer.headers)!r} refused (asked for identity)"
+        )
 
     async def _follow(
         self, answer: UpstreamResponse, method: str, path: str, deadline: float
@@ -180,21 +179,26 @@ class Upstream:
             target = urljoin(url, location)
             await answer.read_text(ERROR_BODY_LIMIT)  # small HTML; lets the connection be reused
             answer.release(reuse=True)
+            status = answer.status
             scheme = urlsplit(target).scheme.lower()
             if scheme not in ("http", "https") or (url.startswith("https:") and scheme != "https"):
-                raise UpstreamStatusError(
-                    self.name,
-                    f"status {answer.status}: redirect to a non-https URL refused",
-                    answer.status,
-                )
-            answer = await self.backend.send_url(self, method, target, deadline)
+                raise self._refused(status, "redirect to a non-https URL refused")
+            try:
+                route = route_for(target)
+            except (ValueError, ConfigError) as exc:
+                raise self._refused(status, f"redirect to an unusable URL refused: {exc}") from None
+            try:
+                answer = await self.sender.send_url(self, method, target, route, deadline)
+            except AddressRefused as exc:
+                raise self._refused(status, exc.message) from None
             if answer.status not in REDIRECT_STATUSES:
                 return answer
             url = target
         answer.release(reuse=False)
-        raise UpstreamStatusError(
-            self.name, f"status {answer.status}: more than {MAX_REDIRECTS} redirects", answer.status
-        )
+        raise self._refused(answer.status, f"more than {MAX_REDIRECTS} redirects")
+
+    def _refused(self, status: int, why: str) -> UpstreamStatusError:
+        return UpstreamStatusError(self.name, f"status {status}: {why}", status)
 
     async def _raise_status(self, answer: UpstreamResponse) -> None:
         text = await answer.read_text(200)

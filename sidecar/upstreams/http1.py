@@ -9,8 +9,27 @@ Why httptools (llhttp) and not aiohttp's own parser: measured on this
 machine, a typical nginx answer (5 headers, 106 B body) costs 1.4 µs with
 httptools including the CIMultiDict of headers, against 2.3-2.8 µs for
 ``aiohttp._http_parser.HttpResponseParser``, which also hands every body to
-a pure-Python StreamReader. The same llhttp leniencies aiohttp enables for
-responses are enabled here, so both accept the same servers.
+a pure-Python StreamReader.
+
+An answer is trusted only when it is framed exactly; anything else fails
+the exchange (``UpstreamProtocolError``) or closes the connection, because
+what an upstream sends may be kept as an immutable cache entry:
+
+- llhttp runs strict (none of its leniencies): NUL, other control
+  characters and DEL in a header value, a bare CR or LF, obs-fold
+  continuation lines, duplicate Content-Length, Content-Length with
+  Transfer-Encoding are all parse errors. Strict costs nothing extra.
+- Limits are checked while bytes arrive, not only once llhttp completes a
+  field: a head (status line and fields, informational heads included) may
+  not exceed ``HEAD_LIMIT`` bytes, one line ``LINE_LIMIT``, the fields
+  ``FIELD_LIMIT``. Nothing more than ``HEAD_LIMIT`` plus one read is ever
+  parsed, so a megabyte header costs what 64 KiB cost.
+- Bytes past the end of a message (in the same read or a later one) are
+  never parsed as anything: the message they follow stands if its own
+  framing was exact, and the connection is closed, never reused.
+- A body delimited by the end of the connection ends only at a clean end
+  (a FIN, or TLS close_notify). A reset, a TLS close without close_notify
+  or the sidecar's own abort is a truncation.
 
 Framing. Content-Length bodies: the segment that completes the headers goes
 through the parser; later segments bypass it (``_remaining``) and are queued
@@ -38,7 +57,13 @@ from typing import TYPE_CHECKING, Final
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout, UpstreamTruncated
+from sidecar.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTruncated,
+)
 
 if TYPE_CHECKING:
     from sidecar.upstreams.pool import Pool
@@ -47,6 +72,12 @@ if TYPE_CHECKING:
 # 168 MB while 1 MiB and 50 MiB relays kept their speed (bench/run.py, 1 rep).
 HIGH_WATER: Final = 64 * 1024
 NO_BODY_STATUSES: Final = frozenset({204, 304})
+# Upstream heads: GOPROXY answers carry a handful of short fields; nginx's
+# own defaults for what it accepts from an upstream are 4-8 KiB.
+HEAD_LIMIT: Final = 64 * 1024
+LINE_LIMIT: Final = 16 * 1024
+FIELD_LIMIT: Final = 100
+_FIELD_OVERHEAD: Final = 4  # ": " and CRLF around a name and its value
 
 # Exchange states.
 IDLE: Final = 0  # no request in flight
@@ -61,15 +92,14 @@ class StaleConnection(UpstreamConnectError):
     once on a fresh connection."""
 
 
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp at once (``Connection.error``
+    says why, if the exchange failed)."""
+
+
 def new_parser(owner: Connection) -> httptools.HttpResponseParser:
-    parser = httptools.HttpResponseParser(owner)
-    # As aiohttp does for responses: tolerate what real servers send.
-    parser.set_dangerous_leniencies(
-        lenient_headers=True,
-        lenient_optional_cr_before_lf=True,
-        lenient_spaces_after_chunk_size=True,
-    )
-    return parser
+    # Strict: no ``set_dangerous_leniencies`` (see the module docstring).
+    return httptools.HttpResponseParser(owner)
 
 
 _ONE_SHOT_READ: Final = 64 * 1024
@@ -106,6 +136,10 @@ class Connection(asyncio.BufferedProtocol):
         self.keep_alive = False
         self.received = 0  # body bytes received
         self.buffered = 0
+        self._head_bytes = 0  # bytes fed while waiting for a head
+        self._head_size = 0  # status line and completed fields
+        self._line = 0  # length of the head line still unfinished at the end of the last read
+        self._status_line = 0  # reason phrase bytes of the current head
         self._raw: list[tuple[str, str]] = []
         self._buf: list[bytes] = []
         self._waiter: asyncio.Future[None] | None = None
@@ -232,18 +266,39 @@ class Connection(asyncio.BufferedProtocol):
             self._raw_body(data)
             return
         if state != HEADERS and state != BODY:
-            # Bytes nobody asked for: the connection's framing is lost.
-            self.keep_alive = False
-            if state == IDLE:
-                self.abort()
+            self._poison()  # bytes nobody asked for: the framing is lost
             return
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._fail(UpstreamConnectError(self.name, f"invalid HTTP response: {exc}"))
+            if self.state == DONE and self.error is None:
+                self._poison()  # bytes after a complete message: it stands, the connection goes
+            else:
+                self._fail(UpstreamProtocolError(self.name, f"invalid HTTP response: {exc}"))
+            return
+        if self.state == HEADERS:
+            self._check_partial_head(data)
+
+    def _check_partial_head(self, data: bytes) -> None:
+        """The head is still incomplete after ``data``: bound what it may still grow to."""
+        self._head_bytes += len(data)
+        newline = data.rfind(b"\n")
+        self._line = self._line + len(data) if newline < 0 else len(data) - newline - 1
+        if self._head_bytes > HEAD_LIMIT:
+            self._fail(self._refusal(f"response head over {HEAD_LIMIT} bytes"))
+        elif self._line > LINE_LIMIT:
+            self._fail(self._refusal(f"response header line over {LINE_LIMIT} bytes"))
+
+    def _refusal(self, why: str) -> UpstreamProtocolError:
+        return UpstreamProtocolError(self.name, f"invalid HTTP response: {why}")
 
     def eof_received(self) -> bool:
+        # A clean end of the stream (FIN; through TLS asyncio reports a bare
+        # FIN like a close_notify). It completes a body that runs to EOF; a
+        # reset or an abort never comes here, so it is a truncation below.
+        if self.state == BODY and self._until_eof and self.error is None:
+            self._complete()
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -254,10 +309,7 @@ class Connection(asyncio.BufferedProtocol):
             if state == HEADERS:
                 self.error = self._lost_before_headers(exc)
             elif state == BODY:
-                if self._until_eof:
-                    self.state = DONE
-                else:
-                    self.error = self._truncated()
+                self.error = self._truncated(exc)
         self.deadline = 0.0
         self._wake()
         if self.pool is not None:
@@ -271,20 +323,27 @@ class Connection(asyncio.BufferedProtocol):
             return StaleConnection(self.name, why)
         return UpstreamConnectError(self.name, why + " before answering")
 
-    def _truncated(self) -> UpstreamTruncated:
+    def _truncated(self, exc: Exception | None) -> UpstreamTruncated:
         if self.length is not None:
-            return UpstreamTruncated(
-                self.name, f"body ended after {self.received} of {self.length} bytes"
-            )
-        return UpstreamTruncated(
-            self.name, f"chunked body ended after {self.received} bytes without its last chunk"
-        )
+            why = f"body ended after {self.received} of {self.length} bytes"
+        elif self._until_eof:
+            cause = "the sidecar closed it" if exc is None else _os_reason(exc)
+            why = f"body without a length cut after {self.received} bytes ({cause})"
+        else:
+            why = f"chunked body ended after {self.received} bytes without its last chunk"
+        return UpstreamTruncated(self.name, why)
 
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None:
             self.error = error
         self.abort()
         self._wake()
+
+    def _poison(self) -> None:
+        """Bytes past the end of the message: close the connection, keep the
+        answer already received (its own framing was exact)."""
+        self.keep_alive = False
+        self.abort()
 
     # -- body bytes ----------------------------------------------------------------
 
@@ -308,10 +367,12 @@ class Connection(asyncio.BufferedProtocol):
             self._remaining = remaining - len(data)
             self._push(data)
             return
-        if len(data) > remaining:  # more than announced: do not trust the framing
-            data = data[:remaining]
-            self.keep_alive = False
         self._remaining = 0
+        if len(data) > remaining:  # more than announced: never served, the connection goes
+            self._push(data[:remaining])
+            self._complete()
+            self._poison()
+            return
         self._push(data)
         self._complete()
 
@@ -321,14 +382,39 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- httptools callbacks -----------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.state == DONE:
+            raise _Stop  # a second message in the same read: never parsed
+
+    def on_status(self, reason: bytes) -> None:
+        # Called per segment of the reason phrase: summed until the head ends.
+        self._status_line += len(reason)
+        self._head_size += len(reason)
+        if self._status_line > LINE_LIMIT:
+            self.error = self._refusal(f"status line over {LINE_LIMIT} bytes")
+            raise _Stop
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw.append((name.decode("latin-1"), value.decode("latin-1")))
+        raw = self._raw
+        line = len(name) + len(value) + _FIELD_OVERHEAD
+        size = self._head_size = self._head_size + line
+        if line > LINE_LIMIT or size > HEAD_LIMIT or len(raw) >= FIELD_LIMIT:
+            self.error = self._refusal(
+                f"header line over {LINE_LIMIT} bytes"
+                if line > LINE_LIMIT
+                else f"response head over {HEAD_LIMIT} bytes"
+                if size > HEAD_LIMIT
+                else f"more than {FIELD_LIMIT} header fields"
+            )
+            raise _Stop
+        raw.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
         if status < 200:  # 100 Continue, 103 Early Hints: the real answer follows
             self._raw = []
+            self._status_line = 0
             self._informational = True
             return
         headers = self.headers = CIMultiDictProxy(CIMultiDict(self._raw))

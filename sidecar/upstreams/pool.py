@@ -11,31 +11,26 @@
   timer per request: a uvloop timer costs a libuv handle per request, the
   sweeper one scan of at most ``limit`` connections per tick. Timeouts
   therefore fire up to ``tick`` (≤ 0.1 s) late.
-- Connecting resolves the host once a minute (cached), tries each address in
-  turn, and wraps TLS with ``ssl.create_default_context()`` and SNI; the
-  system trust store applies (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` work).
+- Connecting (DNS, Happy Eyeballs, proxy tunnels, TLS) is the
+  ``connect.Connector``'s; the pool bounds it by the connect timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
-import ssl
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
 
 from sidecar.errors import UpstreamConnectError, UpstreamTimeout
+from sidecar.upstreams.addresses import RedirectGuard
+from sidecar.upstreams.connect import Connector
 from sidecar.upstreams.http1 import Connection
+from sidecar.upstreams.route import Route
 
-DNS_TTL_S: Final = 60.0
 MAX_TICK_S: Final = 0.1
 MIN_TICK_S: Final = 0.01
-DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 READ_MAX: Final = 256 * 1024  # one socket read with few busy connections (large-zip speed)
 READ_MIN: Final = 16 * 1024
 READ_BUDGET: Final = 16 * 1024 * 1024  # what one round of reads of all busy connections may bring
@@ -43,54 +38,22 @@ READ_BUDGET: Final = 16 * 1024 * 1024  # what one round of reads of all busy con
 Waiter = tuple["asyncio.Future[Connection | None]", float]
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """scheme://host:port of an upstream (credentials never kept here)."""
-
-    scheme: str
-    host: str
-    port: int
-
-    @classmethod
-    def of(cls, url: str) -> Origin:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in DEFAULT_PORTS or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {scheme}://{parts.hostname or ''}")
-        return cls(scheme, parts.hostname, parts.port or DEFAULT_PORTS[scheme])
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "https"
-
-    @property
-    def literal(self) -> int:
-        """The address family if ``host`` is an IP literal, else 0."""
-        try:
-            ip = ipaddress.ip_address(self.host)
-        except ValueError:
-            return 0
-        return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
-
-
 class Pool:
-    """Connections to ``origin`` for one upstream named ``name``."""
+    """Connections along ``route`` for one upstream named ``name``."""
 
     def __init__(
         self,
         name: str,
-        origin: Origin,
+        route: Route,
+        connector: Connector,
         limit: int,
         connect_timeout: float,
         idle_timeout: float,
         tick: float,
     ) -> None:
         self.name = name
-        self.origin = origin
+        self.route = route
+        self.connector = connector
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
@@ -101,8 +64,6 @@ class Pool:
         self._busy: set[Connection] = set()
         self._waiters: deque[Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None
-        self._dns: dict[tuple[str, int], tuple[float, list[tuple[int, tuple[str, int]]]]] = {}
-        self._ssl: ssl.SSLContext | None = None
         self._closed = False
         # Every connection of this pool reads into this buffer and copies out
         # what arrived (buffer_updated runs right after each read), so read
@@ -258,16 +219,22 @@ class Pool:
 
     # -- connecting ----------------------------------------------------------------
 
-    async def open(self, deadline: float, origin: Origin | None = None) -> Connection:
-        """A new connection. For the pool's origin the caller holds a slot,
-        freed here on failure; another origin gets a one-shot connection."""
-        own = origin is None
-        target = self.origin if origin is None else origin
+    async def open(
+        self, deadline: float, route: Route | None = None, guard: RedirectGuard | None = None
+    ) -> Connection:
+        """A new connection. Along the pool's route the caller holds a slot,
+        freed here on failure; another route (a redirect elsewhere) gets a
+        one-shot connection, checked by ``guard``."""
+        own = route is None
         started = time.monotonic()
         budget = deadline - started
         try:
             async with asyncio.timeout(min(self.connect_timeout, budget)):
-                conn = await self._connect(target, own)
+                conn = await self.connector.connect(
+                    self.route if route is None else route,
+                    lambda: Connection(self, self.name),
+                    guard,
+                )
         except TimeoutError as exc:
             if own:
                 self._free_slot()
@@ -284,68 +251,6 @@ class Pool:
         self._busy.add(conn)
         self._ensure_sweeper()
         return conn
-
-    async def _connect(self, origin: Origin, own: bool) -> Connection:
-        loop = asyncio.get_running_loop()
-        last: OSError | None = None
-        for family, address in await self._resolve(origin):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                await loop.sock_connect(sock, address)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                ctx = self._tls_context() if origin.tls else None
-                _, conn = await loop.create_connection(
-                    lambda: Connection(self, self.name),
-                    sock=sock,
-                    ssl=ctx,
-                    server_hostname=origin.host if ctx is not None else None,
-                )
-            except ssl.SSLError as exc:
-                sock.close()
-                reason = getattr(exc, "reason", None) or type(exc).__name__
-                raise UpstreamConnectError(self.name, f"TLS error: {reason}") from exc
-            except OSError as exc:
-                sock.close()
-                last = exc
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return conn
-        why = (last.strerror or type(last).__name__) if last is not None else "no address"
-        raise UpstreamConnectError(self.name, f"cannot connect: {why}") from last
-
-    async def _resolve(self, origin: Origin) -> list[tuple[int, tuple[str, int]]]:
-        family = origin.literal
-        if family:
-            return [(family, (origin.host, origin.port))]
-        key = (origin.host, origin.port)
-        now = time.monotonic()
-        cached = self._dns.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise UpstreamConnectError(
-                self.name, f"cannot resolve host: {exc.strerror or type(exc).__name__}"
-            ) from exc
-        addresses: list[tuple[int, tuple[str, int]]] = []
-        for fam, _type, _proto, _name, sockaddr in infos:
-            entry = (int(fam), (str(sockaddr[0]), int(sockaddr[1])))
-            if entry not in addresses:
-                addresses.append(entry)
-        self._dns[key] = (now + DNS_TTL_S, addresses)
-        return addresses
-
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            ctx = ssl.create_default_context()
-            ctx.set_alpn_protocols(["http/1.1"])
-            self._ssl = ctx
-        return self._ssl
 
     # -- the sweeper ---------------------------------------------------------------
 

@@ -4,8 +4,7 @@ Every scenario is a self-contained coroutine (it starts its own servers) run
 by the ``run`` fixture on both event loops the sidecar may meet: asyncio (the
 tests' default) and uvloop (what ``goproxy-sidecar run`` uses); their
 transports differ in exactly the places a client gets wrong (writes to a
-closing transport, EOF, pause/resume). Tests that compare the two clients
-are parametrized by ``client`` as well.
+closing transport, EOF, pause/resume).
 
 The helpers here are imported by the other ``test_upstream_client_*`` files.
 """
@@ -27,14 +26,13 @@ from sidecar.config import AuthConfig, BasicAuth, PoolConfig, TimeoutsConfig, Up
 from sidecar.errors import (
     ConfigError,
     UpstreamConnectError,
+    UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeout,
     UpstreamTruncated,
 )
 from sidecar.upstreams import Upstream
-from sidecar.upstreams.client import CLIENT_ENV, client_choice, make_backend
-from sidecar.upstreams.direct import DirectBackend
-from sidecar.upstreams.fallback import AiohttpBackend
+from sidecar.upstreams.connect import Resolver
 
 SCENARIO_TIMEOUT_S = 30.0
 LOOPS: dict[str, Callable[[Coroutine[Any, Any, Any]], Any]] = {
@@ -63,11 +61,6 @@ def loop_runner(loop: str) -> Runner:
 @pytest.fixture(params=sorted(LOOPS))
 def run(request: pytest.FixtureRequest) -> Runner:
     return loop_runner(request.param)
-
-
-@pytest.fixture(params=["http1", "aiohttp"])
-def client(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 # ---------------------------------------------------------------- helpers
@@ -127,6 +120,90 @@ def keep_alive_server(respond: Callable[[bytes], bytes | None]) -> Handler:
     return handler
 
 
+class OutboundProxy:
+    """A corporate HTTP proxy on loopback: absolute-form requests are forwarded
+    (``Proxy-Authorization`` checked and dropped), ``CONNECT`` opens a byte
+    tunnel. Every head it receives from the sidecar is kept in ``seen``."""
+
+    def __init__(self, credentials: str | None = None) -> None:
+        self.credentials = credentials  # the expected Proxy-Authorization value
+        self.seen: list[bytes] = []
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        origin: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            while True:
+                head = await read_request(reader)
+                self.seen.append(head)
+                method, target, _ = head.split(b"\r\n", 1)[0].split(b" ")
+                wanted = f"Proxy-Authorization: {self.credentials}\r\n".encode()
+                if self.credentials is not None and wanted not in head:
+                    writer.write(answer(b"", "407 Proxy Authentication Required"))
+                    await writer.drain()
+                    continue
+                if method == b"CONNECT":
+                    host, port = target.decode().rsplit(":", 1)
+                    up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    await _pipe_both(reader, writer, up_reader, up_writer)
+                    return
+                origin = origin or await asyncio.open_connection(
+                    *target.decode().split("/")[2].rsplit(":", 1)
+                )
+                await self._forward(head, target, origin, writer)
+        finally:
+            if origin is not None:
+                origin[1].transport.abort()
+
+    async def _forward(
+        self,
+        head: bytes,
+        target: bytes,
+        origin: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        method, rest = head.split(b" ", 1)
+        path = b"/" + target.split(b"/", 3)[3]
+        lines = [
+            line for line in rest.split(b"\r\n")[1:] if not line.startswith(b"Proxy-Authorization")
+        ]
+        up_reader, up_writer = origin
+        up_writer.write(method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines))
+        reply = await read_request(up_reader)
+        length = int(reply.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        writer.write(reply + await up_reader.readexactly(length))
+        await writer.drain()
+
+
+async def _pipe_both(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+) -> None:
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+        dst.close()
+
+    try:
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    finally:
+        up_writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def outbound_proxy(
+    credentials: str | None = None,
+) -> AsyncIterator[tuple[str, OutboundProxy]]:
+    proxy = OutboundProxy(credentials)
+    async with raw_server(proxy.handle) as url:
+        yield url, proxy
+
+
 @contextlib.asynccontextmanager
 async def aiohttp_server(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
@@ -144,13 +221,13 @@ async def aiohttp_server(
 @contextlib.asynccontextmanager
 async def upstream(
     url: str,
-    client: str = "http1",
     limit: int = 8,
     connect: float = 1.0,
     first_byte: float = 1.0,
     idle: float = 1.0,
     auth: AuthConfig | None = None,
     max_wait: float = 2.0,
+    resolver: Resolver | None = None,
 ) -> AsyncIterator[Upstream]:
     cfg = UpstreamConfig(
         name="up",
@@ -159,7 +236,7 @@ async def upstream(
         timeouts=TimeoutsConfig(connect, first_byte, idle),
         auth=auth or AuthConfig(),
     )
-    up = Upstream(cfg, "primary", backend=make_backend(cfg, client))
+    up = Upstream(cfg, "primary", resolver=resolver)
     await up.start()
     try:
         yield up
@@ -179,49 +256,21 @@ async def fetch(up: Upstream, path: str = "m/@v/list", method: str = "GET") -> t
 
 
 def opened(up: Upstream) -> int:
-    backend = up.backend
-    assert isinstance(backend, DirectBackend)
-    return backend.pool.opened
+    return up.sender.pool.opened
 
 
 def pool_size(up: Upstream) -> int:
-    backend = up.backend
-    assert isinstance(backend, DirectBackend)
-    return backend.pool.size
+    return up.sender.pool.size
 
 
-# ---------------------------------------------------------------- backend choice
+# ---------------------------------------------------------------- through the sidecar
 
 
-def test_the_escape_hatch_picks_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = UpstreamConfig(name="up", url="http://127.0.0.1:1")
-    monkeypatch.delenv(CLIENT_ENV, raising=False)
-    assert isinstance(make_backend(cfg), DirectBackend)
-    monkeypatch.setenv(CLIENT_ENV, "aiohttp")
-    assert isinstance(make_backend(cfg), AiohttpBackend)
-    monkeypatch.setenv(CLIENT_ENV, "curl")
-    with pytest.raises(ConfigError) as err:
-        client_choice()
-    assert err.value.key == CLIENT_ENV
-
-
-def test_an_outbound_proxy_keeps_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(CLIENT_ENV, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", "http://bob:pr0xy-secret@corp-proxy:3128")
-    backend = make_backend(UpstreamConfig(name="up", url="https://proxy.golang.org"))
-    assert isinstance(backend, AiohttpBackend)
-    assert "pr0xy-secret" not in repr(backend.__dict__) + backend.describe()
-
-
-@pytest.mark.parametrize("choice", ["http1", "aiohttp"])
-async def test_the_sidecar_serves_through_either_client(
-    fake_upstreams, sidecar_client, monkeypatch, choice
-) -> None:
-    monkeypatch.setenv(CLIENT_ENV, choice)
+async def test_the_sidecar_serves_through_its_client(fake_upstreams, sidecar_client) -> None:
     [(fake, url)] = await fake_upstreams(1)
     fake.set("example.com/m/@v/v1.0.0.info", b'{"Version":"v1.0.0"}')
     client, sidecar = await sidecar_client([url])
-    assert sidecar.upstreams["up0"].backend.describe() == choice
+    assert sidecar.upstreams["up0"].sender.describe() == "http1"
     for _ in range(3):
         resp = await client.get("/example.com/m/@v/v1.0.0.info")
         assert resp.status == 200 and await resp.read() == b'{"Version":"v1.0.0"}'
@@ -232,7 +281,7 @@ async def test_the_sidecar_serves_through_either_client(
 # ---------------------------------------------------------------- passthrough
 
 
-def test_bodies_pass_byte_exact_and_connections_are_reused(run, client) -> None:
+def test_bodies_pass_byte_exact_and_connections_are_reused(run) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -243,7 +292,7 @@ def test_bodies_pass_byte_exact_and_connections_are_reused(run, client) -> None:
         return web.Response(status=404, text="not found: " + request.path)
 
     async def scenario() -> None:
-        async with aiohttp_server(handler) as url, upstream(url, client) as up:
+        async with aiohttp_server(handler) as url, upstream(url) as up:
             for _ in range(3):
                 assert await fetch(up, "m/@v/v1.0.0.zip") == (200, payload)
                 status, body = await fetch(up, "m/@v/v1.0.0.info")
@@ -253,8 +302,7 @@ def test_bodies_pass_byte_exact_and_connections_are_reused(run, client) -> None:
             assert "not found" in await resp.read_text()
             resp.release()
             assert up.active == 0 and up.peak == 1
-            if client == "http1":
-                assert opened(up) == 1
+            assert opened(up) == 1
 
     run(scenario())
 
@@ -275,7 +323,7 @@ def test_request_line_and_headers(run) -> None:
             await fetch(up, "github.com/!azure/go-autorest/@v/v1.0.0.info")
             await fetch(up, "m/@v/v1.0.0.info", "HEAD")
             for secret in ("s3cret-pw", "Y2ktYm90OnMzY3JldC1wdw"):  # plain and base64
-                assert secret not in repr(up) + repr(up.backend) + repr(up.backend.pool)
+                assert secret not in repr(up) + repr(up.sender.route) + repr(up.sender.pool.route)
         port = url.rsplit(":", 1)[1]
         first, head = seen[0].decode(), seen[1].decode()
         assert first.startswith(
@@ -294,7 +342,7 @@ def test_request_line_and_headers(run) -> None:
     run(scenario())
 
 
-def test_chunked_and_close_delimited_bodies(run, client) -> None:
+def test_chunked_and_close_delimited_bodies(run) -> None:
     body = b"x" * 70000 + b"y" * 3
 
     async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -313,19 +361,17 @@ def test_chunked_and_close_delimited_bodies(run, client) -> None:
         await writer.drain()
 
     async def scenario() -> None:
-        async with raw_server(chunked) as url, upstream(url, client) as up:
+        async with raw_server(chunked) as url, upstream(url) as up:
             for _ in range(2):
                 resp = await up.open("m/@v/list")
                 assert resp.content_length is None
                 assert b"".join([c async for c in resp.chunks()]) == body
                 resp.release()
-            if client == "http1":
-                assert opened(up) == 1
-        async with raw_server(until_eof) as url, upstream(url, client) as up:
+            assert opened(up) == 1
+        async with raw_server(until_eof) as url, upstream(url) as up:
             assert await fetch(up) == (200, body)
             assert await fetch(up) == (200, body)  # a new connection each time
-            if client == "http1":
-                assert opened(up) == 2
+            assert opened(up) == 2
 
     run(scenario())
 
@@ -351,24 +397,23 @@ def test_head_has_no_body_and_keeps_the_connection(run) -> None:
 # ---------------------------------------------------------------- failures
 
 
-def test_status_failures_carry_the_body_text(run, client) -> None:
+def test_status_failures_carry_the_body_text(run) -> None:
     def respond(request: bytes) -> bytes:
         return answer(b"maintenance window", "503 Service Unavailable")
 
     async def scenario() -> None:
-        async with raw_server(keep_alive_server(respond)) as url, upstream(url, client) as up:
+        async with raw_server(keep_alive_server(respond)) as url, upstream(url) as up:
             for _ in range(2):
                 with pytest.raises(UpstreamStatusError) as err:
                     await up.open("m/@v/list")
                 assert err.value.status == 503 and "maintenance window" in err.value.message
             assert up.active == 0
-            if client == "http1":
-                assert opened(up) == 1  # the body was read: the connection stays
+            assert opened(up) == 1  # the body was read: the connection stays
 
     run(scenario())
 
 
-def test_short_bodies_are_truncation(run, client) -> None:
+def test_short_bodies_are_truncation(run) -> None:
     async def short_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"z" * 70000)
@@ -381,7 +426,7 @@ def test_short_bodies_are_truncation(run, client) -> None:
 
     async def scenario() -> None:
         for handler in (short_length, short_chunked):
-            async with raw_server(handler) as url, upstream(url, client) as up:
+            async with raw_server(handler) as url, upstream(url) as up:
                 resp = await up.open("m/@v/v1.0.0.zip")
                 received = 0
                 with pytest.raises(UpstreamTruncated):
@@ -394,7 +439,7 @@ def test_short_bodies_are_truncation(run, client) -> None:
     run(scenario())
 
 
-def test_slow_headers_and_slow_bodies_time_out(run, client) -> None:
+def test_slow_headers_and_slow_bodies_time_out(run) -> None:
     async def slow_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         await asyncio.sleep(5)
@@ -407,13 +452,13 @@ def test_slow_headers_and_slow_bodies_time_out(run, client) -> None:
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        async with raw_server(slow_headers) as url, upstream(url, client, first_byte=0.3) as up:
+        async with raw_server(slow_headers) as url, upstream(url, first_byte=0.3) as up:
             started = loop.time()
             with pytest.raises(UpstreamTimeout) as err:
                 await up.open("m/@v/list")
             assert 0.25 < loop.time() - started < 1.0
             assert "first byte" in err.value.message and up.active == 0
-        async with raw_server(stalled_body) as url, upstream(url, client, idle=0.3) as up:
+        async with raw_server(stalled_body) as url, upstream(url, idle=0.3) as up:
             resp = await up.open("m/@v/list")
             started = loop.time()
             with pytest.raises(UpstreamTimeout) as err:
@@ -427,19 +472,19 @@ def test_slow_headers_and_slow_bodies_time_out(run, client) -> None:
     run(scenario())
 
 
-def test_reset_and_refused_are_connect_errors(run, client) -> None:
+def test_reset_and_refused_are_connect_errors(run) -> None:
     async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.transport.abort()
 
     async def scenario() -> None:
-        async with raw_server(reset) as url, upstream(url, client) as up:
+        async with raw_server(reset) as url, upstream(url) as up:
             with pytest.raises(UpstreamConnectError):
                 await up.open("m/@v/list")
             assert up.active == 0
         async with raw_server(reset) as url:
             pass  # closed: its port now refuses
-        async with upstream(url, client) as up:
+        async with upstream(url) as up:
             with pytest.raises(UpstreamConnectError) as err:
                 await up.open("m/@v/list")
             assert "connect" in err.value.message.lower()
@@ -448,7 +493,7 @@ def test_reset_and_refused_are_connect_errors(run, client) -> None:
     run(scenario())
 
 
-def test_a_connect_that_hangs_times_out(run, client) -> None:
+def test_a_connect_that_hangs_times_out(run) -> None:
     # A listener whose accept queue is full drops new SYNs: connect() hangs.
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -462,15 +507,14 @@ def test_a_connect_that_hangs_times_out(run, client) -> None:
 
     async def scenario() -> None:
         url = f"http://127.0.0.1:{port}"
-        async with upstream(url, client, connect=0.3, first_byte=5.0) as up:
+        async with upstream(url, connect=0.3, first_byte=5.0) as up:
             loop = asyncio.get_running_loop()
             started = loop.time()
             with pytest.raises(UpstreamTimeout) as err:
                 await up.open("m/@v/list")
             assert loop.time() - started < 1.5
             assert "connect" in err.value.message and up.active == 0
-            if client == "http1":
-                assert opened(up) == 0 and pool_size(up) == 0
+            assert opened(up) == 0 and pool_size(up) == 0
 
     try:
         run(scenario())
@@ -488,7 +532,7 @@ def test_an_invalid_answer_is_a_connect_error(run) -> None:
 
     async def scenario() -> None:
         async with raw_server(garbage) as url, upstream(url) as up:
-            with pytest.raises(UpstreamConnectError) as err:
+            with pytest.raises(UpstreamProtocolError) as err:
                 await up.open("m/@v/list")
             assert "invalid HTTP response" in err.value.message
 
@@ -498,7 +542,7 @@ def test_an_invalid_answer_is_a_connect_error(run) -> None:
 # ---------------------------------------------------------------- redirects
 
 
-def test_redirects_are_followed_and_credentials_stay_home(run, client) -> None:
+def test_redirects_are_followed_and_credentials_stay_home(run) -> None:
     seen: list[bytes] = []
 
     def elsewhere(request: bytes) -> bytes:
@@ -521,7 +565,7 @@ def test_redirects_are_followed_and_credentials_stay_home(run, client) -> None:
             auth = AuthConfig(basic=BasicAuth("U", "P", username="u", password="pw"))
             async with (
                 raw_server(keep_alive_server(home)) as url,
-                upstream(url + "/goproxy", client, auth=auth) as up,
+                upstream(url + "/goproxy", auth=auth) as up,
             ):
                 assert await fetch(up, "m/@v/v1.0.0.zip") == (200, b"zip bytes from storage")
                 with pytest.raises(UpstreamStatusError) as err:
@@ -534,3 +578,67 @@ def test_redirects_are_followed_and_credentials_stay_home(run, client) -> None:
         assert b"Authorization" not in seen[2]
 
     run(scenario())
+
+
+# ---------------------------------------------------------------- outbound proxy
+
+
+PROXY_AUTH = "Basic Ym9iOnByMHh5LXNlY3JldA=="  # bob:pr0xy-secret
+
+
+def test_an_http_upstream_is_forwarded_through_http_proxy(run, monkeypatch) -> None:
+    seen: list[bytes] = []
+
+    def respond(request: bytes) -> bytes:
+        seen.append(request)
+        return answer(b"via proxy")
+
+    async def scenario() -> None:
+        auth = AuthConfig(basic=BasicAuth("U", "P", username="u", password="upstream-pw"))
+        async with (
+            raw_server(keep_alive_server(respond)) as url,
+            outbound_proxy(PROXY_AUTH) as (proxy_url, proxy),
+        ):
+            host = proxy_url.removeprefix("http://")
+            monkeypatch.setenv("HTTP_PROXY", f"http://bob:pr0xy-secret@{host}")
+            async with upstream(url + "/base", auth=auth) as up:
+                for _ in range(3):
+                    assert await fetch(up, "m/@v/v1.0.0.info") == (200, b"via proxy")
+                assert "via outbound proxy" in repr(up) and "forward" in repr(up)
+                assert "pr0xy-secret" not in repr(up) + repr(up.sender.route)
+                assert opened(up) == 1 and proxy.connections == 1  # pooled like a direct one
+        assert len(proxy.seen) == 3
+        assert proxy.seen[0].startswith(f"GET {url}/base/m/@v/v1.0.0.info HTTP/1.1\r\n".encode())
+        assert f"Proxy-Authorization: {PROXY_AUTH}\r\n".encode() in proxy.seen[0]
+        assert seen[0].startswith(b"GET /base/m/@v/v1.0.0.info HTTP/1.1\r\n")
+        assert b"Authorization: Basic dTp1cHN0cmVhbS1wdw==" in seen[0]  # the upstream's own
+        assert b"Proxy-Authorization" not in seen[0]
+
+    run(scenario())
+
+
+def test_no_proxy_and_a_refusing_proxy(run, monkeypatch) -> None:
+    async def scenario() -> None:
+        async with (
+            raw_server(keep_alive_server(lambda _: answer(b"direct"))) as url,
+            outbound_proxy(PROXY_AUTH) as (proxy_url, proxy),
+        ):
+            monkeypatch.setenv("HTTP_PROXY", proxy_url)  # no credentials: 407
+            async with upstream(url) as up:
+                with pytest.raises(UpstreamStatusError) as err:
+                    await up.open("m/@v/list")
+                assert err.value.status == 407 and up.active == 0
+            monkeypatch.setenv("NO_PROXY", "example.org,127.0.0.1")
+            async with upstream(url) as up:
+                assert await fetch(up) == (200, b"direct")
+                assert repr(up).endswith("client=http1)")
+        assert len(proxy.seen) == 1  # only the refused one
+
+    run(scenario())
+
+
+def test_only_http_proxies_are_supported(monkeypatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "https://bob:pr0xy-secret@corp-proxy:3128")
+    with pytest.raises(ConfigError) as err:
+        Upstream(UpstreamConfig(name="up", url="https://proxy.golang.org"), "primary")
+    assert err.value.key == "HTTPS_PROXY" and "pr0xy-secret" not in str(err.value)

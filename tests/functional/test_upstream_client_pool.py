@@ -1,4 +1,4 @@
-"""The direct client's pool: limits, FIFO waiters, cancellation, stale keep-alives,
+"""The upstream client's pool: limits, FIFO waiters, cancellation, stale keep-alives,
 idle expiry, and flow control with a slow consumer."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 
 from sidecar.errors import UpstreamBusy, UpstreamConnectError
 from sidecar.upstreams import Upstream
-from sidecar.upstreams.direct import DirectBackend, Http1Response
 from sidecar.upstreams.http1 import HIGH_WATER
 from sidecar.upstreams.pool import Pool
+from sidecar.upstreams.response import UpstreamResponse
 from tests.functional.test_upstream_client import (
     LOOPS,
     Runner,
@@ -34,8 +34,7 @@ MIB = 1024 * 1024
 
 
 def pool_of(up: Upstream) -> Pool:
-    assert isinstance(up.backend, DirectBackend)
-    return up.backend.pool
+    return up.sender.pool
 
 
 class Gate:
@@ -286,7 +285,7 @@ def test_a_slow_consumer_keeps_the_buffer_bounded(run) -> None:
     async def scenario() -> None:
         async with raw_server(big) as url, upstream(url, idle=5.0) as up:
             resp = await up.open("m/@v/v1.0.0.zip")
-            assert isinstance(resp, Http1Response)
+            assert isinstance(resp, UpstreamResponse)
             received = chunks = 0
             worst = 0
             async for chunk in resp.chunks():

@@ -1,8 +1,10 @@
 """https upstreams: verification against the system trust store, SNI, keep-alive
-over TLS, flow control through the TLS transport, https->http redirects refused.
+over TLS, flow control through the TLS transport, https->http redirects refused,
+CONNECT tunnels through an outbound proxy.
 
-The certificate is self-signed and generated here (``cryptography``); the
-client trusts it the way an operator would, through ``SSL_CERT_FILE``.
+The certificate is self-signed and generated here (``cryptography``, a
+runtime dependency); the client trusts it the way an operator would, through
+``SSL_CERT_FILE``.
 """
 
 from __future__ import annotations
@@ -14,22 +16,22 @@ import ssl
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-cryptography = pytest.importorskip("cryptography")
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
-
-from sidecar.errors import UpstreamConnectError, UpstreamStatusError  # noqa: E402
-from tests.functional.test_upstream_client import (  # noqa: E402
+from sidecar.errors import UpstreamConnectError, UpstreamStatusError
+from tests.functional.test_upstream_client import (
     LOOPS,
+    PROXY_AUTH,
     Runner,
     answer,
     fetch,
     keep_alive_server,
     loop_runner,
     opened,
+    outbound_proxy,
     raw_server,
     read_request,
     upstream,
@@ -157,5 +159,85 @@ def test_a_redirect_from_https_to_http_is_refused(run, cert, monkeypatch) -> Non
                 assert err.value.status == 302 and "non-https" in err.value.message
                 assert up.active == 0
         assert plain_hits == []
+
+    run(scenario())
+
+
+def test_close_delimited_body_over_tls_ends_at_close_notify(run, cert, monkeypatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
+    body = b"t" * 100_000
+
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body)
+        writer.close()  # close_notify, then FIN
+        await writer.wait_closed()
+
+    async def scenario() -> None:
+        ctx = server_context(cert, [])
+        async with raw_server(until_close, ssl=ctx) as url, upstream(by_name(url)) as up:
+            assert await fetch(up) == (200, body)
+
+    run(scenario())
+
+
+def test_an_https_upstream_is_tunnelled_through_https_proxy(run, cert, monkeypatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
+    names: list[str | None] = []
+    seen: list[bytes] = []
+
+    def respond(request: bytes) -> bytes:
+        seen.append(request)
+        return answer(b"tunnelled")
+
+    async def scenario() -> None:
+        ctx = server_context(cert, names)
+        async with (
+            raw_server(keep_alive_server(respond), ssl=ctx) as url,
+            outbound_proxy(PROXY_AUTH) as (proxy_url, proxy),
+        ):
+            host = proxy_url.removeprefix("http://")
+            monkeypatch.setenv("HTTPS_PROXY", f"bob:pr0xy-secret@{host}")  # scheme optional
+            async with upstream(by_name(url) + "/base") as up:
+                for _ in range(3):
+                    assert await fetch(up, "m/@v/v1.0.0.zip") == (200, b"tunnelled")
+                assert "tunnel" in repr(up) and "pr0xy-secret" not in repr(up)
+                assert opened(up) == 1 and proxy.connections == 1  # one tunnel, kept alive
+        port = url.rsplit(":", 1)[1]
+        # The proxy saw one CONNECT with its credentials, nothing of the requests.
+        assert len(proxy.seen) == 1
+        assert proxy.seen[0].startswith(f"CONNECT {HOST}:{port} HTTP/1.1\r\n".encode())
+        assert f"Proxy-Authorization: {PROXY_AUTH}\r\n".encode() in proxy.seen[0]
+        assert names == [HOST]  # SNI for the upstream, verified for its name
+        assert len(seen) == 3 and seen[0].startswith(b"GET /base/m/@v/v1.0.0.zip HTTP/1.1\r\n")
+        assert b"Proxy-Authorization" not in seen[0]
+
+    run(scenario())
+
+
+def test_a_tunnel_is_verified_and_a_refusing_proxy_is_a_status_failure(
+    run, cert, monkeypatch
+) -> None:
+    async def scenario() -> None:
+        ctx = server_context(cert, [])
+        async with (
+            raw_server(keep_alive_server(lambda _: answer(b"{}")), ssl=ctx) as url,
+            outbound_proxy(PROXY_AUTH) as (proxy_url, _proxy),
+        ):
+            monkeypatch.setenv("HTTPS_PROXY", proxy_url)  # no credentials: 407
+            async with upstream(by_name(url)) as up:
+                with pytest.raises(UpstreamStatusError) as err:
+                    await up.open("m/@v/list")
+                assert (
+                    err.value.status == 407 and "outbound proxy answered 407" in err.value.message
+                )
+            host = proxy_url.removeprefix("http://")
+            monkeypatch.setenv("HTTPS_PROXY", f"http://bob:pr0xy-secret@{host}")
+            monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # the upstream is not trusted now
+            async with upstream(by_name(url)) as up:
+                with pytest.raises(UpstreamConnectError) as err2:
+                    await up.open("m/@v/list")
+                assert "CERTIFICATE_VERIFY_FAILED" in err2.value.message
+                assert up.active == 0
 
     run(scenario())

@@ -12,10 +12,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.errors import UpstreamConnectError, UpstreamTimeout, UpstreamTruncated
-from sidecar.upstreams.direct import encode_path, encode_target, header_block
-from sidecar.upstreams.http1 import BODY, DONE, HEADERS, HIGH_WATER, Connection, StaleConnection
-from sidecar.upstreams.pool import Origin
+from sidecar.errors import (
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTruncated,
+)
+from sidecar.upstreams.http1 import (
+    BODY,
+    DONE,
+    FIELD_LIMIT,
+    HEAD_LIMIT,
+    HEADERS,
+    HIGH_WATER,
+    LINE_LIMIT,
+    Connection,
+    StaleConnection,
+)
+from sidecar.upstreams.route import Origin, Route
+from sidecar.upstreams.sender import encode_path, encode_target, header_block
 
 
 class FakeTransport(asyncio.Transport):
@@ -134,16 +149,37 @@ def test_chunked_bodies_survive_any_segmentation(parts: list[bytes], cuts: list[
     asyncio.run(scenario())
 
 
-async def test_body_without_length_ends_at_eof_and_is_not_kept() -> None:
+async def test_body_without_length_ends_at_a_clean_eof_and_is_not_kept() -> None:
     conn, _ = connection()
     conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nsome")
     conn.data_received(b" bytes")
     assert conn.state == BODY
+    assert conn.eof_received() is False  # a FIN: the transport closes itself
     conn.connection_lost(None)
     assert conn.state == DONE and conn.error is None
     assert body_of(conn) == b"some bytes"
     assert not conn.reusable
+
+
+async def test_body_without_length_cut_by_a_reset_is_truncation() -> None:
+    conn, _ = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart of")
+    conn.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+    assert conn.state == BODY
+    assert isinstance(conn.error, UpstreamTruncated)
+    assert "7 bytes" in conn.error.message and "reset" in conn.error.message
+
+
+async def test_body_without_length_cut_by_our_own_abort_is_truncation() -> None:
+    # Shutdown, an idle timeout: the sidecar ended it, so the body is not whole.
+    conn, transport = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    conn.data_received(b"HTTP/1.1 200 OK\r\n\r\npart of")
+    conn.abort()
+    conn.connection_lost(None)
+    assert transport.aborted and isinstance(conn.error, UpstreamTruncated)
 
 
 async def test_eof_inside_a_content_length_body_is_truncation() -> None:
@@ -261,7 +297,7 @@ async def test_garbage_is_an_invalid_response() -> None:
     conn, transport = connection()
     conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
     conn.data_received(b"SSH-2.0-OpenSSH_9.2\r\n")
-    assert isinstance(conn.error, UpstreamConnectError)
+    assert isinstance(conn.error, UpstreamProtocolError)
     assert "invalid HTTP response" in conn.error.message
     assert transport.aborted
 
@@ -323,12 +359,12 @@ def test_request_targets_are_escaped_only_when_needed() -> None:
 
 
 def test_header_block_is_constant_and_carries_auth_only_when_given() -> None:
-    origin = Origin.of("https://proxy.example:8443/base")
-    block = header_block(origin, None, keep_alive=True)
+    route = Route(Origin.of("https://proxy.example:8443/base"))
+    block = header_block(route, None, keep_alive=True)
     assert block.startswith(b" HTTP/1.1\r\nHost: proxy.example:8443\r\n")
     assert b"Accept-Encoding: identity\r\n" in block and b"Connection: keep-alive" in block
     assert block.endswith(b"\r\n\r\n") and b"Authorization" not in block
-    with_auth = header_block(origin, "Basic eDp5", keep_alive=False)
+    with_auth = header_block(route, "Basic eDp5", keep_alive=False)
     assert b"Authorization: Basic eDp5\r\n" in with_auth and b"Connection: close" in with_auth
 
 
@@ -340,3 +376,145 @@ def test_origins() -> None:
     assert Origin.of("http://127.0.0.1:3000").literal and not Origin.of("http://h").literal
     with pytest.raises(ValueError):
         Origin.of("ftp://h")
+
+
+# ---------------------------------------------------------------- bytes past the end
+
+
+async def test_a_second_message_in_the_same_read_is_never_parsed() -> None:
+    conn, transport = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    evil = b"HTTP/1.1 502 Bad\r\nX-Evil: 1\r\nContent-Length: 4\r\n\r\nevil"
+    conn.data_received(response(b"12345") + evil)
+    assert conn.state == DONE and conn.error is None
+    assert conn.status == 200 and conn.headers is not None and "X-Evil" not in conn.headers
+    assert body_of(conn) == b"12345"
+    assert transport.aborted and not conn.reusable
+
+
+# (A bare CRLF after a message is skipped by llhttp: it carries nothing.)
+@pytest.mark.parametrize("extra", [b"EVIL", b"HTTP/1.1 200 OK\r\n", b"\r\nHTTP/1.1 200 OK\r\n"])
+async def test_bytes_after_a_chunked_body_close_the_connection(extra: bytes) -> None:
+    conn, transport = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    conn.data_received(chunked([b"abc", b"def"]) + extra)
+    assert conn.error is None and body_of(conn) == b"abcdef"
+    assert transport.aborted and not conn.reusable
+
+
+async def test_bytes_after_a_complete_answer_in_a_later_read_close_the_connection() -> None:
+    conn, transport = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    conn.data_received(response(b"12345"))
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+    assert body_of(conn) == b"12345" and conn.error is None
+    assert transport.aborted and not conn.reusable
+
+
+# ---------------------------------------------------------------- strict parsing
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"X-A: a\x00b",  # NUL
+        b"X-A: a\x01b",  # other C0
+        b"X-A: a\x1bb",
+        b"X-A: a\x7fb",  # DEL
+        b"X-A: a\rb",  # bare CR
+        b"X-A: a\nX-B: b",  # bare LF
+        b"X-A: a\r\n folded",  # obs-fold
+        b"X-A: a\r\n\tfolded",
+        b"X A: a",  # not a token
+    ],
+)
+async def test_control_characters_and_obs_fold_are_refused(field: bytes) -> None:
+    conn, transport = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    conn.data_received(b"HTTP/1.1 200 OK\r\n" + field + b"\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(conn.error, UpstreamProtocolError)
+    assert "invalid HTTP response" in conn.error.message
+    assert conn.headers is None and transport.aborted
+
+
+async def test_tabs_and_non_ascii_in_values_pass() -> None:
+    conn, _ = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    conn.data_received(response(b"ok", extra="X-A: a\tb\r\n") + b"")
+    assert conn.error is None and conn.headers is not None and conn.headers["X-A"] == "a\tb"
+    conn2, _ = connection()
+    conn2.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    conn2.data_received(b"HTTP/1.1 200 OK\r\nX-A: caf\xe9\r\nContent-Length: 0\r\n\r\n")
+    assert conn2.error is None and conn2.headers is not None and conn2.headers["X-A"] == "caf\xe9"
+
+
+# ---------------------------------------------------------------- header limits
+
+
+def head_of(fields: list[bytes]) -> bytes:
+    return b"HTTP/1.1 200 OK\r\n" + b"".join(f + b"\r\n" for f in fields)
+
+
+async def test_an_unterminated_megabyte_header_is_refused_after_the_head_limit() -> None:
+    conn, transport = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    segment = b"a" * (8 * 1024)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nX-Big: ")
+    fed = 0
+    while conn.error is None and fed < 1024 * 1024:
+        conn.data_received(segment)
+        fed += len(segment)
+    assert isinstance(conn.error, UpstreamProtocolError) and transport.aborted
+    # Stopped at the line limit, long before the megabyte was read.
+    assert "line over" in conn.error.message and fed <= LINE_LIMIT + len(segment)
+
+
+async def test_a_head_over_the_limit_in_short_lines_is_refused_while_it_arrives() -> None:
+    conn, transport = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    fields = [b"X-F%02d: " % i + b"v" * 1000 for i in range(90)]  # ~90 KiB, each line short
+    raw = head_of(fields)
+    fed = 0
+    while conn.error is None and fed < len(raw):
+        conn.data_received(raw[fed : fed + 4096])
+        fed += 4096
+    assert isinstance(conn.error, UpstreamProtocolError) and transport.aborted
+    assert "head over" in conn.error.message and fed <= HEAD_LIMIT + 4096
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ([b"X-Long: " + b"v" * LINE_LIMIT], "line over"),
+        ([b"X-F%d: v" % i for i in range(FIELD_LIMIT + 1)], "more than"),
+        ([b"X-F%02d: " % i + b"v" * 8000 for i in range(9)], "head over"),
+    ],
+)
+async def test_head_limits_hold_in_a_single_read(fields: list[bytes], why: str) -> None:
+    conn, transport = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    conn.data_received(head_of([*fields, b"Content-Length: 2"]) + b"\r\nok")
+    assert isinstance(conn.error, UpstreamProtocolError) and why in conn.error.message
+    assert conn.headers is None and transport.aborted
+
+
+async def test_a_long_status_line_is_refused() -> None:
+    conn, _ = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    reason = b"O" * (LINE_LIMIT + 1)
+    conn.data_received(b"HTTP/1.1 200 " + reason[:9000])
+    conn.data_received(reason[9000:] + b"\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(conn.error, UpstreamProtocolError) and "line over" in conn.error.message
+
+
+async def test_a_head_just_within_the_limits_passes() -> None:
+    conn, _ = connection()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", False, 0.0)
+    fields = [b"X-F%02d: " % i + b"v" * 470 for i in range(FIELD_LIMIT - 2)]
+    fields.append(b"X-Long: " + b"v" * (LINE_LIMIT - 20))
+    raw = head_of([*fields, b"Content-Length: 2"]) + b"\r\nok"
+    assert HEAD_LIMIT - 4096 < len(raw) < HEAD_LIMIT
+    for i in range(0, len(raw), 3000):
+        conn.data_received(raw[i : i + 3000])
+    assert conn.error is None and conn.state == DONE and body_of(conn) == b"ok"
+    assert conn.headers is not None and len(conn.headers) == FIELD_LIMIT
