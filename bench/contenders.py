@@ -171,7 +171,8 @@ class Nginx(Contender):
             trips=len(trips),
             detail=f"'{NGINX_TRIP}' in error.log"
             + (f"; {dead} 'no live upstreams'" if dead else ""),
-            first_trip_at=trips[0] if trips else None,
+            # error.log has whole seconds: the end of that second is the bound.
+            first_trip_at=trips[0] + 1.0 if trips else None,
         )
 
     def notes(self) -> str:

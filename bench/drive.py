@@ -1,6 +1,6 @@
 """Closed-loop load for bench/resilience.py: N clients, one request at a time each.
 
-    python3 -m bench.drive --target URL [--target URL ...] --clients 64 --duration 8 \\
+    python3 -m bench.drive --target URL [--target URL ...] --clients 64 --phases 2,8,20 \\
         --mix info:3,head:1 --nonce abc --start-at EPOCH --out FILE
 
 Every request asks for a path no earlier request asked for (module
@@ -20,16 +20,19 @@ next request, as the next go command would). The go command's HTTP client
 has no timeout; here every request, fallbacks included, is cut at
 ``--cap`` seconds and counted as a ``timeout`` failure.
 
-Clients stop starting requests at ``start_at + duration`` (or after
+Clients stop starting requests at the end of the last phase (or after
 ``--max-requests``); requests in flight then end on their own or at the
-cap. Writes one JSON document to ``--out``.
+cap. Writes one JSON document to ``--out``: the whole run, each phase (the
+requests that started in it) and a per-second series of ok / failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
+import itertools
 import json
 import time
 from pathlib import Path
@@ -78,39 +81,51 @@ def request_for(kind: str, prefix: str, n: int) -> tuple[str, str]:
     return method, f"{module}/{tail}"
 
 
-class Recorder:
-    """Outcomes, latencies and a per-second series, as the clients saw them."""
+class Tally:
+    """Outcomes and latencies of a set of requests."""
 
-    def __init__(self, start_at: float) -> None:
-        self.start_at = start_at
+    def __init__(self) -> None:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.latency_ms: list[float] = []
-        self.ok_ms: list[float] = []
-        self.series: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
-        self.fallbacks = 0
 
-    def add(self, outcome: str, seconds: float) -> None:
+    def add(self, outcome: str, ms: float) -> None:
         self.outcomes[outcome] += 1
-        ms = seconds * 1000
         self.latency_ms.append(ms)
-        second = self.series[int(time.time() - self.start_at)]
-        if outcome == OK:
-            self.ok_ms.append(ms)
-            second[0] += 1
-        else:
-            second[1] += 1
 
     def document(self) -> dict[str, object]:
-        ok = self.outcomes[OK]
         total = sum(self.outcomes.values())
         return {
             "requests": total,
-            "ok": ok,
-            "failed": total - ok,
-            "outcomes": dict(self.outcomes),
-            "fallbacks": self.fallbacks,
+            "failed": total - self.outcomes[OK],
+            "outcomes": {k: v for k, v in self.outcomes.items() if k != OK},
             "latency": summary(self.latency_ms),
-            "ok_latency": summary(self.ok_ms),
+        }
+
+
+class Recorder:
+    """What the clients saw: over the whole run, per phase (by the time a request
+    started) and per second (by the time it ended)."""
+
+    def __init__(self, start_at: float, phases: list[float]) -> None:
+        self.start_at = start_at
+        self.ends = list(itertools.accumulate(phases))
+        self.whole = Tally()
+        self.phases = [Tally() for _ in phases]
+        self.series: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
+        self.fallbacks = 0
+
+    def add(self, outcome: str, started: float, ended: float) -> None:
+        ms = (ended - started) * 1000
+        self.whole.add(outcome, ms)
+        phase = min(bisect.bisect_right(self.ends, started - self.start_at), len(self.ends) - 1)
+        self.phases[phase].add(outcome, ms)
+        self.series[int(ended - self.start_at)][outcome != OK] += 1
+
+    def document(self) -> dict[str, object]:
+        return {
+            **self.whole.document(),
+            "fallbacks": self.fallbacks,
+            "phases": [t.document() for t in self.phases],
             "series": [[s, *v] for s, v in sorted(self.series.items())],
         }
 
@@ -172,8 +187,8 @@ class GoClient:
 async def drive(args: argparse.Namespace) -> dict[str, object]:
     pattern = parse_mix(args.mix)
     prefix = unique_info_prefix(args.nonce)
-    rec = Recorder(args.start_at)
-    end = args.start_at + args.duration
+    rec = Recorder(args.start_at, args.phases)
+    end = args.start_at + sum(args.phases)
     issued = 0
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     # No aiohttp timeout: the cap below bounds a request with its fallbacks, and
@@ -187,14 +202,14 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
             n = issued
             issued += 1
             method, path = request_for(pattern[n % len(pattern)], prefix, n)
-            started = time.perf_counter()
+            started = time.time()
             try:
                 async with asyncio.timeout(args.cap):
                     outcome, fell_back = await go.get(method, path)
             except TimeoutError:
                 outcome, fell_back = "timeout", False
             rec.fallbacks += fell_back
-            rec.add(outcome, time.perf_counter() - started)
+            rec.add(outcome, started, time.time())
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.sleep(max(0.0, args.start_at - time.time()))
@@ -214,7 +229,12 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="bench.drive", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", action="append", required=True, help="base URL; repeat for a|b")
     p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument(
+        "--phases",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=[8.0],
+        help="seconds of each phase (comma separated); the load runs through all",
+    )
     p.add_argument("--mix", default="info")
     p.add_argument("--nonce", required=True)
     p.add_argument("--start-at", type=float, default=0.0, help="Unix time to begin (default now)")

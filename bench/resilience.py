@@ -36,7 +36,7 @@ from bench.trial import Options, Row, run_trial  # noqa: E402
 DEFAULT_OUT = REPO / "bench" / "results" / "resilience.json"
 LOAD_CORE, PROXY_CORE = 0, 1
 CAP_S = 30.0
-BUILD_DEADLINE_S, QUICK_BUILD_DEADLINE_S = 300.0, 90.0
+BUILD_DEADLINE_S, QUICK_BUILD_DEADLINE_S = 180.0, 90.0
 GROUPS = {"issue13": 13, "issue14": 14}
 
 
@@ -78,6 +78,7 @@ COLUMNS = (
     ("contender", 9),
     ("requests", 8),
     ("failed", 7),
+    ("after heal", 10),
     ("failures / build", 26),
     ("p50 ms", 8),
     ("p99 ms", 8),
@@ -113,6 +114,7 @@ def _cells(row: Row) -> list[str]:
         row.contender,
         _num(row.requests),
         _num(row.failed),
+        _num(row.failed_after_heal),
         _failures(row),
         _num(row.p50_ms),
         _num(row.p99_ms),
@@ -134,19 +136,22 @@ def table(rows: list[Row]) -> str:
 
 
 LEGEND = f"""\
-failed: requests whose answer was not 200 as the client saw it (the backup could
-  serve every one): "503:n" a status, "conn" refused/reset/cut, "timeout" the
-  harness' {CAP_S:g} s cap per request. p50/p99 over all requests, failed included.
+requests, failed, p50/p99: over the requests that started during the fault
+  (the whole run where there is none); failed included in p50/p99. failed: the
+  answer was not 200 as the client saw it (the backup could serve every one):
+  "503:n" a status, "conn" refused/reset/cut, "timeout" the harness' {CAP_S:g} s
+  cap per request. after heal: failures among requests started after the heal.
 go: no process; the load client applies cmd/go's GOPROXY=primary|backup rule
   (any error after '|' tries the next entry; sumdb paths go to the first entry
   whose sumdb/<db>/supported answers) and cuts each request at the cap: the real
   go command has no timeout and would wait for ever. Builds run the real go.
 trips: sidecar: breaker transitions to open (/metrics), per breaker in the JSON;
   nginx: 'upstream server temporarily disabled' lines in its error log; n/a: none.
-1st trip s: from the fault (from the start where there is none; 1 s resolution
-  for nginx). closed s: from the heal until every breaker was closed again
-  ("open": not within the run). backup %: requests the backup upstream got per
-  client request. wall s: build wall time."""
+1st trip s: from the fault (from the start where there is none; for nginx an
+  upper bound: its log has whole seconds). closed s: from the heal until every
+  breaker was closed again ("open": not within the run). backup %: requests the
+  backup upstream got per client request (builds: per upstream request).
+  wall s: build wall time."""
 
 
 # ---------------------------------------------------------------- running

@@ -45,7 +45,7 @@ class Row:
 
     scenario: str
     contender: str
-    requests: int | None = None
+    requests: int | None = None  # faulted scenarios: those that started during the fault
     failed: int | None = None
     outcomes: dict[str, int] = field(default_factory=dict)
     p50_ms: float | None = None
@@ -54,6 +54,7 @@ class Row:
     trip_detail: str = ""
     first_trip_s: float | None = None  # from the fault (the start when there is no fault)
     closed_again_s: float | None = None  # from the heal
+    failed_after_heal: int | None = None
     shed: int | None = None
     backup_share: float | None = None  # requests the backup got / requests the clients made
     wall_s: float | None = None  # builds
@@ -61,6 +62,7 @@ class Row:
     reasons: list[str] = field(default_factory=list)
     notes: str = ""
     build_output: str = ""  # the go command's last lines when the build failed
+    phases: list[dict[str, Any]] = field(default_factory=list)  # the load client's, in order
     series: list[list[int]] = field(default_factory=list)
     upstream_stats: dict[str, Any] = field(default_factory=dict)
 
@@ -88,7 +90,7 @@ async def run_trial(scenario: Scenario, name: str, opts: Options, work: Path, pr
         row.notes = contender.notes()
         row.upstream_stats = {"primary": primary.stats(), "backup": backup.stats()}
         got = {k: v.get("requests", 0) for k, v in row.upstream_stats.items()}
-        made = row.requests if row.requests is not None else got["primary"] + got["backup"]
+        made = sum(p["requests"] for p in row.phases) or got["primary"] + got["backup"]
         if made:
             row.backup_share = round(got["backup"] / made, 4)
         return row
@@ -113,7 +115,7 @@ async def _load(
     argv = [sys.executable, "-m", "bench.drive"]
     for target in contender.targets():
         argv += ["--target", target]
-    argv += ["--clients", str(scenario.clients), "--duration", str(sum(lengths))]
+    argv += ["--clients", str(scenario.clients), "--phases", ",".join(map(str, lengths))]
     argv += ["--mix", scenario.mix, "--nonce", os.urandom(4).hex(), "--start-at", str(start_at)]
     argv += ["--cap", str(opts.cap_s), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -131,14 +133,19 @@ async def _load(
     if drive.popen.returncode != 0 or not out.is_file():
         raise BenchError(f"the load client failed; log {drive.log_path}:\n{drive.log_tail()}")
     doc = json.loads(out.read_text())
+    # A fault is judged on the requests that started during it; the heal on
+    # the failures that remain after it.
+    seen = doc["phases"][1] if scenario.faulted else doc
     row = Row(
         scenario.name,
         contender.name,
-        requests=doc["requests"],
-        failed=doc["failed"],
-        outcomes={k: v for k, v in doc["outcomes"].items() if k != "ok"},
-        p50_ms=doc["latency"]["p50_ms"],
-        p99_ms=doc["latency"]["p99_ms"],
+        requests=seen["requests"],
+        failed=seen["failed"],
+        outcomes=seen["outcomes"],
+        p50_ms=seen["latency"]["p50_ms"],
+        p99_ms=seen["latency"]["p99_ms"],
+        failed_after_heal=doc["phases"][2]["failed"] if scenario.faulted else None,
+        phases=doc["phases"],
         series=doc["series"],
     )
     fault_at = start_at + lengths[0] if scenario.faulted else start_at

@@ -113,7 +113,9 @@ class SidecarService:
             sidecar.router,
         )
         self.endpoints = endpoints(sidecar)
-        self.server = Server(self.handle, self.answer_now)
+        self.server = Server(
+            self.handle, self.answer_now, send_timeout_s=sidecar.config.send_timeout
+        )
         self._control_task: asyncio.Task[None] | None = None
         self._started = False
 

@@ -35,6 +35,7 @@ DEFAULT_REJECT_STATUS = 503
 DEFAULT_STATS_WINDOW_S = 120.0
 DEFAULT_STATS_SLICE_S = 10.0
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
+DEFAULT_SEND_TIMEOUT_S = 60.0  # nginx's send_timeout
 
 
 class PolicyEngineKind(enum.Enum):
@@ -140,6 +141,7 @@ class Config:
     stats: StatsConfig = StatsConfig()
     routing: RoutingConfig = RoutingConfig()
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_S  # a client taking no bytes is dropped
 
     @property
     def host(self) -> str:

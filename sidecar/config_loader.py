@@ -28,6 +28,7 @@ from sidecar.config import (
     DEFAULT_POOL_MAX_WAIT_S,
     DEFAULT_PRIMARY_URL,
     DEFAULT_REJECT_STATUS,
+    DEFAULT_SEND_TIMEOUT_S,
     DEFAULT_SHUTDOWN_GRACE_S,
     DEFAULT_STATS_SLICE_S,
     DEFAULT_STATS_WINDOW_S,
@@ -94,6 +95,7 @@ _RULE_SCHEMA: dict[str, _Node] = {
 _SCHEMA: dict[str, _Node] = {
     "listen": "str",
     "shutdown_grace": "duration",
+    "send_timeout": "duration",
     "upstreams": [_UPSTREAM_SCHEMA],
     "cache": {
         "dir": "str",
@@ -659,6 +661,7 @@ def _build(
         shutdown_grace=root.get(
             "shutdown_grace", _duration(positive=False), DEFAULT_SHUTDOWN_GRACE_S
         ),
+        send_timeout=root.get("send_timeout", _duration(positive=True), DEFAULT_SEND_TIMEOUT_S),
     )
 
 

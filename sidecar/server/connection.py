@@ -2,16 +2,24 @@
 pipelining, backpressure, and cancelling the handler when the client leaves.
 
 Requests on a connection are answered strictly in order, one at a time;
-pipelined ones wait in a short queue (reading pauses when it is full). A
-request the server can answer without waiting (``Server.answer_now``, a small
-cache hit held in memory) is answered inside ``data_received``, without a
-task; anything else runs as one task per request.
+pipelined ones wait in a short queue. A request the server can answer without
+waiting (``Server.answer_now``, a small cache hit held in memory) is answered
+inside ``data_received``, without a task; anything else runs as one task per
+request.
+
+What one client can cost is bounded while its bytes arrive: a request head is
+measured as it is parsed (not when a field completes), reading pauses while
+the queue is full or the client is not taking its answers, and a client that
+takes no bytes for ``send_timeout_s`` is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import socket
+import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -27,8 +35,28 @@ log = logging.getLogger("sidecar.server")
 MAX_TARGET: Final = 8190  # bytes of request-target; aiohttp's and nginx's order of size
 MAX_HEADERS: Final = 16384  # bytes of all header names and values together
 MAX_HEADER_COUNT: Final = 100
+# llhttp is fed at most this much at a time, so a head still arriving is
+# measured between slices: an unterminated line costs one slice past the limit,
+# not the whole line (httptools joins a field's pieces, quadratic in its size).
+SLICE: Final = 2048
+# The header section as it arrives, raw: the fields' own bytes plus ": " and
+# CRLF per line, the request line's method and version, and the part of the
+# slice the head began in that came before it. A head within the limits above
+# always fits.
+MAX_HEADER_SECTION: Final = MAX_HEADERS + 4 * MAX_HEADER_COUNT + 64 + SLICE
 PIPELINE_DEPTH: Final = 16
 FILE_CHUNK: Final = 256 * 1024  # read size when the loop has no sendfile (uvloop)
+# After a refusal, what the client still sends is read and dropped for a
+# moment: closing with unread input resets the connection, and a client still
+# sending could lose the refusal. Bounded in time and bytes.
+LINGER_S: Final = 2.0
+LINGER_BYTES: Final = 1024 * 1024
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [":" port]; empty is allowed.
+_HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+_ABSOLUTE: Final = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(.*)", re.DOTALL)
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
+_BYTES_ACKED: Final = slice(120, 128)  # tcpi_bytes_acked in Linux's struct tcp_info
 
 
 class _Refused(Exception):
@@ -44,21 +72,35 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_current",
         "_drain",
+        "_dropped",
+        "_expect",
         "_halted",
+        "_head_seen",
         "_header_bytes",
         "_headers",
+        "_held",
+        "_host",
+        "_http11",
+        "_in_head",
+        "_linger",
         "_loop",
         "_parser",
         "_paused",
         "_queue",
         "_reading",
+        "_send_mark",
+        "_send_timer",
+        "_sending_file",
         "_server",
         "_target",
+        "_target_bytes",
         "_task",
         "_transport",
+        "_url",
         "closed",
         "closing",
         "idle_since",
+        "received",
     )
 
     def __init__(self, server: Server) -> None:
@@ -66,17 +108,32 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
+        # The message being parsed.
         self._target: list[bytes] = []
+        self._target_bytes = 0
+        self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._host: bytes | None = None
+        self._expect: bytes | None = None  # a 100 Continue still owed when not None
+        self._http11 = True
+        self._in_head = False  # begun, headers not complete
+        self._head_seen = 0  # bytes fed while in the head (over by at most one slice)
+        self._held = b""  # bytes not parsed yet because the queue is full
         # Exchanges waiting their turn; a _Refused one is answered, then the connection closes.
         self._queue: deque[Exchange | _Refused] = deque()
         self._task: asyncio.Task[None] | None = None
         self._current: Exchange | None = None
         self._paused = False  # the transport's write buffer is over its high-water mark
         self._drain: asyncio.Future[None] | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_mark = 0
+        self._sending_file = False
         self._reading = True
-        self._halted = False  # nothing more is read: a broken request or an upgrade came
+        self._halted = False  # nothing more is parsed: a broken request or an upgrade came
+        self._linger: asyncio.TimerHandle | None = None
+        self._dropped = 0  # bytes read and dropped while lingering
+        self.received = 0  # bytes read from the client
         self.closed = False
         self.closing = False  # answer what is in progress, then close
         # When the last answer ended (or the connection opened); 0.0 while a
@@ -97,39 +154,84 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self._server.connections.discard(self)
         self._queue.clear()
+        self._held = b""
+        self._unwatch_sending()
+        if self._linger is not None:
+            self._linger.cancel()
         if self._task is not None:
             self._task.cancel()  # the client left: stop its upstream fetch too
         self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            refused = exc.__context__
-            self._refuse(refused if isinstance(refused, _Refused) else _Refused(400, "bad request"))
-        except httptools.HttpParserUpgrade:
-            self._no_upgrade()
-        except httptools.HttpParserError as exc:
-            self._refuse(_Refused(400, f"bad request: {exc}"))
+        self.received += len(data)
+        if self._halted:
+            self._drop(data)
+            return
+        self._parse(data)
         self._pump()
 
     def pause_writing(self) -> None:
+        # The client is not taking its answers: read no more requests from it
+        # until it does, and drop it if it takes nothing for send_timeout_s.
         self._paused = True
+        self._pause_reading()
+        self._watch_sending()
 
     def resume_writing(self) -> None:
         self._paused = False
+        if not self._sending_file:
+            self._unwatch_sending()
         self._wake_writer()
+        self._pump()
+
+    # -- parsing ----------------------------------------------------------
+    def _parse(self, data: bytes) -> None:
+        if len(data) <= SLICE:
+            self._feed(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), SLICE):
+            if self._halted:
+                return
+            if len(self._queue) >= PIPELINE_DEPTH:
+                self._held = data[start:]  # at most one read: reading is paused
+                self._pause_reading()
+                return
+            self._feed(view[start : start + SLICE])
+
+    def _feed(self, piece: bytes | memoryview) -> None:
+        try:
+            self._parser.feed_data(piece)
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            self._refuse(refused if isinstance(refused, _Refused) else _Refused(400, "bad request"))
+            return
+        except httptools.HttpParserUpgrade:
+            self._no_upgrade()
+            return
+        except httptools.HttpParserError as exc:
+            self._refuse(_Refused(400, f"bad request: {exc}"))
+            return
+        if self._in_head:
+            self._head_seen += len(piece)
+            if self._head_seen - self._target_bytes > MAX_HEADER_SECTION:
+                self._refuse(_Refused(431, "request headers too large"))
 
     # -- httptools callbacks ----------------------------------------------
     def on_message_begin(self) -> None:
         self._target = []
+        self._target_bytes = 0
         self._headers = []
         self._header_bytes = 0
+        self._host = None
+        self._expect = None
+        self._in_head = True
+        self._head_seen = 0
 
     def on_url(self, url: bytes) -> None:
         self._target.append(url)
-        self._header_bytes += len(url)
-        if self._header_bytes > MAX_TARGET:
+        self._target_bytes += len(url)
+        if self._target_bytes > MAX_TARGET:
             raise _Refused(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -137,22 +239,73 @@ class Connection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADERS or len(self._headers) > MAX_HEADER_COUNT:
             raise _Refused(431, "request headers too large")
+        size = len(name)
+        if size == 4 and name.lower() == b"host":
+            if self._host is not None:
+                raise _Refused(400, "more than one Host header")
+            self._host = value
+        elif size == 6 and name.lower() == b"expect":
+            self._expect = value
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        version = self._parser.get_http_version()
+        http11 = self._http11 = version == "1.1"
+        if not http11 and version != "1.0":
+            raise _Refused(505, f"HTTP/{version} is not supported")
+        host = self._host
+        if host is None:
+            if http11:  # RFC 9112 3.2; HTTP/1.0 had no Host
+                raise _Refused(400, "missing Host header")
+        elif not _HOST.fullmatch(host):
+            raise _Refused(400, "invalid Host header")
+        if not http11 and any(n.lower() == b"transfer-encoding" for n, _ in self._headers):
+            # RFC 9112 6.1: framing an HTTP/1.0 peer cannot mean is faulty framing.
+            raise _Refused(400, "Transfer-Encoding in an HTTP/1.0 request")
+        url = b"".join(self._target)
+        if url[:1] != b"/":
+            url = self._origin_form(url)
+        self._url = url
+        if self._expect is not None:
+            self._expectation(self._expect)
+
+    def _origin_form(self, url: bytes) -> bytes:
+        """An absolute-form target (RFC 9112 3.2.2) for this very host, as origin-form.
+        One for another host is refused: the sidecar is not a forward proxy."""
+        absolute = _ABSOLUTE.fullmatch(url)
+        if absolute is None:  # "*", CONNECT's authority, or junk: the handler refuses it
+            return url
+        authority, rest = absolute.groups()
+        if self._host is None or authority.lower() != self._host.lower():
+            raise _Refused(400, "absolute-form target for another host: not a forward proxy")
+        return rest if rest[:1] == b"/" else b"/" + rest
+
+    def _expectation(self, expect: bytes) -> None:
+        if expect.strip().lower() != b"100-continue":
+            raise _Refused(417, "only 'Expect: 100-continue' is supported")
+        if not self._http11:
+            self._expect = None  # RFC 9110 10.1.1: ignored in an HTTP/1.0 request
+        elif self._task is None and self._current is None and not self._queue:
+            # Nothing ahead of it: it is answered now, and a client holding a
+            # body back until the 100 must not wait for its own timeout.
+            self._expect = None
+            self._write_continue()
 
     def on_message_complete(self) -> None:
         parser = self._parser
-        target = b"".join(self._target).decode("latin-1")
         exchange = Exchange(
             self,
             parser.get_method().decode("ascii"),
-            target,
+            self._url.decode("latin-1"),
             self._headers,
             parser.should_keep_alive(),
-            parser.get_http_version() == "1.1",
+            self._http11,
         )
+        if self._expect is not None:
+            exchange.expects_continue = True
         self._queue.append(exchange)
-        if len(self._queue) >= PIPELINE_DEPTH and self._reading and self._transport is not None:
-            self._reading = False
-            self._transport.pause_reading()
+        if len(self._queue) >= PIPELINE_DEPTH:
+            self._pause_reading()
 
     # -- answering, in order ----------------------------------------------
     def _no_upgrade(self) -> None:
@@ -171,29 +324,46 @@ class Connection(asyncio.Protocol):
 
     def _halt(self) -> None:
         self._halted = True
-        if self._transport is not None and self._reading:
-            self._reading = False
-            self._transport.pause_reading()
+        self._held = b""
+        self._pause_reading()
 
     def _pump(self) -> None:
-        """Answer queued requests until one needs a task or the connection ends."""
+        """Answer what is queued, parse what was held back, read again when all is answered."""
+        self._answer()
+        while self._held and len(self._queue) < PIPELINE_DEPTH and not self.closed:
+            held, self._held = self._held, b""
+            self._parse(held)
+            self._answer()
+        if not (self._reading or self._queue or self._halted or self._paused or self.closed):
+            self._reading = True
+            if self._transport is not None:
+                self._transport.resume_reading()
+
+    def _answer(self) -> None:
+        """Answer queued requests until one needs a task, the client stops
+        taking bytes, or the connection ends."""
         answer_now = self._server.answer_now
-        while self._task is None and self._queue and not self.closed:
+        while (
+            self._task is None
+            and self._current is None
+            and self._queue
+            and not self._paused
+            and not self.closed
+        ):
             item = self._queue.popleft()
             if isinstance(item, _Refused):
                 self._write_refusal(item)
                 return
             self._current = item
             self.idle_since = 0.0
+            if item.expects_continue:
+                self._write_continue()
             if answer_now is not None and self._answered_now(answer_now, item):
                 if not self._finished(item):
                     return
                 continue
             self._task = self._loop.create_task(self._run(item))
             return
-        if not (self._queue or self._reading or self._halted or self.closed) and self._transport:
-            self._reading = True
-            self._transport.resume_reading()
 
     def _answered_now(self, answer_now: AnswerNow, exchange: Exchange) -> bool:
         try:
@@ -253,13 +423,94 @@ class Connection(asyncio.Protocol):
             self.idle_since = self._loop.time()
         return True
 
+    def _write_continue(self) -> None:
+        if not self.gone:
+            cast(asyncio.Transport, self._transport).write(CONTINUE)
+
     def _write_refusal(self, refused: _Refused) -> None:
         """The answer to a request that could not be parsed: no method, no target."""
         if self.gone:
             return
         answer = Exchange(self, "", "", [], keep_alive=False, http11=True)
         answer.send(refused.status, {"Content-Type": TEXT_PLAIN}, (refused.message + "\n").encode())
-        self.close()
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Half-close after the refusal, drop what still comes for a moment, then close."""
+        self.closing = True
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()  # after the refusal is flushed
+        self._linger = self._loop.call_later(LINGER_S, self.abort)
+        transport.resume_reading()
+
+    def _drop(self, data: bytes) -> None:
+        self._dropped += len(data)
+        if self._dropped > LINGER_BYTES:
+            self.abort()
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            if self._transport is not None:
+                self._transport.pause_reading()
+
+    # -- the send timeout ---------------------------------------------------
+    def _watch_sending(self) -> None:
+        if self._send_timer is None and not self.closed:
+            self._send_mark = self._taken()
+            self._send_timer = self._loop.call_later(
+                self._server.send_timeout_s, self._check_sending
+            )
+
+    def _unwatch_sending(self) -> None:
+        timer, self._send_timer = self._send_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _check_sending(self) -> None:
+        self._send_timer = None
+        if self._taken() > self._send_mark:
+            self._watch_sending()  # slow, but taking bytes
+            return
+        current = self._current
+        log.info(
+            "client dropped: it took no bytes for the send timeout",
+            extra={
+                "send_timeout_s": self._server.send_timeout_s,
+                "path": current.target if current is not None else None,
+            },
+        )
+        self.abort()  # connection_lost cancels the handler, as for a client that left
+
+    def _taken(self) -> int:
+        """Grows while the client takes bytes: what it acknowledged (Linux's
+        TCP_INFO; it also covers sendfile, which bypasses the transport) less
+        what is still waiting in the transport's buffer."""
+        transport = self._transport
+        if transport is None:
+            return 0
+        acked = 0
+        sock = transport.get_extra_info("socket")
+        if _TCP_INFO is not None and sock is not None:
+            try:
+                info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 232)
+            except OSError:
+                info = b""
+            acked = int.from_bytes(info[_BYTES_ACKED], sys.byteorder)
+        return acked - transport.get_write_buffer_size()
+
+    @property
+    def backlog(self) -> tuple[int, int, int]:
+        """What this client holds in memory: requests queued, request bytes held
+        back unparsed, answer bytes the transport has not handed to the kernel."""
+        transport = self._transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return len(self._queue), len(self._held), buffered
 
     # -- writing ------------------------------------------------------------
     @property
@@ -302,6 +553,9 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.closed:
             raise ConnectionResetError("the client closed the connection")
+        # The copy below is watched through pause_writing; sendfile bypasses the transport.
+        self._sending_file = True
+        self._watch_sending()
         try:
             sent = await self._loop.sendfile(transport, fobj, offset, count, fallback=False)
         except (NotImplementedError, asyncio.SendfileNotAvailableError):
@@ -314,6 +568,10 @@ class Connection(asyncio.Protocol):
             if sent != count:
                 raise OSError(f"file ended {count - sent} bytes early")
             return
+        finally:
+            self._sending_file = False
+            if not self._paused:
+                self._unwatch_sending()
         fobj.seek(offset)
         left = count
         while left > 0:

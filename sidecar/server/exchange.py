@@ -27,17 +27,19 @@ REASONS: Final = {
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
-    416: "Range Not Satisfiable",
     405: "Method Not Allowed",
     410: "Gone",
     413: "Content Too Large",
     414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    417: "Expectation Failed",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 _STATUS_LINES: Final = {
     status: f"HTTP/1.1 {status} {reason}\r\n".encode("ascii") for status, reason in REASONS.items()
@@ -85,6 +87,7 @@ class Exchange:
     __slots__ = (
         "_chunked",
         "_conn",
+        "expects_continue",
         "finished",
         "headers",
         "http11",
@@ -115,6 +118,9 @@ class Exchange:
         self.sent = False  # headers written: from here only a cut connection can signal failure
         self.finished = False
         self._chunked = False
+        # Expect: 100-continue arrived while earlier requests were being
+        # answered: the 100 goes out when this one's turn comes.
+        self.expects_continue = False
         # The handler's own note on this request: what ``answer_now`` worked
         # out (the parsed path) is not worked out again by the handler.
         self.scratch: Any = None

@@ -19,6 +19,7 @@ from sidecar.server.connection import Connection
 from sidecar.server.exchange import DateHeader, Exchange
 
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections are closed after this (as aiohttp)
+SEND_TIMEOUT_S: Final = 60.0  # a client that takes no bytes for this long is dropped (as nginx)
 SWEEP_S: Final = 5.0
 
 Handler = Callable[[Exchange], Awaitable[None]]
@@ -27,17 +28,21 @@ AnswerNow = Callable[[Exchange], bool]
 
 class Server:
     """``handler`` answers every request; ``answer_now``, if given, may answer
-    one synchronously (True) before a task is made for it."""
+    one synchronously (True) before a task is made for it. A client that
+    takes none of its answer's bytes for ``send_timeout_s`` is dropped, and
+    its handler cancelled."""
 
     def __init__(
         self,
         handler: Handler,
         answer_now: AnswerNow | None = None,
         keepalive_s: float = KEEPALIVE_S,
+        send_timeout_s: float = SEND_TIMEOUT_S,
     ) -> None:
         self.handler = handler
         self.answer_now = answer_now
         self.keepalive_s = keepalive_s
+        self.send_timeout_s = send_timeout_s
         self.connections: set[Connection] = set()
         self.date = DateHeader()
         self.closing = False

@@ -7,15 +7,17 @@ on the wire are the point here.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from sidecar.proxy.stream import send_file
 from sidecar.server import Exchange, Server
 from sidecar.server.exchange import header_block
+from tests.adversarial.rawhttp import closed, read_head, read_response
+from tests.adversarial.rawhttp import request as get
 
 Handler = Callable[[Exchange], Awaitable[None]]
 
@@ -41,42 +43,6 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
 
 async def connect(server: Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", server.port)
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One response: status, headers (lower-case names), body (by length or chunks)."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    if "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
-    elif headers.get("transfer-encoding") == "chunked":
-        parts = []
-        while True:
-            size = int((await reader.readline()).strip(), 16)
-            if size == 0:
-                await reader.readline()
-                break
-            parts.append(await reader.readexactly(size))
-            await reader.readline()
-        body = b"".join(parts)
-    else:
-        body = await asyncio.wait_for(reader.read(), 5)  # delimited by the close
-    return status, headers, body
-
-
-def get(path: str, *extra: str, method: str = "GET", version: str = "1.1") -> bytes:
-    lines = [f"{method} {path} HTTP/{version}", "Host: t", *extra, "", ""]
-    return "\r\n".join(lines).encode()
-
-
-async def closed(reader: asyncio.StreamReader) -> bool:
-    return await asyncio.wait_for(reader.read(), 5) == b""
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection(serve):
@@ -167,17 +133,11 @@ async def test_head_announces_the_length_and_sends_no_body(serve):
     server = await serve()
     reader, writer = await connect(server)
     writer.write(get("/x", method="HEAD") + get("/y"))
-    status, headers, _ = await asyncio.wait_for(read_head(reader), 5)
+    status, headers = await read_head(reader)
     assert status == 200 and headers["content-length"] == str(len(b"hello /x"))
     # the next response starts right after the HEAD's headers: no body was sent
     status, _, body = await read_response(reader)
     assert body == b"hello /y"
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], None]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
-    return int(head[0].split()[1]), headers, None
 
 
 async def stream_unknown_length(ex: Exchange) -> None:
@@ -350,9 +310,12 @@ def test_files_are_sent_whole_and_in_parts_on_both_loops(tmp_path: Path, loop_fa
 
     async def scenario() -> None:
         async def files(ex: Exchange) -> None:
-            part = None if ex.target == "/whole" else (1000, 2_500_000)
-            blob = path.open("rb")  # send_file closes it
-            await send_file(ex, blob, len(data), {"Content-Type": "x"}, part)
+            first, last = (0, len(data) - 1) if ex.target == "/whole" else (1000, 2_500_000)
+            status = 200 if first == 0 else 206
+            with open(path, "rb") as fobj:
+                await ex.start(status, {"Content-Type": "x"}, last - first + 1)
+                await ex.sendfile(fobj, first, last - first + 1)
+                await ex.end()
 
         server = Server(files)
         await server.listen("127.0.0.1", 0)
@@ -361,12 +324,141 @@ def test_files_are_sent_whole_and_in_parts_on_both_loops(tmp_path: Path, loop_fa
             writer.write(get("/whole") + get("/part"))
             status, _, body = await read_response(reader)
             assert status == 200 and body == data
-            status, headers, body = await read_response(reader)
+            status, _, body = await read_response(reader)
             assert status == 206 and body == data[1000:2_500_001]
-            assert headers["content-range"] == f"bytes 1000-2500000/{len(data)}"
             writer.close()
         finally:
             await server.close(1.0)
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(scenario())
+
+
+async def test_a_client_that_takes_no_bytes_is_dropped_and_its_handler_cancelled(serve, caplog):
+    cancelled = asyncio.Event()
+    chunk = b"x" * (1024 * 1024)
+
+    async def endless(ex: Exchange) -> None:
+        await ex.start(200, {}, None)
+        try:
+            for _ in range(1024):  # far more than the socket buffers hold
+                await ex.write(chunk)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    caplog.set_level("INFO", "sidecar.server")
+    server = await serve(endless, send_timeout_s=0.3)
+    _, writer = await connect(server)
+    writer.write(get("/big"))
+    await asyncio.wait_for(cancelled.wait(), 10)
+    assert not server.connections and "client dropped" in caplog.text
+    writer.close()
+
+
+async def test_a_slow_client_that_keeps_reading_is_not_dropped(serve):
+    size = 4 * 1024 * 1024
+
+    async def big(ex: Exchange) -> None:
+        await ex.start(200, {}, size)
+        for _ in range(size // 65536):
+            await ex.write(b"y" * 65536)
+        await ex.end()
+
+    server = await serve(big, send_timeout_s=1.0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # a small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=64 * 1024)
+    writer.write(get("/slow"))
+    status, _ = await read_head(reader)
+    got = 0
+    reads = 0
+    while got < size and reads < 1000:  # 64 KiB every 50 ms: short pauses, a long answer
+        piece = await asyncio.wait_for(reader.read(65536), 5)
+        if not piece:
+            break
+        got += len(piece)
+        reads += 1
+        await asyncio.sleep(0.05)
+    assert status == 200 and got == size
+    assert reads * 0.05 > 1.0  # the whole answer took longer than the send timeout
+    writer.close()
+
+
+async def sendfile_to_a_client_that_reads_nothing(tmp_path: Path) -> None:
+    """The file path is watched too: asyncio's sendfile bypasses the transport's
+    buffer, uvloop's copy goes through it."""
+    path = tmp_path / "huge"
+    with open(path, "wb") as f:
+        f.truncate(256 * 1024 * 1024)  # sparse: no disk used
+    cancelled = asyncio.Event()
+
+    async def files(ex: Exchange) -> None:
+        with open(path, "rb") as fobj:
+            await ex.start(200, {}, 256 * 1024 * 1024)
+            try:
+                await ex.sendfile(fobj, 0, 256 * 1024 * 1024)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    server = Server(files, send_timeout_s=0.3)
+    await server.listen("127.0.0.1", 0)
+    try:
+        _, writer = await connect(server)
+        writer.write(get("/huge"))
+        await asyncio.wait_for(cancelled.wait(), 10)
+        writer.close()
+    finally:
+        await server.close(1.0)
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_a_file_sent_to_a_client_that_reads_nothing_is_dropped(tmp_path: Path, loop_factory):
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(sendfile_to_a_client_that_reads_nothing(tmp_path))
+
+
+async def test_head_bytes_are_limited_as_they_arrive_in_small_pieces(serve):
+    """A header line dribbled a hundred bytes at a time is cut at the same size."""
+    server = await serve()
+    reader, writer = await connect(server)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Long: ")
+
+    async def dribble() -> None:
+        for _ in range(300):  # 30 KB at most, well past the limit
+            writer.write(b"a" * 100)
+            await writer.drain()
+            await asyncio.sleep(0)
+
+    dribbling = asyncio.create_task(dribble())
+    status, headers = await read_head(reader)
+    assert status == 431 and headers["connection"] == "close"
+    dribbling.cancel()
+    writer.close()
+
+
+async def test_expect_100_continue_in_a_pipeline_comes_at_its_turn(serve):
+    async def later(ex: Exchange) -> None:
+        await asyncio.sleep(0.05)
+        await hello(ex)
+
+    server = await serve(later)
+    reader, writer = await connect(server)
+    writer.write(get("/1") + get("/2", "Expect: 100-continue"))
+    assert (await read_response(reader))[2] == b"hello /1"
+    assert await read_head(reader) == (100, {})
+    assert (await read_response(reader))[2] == b"hello /2"
+    writer.close()
+
+
+async def test_an_absolute_form_target_for_this_host_reaches_the_handler_in_origin_form(serve):
+    server = await serve()
+    reader, writer = await connect(server)
+    writer.write(b"GET HTTP://T:80/a/b?c HTTP/1.1\r\nHost: t:80\r\n\r\n")
+    assert (await read_response(reader))[2] == b"hello /a/b?c"
+    writer.write(b"GET http://t:80?q HTTP/1.1\r\nHost: t:80\r\n\r\n")
+    assert (await read_response(reader))[2] == b"hello /?q"
+    writer.close()

@@ -1,0 +1,85 @@
+"""Raw HTTP/1.1 over loopback sockets for the server tests (what goes on the
+wire is the point, so no HTTP client library stands in between), and a real
+sidecar to aim it at."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from sidecar.config import CacheConfig
+from sidecar.server import Server
+from tests.upstream import FakeGoproxy, Reply
+
+READ_S = 5.0
+MODULE = "example.com/m"
+INFO = f"/{MODULE}/@v/v1.0.0.info"
+INFO_BODY = json.dumps({"Version": "v1.0.0", "Time": "2024-01-01T00:00:00Z"}).encode()
+
+
+def request(path: str, *extra: str, method: str = "GET", version: str = "1.1") -> bytes:
+    """A request head with ``Host`` and the ``extra`` header lines."""
+    lines = [f"{method} {path} HTTP/{version}", "Host: t", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """One response head: status and headers (lower-case names)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response: status, headers, body (by length, by chunks, or to the close)."""
+    status, headers = await read_head(reader)
+    if "content-length" in headers:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), READ_S)
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while True:
+            size = int((await asyncio.wait_for(reader.readline(), READ_S)).strip(), 16)
+            if size == 0:
+                await reader.readline()
+                break
+            parts.append(await asyncio.wait_for(reader.readexactly(size), READ_S))
+            await reader.readline()
+        body = b"".join(parts)
+    else:
+        body = await asyncio.wait_for(reader.read(), READ_S)
+    return status, headers, body
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """True when the server closes: nothing more arrives, then end of stream."""
+    try:
+        return await asyncio.wait_for(reader.read(), READ_S) == b""
+    except ConnectionResetError:
+        return True
+
+
+def server_of(client: TestClient[Any, Any]) -> Server:
+    """The sidecar's own HTTP server behind a ``sidecar_client``."""
+    server: Server = client.server.service.server  # type: ignore[attr-defined]
+    return server
+
+
+async def start_sidecar(
+    fake_upstreams: Any, sidecar_client: Any, tmp_path: Path, **overrides: Any
+) -> tuple[FakeGoproxy, TestClient[Any, Any]]:
+    """A sidecar (cache on unless ``overrides`` say otherwise) in front of one
+    fake upstream that has ``INFO``; from the conftest fixtures of the same names."""
+    [(fake, url)] = await fake_upstreams(1)
+    fake.set(INFO.lstrip("/"), Reply(body=INFO_BODY, headers={"Content-Type": "text/json"}))
+    overrides.setdefault("cache", CacheConfig(dir=str(tmp_path / "cache")))
+    client, _ = await sidecar_client([url], **overrides)
+    return fake, client
