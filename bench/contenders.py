@@ -53,6 +53,7 @@ class Verdict:
     closed_at: float | None = None  # Unix time every breaker was closed again, after the heal
     shed: int | None = None  # answers the contender itself refused (sidecar rejections)
     reasons: list[str] = field(default_factory=list)  # first reason of each trip, in order
+    sees_closing: bool = False  # whether closed_at can be known at all
 
 
 class Contender:
@@ -273,6 +274,7 @@ class Sidecar(Contender):
             closed_at=self._closed_after(healed_at) if trips else None,
             shed=int(shed),
             reasons=[r for _, r in opens],
+            sees_closing=True,
         )
 
     def _closed_after(self, healed_at: float | None) -> float | None:

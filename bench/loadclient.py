@@ -35,8 +35,7 @@ def percentile(sorted_ms: list[float], q: float) -> float:
 def summary(latencies_ms: list[float]) -> dict[str, float]:
     s = sorted(latencies_ms)
     return {
-        f"p{k}_ms": percentile(s, q)
-        for k, q in (("50", 50), ("90", 90), ("99", 99), ("999", 99.9))
+        f"p{k}_ms": percentile(s, q) for k, q in (("50", 50), ("90", 90), ("99", 99), ("999", 99.9))
     } | {"max_ms": round(s[-1], 3) if s else 0.0}
 
 

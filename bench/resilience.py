@@ -107,8 +107,9 @@ def _failures(row: Row) -> str:
 
 def _cells(row: Row) -> list[str]:
     closed = _num(row.closed_again_s)
-    if row.closed_again_s is None and row.trips and row.scenario in BY_NAME:
-        closed = "open" if BY_NAME[row.scenario].faulted else "-"
+    faulted = row.scenario in BY_NAME and BY_NAME[row.scenario].faulted
+    if faulted and row.trips and row.closed_again_s is None:
+        closed = "open" if row.sees_closing else "n/a"
     return [
         row.scenario,
         row.contender,
@@ -149,9 +150,9 @@ trips: sidecar: breaker transitions to open (/metrics), per breaker in the JSON;
   nginx: 'upstream server temporarily disabled' lines in its error log; n/a: none.
 1st trip s: from the fault (from the start where there is none; for nginx an
   upper bound: its log has whole seconds). closed s: from the heal until every
-  breaker was closed again ("open": not within the run). backup %: requests the
-  backup upstream got per client request (builds: per upstream request).
-  wall s: build wall time."""
+  breaker was closed again ("open": not within the run; n/a: nginx does not say
+  when it takes a server back). backup %: requests the backup upstream got per
+  client request (builds: per upstream request). wall s: build wall time."""
 
 
 # ---------------------------------------------------------------- running

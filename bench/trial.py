@@ -54,6 +54,7 @@ class Row:
     trip_detail: str = ""
     first_trip_s: float | None = None  # from the fault (the start when there is no fault)
     closed_again_s: float | None = None  # from the heal
+    sees_closing: bool = False  # False: the contender does not show when it closes (nginx)
     failed_after_heal: int | None = None
     shed: int | None = None
     backup_share: float | None = None  # requests the backup got / requests the clients made
@@ -100,6 +101,7 @@ async def run_trial(scenario: Scenario, name: str, opts: Options, work: Path, pr
 
 def _judge(row: Row, v: Verdict, fault_at: float, healed_at: float | None) -> None:
     row.trips, row.trip_detail, row.shed, row.reasons = v.trips, v.detail, v.shed, v.reasons
+    row.sees_closing = v.sees_closing
     if v.first_trip_at is not None:
         row.first_trip_s = round(v.first_trip_at - fault_at, 2)
     if v.closed_at is not None and healed_at is not None:

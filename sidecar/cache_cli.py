@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from sidecar.cache.layout import Layout, Record
 from sidecar.cache.offline import list_entries, module_keys, purge, verify_all
 from sidecar.config import Config, load_config
-from sidecar.errors import SidecarError
+from sidecar.errors import RequestError, SidecarError
 from sidecar.units import format_size
 
 EXIT_OK = 0
@@ -31,26 +31,21 @@ def cache_ls(config_path: str | None, as_json: bool = False, out: TextIO = sys.s
         json.dump(rows, out, indent=1)
         out.write("\n")
         return EXIT_OK
-    print(f"{'SIZE':>9}  {'AGE':>5}  {'KIND':<14} {'VERIFIED':<9} KEY", file=out)
-    total = 0
+    table = [("SIZE", "AGE", "KIND", "VERIFIED", "KEY")]
     for item in entries:
         r = item.record
-        total += r.size
-        kind = (
-            r.kind
-            if r.immutable
-            else (
-                f"{r.kind},stale"
-                if now - r.stored >= config.cache.mutable_ttl
-                else f"{r.kind},fresh"
-            )
-        )
+        kind = r.kind
+        if not r.immutable:
+            kind += ",stale" if now - r.stored >= config.cache.mutable_ttl else ",fresh"
         verified = f"{_age(now - r.verified)} ago" if item.present else "BROKEN"
-        print(
-            f"{format_size(r.size):>9}  {_age(now - r.stored):>5}  {kind:<14} {verified:<9} "
-            f"{r.key}",
-            file=out,
+        table.append((format_size(r.size), _age(now - r.stored), kind, verified, r.key))
+    # Columns as wide as their widest cell: kinds run from "zip" to "sumdb-supported,stale".
+    w = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        out.write(
+            f"{row[0]:>{w[0]}}  {row[1]:>{w[1]}}  {row[2]:<{w[2]}}  {row[3]:<{w[3]}}  {row[4]}\n"
         )
+    total = sum(item.record.size for item in entries)
     print(
         f"{len(entries)} entries, {format_size(total)} of {format_size(config.cache.max_bytes)}"
         f" in {config.cache.dir}",
@@ -89,7 +84,11 @@ def cache_purge(config_path: str | None, target: str, out: TextIO = sys.stdout) 
     if at and not version:
         raise SidecarError(f"purge: empty version in {target!r}")
     layout = Layout.at(config.cache.dir)
-    count, size = purge(layout, module_keys(layout, module, version if at else None))
+    try:
+        keys = module_keys(layout, module, version if at else None)
+    except RequestError as exc:
+        raise SidecarError(f"purge {target!r}: {exc.message}") from exc
+    count, size = purge(layout, keys)
     print(f"purged {count} entries ({format_size(size)}) of {target}", file=out)
     return EXIT_OK
 
@@ -125,8 +124,10 @@ def warm(
     try:
         with open(go_sum, encoding="utf-8") as f:
             plan = warming.parse_go_sum(f.read())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SidecarError(f"warm: cannot read {go_sum}: {exc}") from exc
+    except OSError as exc:
+        raise SidecarError(f"warm: {go_sum}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SidecarError(f"warm: {go_sum}: not UTF-8 text (byte {exc.start})") from exc
     bar = Progress("warm", err)
     done: list[warming.Result] = []
 
@@ -146,20 +147,30 @@ def warm(
 
 
 def _warm_summary(results: list[Any], problems: list[str], out: TextIO) -> int:
-    fetched = [r for r in results if r.status == "fetched"]
-    failed = [r for r in results if r.status == "failed"]
-    cached = len(results) - len(fetched) - len(failed)
+    """Skipped lines and modules are reported, but only a failed fetch fails the run."""
+    by_status: dict[str, list[Any]] = {"fetched": [], "cached": [], "skipped": [], "failed": []}
+    for r in results:
+        by_status[r.status].append(r)
     for problem in problems:
         print(f"SKIPPED {problem}", file=out)
-    for r in failed:
-        print(f"FAILED {r.artifact.name}: {r.error}", file=out)
-    print(
-        f"warm: {len(results)} artifacts: {len(fetched)} fetched "
-        f"({format_size(sum(r.size for r in fetched))}), {cached} already cached, "
-        f"{len(failed)} failed" + (f", {len(problems)} go.sum lines skipped" if problems else ""),
-        file=out,
-    )
-    return EXIT_FAILED if failed or problems else EXIT_OK
+    kept_out: dict[tuple[str, str], list[str]] = {}  # one line per module version, not per file
+    for r in by_status["skipped"]:
+        name = f"{r.artifact.module}@{r.artifact.version}"
+        kept_out.setdefault((name, r.reason), []).append(r.artifact.ext)
+    for (name, reason), exts in kept_out.items():
+        print(f"SKIPPED {name} ({', '.join(exts)}): {reason}", file=out)
+    for r in by_status["failed"]:
+        print(f"FAILED {r.artifact.name}: {r.reason}", file=out)
+    fetched, skipped, failed = by_status["fetched"], by_status["skipped"], by_status["failed"]
+    counts = [
+        f"{len(fetched)} fetched ({format_size(sum(r.size for r in fetched))})",
+        f"{len(by_status['cached'])} already cached",
+        *([f"{len(skipped)} skipped by routing rules"] if skipped else []),
+        f"{len(failed)} failed",
+        *([f"{len(problems)} go.sum lines skipped"] if problems else []),
+    ]
+    print(f"warm: {len(results)} artifacts: {', '.join(counts)}", file=out)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 class Progress:

@@ -1,36 +1,96 @@
-"""``goproxy-sidecar run | check | eval`` — the command line.
+"""``goproxy-sidecar run | check | eval | cache | warm`` — the command line.
 
 Heavy imports (aiohttp, the server) happen inside the subcommand that needs
 them so ``check`` and ``--help`` start fast; regopy is imported with the
 package, first of all (see sidecar.native).
+
+Every error ends the command with one line on stderr and one of the EXIT_*
+codes below, never a traceback: the errors of the tree in sidecar.errors, an
+OSError nothing translated, a closed output pipe, Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from sidecar.errors import ConfigError, SidecarError
+from sidecar.config import DEFAULT_BACKUP_URL, DEFAULT_LISTEN, DEFAULT_PRIMARY_URL
+from sidecar.errors import CacheError, ConfigError, ConfigErrors, ListenError, SidecarError
 
 if TYPE_CHECKING:
     from sidecar.policy.base import PolicyEngine
     from sidecar.routing import Router
 
 EXIT_OK = 0
-EXIT_INVALID = 2
+EXIT_FAILED = 1  # the command ran and part of its work failed (warm, cache verify)
+EXIT_INVALID = 2  # bad usage, config or input (argparse's own code for usage errors)
+EXIT_CANNOT_LISTEN = 3  # the listen address is in use, not permitted or not local
+EXIT_IO = 4  # a file or directory the command needs cannot be read or written
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a death by SIGINT
+EXIT_BROKEN_PIPE = 141  # the reader closed our stdout, as a shell reports SIGPIPE
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+RUN_DESCRIPTION = (
+    "Serve until SIGTERM or SIGINT. Without --config, the embedded default config: listen on "
+    f"{DEFAULT_LISTEN}, upstreams athens ({DEFAULT_PRIMARY_URL}) then public "
+    f"({DEFAULT_BACKUP_URL}), cache in $XDG_CACHE_HOME/goproxy-sidecar (else "
+    "~/.cache/goproxy-sidecar). SIDECAR_* variables override any key, with or without --config."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked: importlib.metadata costs ~20 ms."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own from a bare source tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("goproxy-sidecar")
+    except metadata.PackageNotFoundError:
+        from sidecar import __version__
+
+        return f"{__version__} (not installed: from the source tree)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="goproxy-sidecar",
         description="Policy-driven circuit-breaker sidecar for Go module proxies.",
     )
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="serve (the embedded default config without --config)")
-    run.add_argument("--config", help="sidecar.yaml")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run = sub.add_parser(
+        "run",
+        help="serve (the embedded default config without --config)",
+        description=RUN_DESCRIPTION,
+    )
+    run.add_argument("--config", help="sidecar.yaml (default: the embedded default above)")
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=LOG_LEVELS,
+        help="least severe level written to the JSON log on stderr: "
+        f"{', '.join(LOG_LEVELS)} (default info)",
+    )
     run.add_argument(
         "--loop",
         default="auto",
@@ -53,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cache_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _cache_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     """``cache ls|purge|verify`` and ``warm``: no running sidecar needed (sidecar/cache_cli.py)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
     cache = sub.add_parser("cache", help="inspect and maintain the local cache")
     ops = cache.add_subparsers(dest="cache_command", required=True)
@@ -72,29 +132,71 @@ def _cache_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "warm", parents=[common], help="prefetch every module version of a go.sum into the cache"
     )
     warm.add_argument("go_sum", metavar="GO.SUM")
-    warm.add_argument("--jobs", type=int, default=8, help="concurrent fetches (default 8)")
+    warm.add_argument(
+        "--jobs", type=_positive, default=8, help="concurrent fetches, at least 1 (default 8)"
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "check":
-            return _check(args)
-        if args.command in ("cache", "warm"):
-            return _cache(args)
-        return _eval(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a reader gone early shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `cache ls | head`: stop quietly, as a tool killed by SIGPIPE would. Python
+        # flushes stdout again at exit; devnull takes what is left.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
-        print(f"goproxy-sidecar: invalid config:\n{_indent(str(exc))}", file=sys.stderr)
+        _say(_config_problems(exc.errors if isinstance(exc, ConfigErrors) else [exc]))
         return EXIT_INVALID
+    except ListenError as exc:
+        _say(str(exc))
+        return EXIT_CANNOT_LISTEN
+    except CacheError as exc:
+        _say(str(exc))
+        return EXIT_IO
     except SidecarError as exc:
-        print(f"goproxy-sidecar: {exc}", file=sys.stderr)
+        _say(str(exc))
         return EXIT_INVALID
+    except OSError as exc:  # one nothing translated: still the file's fault, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say(f"{where}{exc.strerror or exc}")
+        return EXIT_IO
 
 
-def _indent(text: str) -> str:
-    return "\n".join(f"  {line}" for line in text.splitlines())
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "check":
+        return _check(args)
+    if args.command in ("cache", "warm"):
+        return _cache(args)
+    return _eval(args)
+
+
+def _say(message: str) -> None:
+    print(f"goproxy-sidecar: {message}", file=sys.stderr)
+
+
+def _config_problems(errors: list[ConfigError]) -> str:
+    """One problem on one line; several as a count, then one indented line each."""
+    if len(errors) == 1:
+        return f"invalid config: {errors[0]}"
+    return f"invalid config, {len(errors)} problems:" + "".join(f"\n  {e}" for e in errors)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -113,8 +215,8 @@ def _check(args: argparse.Namespace) -> int:
     from sidecar.policy.files import discover
     from sidecar.routing import Router
 
-    config = load_config(args.config)
-    router = Router(config)  # compiles every routing pattern: ConfigError names a bad one
+    config = load_config(args.config)  # every routing pattern compiled and checked already
+    router = Router(config)
     # The OPA engine evaluates the same files on the server: compile them here too.
     engine = EmbeddedEngine(config.policy.paths, config.policy.decision)
     warning = asyncio.run(_load_and_close(engine))
@@ -178,7 +280,7 @@ def _eval(args: argparse.Namespace) -> int:
     from sidecar.policy import make_engine
 
     config = load_config(args.config)
-    text = sys.stdin.read() if args.input == "-" else _read(args.input)
+    text = _read_stdin() if args.input == "-" else _read(args.input)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -196,6 +298,15 @@ def _read(path: str) -> str:
             return f.read()
     except OSError as exc:
         raise SidecarError(f"{path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SidecarError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+
+
+def _read_stdin() -> str:
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SidecarError(f"-: not UTF-8 text (byte {exc.start})") from exc
 
 
 async def _evaluate(engine: PolicyEngine, document: dict[str, object]) -> dict[str, object]:

@@ -12,6 +12,8 @@
     │                              the header limits, an encoding it did not ask for
     ├── UpstreamBusy           no connection to that upstream in time (admission
     │                          overflow): the sidecar's own load, never a failure
+    ├── ListenError            the listen address cannot be bound (in use, not
+    │                          permitted, not an address of this host)
     ├── PolicyError
     │   ├── PolicyLoadError        a policy or data file is refused (file, line)
     │   └── PolicyEvalError        evaluation failed or returned garbage
@@ -105,6 +107,15 @@ class UpstreamBusy(SidecarError):
         self.message = message
         self.waited = waited
         super().__init__(f"{upstream}: {message}")
+
+
+class ListenError(SidecarError):
+    """The listen address cannot be bound; ``reason`` in the words of the errno."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"listen {address}: {reason}")
 
 
 class PolicyError(SidecarError):

@@ -5,6 +5,9 @@ needs the ``.mod``; ``<module> <version> h1:…`` needs the ``.zip``, plus the
 ``.info`` and ``.mod`` the go command asks for alongside. Artifacts already in
 the cache are skipped. Each one walks the configured upstreams in order, like
 a comma-separated GOPROXY: 404/410 and failures fall through to the next.
+What the routing rules keep out of the cache (``deny``, ``cache: false``, a
+private module no upstream may serve) is skipped, not failed: the running
+sidecar would not cache it either.
 No sidecar needs to run: this uses the same store, in this process.
 """
 
@@ -17,13 +20,20 @@ from dataclasses import dataclass, field, replace
 from typing import Final
 from urllib.parse import quote
 
-from sidecar.cache.layout import mark_changed
+from sidecar.cache.layout import Layout, mark_changed, prepare
 from sidecar.cache.store import DiskCache
 from sidecar.config import Config
-from sidecar.errors import RequestError, UpstreamBusy, UpstreamError
+from sidecar.errors import (
+    CacheError,
+    CacheWriteError,
+    ConfigError,
+    RequestError,
+    UpstreamBusy,
+    UpstreamError,
+)
 from sidecar.goproxy import GoproxyRequest, escape_path, escape_version, parse_request_path
 from sidecar.metrics import Metrics
-from sidecar.routing import Router
+from sidecar.routing import Route, Router
 from sidecar.upstreams import Upstream
 
 DEFAULT_JOBS: Final = 8
@@ -44,10 +54,10 @@ class Artifact:
 @dataclass(slots=True)
 class Result:
     artifact: Artifact
-    status: str  # fetched | cached | failed
+    status: str  # fetched | cached | skipped | failed
     size: int = 0
     upstream: str = ""
-    error: str = ""
+    reason: str = ""  # why it failed, or which routing rule keeps it out of the cache
 
 
 @dataclass(slots=True)
@@ -93,7 +103,12 @@ async def warm(
     jobs: int = DEFAULT_JOBS,
     on_result: Callable[[Result], None] | None = None,
 ) -> list[Result]:
-    """Fetch what is missing, ``jobs`` at a time; one Result per artifact, in order."""
+    """Fetch what is missing, ``jobs`` at a time; one Result per artifact, in order.
+
+    Raises ConfigError when the cache is disabled and CacheWriteError when its
+    directory cannot be used, before any upstream is asked.
+    """
+    _check_cache(config)
     # No scrub: a warm run is short, and a running sidecar scrubs the same directory.
     cache = DiskCache(replace(config.cache, scrub_rate=0), Metrics())
     upstreams = [
@@ -110,8 +125,8 @@ async def warm(
         # The same routing as live requests: a private module is only ever
         # fetched from private_ok upstreams, a denied or no-cache one not at all.
         route = router.route(artifact.req.module)
-        if route.deny or not route.cache:
-            result = Result(artifact, "failed", error="refused by routing rules")
+        if skipped := _kept_out(route):
+            result = Result(artifact, "skipped", reason=skipped)
         else:
             async with limit:
                 allowed = [u for u in upstreams if u.name in route.targets]
@@ -130,6 +145,27 @@ async def warm(
             mark_changed(cache.layout)  # a running sidecar picks the new entries up
         for upstream in upstreams:
             await upstream.close()
+
+
+def _check_cache(config: Config) -> None:
+    if not config.cache.enabled:
+        raise ConfigError("cache.enabled", "warm needs the cache, and it is off")
+    try:
+        prepare(Layout.at(config.cache.dir))
+    except (OSError, CacheError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise CacheWriteError(f"cache directory {config.cache.dir}: {reason}") from exc
+
+
+def _kept_out(route: Route) -> str:
+    """Why the routing rules keep a module out of the cache ('' when they do not)."""
+    if route.deny:
+        return f"denied by routing rule {route.rule!r}"
+    if not route.cache:
+        return f"not cached by routing rule {route.rule!r}"
+    if not route.targets:
+        return "private module, and no upstream it may go to has private_ok"
+    return ""
 
 
 async def _fetch(cache: DiskCache, upstreams: list[Upstream], artifact: Artifact) -> Result:
@@ -160,6 +196,6 @@ async def _fetch(cache: DiskCache, upstreams: list[Upstream], artifact: Artifact
             artifact,
             "failed",
             upstream=upstream.name,
-            error="not cached (write error or larger than cache.max_bytes)",
+            reason="not cached (write error or larger than cache.max_bytes)",
         )
-    return Result(artifact, "failed", error="; ".join(errors) or "no upstream allowed for it")
+    return Result(artifact, "failed", reason="; ".join(errors))

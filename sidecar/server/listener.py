@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from sidecar.errors import ListenError
 from sidecar.server.connection import Connection
 from sidecar.server.exchange import DateHeader, Exchange
 
@@ -67,9 +69,12 @@ class Server:
         if sock is not None:
             self._listener = await loop.create_server(self, sock=sock, backlog=1024)
         else:
-            self._listener = await loop.create_server(
-                self, host, port or 0, backlog=1024, reuse_address=True
-            )
+            try:
+                self._listener = await loop.create_server(
+                    self, host, port or 0, backlog=1024, reuse_address=True
+                )
+            except OSError as exc:
+                raise ListenError(_address(host, port or 0), _reason(exc)) from exc
         self._sweeper = asyncio.create_task(self._sweep(), name="http-idle-sweep")
 
     async def close(self, grace: float) -> None:
@@ -105,3 +110,15 @@ class Server:
             for conn in list(self.connections):
                 if 0.0 < conn.idle_since < cutoff:
                     conn.close()
+
+
+def _address(host: str | None, port: int) -> str:
+    host = host or "*"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(exc: OSError) -> str:
+    """'address already in use': asyncio wraps the errno in a sentence naming a tuple."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return str(exc.strerror or exc).lower()
+    return os.strerror(exc.errno).lower()

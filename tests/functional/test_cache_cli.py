@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sqlite3
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from sidecar.cache.layout import Layout
+import pytest
+
+from sidecar.cache.layout import Layout, Record, new_blob_id, prepare
+from sidecar.cache.pack import Pack
 from tests.functional.test_cache_support import (
     ZIP,
     cache_config,
@@ -199,3 +205,142 @@ async def test_ls_while_a_fill_is_in_flight_shows_only_complete_entries(
     await settled(sc, 1)
     code, out, _ = await cli("cache", "ls", "--config", str(cfg))
     assert out.splitlines()[-1].startswith("1 entries") and ZIP in out
+
+
+def write_routed_config(tmp_path: Path, url: str, cache_dir: Path) -> Path:
+    cfg = tmp_path / "routed.yaml"
+    cfg.write_text(
+        f'listen: "127.0.0.1:3001"\nupstreams:\n  - {{name: up0, url: "{url}"}}\n'
+        f'cache: {{dir: "{cache_dir}"}}\n'
+        "routing:\n"
+        "  private: [corp.example]\n"  # and up0 has no private_ok
+        "  rules:\n"
+        "    - {match: example.com/volatile, cache: false}\n"
+        "    - {match: example.com/banned, deny: true}\n"
+    )
+    return cfg
+
+
+ROUTED_GO_SUM = """\
+example.com/volatile v1.0.0 h1:aaaa=
+example.com/volatile v1.0.0/go.mod h1:bbbb=
+example.com/banned v0.1.0/go.mod h1:cccc=
+corp.example/lib v1.2.0/go.mod h1:dddd=
+golang.org/x/text v0.3.0/go.mod h1:eeee=
+not a go.sum line
+"""
+
+
+async def test_warm_skips_what_routing_keeps_out_of_the_cache_and_exits_0(fake_upstreams, tmp_path):
+    [(up, url)] = await fake_upstreams(1)
+    up.set("golang.org/x/text/@v/v0.3.0.mod", b"module golang.org/x/text\n")
+    go_sum = tmp_path / "go.sum"
+    go_sum.write_text(ROUTED_GO_SUM)
+    cfg = write_routed_config(tmp_path, url, tmp_path / "cache")
+    code, out, err = await cli("warm", str(go_sum), "--config", str(cfg))
+    assert code == 0, out + err
+    lines = out.splitlines()
+    assert lines[:4] == [
+        "SKIPPED line 6: not a go.sum line: not a go.sum line",
+        "SKIPPED example.com/volatile@v1.0.0 (zip, info, mod): "
+        "not cached by routing rule 'example.com/volatile'",
+        "SKIPPED example.com/banned@v0.1.0 (mod): denied by routing rule 'example.com/banned'",
+        "SKIPPED corp.example/lib@v1.2.0 (mod): "
+        "private module, and no upstream it may go to has private_ok",
+    ]
+    assert lines[4:] == [
+        "warm: 6 artifacts: 1 fetched (25B), 0 already cached, 5 skipped by routing rules, "
+        "0 failed, 1 go.sum lines skipped"
+    ]
+    assert "FAILED" not in out
+    assert up.received == ["golang.org/x/text/@v/v0.3.0.mod"]  # nothing kept out was asked for
+    assert keys_on_disk(tmp_path / "cache") == ["golang.org/x/text/@v/v0.3.0.mod"]
+
+
+async def test_warm_fails_only_for_failed_fetches(fake_upstreams, tmp_path):
+    [(up, url)] = await fake_upstreams(1)
+    up.set("golang.org/x/text/@v/v0.3.0.mod", Reply(status=503))
+    go_sum = tmp_path / "go.sum"
+    go_sum.write_text(ROUTED_GO_SUM)
+    cfg = write_routed_config(tmp_path, url, tmp_path / "cache")
+    code, out, _ = await cli("warm", str(go_sum), "--config", str(cfg))
+    assert code == 1
+    assert "FAILED golang.org/x/text@v0.3.0.mod: up0: " in out and "1 failed" in out
+
+
+def pack_entries(cache_dir: Path, entries: list[tuple[str, str, bool]], stored: float) -> None:
+    """Entries (key, kind, immutable) written straight into the pack, as the sidecar would."""
+    layout = Layout.at(str(cache_dir))
+    prepare(layout)
+    pack = Pack(layout.pack)
+    items = []
+    for key, kind, immutable in entries:
+        body = key.encode()
+        digest = hashlib.sha256(body).hexdigest()
+        record = Record(
+            key,
+            kind,
+            new_blob_id(),
+            len(body),
+            digest,
+            "text/plain",
+            stored,
+            stored,
+            immutable,
+            "up0",
+        )
+        items.append((record, body))
+    pack.put_many(items)
+    pack.close()
+
+
+async def test_ls_sizes_its_columns_to_their_content(tmp_path):
+    old = time.time() - 7 * 86400  # every mutable entry stale
+    pack_entries(
+        tmp_path / "cache",
+        [
+            ("sumdb/sum.golang.org/supported", "sumdb-supported", False),
+            (f"{A}/@v/v1.0.0.mod", "mod", True),
+            (f"{A}/@v/list", "list", False),
+        ],
+        old,
+    )
+    cfg = write_config(tmp_path, ["http://127.0.0.1:9"], tmp_path / "cache")
+    code, out, err = await cli("cache", "ls", "--config", str(cfg))
+    assert code == 0, err
+    header, *rows, total = out.splitlines()
+    assert total.startswith("3 entries")
+    kinds = {row.split()[2] for row in rows}
+    assert kinds == {"sumdb-supported,stale", "mod", "list,stale"}
+    # Every cell of a column starts where its header does; the widest kind still
+    # leaves two spaces before VERIFIED.
+    for name in ("KIND", "VERIFIED", "KEY"):
+        start = header.index(name)
+        assert all(row[start - 2 : start] == "  " and row[start] != " " for row in rows), name
+    assert "sumdb-supported,stale  7d ago" in out
+
+
+@pytest.mark.parametrize("args", [["cache", "ls"], ["cache", "ls", "--json"]])
+def test_a_reader_that_stops_early_ends_it_quietly(tmp_path, args):
+    # Far more output than a pipe holds (64 KiB), so the writer is still
+    # writing when `head` exits.
+    pack_entries(
+        tmp_path / "cache",
+        [(f"example.com/m/@v/v0.0.{i}.mod", "mod", True) for i in range(3000)],
+        time.time(),
+    )
+    cfg = write_config(tmp_path, ["http://127.0.0.1:9"], tmp_path / "cache")
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", *args, "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+    assert writer.stdout is not None and writer.stderr is not None
+    head = subprocess.run(["head", "-n", "2"], stdin=writer.stdout, capture_output=True, timeout=60)
+    writer.stdout.close()
+    err = writer.stderr.read()
+    writer.stderr.close()
+    assert writer.wait(60) == 141  # as a shell reports a writer killed by SIGPIPE
+    assert err == b""  # no traceback, no "Exception ignored" at exit
+    assert len(head.stdout.splitlines()) == 2

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.upstream import Reply, wait_healthy
 
@@ -175,3 +176,151 @@ def test_check_names_the_file_and_line_of_a_broken_policy(tmp_path: Path) -> Non
     )
     assert out.returncode == 2
     assert "breaker.rego:41" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------- errors: one line, an exit code
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the JSON log lines `run` writes before it fails."""
+    return [line for line in stderr.splitlines() if not line.startswith("{")]
+
+
+def test_a_taken_port_is_one_line_naming_the_address_and_exit_3(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path, "http://127.0.0.1:9", port)
+        for loop in ("uvloop", "asyncio"):
+            out = subprocess.run(
+                sidecar_cmd("run", "--config", str(cfg), "--loop", loop),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 3, out.stderr
+            assert error_lines(out.stderr) == [
+                f"goproxy-sidecar: listen 127.0.0.1:{port}: address already in use"
+            ], out.stderr
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {
+        "missing": tmp_path / "missing",
+        "dir": tmp_path / "adir",
+        "binary": tmp_path / "binary",
+        "notjson": tmp_path / "not.json",
+        "list": tmp_path / "list.json",
+        "gosum": tmp_path / "go.sum",
+        "file": tmp_path / "afile",
+    }
+    files["dir"].mkdir()
+    files["binary"].write_bytes(b"\xff\xfe\x00garbage")
+    files["notjson"].write_text("{'upstreams': {}}")
+    files["list"].write_text("[1, 2]")
+    files["gosum"].write_text("example.com/a v1.0.0/go.mod h1:x=\n")
+    files["file"].write_text("a regular file, where a directory should be\n")
+    return files
+
+
+def _cfg(tmp_path: Path, name: str, cache: str) -> Path:
+    path = tmp_path / name
+    path.write_text(
+        'listen: "127.0.0.1:3001"\nupstreams:\n  - {name: athens, url: "http://127.0.0.1:9"}\n'
+        f"cache: {cache}\n"
+    )
+    return path
+
+
+# (arguments with {name} for the files above, exit code, the one line's expected start)
+CLI_ERRORS = [
+    (["check", "--config", "{missing}"], 2, "invalid config: {missing}: cannot read: No such"),
+    (["check", "--config", "{dir}"], 2, "invalid config: {dir}: cannot read: Is a directory"),
+    (["check", "--config", "{binary}"], 2, "invalid config: {binary}: not UTF-8 text"),
+    (["check", "--route", "bad path"], 2, "--route 'bad path': not a module path"),
+    (["eval", "--input", "{missing}"], 2, "{missing}: No such file or directory"),
+    (["eval", "--input", "{dir}"], 2, "{dir}: Is a directory"),
+    (["eval", "--input", "{binary}"], 2, "{binary}: not UTF-8 text (byte 0)"),
+    (["eval", "--input", "{notjson}"], 2, "{notjson}:1: not JSON"),
+    (["eval", "--input", "{list}"], 2, "{list}: expected an object with an 'upstreams' object"),
+    (["eval"], 2, "eval: the following arguments are required: --input"),
+    (["warm", "{missing}"], 2, "warm: {missing}: No such file or directory"),
+    (["warm", "{dir}"], 2, "warm: {dir}: Is a directory"),
+    (["warm", "{binary}"], 2, "warm: {binary}: not UTF-8 text"),
+    (["warm", "--jobs", "0", "{gosum}"], 2, "warm: argument --jobs: expected a whole number"),
+    (["warm", "--jobs", "-2", "{gosum}"], 2, "warm: argument --jobs: expected a whole number"),
+    (["warm", "--jobs", "many", "{gosum}"], 2, "warm: argument --jobs: expected a whole"),
+    (["warm", "--config", "{off}", "{gosum}"], 2, "invalid config: cache.enabled: warm needs"),
+    (["warm", "--config", "{unusable}", "{gosum}"], 4, "cache directory {file}/cache: Not a"),
+    (["cache", "purge", "Bad/x"], 2, "purge 'Bad/x': not found: malformed module path"),
+    (["cache", "purge", "example.com/x@"], 2, "purge: empty version in 'example.com/x@'"),
+    (["cache", "purge", "example.com/x@v1"], 2, "purge 'example.com/x@v1': not found:"),
+    (["run", "--log-level", "loud"], 2, "run: argument --log-level: invalid choice: 'loud'"),
+    (["serve"], 2, "argument command: invalid choice: 'serve'"),
+    ([], 2, "the following arguments are required: command"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "start"), CLI_ERRORS, ids=lambda v: str(v)[:40])
+def test_every_cli_error_is_one_line_and_an_exit_code(
+    tmp_path: Path, args: list[str], code: int, start: str
+) -> None:
+    names = {key: str(path) for key, path in _bad_files(tmp_path).items()}
+    names["off"] = str(_cfg(tmp_path, "off.yaml", f'{{dir: "{tmp_path}/c", enabled: false}}'))
+    names["unusable"] = str(_cfg(tmp_path, "unusable.yaml", f'{{dir: "{names["file"]}/cache"}}'))
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    out = subprocess.run(
+        sidecar_cmd(*(a.format(**names) for a in args)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == code, out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith("goproxy-sidecar"), line
+    assert start.format(**names) in line, line
+    assert not (tmp_path / "xdg").exists()  # a refusal touched no cache
+
+
+def test_several_config_problems_are_one_line_each(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "bad.yaml", "{max_bytes: lots}\nrouting: {private: ['[', 'b/[']}")
+    out = subprocess.run(
+        sidecar_cmd("check", "--config", str(cfg)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GOPRIVATE": "ok.example,c/["},
+    )
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "goproxy-sidecar: invalid config, 4 problems:",
+        "  cache.max_bytes: expected a size like '10GiB' or '512MiB', got 'lots'",
+        "  routing.private[0]: bad pattern '[': unterminated character class",
+        "  routing.private[1]: bad pattern 'b/[': unterminated character class",
+        "  GOPRIVATE[1]: bad pattern 'c/[': unterminated character class",
+    ]
+
+
+# ---------------------------------------------------------------- --version, --help
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib import metadata
+
+    out = subprocess.run(sidecar_cmd("--version"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"goproxy-sidecar {metadata.version('goproxy-sidecar')}\n"
+
+
+def test_run_help_describes_the_embedded_default_and_the_log_levels() -> None:
+    from sidecar.config import DEFAULT_BACKUP_URL, DEFAULT_LISTEN, DEFAULT_PRIMARY_URL
+
+    out = subprocess.run(sidecar_cmd("run", "--help"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert "Without --config, the embedded default config" in text
+    for default in (DEFAULT_LISTEN, DEFAULT_PRIMARY_URL, DEFAULT_BACKUP_URL):
+        assert default in text, default
+    assert "JSON log on stderr: debug, info, warning, error (default info)" in text
