@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -344,3 +345,29 @@ def test_a_reader_that_stops_early_ends_it_quietly(tmp_path, args):
     assert writer.wait(60) == 141  # as a shell reports a writer killed by SIGPIPE
     assert err == b""  # no traceback, no "Exception ignored" at exit
     assert len(head.stdout.splitlines()) == 2
+
+
+async def test_ctrl_c_during_warm_ends_it_quietly_with_130(fake_upstreams, tmp_path):
+    [(up, url)] = await fake_upstreams(1)
+    up.set("golang.org/x/text/@v/v0.3.0.mod", Reply(body=b"module x\n", delay=30))
+    go_sum = tmp_path / "go.sum"
+    go_sum.write_text("golang.org/x/text v0.3.0/go.mod h1:eeee=\n")
+    cfg = write_config(tmp_path, [url], tmp_path / "cache")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "warm",
+        str(go_sum),
+        "--config",
+        str(cfg),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+    await wait_for(lambda: up.received != [], timeout=30, what="the fetch under way")
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 130
+    assert out == b"" and err == b"", err
+    assert temp_files(tmp_path / "cache") == []
