@@ -16,9 +16,11 @@ takes no bytes for ``send_timeout_s`` is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
+import struct
 import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -57,6 +59,7 @@ _HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*
 _ABSOLUTE: Final = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(.*)", re.DOTALL)
 _TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
 _BYTES_ACKED: Final = slice(120, 128)  # tcpi_bytes_acked in Linux's struct tcp_info
+_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
 
 
 class _Refused(Exception):
@@ -485,7 +488,14 @@ class Connection(asyncio.Protocol):
                 "path": current.target if current is not None else None,
             },
         )
-        self.abort()  # connection_lost cancels the handler, as for a client that left
+        # A reset, not a FIN queued behind megabytes the client will never
+        # read: the kernel frees the socket's buffers at once (nginx's
+        # reset_timedout_connection). connection_lost cancels the handler.
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self.abort()
 
     def _taken(self) -> int:
         """Grows while the client takes bytes: what it acknowledged (Linux's

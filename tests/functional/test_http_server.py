@@ -353,6 +353,15 @@ async def test_a_client_that_takes_no_bytes_is_dropped_and_its_handler_cancelled
     writer.write(get("/big"))
     await asyncio.wait_for(cancelled.wait(), 10)
     assert not server.connections and "client dropped" in caplog.text
+    # Reset, not closed behind the megabytes it will never read: the client's
+    # socket is closed at once (Linux tcpi_state 7, TCP_CLOSE).
+    sock = writer.get_extra_info("socket")
+    for _ in range(500):
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+        if state != 1:  # ESTABLISHED
+            break
+        await asyncio.sleep(0.01)
+    assert state == 7
     writer.close()
 
 
