@@ -10,6 +10,10 @@ A request's route is the ordered list of upstreams it may go to. A private
 module may only ever go to upstreams flagged ``private_ok``; nothing on the
 request path (reroute, 404 fall-through, cache miss) can add one that the
 route does not list.
+
+The config loader compiles every pattern first, so a bad one is reported
+with the other config errors, naming its key or its GOPRIVATE/GONOPROXY
+entry; here a ConfigError can only come from a Config built by hand.
 """
 
 from __future__ import annotations
