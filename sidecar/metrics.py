@@ -32,8 +32,8 @@ REQUEST_BUCKETS = (
     120.0,
     300.0,
 )
-# A healthy pool waits nothing or a few ms; pool.max_wait defaults to 2 s.
-QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+# A healthy pool waits nothing or a few ms; pool.max_wait defaults to 5 s.
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 POLICY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 

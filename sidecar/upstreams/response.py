@@ -48,15 +48,20 @@ class UpstreamResponse:
         "status",
         "ttfb",
         "upstream",
+        "written",
     )
 
-    def __init__(self, upstream: Upstream, conn: Connection, pool: Pool, idle: float) -> None:
+    def __init__(
+        self, upstream: Upstream, conn: Connection, pool: Pool, idle: float, written: float
+    ) -> None:
+        """``written``: time.monotonic() when the request went out on ``conn``."""
         assert conn.headers is not None
         self.upstream = upstream
         self.status = conn.status
         self.headers = conn.headers
         self.content_length = conn.length
         self.ttfb = 0.0
+        self.written = written
         self._conn: Connection | None = conn
         self._pool = pool
         self._idle = idle

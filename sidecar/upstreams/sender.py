@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from ipaddress import ip_address
+from time import monotonic
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote, urlsplit
 
@@ -154,13 +155,14 @@ class Sender:
         request = start + header_block(route, None, keep_alive=False)
         pool = self.pool
         conn = await pool.open(deadline, route, await self.redirect_guard())
+        written = monotonic()
         try:
             await conn.send(request, method == "HEAD", deadline)
             conn.check()
         except BaseException:
             pool.release(conn, reuse=False)
             raise
-        return UpstreamResponse(upstream, conn, pool, self._idle)
+        return UpstreamResponse(upstream, conn, pool, self._idle, written)
 
     async def redirect_guard(self) -> RedirectGuard:
         """The address classes a redirect to another origin may reach: public
@@ -180,11 +182,14 @@ class Sender:
         conn = pool.acquire_nowait()
         if conn is None:
             conn = await pool.acquire(deadline)
+        # TTFB starts here (see Upstream.open): send() writes synchronously.
+        written = monotonic()
         try:
             await conn.send(request, head, deadline)
             conn.check()
         except StaleConnection:
             conn = await pool.replace(conn, deadline)
+            written = monotonic()
             try:
                 await conn.send(request, head, deadline)
                 conn.check()
@@ -194,4 +199,4 @@ class Sender:
         except BaseException:
             pool.release(conn, reuse=False)
             raise
-        return UpstreamResponse(upstream, conn, pool, self._idle)
+        return UpstreamResponse(upstream, conn, pool, self._idle, written)

@@ -152,7 +152,7 @@ def test_admission_keys(tmp_path: Path) -> None:
     config = load(
         tmp_path, MINIMAL + "    pool: {max_connections: 8, max_pending: 0, max_wait: 250ms}\n"
     )
-    assert config.upstreams[0].pool == PoolConfig(max_pending=1024, max_wait=2.0)
+    assert config.upstreams[0].pool == PoolConfig(max_pending=1024, max_wait=5.0)
     assert config.upstreams[1].pool == PoolConfig(max_connections=8, max_pending=0, max_wait=0.25)
 
 
