@@ -7,7 +7,6 @@ Contenders:
   sidecar          goproxy-sidecar, cache enabled
   sidecar-nocache  goproxy-sidecar with ``cache: {enabled: false}``: a pure proxy,
                    the fair match for plain nginx on uncached zips
-  sidecar-aiohttp  the sidecar with GOPROXY_SIDECAR_UPSTREAM_CLIENT=aiohttp
 
 "Ratio to nginx" compares with ``ref_nginx``: plain nginx for uncached cases,
 nginx-cache for cache hits.
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from bench.tree import ZIP1M, ZIP50M, info_body, static_info_path
 
 WRK, RATE, PARALLEL = "wrk", "rate", "parallel"
-CONTENDERS = ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache", "sidecar-aiohttp")
+CONTENDERS = ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +49,7 @@ CASES: tuple[Case, ...] = (
     Case(
         "small-uncached",
         WRK,
-        ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache", "sidecar-aiohttp"),
+        ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache"),
         INFO_SIZE,
         "unique .info URL per request (never cached), 64 connections",
     ),
@@ -58,7 +57,7 @@ CASES: tuple[Case, ...] = (
         Case(
             f"miss-rtt{rtt}",
             WRK,
-            ("nginx-cache", "sidecar", "sidecar-aiohttp"),
+            ("nginx-cache", "sidecar"),
             INFO_SIZE,
             f"unique .info URL per request, cache on (each one a miss, filled and kept); "
             f"upstream {rtt} ms away (toxiproxy), 64 connections",

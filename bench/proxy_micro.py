@@ -1,19 +1,17 @@
-"""Small uncached requests: bare aiohttp proxy vs the sidecar on each upstream client.
+"""Small uncached requests: bare aiohttp proxy vs the sidecar.
 
     python3 bench/proxy_micro.py [--reps 3] [--duration 10] [--connections 64]
-                                 [--upstream-core 1] [--profile sidecar-http1]
+                                 [--upstream-core 1] [--profile sidecar]
 
 Issue 6 asks that small uncached requests through the full sidecar reach at
-least 1.4x a bare aiohttp proxy. Three contenders, each in front of the same
+least 1.4x a bare aiohttp proxy. Two contenders, each in front of the same
 nginx upstream that answers any ``.info`` under ``/example.com/bench/u/``
 with ~100 B from its config (``return 200``: no file per request):
 
 - ``bare``: the ~40-line aiohttp streaming proxy below (ClientSession,
   ``iter_any``, uvloop, ``gc.freeze`` + ``gc.set_threshold(10000, 10, 10)``
   as in PERF-NOTES), run from this file with ``--serve-bare``;
-- ``sidecar-aiohttp``: ``python -m sidecar run`` with
-  ``GOPROXY_SIDECAR_UPSTREAM_CLIENT=aiohttp`` (the old aiohttp client);
-- ``sidecar-http1``: the same with the default HTTP/1.1 client.
+- ``sidecar``: ``python -m sidecar run``.
 
 Sidecar config: one upstream, ``pool.max_connections: 256``,
 ``cache: {enabled: false}``, log level warning, the MALLOC_* environment of
@@ -22,7 +20,7 @@ valid module path per request (``example.com/bench/u/t0m<N>/@v/v1.0.0.info``).
 
 Placement (2 cores): wrk on core 0; every proxy and, by default, the
 upstream nginx on core 1 (``--upstream-core 0`` puts nginx with wrk as
-bench/run.py does). Contenders alternate (A B C A B C ...) and the table
+bench/run.py does). Contenders alternate (A B A B ...) and the table
 shows medians with min-max, the proxy's own CPU per request (steadier than
 req/s on a shared machine) and per-core busy time.
 
@@ -66,8 +64,7 @@ from bench.wrk import run_wrk, write_script  # noqa: E402
 
 LOAD_CORE = 0
 PROXY_CORE = 1
-CLIENT_ENV = "GOPROXY_SIDECAR_UPSTREAM_CLIENT"
-CONTENDERS = ("bare", "sidecar-aiohttp", "sidecar-http1")
+CONTENDERS = ("bare", "sidecar")
 
 # ---------------------------------------------------------------- the bare proxy
 
@@ -128,15 +125,7 @@ def start_bare(procs: Procs, work: Path, upstream: Server) -> Server:
 def start_contender(procs: Procs, work: Path, name: str, upstream: Server) -> Server:
     if name == "bare":
         return start_bare(procs, work, upstream)
-    saved = os.environ.get(CLIENT_ENV)
-    os.environ[CLIENT_ENV] = name.removeprefix("sidecar-")
-    try:
-        return start_sidecar(procs, work, name, upstream, cache=False, core=PROXY_CORE)
-    finally:
-        if saved is None:
-            os.environ.pop(CLIENT_ENV, None)
-        else:
-            os.environ[CLIENT_ENV] = saved
+    return start_sidecar(procs, work, name, upstream, cache=False, core=PROXY_CORE)
 
 
 # ---------------------------------------------------------------- measuring

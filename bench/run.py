@@ -43,7 +43,6 @@ from bench.procs import (  # noqa: E402
 )
 from bench.sampler import UsageMeter  # noqa: E402
 from bench.servers import (  # noqa: E402
-    CLIENT_ENV,
     MALLOC_ENV,
     Server,
     Toxiproxy,
@@ -115,7 +114,7 @@ class Bench:
             s = start_nginx_proxy(
                 self.procs, self.work, label, upstream, name == "nginx-cache", PROXY_CORE
             )
-        elif name in ("sidecar", "sidecar-nocache", "sidecar-aiohttp"):
+        elif name in ("sidecar", "sidecar-nocache"):
             s = start_sidecar(
                 self.procs,
                 self.work,
@@ -124,7 +123,6 @@ class Bench:
                 name != "sidecar-nocache",
                 PROXY_CORE,
                 self.malloc_env,
-                extra_env={CLIENT_ENV: "aiohttp" if name == "sidecar-aiohttp" else "http1"},
             )
         else:
             raise BenchError(f"unknown contender {name}")

@@ -20,7 +20,6 @@ from bench.tree import UNIQUE_PREFIX, ZIPS, info_body
 
 REPO = Path(__file__).resolve().parent.parent
 HEALTH_PATH = "/bench-health"
-CLIENT_ENV = "GOPROXY_SIDECAR_UPSTREAM_CLIENT"  # http1 (default) or aiohttp
 
 # PERF-NOTES: glibc heap trimming is the large-body bottleneck; these made zip
 # throughput roughly double. The sidecar is always started with them.
@@ -306,7 +305,6 @@ def launch_sidecar(
         env.pop(key, None)
     if malloc_env:
         env.update(MALLOC_ENV)
-    env.pop(CLIENT_ENV, None)
     env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
     used = {**(MALLOC_ENV if malloc_env else {}), **(extra_env or {})}

@@ -26,7 +26,7 @@
         ├── SumdbVerifyError       a hostile answer: bad signature, proof, tile or syntax
         └── ZipHashError           a module zip that cannot be hashed (not a zip, bad name)
 
-Library exceptions (aiohttp, OSError, regopy) are translated at the boundary
+Library exceptions (httptools, OSError, ssl, regopy) are translated at the boundary
 with ``raise X from exc``; nothing outside this tree crosses module lines.
 """
 
