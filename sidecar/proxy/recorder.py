@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, QueueWait
 from sidecar.stats.window import Outcome, UpstreamWindow
 
 
@@ -58,7 +58,7 @@ class Recorder:
         return child.inc  # type: ignore[no-any-return]
 
 
-def queue_wait_sink(window: UpstreamWindow, histogram: Any) -> Callable[[float], None]:
+def queue_wait_sink(window: UpstreamWindow, histogram: QueueWait) -> Callable[[float], None]:
     """Where an upstream's admission gate reports each request's queue wait:
     the upstream's window (for the policy) and its histogram child (for Prometheus)."""
     record = window.record_queue_wait

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from sidecar.errors import UpstreamBusy
+from sidecar.metrics import Metrics
 from sidecar.upstreams.admission import Admission
 
 LONG_S = 30.0  # a max_wait no test reaches
@@ -156,3 +157,24 @@ async def test_expired_and_cancelled_waiters_do_not_grow_the_queue_without_bound
     assert len(g._queue) <= 2 * 2 + 1
     g.release()
     assert g.in_use == 0
+
+
+def test_queue_waits_are_exported_as_a_prometheus_histogram() -> None:
+    metrics = Metrics()
+    name = "goproxy_sidecar_upstream_queue_wait_seconds"
+    child = metrics.upstream_queue_wait.labels("up")
+    for seconds in (0.0, 0.0, 0.003, 0.3, 20.0):
+        child.observe(seconds)
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for family in metrics.registry.collect()
+        if family.name == name
+        for s in family.samples
+    }
+    assert samples[(f"{name}_bucket", "0.001")] == 2
+    assert samples[(f"{name}_bucket", "0.005")] == 3
+    assert samples[(f"{name}_bucket", "0.5")] == 4
+    assert samples[(f"{name}_bucket", "10.0")] == 4
+    assert samples[(f"{name}_bucket", "+Inf")] == 5
+    assert samples[(f"{name}_count", None)] == 5
+    assert samples[(f"{name}_sum", None)] == pytest.approx(20.303)
