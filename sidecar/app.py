@@ -13,10 +13,10 @@ from functools import partial
 
 from sidecar.breaker.machine import Breaker
 from sidecar.breaker.plan import Plan
-from sidecar.breaker.state import Decision, State
+from sidecar.breaker.state import Decision, State, TrafficClass
 from sidecar.cache.base import ModuleCache
 from sidecar.config import Config
-from sidecar.control import ControlLoop, on_transition
+from sidecar.control import ControlLoop, breakers_of, on_transition
 from sidecar.endpoints import endpoints
 from sidecar.metrics import Metrics
 from sidecar.policy import make_engine
@@ -26,7 +26,7 @@ from sidecar.proxy.handler import METHODS, ProxyHandler, send_text
 from sidecar.proxy.recorder import Recorder, queue_wait_sink
 from sidecar.routing import Router
 from sidecar.server import Exchange, Server
-from sidecar.stats.window import UpstreamWindow
+from sidecar.stats.window import Clock, UpstreamWindow
 from sidecar.upstreams import Upstream
 
 log = logging.getLogger("sidecar.app")
@@ -41,8 +41,10 @@ class Sidecar:
     config: Config
     metrics: Metrics
     upstreams: dict[str, Upstream]
-    windows: dict[str, UpstreamWindow]
-    breakers: dict[str, Breaker] = field(default_factory=dict)
+    windows: dict[str, UpstreamWindow]  # module traffic
+    breakers: dict[str, Breaker] = field(default_factory=dict)  # module traffic
+    sumdb_windows: dict[str, UpstreamWindow] = field(default_factory=dict)  # checksum traffic
+    sumdb_breakers: dict[str, Breaker] = field(default_factory=dict)  # checksum traffic
     cache: ModuleCache | None = None
     router: Router | None = None
     control: ControlLoop | None = None
@@ -59,7 +61,12 @@ class Sidecar:
         """Publish the breakers' current actions; one assignment, so requests see
         either the old plan or the new one, never a mix."""
         self._plan_version += 1
-        self.plan = Plan.from_breakers(self.breakers.values(), self._plan_version, time.monotonic())
+        self.plan = Plan.from_breakers(
+            self.breakers.values(),
+            self.sumdb_breakers.values(),
+            self._plan_version,
+            time.monotonic(),
+        )
 
     def current_plan(self) -> Plan:
         return self.plan
@@ -70,25 +77,42 @@ class Sidecar:
         return {"enabled": True, **self.cache.summary()}
 
 
-def build_sidecar(config: Config, metrics: Metrics | None = None) -> Sidecar:
+def build_sidecar(
+    config: Config, metrics: Metrics | None = None, clock: Clock = time.monotonic
+) -> Sidecar:
+    """Every part, wired; ``clock`` (windows and breakers) is for tests."""
     metrics = metrics or Metrics()
     upstreams: dict[str, Upstream] = {}
     for index, cfg in enumerate(config.upstreams):
         upstreams[cfg.name] = Upstream(cfg, "primary" if index == 0 else "backup")
-    windows = {name: UpstreamWindow(config.stats.window, config.stats.slice) for name in upstreams}
+
+    def window() -> UpstreamWindow:
+        return UpstreamWindow(config.stats.window, config.stats.slice, clock)
+
+    windows = {name: window() for name in upstreams}
     for name, up in upstreams.items():
         up.admission.on_wait = queue_wait_sink(
             windows[name], metrics.upstream_queue_wait.labels(name)
         )
-    sidecar = Sidecar(config, metrics, upstreams, windows, router=Router(config))
+    sidecar = Sidecar(
+        config,
+        metrics,
+        upstreams,
+        windows,
+        sumdb_windows={name: window() for name in upstreams},
+        router=Router(config),
+    )
     if config.cache.enabled:
         from sidecar.cache.store import DiskCache
 
         sidecar.cache = DiskCache(config.cache, metrics)
-    for name in upstreams:
-        sidecar.breakers[name] = Breaker(name, on_transition=partial(on_transition, sidecar))
-        for state in State:
-            metrics.breaker_state.labels(name, state.value).set(state is State.CLOSED)
+    for klass in TrafficClass:
+        for name in upstreams:
+            breaker = Breaker(name, clock, partial(on_transition, sidecar, klass))
+            breakers_of(sidecar, klass)[name] = breaker
+            for state in State:
+                closed = state is State.CLOSED
+                metrics.breaker_state.labels(name, klass.value, state.value).set(closed)
     sidecar.swap_plan()
     return sidecar
 
@@ -107,7 +131,7 @@ class SidecarService:
         self.proxy = ProxyHandler(
             sidecar.upstreams,
             sidecar.current_plan,
-            Recorder(sidecar.metrics, sidecar.windows),
+            Recorder(sidecar.metrics, sidecar.windows, sidecar.sumdb_windows),
             sidecar.cache,
             sidecar.config.policy.reject_status,
             sidecar.router,

@@ -317,7 +317,4 @@ async def _evaluate(engine: PolicyEngine, document: dict[str, object]) -> dict[s
         decisions = await engine.evaluate(document)
     finally:
         await engine.close()
-    return {
-        name: {"action": d.action.value, "reason": d.reason, "alert": d.alert}
-        for name, d in decisions.items()
-    }
+    return {name: d.as_json() for name, d in decisions.items()}

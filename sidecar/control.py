@@ -5,6 +5,12 @@ request path: requests read whichever plan is current. When the engine
 fails, the breakers keep their last good decisions; once those are older
 than the staleness bound, no new trips happen (every upstream is treated
 as ``allow``) until the engine answers again.
+
+Every upstream has two breakers and two windows, one per traffic class
+(``TrafficClass``): module requests and checksum-database requests. The
+policy input carries the module stats as ``upstreams.<name>`` and the
+checksum stats as ``upstreams.<name>.sumdb``; a decision's ``sumdb`` drives
+the second breaker.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from sidecar.breaker.state import ALLOW, Decision, State, Transition
+from sidecar.breaker.machine import Breaker
+from sidecar.breaker.state import ALLOW, Decision, State, TrafficClass, Transition
 from sidecar.errors import PolicyError, UpstreamBusy, UpstreamError
 from sidecar.policy.base import PolicyEngine
+from sidecar.stats.window import UpstreamWindow
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -26,9 +34,15 @@ log = logging.getLogger("sidecar.control")
 
 STALE_AFTER_INTERVALS: Final = 10
 STALE_AFTER_MIN_S: Final = 30.0
-# The synthetic probe: every GOPROXY server answers it (200 or 404) without
-# touching any module, so no private path can leak through it.
-SELF_PROBE_PATH: Final = "sumdb/sum.golang.org/supported"
+# The synthetic probes, one per traffic class. Every GOPROXY server answers
+# them (200 or 404/410) and no private path can leak through them: the module
+# one names a module under .invalid (RFC 2606: never resolves, so a proxy
+# that looks it up fails fast and answers 404), the checksum one asks whether
+# the default checksum database is proxied.
+SELF_PROBE_PATHS: Final = {
+    TrafficClass.MODULE: "goproxy-sidecar.invalid/self-probe/@v/list",
+    TrafficClass.SUMDB: "sumdb/sum.golang.org/supported",
+}
 
 
 class ControlLoop:
@@ -57,8 +71,9 @@ class ControlLoop:
 
     async def step(self) -> None:
         sc = self.sidecar
-        for breaker in sc.breakers.values():
-            breaker.tick()
+        for klass in TrafficClass:
+            for breaker in breakers_of(sc, klass).values():
+                breaker.tick()
         self.last_input = build_input(sc)
         decisions = await self._evaluate(self.last_input)
         if decisions is not None:
@@ -109,31 +124,40 @@ class ControlLoop:
     def _apply(self, decisions: dict[str, Decision]) -> None:
         sc = self.sidecar
         cooldown_s, probes = self.engine().breaker_settings()
-        for name, breaker in sc.breakers.items():
+        for name in sc.breakers:
             decision = decisions.get(name, ALLOW)
-            sc.metrics.decisions.labels(name, decision.action.value).inc()
             sc.would[name] = decision
-            if not self.shadow:
-                breaker.apply(decision, cooldown_s, probes)
-            # A breaker that sheds load stays open for its cool-down, but the policy
-            # says "allow" again as soon as the rejects have emptied the pool: the
-            # alert follows what the breaker does, not the latest verdict.
-            alert = decision.alert if self.shadow else breaker.alert
-            sc.metrics.breaker_alert.labels(name).set(1 if alert else 0)
+            for klass in TrafficClass:
+                self._apply_one(name, klass, decision.for_class(klass), cooldown_s, probes)
+
+    def _apply_one(
+        self, name: str, klass: TrafficClass, decision: Decision, cooldown_s: float, probes: int
+    ) -> None:
+        sc = self.sidecar
+        breaker = breakers_of(sc, klass)[name]
+        sc.metrics.decisions.labels(name, klass.value, decision.action.value).inc()
+        if not self.shadow:
+            breaker.apply(decision, cooldown_s, probes)
+        # A breaker that sheds load stays open for its cool-down, but the policy
+        # says "allow" again as soon as the rejects have emptied the pool: the
+        # alert follows what the breaker does, not the latest verdict.
+        alert = decision.alert if self.shadow else breaker.alert
+        sc.metrics.breaker_alert.labels(name, klass.value).set(1 if alert else 0)
 
     def _self_probe(self) -> None:
-        for name, breaker in self.sidecar.breakers.items():
-            if breaker.needs_self_probe(self.interval) and breaker.try_acquire_probe():
-                task = asyncio.create_task(self._probe(name, breaker.probe_period))
-                self._probes.add(task)
-                task.add_done_callback(self._probes.discard)
+        for klass in TrafficClass:
+            for name, breaker in breakers_of(self.sidecar, klass).items():
+                if breaker.needs_self_probe(self.interval) and breaker.try_acquire_probe():
+                    task = asyncio.create_task(self._probe(name, klass, breaker))
+                    self._probes.add(task)
+                    task.add_done_callback(self._probes.discard)
 
-    async def _probe(self, name: str, period: int) -> None:
+    async def _probe(self, name: str, klass: TrafficClass, breaker: Breaker) -> None:
         sc = self.sidecar
-        breaker = sc.breakers[name]
+        period = breaker.probe_period
         ok, detail = False, ""
         try:
-            resp = await sc.upstreams[name].open(SELF_PROBE_PATH)
+            resp = await sc.upstreams[name].open(SELF_PROBE_PATHS[klass])
             resp.release(reuse=False)
             ok = True
         except UpstreamError as exc:
@@ -147,8 +171,9 @@ class ControlLoop:
     def _export_gauges(self) -> None:
         m = self.sidecar.metrics
         for name, doc in self.last_input.get("upstreams", {}).items():
-            m.ttfb_p99.labels(name).set(doc["ttfb_ms"]["p99"] / 1000.0)
-            m.error_rate.labels(name).set(doc["error_rate"])
+            for klass, stats in ((TrafficClass.MODULE, doc), (TrafficClass.SUMDB, doc["sumdb"])):
+                m.ttfb_p99.labels(name, klass.value).set(stats["ttfb_ms"]["p99"] / 1000.0)
+                m.error_rate.labels(name, klass.value).set(stats["error_rate"])
             m.pool_saturation.labels(name).set(doc["pool"]["saturation"])
 
     async def close(self) -> None:
@@ -156,50 +181,77 @@ class ControlLoop:
             task.cancel()
 
 
+def breakers_of(sc: Sidecar, klass: TrafficClass) -> dict[str, Breaker]:
+    return sc.sumdb_breakers if klass is TrafficClass.SUMDB else sc.breakers
+
+
+def windows_of(sc: Sidecar, klass: TrafficClass) -> dict[str, UpstreamWindow]:
+    return sc.sumdb_windows if klass is TrafficClass.SUMDB else sc.windows
+
+
 def build_input(sc: Sidecar) -> dict[str, Any]:
-    """The policy input document (DESIGN.md "Policy contract")."""
+    """The policy input document (the README's "Input" is the contract)."""
     upstreams: dict[str, Any] = {}
     for name, up in sc.upstreams.items():
         peak = up.take_peak()
         window = sc.windows[name]
+        # Kept for dashboards and custom policies; no default rule reads it:
+        # a pool that is full at the instant of a tick is busy, not sick.
         window.sample_saturation(peak / up.limit)
-        doc = window.snapshot().as_policy_input()
-        breaker = sc.breakers[name]
+        snapshot = window.snapshot()
+        doc = snapshot.as_policy_input()
         doc.update(
             role=up.role,
-            state=breaker.state.value,
-            state_age_s=round(breaker.state_age(), 3),
+            **_breaker_input(sc.breakers[name]),
             pool={
                 "limit": up.limit,
                 "in_use": min(peak, up.limit),
                 "waiting": max(0, peak - up.limit),
+                **snapshot.pool_input(),
                 "saturation": round(peak / up.limit, 4),
             },
         )
+        sumdb = sc.sumdb_windows[name].snapshot().as_policy_input()
+        sumdb.update(_breaker_input(sc.sumdb_breakers[name]))
+        doc["sumdb"] = sumdb
         upstreams[name] = doc
     return {"now": round(time.time(), 3), "upstreams": upstreams, "cache": sc.cache_summary()}
 
 
-def on_transition(sc: Sidecar, transition: Transition) -> None:
-    """Every state change: fresh window, metrics, one log line, a new plan."""
+def _breaker_input(breaker: Breaker) -> dict[str, Any]:
+    return {"state": breaker.state.value, "state_age_s": round(breaker.state_age(), 3)}
+
+
+def on_transition(sc: Sidecar, klass: TrafficClass, transition: Transition) -> None:
+    """Every state change of one class's breaker: a fresh window for that class,
+    metrics, one log line, a new plan."""
     name = transition.upstream
-    sc.windows[name].reset()
+    windows_of(sc, klass)[name].reset()
     m = sc.metrics
     for state in State:
-        m.breaker_state.labels(name, state.value).set(1 if state is transition.to_state else 0)
+        m.breaker_state.labels(name, klass.value, state.value).set(
+            1 if state is transition.to_state else 0
+        )
     m.breaker_transitions.labels(
-        name, transition.from_state.value, transition.to_state.value, _reason_label(transition)
+        name,
+        klass.value,
+        transition.from_state.value,
+        transition.to_state.value,
+        _reason_label(transition),
     ).inc()
     figures = sc.control.last_input.get("upstreams", {}).get(name, {}) if sc.control else {}
+    if klass is TrafficClass.SUMDB:
+        figures = figures.get("sumdb", {})
     log.warning(
         "breaker transition",
         extra={
             "upstream": name,
+            "class": klass.value,
             "from": transition.from_state.value,
             "to": transition.to_state.value,
             "action": transition.action.value,
             "reason": transition.reason,
-            "input": {k: v for k, v in figures.items() if k != "series"},
+            "input": {k: v for k, v in figures.items() if k not in ("series", "sumdb")},
         },
     )
     sc.swap_plan()

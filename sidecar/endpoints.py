@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.breaker.state import Action
+from sidecar.breaker.machine import Breaker
+from sidecar.breaker.state import Action, TrafficClass
 from sidecar.server.exchange import TEXT_PLAIN as TEXT
 
 if TYPE_CHECKING:
@@ -63,22 +64,35 @@ def not_ready(sidecar: Sidecar) -> str:
 
 
 def breakers_view(sidecar: Sidecar) -> dict[str, Any]:
+    """Keyed by upstream: its module-traffic breaker, with its checksum-traffic
+    breaker nested under ``sumdb`` in the same shape."""
     control = sidecar.control
     seen = control.last_input.get("upstreams", {}) if control else {}
     decided_at = control.decided_at if control else None
-    shadow = sidecar.config.policy.mode.value == "shadow"
     out: dict[str, Any] = {}
     for name, breaker in sidecar.breakers.items():
-        view = breaker.as_dict()
-        if shadow:
-            would = sidecar.would.get(name)
-            view["would_action"] = would.action.value if would else "allow"
-            view["would_reason"] = would.reason if would else ""
-            view["would_alert"] = would.alert if would else False
-        view["stats"] = seen.get(name)
+        stats = seen.get(name)
+        view = _breaker_view(sidecar, name, breaker, TrafficClass.MODULE)
+        view["stats"] = {k: v for k, v in stats.items() if k != "sumdb"} if stats else None
         view["decided_at"] = decided_at
+        sumdb = _breaker_view(sidecar, name, sidecar.sumdb_breakers[name], TrafficClass.SUMDB)
+        sumdb["stats"] = stats.get("sumdb") if stats else None
+        view["sumdb"] = sumdb
         out[name] = view
     return out
+
+
+def _breaker_view(
+    sidecar: Sidecar, name: str, breaker: Breaker, klass: TrafficClass
+) -> dict[str, Any]:
+    view = breaker.as_dict()
+    if sidecar.config.policy.mode.value == "shadow":
+        would = sidecar.would.get(name)
+        decision = would.for_class(klass) if would else None
+        view["would_action"] = decision.action.value if decision else "allow"
+        view["would_reason"] = decision.reason if decision else ""
+        view["would_alert"] = decision.alert if decision else False
+    return view
 
 
 def refresh_pool_gauges(sidecar: Sidecar) -> None:

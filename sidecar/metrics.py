@@ -1,8 +1,9 @@
 """Every Prometheus metric the sidecar exports, on one registry built per app.
 
 Names follow ``goproxy_sidecar_<subject>_<unit>``; labels are small fixed
-sets (upstream name, request kind, outcome) and never a module path, so the
-series count is bounded by the config, not by traffic.
+sets (upstream name, request kind, outcome, traffic class) and never a module
+path, so the series count is bounded by the config, not by traffic. ``class``
+is ``module`` or ``sumdb``: each upstream has one breaker per traffic class.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ class Metrics:
         )
         self.masked_failures = Counter(
             f"{p}_masked_failures",
-            "404s from an upstream that a later upstream answered "
-            "with 200 (Athens answers 404 when its own fetch failed).",
+            "404s to module requests from an upstream that a later upstream answered "
+            "with 200 (Athens answers 404 when its own fetch failed). Checksum-database "
+            "requests are not counted: a proxy without sumdb/ answers 404 by design.",
             ["upstream"],
             registry=r,
         )
@@ -105,14 +107,15 @@ class Metrics:
         # --- upstream health, as the policy sees it
         self.ttfb_p99 = Gauge(
             f"{p}_upstream_ttfb_p99_seconds",
-            "P99 time to first byte over the stats window.",
-            ["upstream"],
+            "P99 time to first byte over the stats window, by traffic class "
+            "(module, sumdb: checksum-database requests).",
+            ["upstream", "class"],
             registry=r,
         )
         self.error_rate = Gauge(
             f"{p}_upstream_error_rate",
-            "Failed requests / requests over the stats window.",
-            ["upstream"],
+            "Failed requests / requests over the stats window, by traffic class.",
+            ["upstream", "class"],
             registry=r,
         )
         self.pool_in_use = Gauge(
@@ -158,27 +161,28 @@ class Metrics:
         self.breaker_state = Gauge(
             f"{p}_breaker_state",
             "1 for the breaker's current state, 0 for the others "
-            "(a StateSet: closed, open, half-open).",
-            ["upstream", "state"],
+            "(a StateSet: closed, open, half-open); one breaker per upstream and "
+            "traffic class (module, sumdb).",
+            ["upstream", "class", "state"],
             registry=r,
         )
         self.breaker_transitions = Counter(
             f"{p}_breaker_transitions",
-            "Breaker state changes.",
-            ["upstream", "from_state", "to_state", "reason"],
+            "Breaker state changes, by upstream and traffic class.",
+            ["upstream", "class", "from_state", "to_state", "reason"],
             registry=r,
         )
         self.breaker_alert = Gauge(
             f"{p}_breaker_alert",
-            "1 while the policy asks for an alert on this upstream.",
-            ["upstream"],
+            "1 while the policy asks for an alert on this upstream's traffic class.",
+            ["upstream", "class"],
             registry=r,
         )
         self.decisions = Counter(
             f"{p}_policy_decisions",
-            "Per-upstream decisions returned by the policy, by action "
-            "(counted in shadow mode too).",
-            ["upstream", "action"],
+            "Per-upstream decisions returned by the policy, by traffic class and "
+            "action (counted in shadow mode too).",
+            ["upstream", "class", "action"],
             registry=r,
         )
         self.probes = Counter(

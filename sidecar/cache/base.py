@@ -11,7 +11,7 @@ from typing import BinaryIO, Protocol
 
 from multidict import CIMultiDict
 
-from sidecar.cache.fill import FillReader
+from sidecar.cache.fill import Fill, FillReader
 from sidecar.cache.flight import Flight, NotFound, Whole
 from sidecar.cache.index import Entry as CachedEntry
 from sidecar.errors import UpstreamError
@@ -66,6 +66,9 @@ class ModuleCache(Protocol):
     ) -> FillReader | None:
         """Fetch the body once into the cache and return the caller's reader,
         or None when this body is not to be cached (the caller relays it)."""
+
+    async def prefetch(self, req: GoproxyRequest, source: UpstreamResponse) -> Fill:
+        """Fetch ``source``'s body into the cache with no client reading it."""
 
     def takes_small(self, size: int | None) -> bool:
         """True if a whole body of ``size`` bytes may be given to ``keep_small``."""

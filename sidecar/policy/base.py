@@ -23,9 +23,38 @@ DEFAULT_COOLDOWN_S = 30.0
 DEFAULT_PROBES = 5
 BREAKER_DATA_PATH = ("sidecar", "config", "breaker")
 
-# A healthy upstream in the input shape of DESIGN.md. A policy that cannot
+# A healthy upstream in the input shape of the README ("Input"). A policy that cannot
 # decide on this is not put in service (see PolicyReloader and load()).
 SMOKE_UPSTREAM = "smoke-test"
+
+
+def _smoke_stats(requests: int) -> dict[str, Any]:
+    """A healthy window of one traffic class, as ``WindowSnapshot.as_policy_input``."""
+    return {
+        "window_s": 120,
+        "requests": requests,
+        "errors": 0,
+        "not_found": 0,
+        "timeouts": 0,
+        "error_rate": 0.0,
+        "not_found_rate": 0.0,
+        "masked_failures": 0,
+        "ttfb_ms": {"p50": 10.0, "p90": 20.0, "p99": 30.0},
+        "series": [
+            {
+                "age_s": age,
+                "requests": requests // 12,
+                "error_rate": 0.0,
+                "p99_ms": 30.0,
+                "saturation": 0.02,
+                "queue_wait_ms": {"p50": 0.0, "p99": 0.0},
+                "overflows": 0,
+            }
+            for age in range(0, 120, 10)
+        ],
+    }
+
+
 SMOKE_INPUT: dict[str, Any] = {
     "now": 0.0,
     "upstreams": {
@@ -33,26 +62,16 @@ SMOKE_INPUT: dict[str, Any] = {
             "role": "primary",
             "state": "closed",
             "state_age_s": 0.0,
-            "window_s": 120,
-            "requests": 100,
-            "errors": 0,
-            "not_found": 0,
-            "timeouts": 0,
-            "error_rate": 0.0,
-            "not_found_rate": 0.0,
-            "masked_failures": 0,
-            "ttfb_ms": {"p50": 10.0, "p90": 20.0, "p99": 30.0},
-            "pool": {"limit": 64, "in_use": 1, "waiting": 0, "saturation": 0.02},
-            "series": [
-                {
-                    "age_s": age,
-                    "requests": 10,
-                    "error_rate": 0.0,
-                    "p99_ms": 30.0,
-                    "saturation": 0.02,
-                }
-                for age in range(0, 120, 10)
-            ],
+            **_smoke_stats(120),
+            "pool": {
+                "limit": 64,
+                "in_use": 1,
+                "waiting": 0,
+                "overflows": 0,
+                "queue_wait_ms": {"p50": 0.0, "p99": 0.0},
+                "saturation": 0.02,
+            },
+            "sumdb": {"state": "closed", "state_age_s": 0.0, **_smoke_stats(24)},
         }
     },
     "cache": {"enabled": True, "entries": 0, "bytes": 0},

@@ -30,7 +30,7 @@ from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
 from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
 from sidecar.proxy.recorder import Recorder
-from sidecar.proxy.stream import deliver, is_small, read_small, relay, send_file
+from sidecar.proxy.stream import CLIENT_GONE, deliver, is_small, read_small, relay, send_file
 from sidecar.routing import Route, Router
 from sidecar.server import Exchange
 from sidecar.server.exchange import TEXT_PLAIN
@@ -196,7 +196,7 @@ class ProxyHandler:
         self, ex: Exchange, req: GoproxyRequest, flight: Flight | None, route: Route
     ) -> Answer:
         attempts = Attempts(use_cache=route.cache)
-        for target in self._targets(route):
+        for target in self._targets(route, req.kind):
             answer = await self._try_target(ex, req, target, attempts, flight)
             if answer is not None:
                 return answer
@@ -215,9 +215,10 @@ class ProxyHandler:
             flight.settle(NotFound(attempts.status, attempts.message))
         return answer
 
-    def _targets(self, route: Route) -> tuple[UpstreamPlan, ...] | list[UpstreamPlan]:
-        """The plan's targets this route allows, in preference order."""
-        upstreams = self.plan().upstreams
+    def _targets(self, route: Route, kind: Kind) -> tuple[UpstreamPlan, ...] | list[UpstreamPlan]:
+        """The plan's targets this route allows, in preference order, as the
+        breakers of ``kind``'s traffic class (module or checksum) see them."""
+        upstreams = self.plan().targets(kind)
         if route is self.router.default:
             return upstreams
         return [t for t in upstreams if t.name in route.targets]
@@ -288,22 +289,28 @@ class ProxyHandler:
         """One upstream attempt. None means "go on"; UpstreamError means it failed,
         UpstreamBusy that it had no connection in time (not a failure)."""
         try:
-            resp = await upstream.open(req.path, ex.method)
+            # Always GET: the GOPROXY protocol defines no other method and Athens
+            # answers HEAD with 405. A HEAD is answered from the GET's headers.
+            resp = await upstream.open(req.path)
         except UpstreamBusy as exc:
             self._overflowed(exc, attempts)
             raise
         except UpstreamError as exc:
-            self._failed(upstream.name, exc, None, attempts)
+            self._failed(upstream.name, req.kind, exc, None, attempts)
             raise
         if resp.status != 200:
             text = await resp.read_text()
             resp.release()
-            self.recorder.attempt(upstream.name, Outcome.NOT_FOUND, resp.ttfb, "not_found")
+            self.recorder.attempt(
+                upstream.name, req.kind, Outcome.NOT_FOUND, resp.ttfb, "not_found"
+            )
             attempts.status, attempts.message = resp.status, text or "not found"
             attempts.not_found_from.append(upstream.name)
             return None
         for name in attempts.not_found_from:
-            self.recorder.masked(name)
+            self.recorder.masked(name, req.kind)
+        if ex.method == "HEAD":
+            return await self._head(ex, req, resp, attempts.use_cache)
         cache = self.cache
         if flight is not None and cache is not None:
             if is_small(resp.content_length) and cache.takes_small(resp.content_length):
@@ -313,7 +320,7 @@ class ProxyHandler:
                 resp,
                 response_headers(resp.headers, upstream.name),
                 flight,
-                partial(self._body_end, upstream.name, resp.ttfb),
+                partial(self._body_end, upstream.name, req.kind, resp.ttfb),
             )
             if reader is not None:
                 return await self._deliver(ex, reader, attempts)
@@ -344,17 +351,37 @@ class ProxyHandler:
                 outcome = await relay(ex, resp)
         except UpstreamError as exc:
             resp.release(reuse=False)
-            self._failed(name, exc, resp.ttfb, attempts)
+            self._failed(name, req.kind, exc, resp.ttfb, attempts)
             raise
-        self.recorder.attempt(name, Outcome.OK, resp.ttfb, "ok")
+        self.recorder.attempt(name, req.kind, Outcome.OK, resp.ttfb, "ok")
         return name, outcome
 
-    def _body_end(self, name: str, ttfb: float, exc: UpstreamError | None) -> None:
+    async def _head(
+        self, ex: Exchange, req: GoproxyRequest, resp: UpstreamResponse, use_cache: bool
+    ) -> Answer:
+        """A HEAD answered from the upstream's GET: the same headers a GET gets,
+        at once. An artifact's body goes on into the cache, read by nobody (the
+        GET that usually follows is a hit); any other body is dropped."""
+        name = resp.upstream.name
+        cache = self.cache if use_cache else None
+        if cache is not None and req.immutable:
+            await cache.prefetch(req, resp)  # the fill owns resp from here
+        else:
+            resp.release(reuse=False)
+        self.recorder.attempt(name, req.kind, Outcome.OK, resp.ttfb, "ok")
+        try:
+            await ex.start(200, response_headers(resp.headers, name), resp.content_length)
+            await ex.end()
+        except CLIENT_GONE:
+            return name, "client_abort"
+        return name, "ok"
+
+    def _body_end(self, name: str, kind: Kind, ttfb: float, exc: UpstreamError | None) -> None:
         """The fill of one body ended: recorded once, however many clients read it."""
         if exc is None:
-            self.recorder.attempt(name, Outcome.OK, ttfb, "ok")
+            self.recorder.attempt(name, kind, Outcome.OK, ttfb, "ok")
         else:
-            self._record_failure(name, exc, ttfb)
+            self._record_failure(name, kind, exc, ttfb)
 
     async def _deliver(self, ex: Exchange, reader: FillReader, attempts: Attempts | None) -> Answer:
         """Send a fill's body to this client. UpstreamError: it failed before any
@@ -395,15 +422,17 @@ class ProxyHandler:
             return None  # failed before headers: this client moves on by itself
 
     def _failed(
-        self, name: str, exc: UpstreamError, ttfb: float | None, attempts: Attempts
+        self, name: str, kind: Kind, exc: UpstreamError, ttfb: float | None, attempts: Attempts
     ) -> None:
-        self._record_failure(name, exc, ttfb)
+        self._record_failure(name, kind, exc, ttfb)
         self._note_failure(exc, attempts)
 
-    def _record_failure(self, name: str, exc: UpstreamError, ttfb: float | None) -> None:
+    def _record_failure(
+        self, name: str, kind: Kind, exc: UpstreamError, ttfb: float | None
+    ) -> None:
         timeout = isinstance(exc, UpstreamTimeout)
         self.recorder.attempt(
-            name, Outcome.TIMEOUT if timeout else Outcome.ERROR, ttfb, exc.failure
+            name, kind, Outcome.TIMEOUT if timeout else Outcome.ERROR, ttfb, exc.failure
         )
         log.warning(
             "upstream failure",

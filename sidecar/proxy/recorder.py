@@ -1,5 +1,9 @@
 """Where one request's outcome goes: the upstream's window and the metrics.
 
+Each upstream has two windows, one per traffic class: module requests and
+checksum-database requests are judged apart (``TrafficClass``), so an
+upstream that cannot serve ``sumdb/`` keeps its module traffic.
+
 Metric children are looked up once per label tuple and kept, because
 ``labels()`` costs more than the rest of the accounting together.
 """
@@ -9,14 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sidecar.breaker.state import SUMDB_KINDS
+from sidecar.goproxy import Kind
 from sidecar.metrics import Metrics, QueueWait
 from sidecar.stats.window import Outcome, UpstreamWindow
 
 
 class Recorder:
-    def __init__(self, metrics: Metrics, windows: Mapping[str, UpstreamWindow]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        windows: Mapping[str, UpstreamWindow],
+        sumdb_windows: Mapping[str, UpstreamWindow],
+    ) -> None:
         self.metrics = metrics
-        self.windows = windows
+        self.windows = windows  # module traffic (and the pool's admission figures)
+        self.sumdb_windows = sumdb_windows  # checksum-database traffic
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -26,16 +38,23 @@ class Recorder:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def attempt(self, upstream: str, outcome: Outcome, ttfb: float | None, result: str) -> None:
-        """One request sent to one upstream, with what came of it."""
-        window = self.windows.get(upstream)
+    def attempt(
+        self, upstream: str, kind: Kind, outcome: Outcome, ttfb: float | None, result: str
+    ) -> None:
+        """One request of ``kind`` sent to one upstream, with what came of it."""
+        windows = self.sumdb_windows if kind in SUMDB_KINDS else self.windows
+        window = windows.get(upstream)
         if window is not None:
             window.record(outcome, ttfb)
         self._child(self.metrics.upstream_attempts, upstream, result).inc()
         if outcome is Outcome.ERROR or outcome is Outcome.TIMEOUT:
             self._child(self.metrics.upstream_failures, upstream, result).inc()
 
-    def masked(self, upstream: str) -> None:
+    def masked(self, upstream: str, kind: Kind) -> None:
+        """A 404 of ``upstream`` that a later one answered with 200. Module kinds
+        only: a proxy that does not serve ``sumdb/`` answers 404 there by design."""
+        if kind in SUMDB_KINDS:
+            return
         window = self.windows.get(upstream)
         if window is not None:
             window.record_masked()

@@ -37,8 +37,10 @@ class Thresholds:
     ttfb_p99_ms: int = 150
     ttfb_p99_for_s: float = 1
     error_rate: float = 0.2
-    pool_saturation: float = 0.9
     min_requests: int = 5
+    queue_wait_p99_ms: int = 100
+    queue_for_s: float = 1
+    min_span_s: float = 1
     cooldown_s: float = 2
     probes: int = 2
 
@@ -50,8 +52,10 @@ sidecar:
       ttfb_p99_ms: {self.ttfb_p99_ms}
       ttfb_p99_for_s: {self.ttfb_p99_for_s}
       error_rate: {self.error_rate}
-      pool_saturation: {self.pool_saturation}
       min_requests: {self.min_requests}
+      queue_wait_p99_ms: {self.queue_wait_p99_ms}
+      queue_for_s: {self.queue_for_s}
+      min_span_s: {self.min_span_s}
     breaker:
       cooldown_s: {self.cooldown_s}
       probes: {self.probes}

@@ -111,6 +111,33 @@ async def test_sigterm_drains_in_flight_requests(fake_upstreams, tmp_path: Path)
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
+def _stats(requests: int, error_rate: float, p99_ms: float, wait_ms: float) -> dict:
+    series = [
+        {
+            "age_s": age,
+            "requests": requests // 12,
+            "error_rate": error_rate,
+            "p99_ms": p99_ms,
+            "saturation": 1.0,
+            "queue_wait_ms": {"p50": wait_ms / 2, "p99": wait_ms},
+            "overflows": 2 if wait_ms else 0,
+        }
+        for age in range(0, 120, 10)
+    ]
+    return {
+        "window_s": 120,
+        "requests": requests,
+        "errors": round(requests * error_rate),
+        "not_found": 0,
+        "timeouts": 0,
+        "error_rate": error_rate,
+        "not_found_rate": 0,
+        "masked_failures": 0,
+        "ttfb_ms": {"p50": 1, "p90": 2, "p99": p99_ms},
+        "series": series,
+    }
+
+
 def test_eval_prints_the_decision_for_one_input(tmp_path: Path) -> None:
     doc = {
         "now": 0,
@@ -120,17 +147,16 @@ def test_eval_prints_the_decision_for_one_input(tmp_path: Path) -> None:
                 "role": "primary",
                 "state": "closed",
                 "state_age_s": 1,
-                "window_s": 120,
-                "requests": 100,
-                "errors": 30,
-                "not_found": 0,
-                "timeouts": 0,
-                "error_rate": 0.3,
-                "not_found_rate": 0,
-                "masked_failures": 0,
-                "ttfb_ms": {"p50": 1, "p90": 2, "p99": 3},
-                "pool": {"limit": 64, "in_use": 1, "waiting": 0, "saturation": 0.95},
-                "series": [],
+                **_stats(120, 0.3, 1500, 900),
+                "pool": {
+                    "limit": 64,
+                    "in_use": 64,
+                    "waiting": 30,
+                    "overflows": 24,
+                    "queue_wait_ms": {"p50": 450, "p99": 900},
+                    "saturation": 1.47,
+                },
+                "sumdb": {"state": "closed", "state_age_s": 1, **_stats(48, 1.0, 3, 0)},
             }
         },
     }
@@ -144,7 +170,13 @@ def test_eval_prints_the_decision_for_one_input(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     decision = __import__("json").loads(out.stdout)["athens"]
     assert decision["action"] == "reject" and decision["alert"] is True
+    assert decision["reason"].startswith("queueing: wait p99 900ms > 250ms")
     assert "also error rate" in decision["reason"]
+    assert decision["sumdb"] == {
+        "action": "cache",
+        "alert": False,
+        "reason": "error rate 100.0% > 5.0% over 48 requests, for 20s",
+    }
 
 
 def test_eval_refuses_a_document_that_is_not_an_input(tmp_path: Path) -> None:

@@ -43,5 +43,6 @@ def test_opa_sees_the_thresholds_file_as_data() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         '{"breaker":{"cooldown_s":30,"probes":5},"thresholds":{"error_rate":0.05,'
-        '"min_requests":20,"pool_saturation":0.9,"ttfb_p99_for_s":120,"ttfb_p99_ms":800}}'
+        '"min_requests":20,"min_span_s":10,"queue_for_s":20,"queue_wait_p99_ms":250,'
+        '"ttfb_p99_for_s":120,"ttfb_p99_ms":800}}'
     )

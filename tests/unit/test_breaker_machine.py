@@ -22,7 +22,7 @@ COOLDOWN = 30.0
 PROBES = 3
 SLOW = Decision(Action.REROUTE, "ttfb p99 > 800ms for 120s", False)
 ERRORS = Decision(Action.CACHE, "error rate > 5%", False)
-SATURATED = Decision(Action.REJECT, "pool saturation > 90%", True)
+SATURATED = Decision(Action.REJECT, "queueing: wait p99 900ms > 250ms", True)
 
 
 class FakeClock:

@@ -11,14 +11,18 @@ import pytest
 from sidecar.breaker.state import (
     ALLOW,
     LEGAL_TRANSITIONS,
+    SUMDB_KINDS,
     Action,
     Decision,
     IllegalTransitionError,
     State,
+    TrafficClass,
     Transition,
     check_transition,
+    traffic_class,
 )
 from sidecar.errors import PolicyEvalError, SidecarError
+from sidecar.goproxy import Kind
 
 LEGAL = {
     (State.CLOSED, State.OPEN),
@@ -120,3 +124,40 @@ def test_decision_error_message_is_bounded() -> None:
 def test_decision_reason_is_bounded() -> None:
     d = Decision.from_json({"action": "reject", "reason": "r" * 5000})
     assert len(d.reason) == 1000
+
+
+def test_decision_with_a_sumdb_verdict() -> None:
+    raw = {
+        "action": "allow",
+        "reason": "ok",
+        "sumdb": {"action": "cache", "reason": "error rate 100.0%", "ignored": 1},
+    }
+    d = Decision.from_json(raw)
+    assert d == Decision(Action.ALLOW, "ok", False, Decision(Action.CACHE, "error rate 100.0%"))
+    assert d.for_class(TrafficClass.MODULE) is d
+    assert d.for_class(TrafficClass.SUMDB) == Decision(Action.CACHE, "error rate 100.0%")
+    assert Decision.from_json(d.as_json()) == d
+    assert d.as_json()["sumdb"] == {
+        "action": "cache",
+        "reason": "error rate 100.0%",
+        "alert": False,
+    }
+
+
+def test_without_a_sumdb_verdict_checksum_traffic_follows_the_upstream() -> None:
+    d = Decision.from_json({"action": "reroute", "reason": "slow", "sumdb": None})
+    assert d.sumdb is None
+    assert d.for_class(TrafficClass.SUMDB) is d
+    assert "sumdb" not in d.as_json()
+
+
+@pytest.mark.parametrize("bad", [{"action": "panic"}, "cache", {"reason": "no action"}])
+def test_a_bad_sumdb_verdict_is_refused_and_named(bad: object) -> None:
+    with pytest.raises(PolicyEvalError, match=r"^sumdb: decision"):
+        Decision.from_json({"action": "allow", "sumdb": bad})
+
+
+def test_traffic_class_of_every_kind() -> None:
+    sumdb = {k for k in Kind if traffic_class(k) is TrafficClass.SUMDB}
+    assert sumdb == SUMDB_KINDS == {k for k in Kind if k.value.startswith("sumdb-")}
+    assert traffic_class(Kind.ZIP) is TrafficClass.MODULE

@@ -23,7 +23,7 @@ DECISION = "sidecar/breaker/decisions"
 THRESHOLDS = """sidecar:
   config:
     thresholds: {{ttfb_p99_ms: {ms}, ttfb_p99_for_s: 120, error_rate: 0.05,
-                 pool_saturation: 0.9, min_requests: 20}}
+                 min_requests: 20, queue_wait_p99_ms: 250, queue_for_s: 20, min_span_s: 10}}
     breaker: {{cooldown_s: {cooldown}, probes: 5}}
 """
 
