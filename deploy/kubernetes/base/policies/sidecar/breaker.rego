@@ -1,30 +1,37 @@
 # METADATA
 # title: Default breaker policy of goproxy-sidecar
 # description: |
-#   One decision per upstream in input.upstreams, from the table of the seed
-#   document (chapter 5):
-#     pool saturation > pool_saturation                  -> reject + alert
-#     error rate > error_rate (requests >= min_requests)  -> cache
-#     TTFB P99 > ttfb_p99_ms for ttfb_p99_for_s seconds  -> reroute
-#   When several hold, the first in that order wins; the reason names the
-#   others too. Thresholds come from data.sidecar.config.thresholds
-#   (policies/thresholds.yaml). Stateless: "for 120 s" is read from the
-#   per-slice series of the input, never remembered.
+#   One decision per upstream in input.upstreams, for its module traffic, and
+#   one more in its "sumdb" key for its checksum-database traffic (judged on
+#   input.upstreams[name].sumdb, the same stats for sumdb/ requests only):
+#     sustained queueing while the upstream is slow         -> reject + alert
+#     error rate > error_rate (requests >= min_requests)    -> cache
+#     TTFB P99 > ttfb_p99_ms for ttfb_p99_for_s seconds     -> reroute
+#   Every rule must hold in every slice of its span, the span is never
+#   shorter than min_span_s nor than two slices: one tick, one burst, one
+#   slice never trips. When several rules hold, the first in that order wins;
+#   the reason names the others too. Thresholds come from
+#   data.sidecar.config.thresholds (policies/thresholds.yaml). Stateless:
+#   "for 120 s" is read from the per-slice series of the input, never
+#   remembered.
 #
 #   The rules use only what both OPA and rego-cpp (the embedded engine)
 #   evaluate identically: no object.union (shallow in rego-cpp), no "some k, v
 #   in" in an array or set comprehension and no arithmetic in the head of one
 #   (rego-cpp 1.5.2 rejects both), numbers printed with %d of round(x) only
-#   (%d of a float is an error text in OPA and undefined in rego-cpp).
+#   (%d of a float is an error text in OPA and undefined in rego-cpp), and no
+#   min, max or sort of numbers (rego-cpp 1.5.2 orders 12 before 2).
 package sidecar.breaker
 
-# Defaults for any key thresholds.yaml leaves out (the seed's figures).
+# Defaults for any key thresholds.yaml leaves out.
 default_thresholds := {
 	"ttfb_p99_ms": 800,
 	"ttfb_p99_for_s": 120,
 	"error_rate": 0.05,
-	"pool_saturation": 0.9,
 	"min_requests": 20,
+	"queue_wait_p99_ms": 250,
+	"queue_for_s": 20,
+	"min_span_s": 10,
 }
 
 default configured := {}
@@ -36,17 +43,33 @@ thresholds := {key: value |
 	value := object.get(configured, key, default_value)
 }
 
-# Strongest first: load shedding protects the upstream and the sidecar's own
-# queues; errors are worse than slowness, and "cache" also sends a cache miss
-# on to the next upstream, so it covers what "reroute" would do.
+# Strongest first: load shedding protects an upstream that slows down under
+# the load we send it; errors are worse than slowness, and "cache" also sends
+# a cache miss on to the next upstream, so it covers what "reroute" would do.
 precedence := ["reject", "cache", "reroute"]
 
-# The output: a decision for every upstream of the input.
-decisions[name] := decide(upstream) if some name, upstream in input.upstreams
+# Checksum traffic shares the upstream's connections but the queue figures
+# are the pool's (they sit in the module stats): its own rules are errors and
+# latency, so a sick sumdb/ endpoint is routed around, never shed.
+sumdb_precedence := ["cache", "reroute"]
 
-decide(u) := {"action": first.action, "reason": reason, "alert": first.action == "reject"} if {
+# The output: a decision for every upstream of the input, with the decision
+# for its checksum-database traffic under "sumdb" when the input has one.
+decisions[name] := decide_both(upstream) if some name, upstream in input.upstreams
+
+decide_both(u) := {
+	"action": module.action,
+	"reason": module.reason,
+	"alert": module.alert,
+	"sumdb": decide(u.sumdb, sumdb_precedence),
+} if {
+	is_object(u.sumdb)
+	module := decide(u, precedence)
+} else := decide(u, precedence)
+
+decide(u, rules) := {"action": first.action, "reason": reason, "alert": first.action == "reject"} if {
 	fired := [{"action": action, "reason": why} |
-		some action in precedence
+		some action in rules
 		why := finding(u, action)
 	]
 	count(fired) > 0
@@ -56,68 +79,101 @@ decide(u) := {"action": first.action, "reason": reason, "alert": first.action ==
 
 # --- the three rules ---------------------------------------------------------
 
+# Busy is not sick: queueing alone (a burst, a CI fan-out against a fast
+# upstream) is admission's business. It is sickness when the upstream's own
+# answers are slow at the same time: it cannot keep up with what we send.
 finding(u, "reject") := msg if {
-	saturation := u.pool.saturation
-	saturation > thresholds.pool_saturation
-	msg := sprintf("pool saturation %s > %s (%d in use + %d waiting / %d)", [
-		percent(saturation), percent(thresholds.pool_saturation),
-		round(object.get(u.pool, "in_use", 0)), round(object.get(u.pool, "waiting", 0)),
-		round(object.get(u.pool, "limit", 0)),
+	span := sustained(u, "queue", thresholds.queue_for_s)
+	overflows := sum([n | some s in span; n := object.get(s, "overflows", 0)])
+	overflows > 0
+	msg := sprintf("queueing: wait p99 %s > %s with ttfb p99 %s > %s for %ds, %d overflows", [
+		millis(lowest([s.queue_wait_ms.p99 | some s in span; fires("queue", s)])),
+		millis(thresholds.queue_wait_p99_ms),
+		millis(lowest([s.p99_ms | some s in span; fires("queue", s)])),
+		millis(thresholds.ttfb_p99_ms),
+		span_seconds(u, span), round(overflows),
 	])
 }
 
 finding(u, "cache") := msg if {
 	u.requests >= thresholds.min_requests
 	u.error_rate > thresholds.error_rate
-	msg := sprintf("error rate %s > %s over %d requests", [
+	span := sustained(u, "errors", thresholds.min_span_s)
+	msg := sprintf("error rate %s > %s over %d requests, for %ds", [
 		percent(u.error_rate), percent(thresholds.error_rate), round(u.requests),
+		span_seconds(u, span),
 	])
 }
 
 finding(u, "reroute") := msg if {
-	lowest := slow_for(u)
+	span := sustained(u, "latency", thresholds.ttfb_p99_for_s)
 	msg := sprintf("ttfb p99 %s > %s for %ds", [
-		millis(lowest), millis(thresholds.ttfb_p99_ms), round(thresholds.ttfb_p99_for_s),
+		millis(lowest([s.p99_ms | some s in span; fires("latency", s)])),
+		millis(thresholds.ttfb_p99_ms), span_seconds(u, span),
 	])
 }
 
-# --- "P99 above the threshold for ttfb_p99_for_s seconds" --------------------
-#
-# series holds fixed slices, newest first, age_s = index * slice width. The
-# span is every slice younger than ttfb_p99_for_s. The upstream is slow when
-#   - the series reaches back over the whole span (a sidecar or breaker
-#     that (re)started 60 s ago cannot know about 120 s), and
-#   - every slice of the span saw requests and had P99 above the threshold;
-#     only the current slice (age 0) may be empty, because it may have begun
-#     an instant ago.
-# The value is the lowest slice P99 of the span: the figure that proves it.
-slow_for(u) := lowest if {
-	span_s := thresholds.ttfb_p99_for_s
-	span := [s | some s in u.series; s.age_s < span_s]
-	count(span) >= slices_needed(u, span_s)
-	busy := [s | some s in span; s.requests > 0]
-	count(busy) > 0
-	every s in span {
-		slow_or_starting(s)
-	}
-	lowest := min([s.p99_ms | some s in busy])
-}
-
-slow_or_starting(s) if {
+# What one slice must show for a rule to hold in it.
+fires("latency", s) if {
 	s.requests > 0
 	s.p99_ms > thresholds.ttfb_p99_ms
 }
 
-slow_or_starting(s) if {
+fires("errors", s) if {
+	s.requests > 0
+	s.error_rate > thresholds.error_rate
+}
+
+fires("queue", s) if {
+	s.queue_wait_ms.p99 > thresholds.queue_wait_p99_ms
+	s.p99_ms > thresholds.ttfb_p99_ms
+}
+
+# --- "in every slice of the last for_s seconds" -------------------------------
+#
+# series holds fixed slices, newest first, age_s = index * slice width. The
+# span is the newest slices covering max(for_s, min_span_s), and never fewer
+# than two. The rule holds (and the span is returned) when
+#   - the series reaches back over the whole span (a sidecar or breaker that
+#     (re)started 60 s ago cannot know about 120 s),
+#   - the rule fires in every slice of the span; only the current slice (age
+#     0) may be idle instead, because it may have begun an instant ago, and
+#   - it fires in at least two slices: one slice is one burst.
+sustained(u, rule, for_s) := span if {
+	width := slice_width(u)
+	needed := at_least(2, ceil(at_least(thresholds.min_span_s, for_s) / width))
+	span := array.slice(u.series, 0, needed)
+	count(span) == needed
+	every s in span {
+		fires_or_starting(rule, s)
+	}
+	count([s | some s in span; fires(rule, s)]) >= 2
+}
+
+fires_or_starting(rule, s) if fires(rule, s)
+
+fires_or_starting(_, s) if {
 	s.requests == 0
 	s.age_s == 0
 }
 
-slices_needed(u, span_s) := max([1, ceil(span_s / slice_width(u))])
+# The figures that prove a rule: the lowest of the span. (Not min(): see above.)
+lowest(xs) := x if {
+	some x in xs
+	every y in xs {
+		x <= y
+	}
+}
+
+at_least(floor_value, x) := x if x >= floor_value
+
+else := floor_value
+
+span_seconds(u, span) := round(count(span) * slice_width(u))
 
 # The series is newest first with a fixed slice width (the contract), so the
 # first two ages give it. Undefined with fewer than two slices: then the
-# series cannot prove any duration, and the rule does not fire.
+# series cannot prove any duration, and no rule fires.
 slice_width(u) := width if {
 	width := u.series[1].age_s - u.series[0].age_s
 	width > 0
@@ -125,16 +181,23 @@ slice_width(u) := width if {
 
 # --- reasons -----------------------------------------------------------------
 
-healthy_reason(u) := sprintf("ok: ttfb p99 %s, error rate %s over %d requests%s, pool %s", [
+healthy_reason(u) := sprintf("ok: ttfb p99 %s, error rate %s over %d requests%s%s", [
 	millis(object.get(u, ["ttfb_ms", "p99"], 0)),
 	percent(object.get(u, "error_rate", 0)),
 	round(object.get(u, "requests", 0)),
 	few_requests_note(u),
-	percent(object.get(u, ["pool", "saturation"], 0)),
+	pool_note(u),
 ])
 
 few_requests_note(u) := sprintf(" (< %d: no verdict on rates)", [round(thresholds.min_requests)]) if {
 	object.get(u, "requests", 0) < thresholds.min_requests
+} else := ""
+
+pool_note(u) := sprintf(", queue wait p99 %s, %d overflows", [
+	millis(object.get(u.pool, ["queue_wait_ms", "p99"], 0)),
+	round(object.get(u.pool, "overflows", 0)),
+]) if {
+	is_object(u.pool)
 } else := ""
 
 # 812.4 -> "812ms". Integers only: both engines print them alike.
