@@ -199,6 +199,7 @@ def run_all(
     out: Path,
     rows: list[Row],
     rev: str,
+    keep: bool,
 ) -> None:
     """Every scenario with every contender; ``rows`` grows as trials end."""
     meta = {
@@ -225,6 +226,8 @@ def run_all(
                     row = Row(scenario.name, name, notes=f"harness error: {exc}")
                     print(f"resilience: {scenario.name} / {name}: {exc}", file=sys.stderr)
             rows.append(row)
+            if not keep:  # caches of tens of thousands of files: free them as we go
+                shutil.rmtree(trial_dir, ignore_errors=True)
             print("  " + table([row]).splitlines()[-1], flush=True)
             doc = {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}
             out.write_text(json.dumps(doc, indent=1) + "\n")
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     try:
-        run_all(scenarios, contenders, opts, work, args.out, rows, args.sidecar_rev or "checkout")
+        rev = args.sidecar_rev or "checkout"
+        run_all(scenarios, contenders, opts, work, args.out, rows, rev, args.keep)
     except KeyboardInterrupt:
         print("resilience: interrupted; the JSON has what was measured", file=sys.stderr)
     finally:
