@@ -1,0 +1,194 @@
+"""The control loop on a fake clock: windows fed directly, the shipped policy
+evaluated by the embedded engine, breakers and plan checked tick by tick.
+
+What it proves: no default rule trips on one tick or one slice of evidence,
+however bad; the same evidence held over two slices does; checksum traffic
+trips its own breaker only; the policy input has the documented shape.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.app import Sidecar, build_sidecar
+from sidecar.breaker.state import Action, State
+from sidecar.config import PolicyConfig, StatsConfig
+from sidecar.control import ControlLoop, build_input
+from sidecar.goproxy import Kind
+from sidecar.policy import EmbeddedEngine
+from sidecar.stats.window import Outcome
+from tests.conftest import make_config
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+SLICE_S = 1.0
+TICKS_PER_SLICE = 5  # policy.interval 0.2 s: many evaluations see the same slice
+
+THRESHOLDS = """\
+sidecar:
+  config:
+    thresholds: {ttfb_p99_ms: 800, ttfb_p99_for_s: 60, error_rate: 0.05, min_requests: 20,
+                 queue_wait_p99_ms: 250, queue_for_s: 2, min_span_s: 2}
+    breaker: {cooldown_s: 30, probes: 2}
+"""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def loop(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ControlLoop]:
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    (policies / "thresholds.yaml").write_text(THRESHOLDS)
+    config = make_config(
+        ["http://127.0.0.1:9", "http://127.0.0.1:9"],
+        tmp_path,
+        policy=PolicyConfig(paths=(str(policies),), interval=0.2),
+        stats=StatsConfig(window=60.0, slice=SLICE_S),
+    )
+    sc = build_sidecar(config, clock=clock)
+    engine = EmbeddedEngine(config.policy.paths, config.policy.decision)
+    await engine.load()
+    control = sc.control = ControlLoop(sc, lambda: engine)
+    yield control
+    await engine.close()
+
+
+def failures(sc: Sidecar, n: int, kind: Kind = Kind.INFO) -> None:
+    windows = sc.sumdb_windows if kind.value.startswith("sumdb") else sc.windows
+    for _ in range(n):
+        windows["up0"].record(Outcome.ERROR, 0.003)
+
+
+def queueing(sc: Sidecar, n: int, wait_s: float, ttfb_s: float) -> None:
+    """``n`` requests that waited ``wait_s`` for a connection and were answered
+    in ``ttfb_s``, and one overflow."""
+    window = sc.windows["up0"]
+    for _ in range(n):
+        window.record_queue_wait(wait_s)
+        window.record(Outcome.OK, ttfb_s)
+    window.record_overflow()
+
+
+async def ticks(control: ControlLoop, clock: FakeClock, n: int) -> None:
+    for _ in range(n):
+        await control.step()
+        clock.advance(SLICE_S / TICKS_PER_SLICE / 2)  # n ticks stay within one slice
+
+
+async def test_a_single_bad_tick_does_not_trip(loop: ControlLoop, clock: FakeClock) -> None:
+    sc = loop.sidecar
+    failures(sc, 500)  # every request failed, far above min_requests
+    await ticks(loop, clock, TICKS_PER_SLICE)
+    assert sc.breakers["up0"].state is State.CLOSED
+    assert loop.last_input["upstreams"]["up0"]["error_rate"] == 1.0
+    clock.now = 5000.0 + SLICE_S  # the next slice, a quiet one
+    await ticks(loop, clock, TICKS_PER_SLICE)
+    assert sc.breakers["up0"].state is State.CLOSED
+    assert sc.plan.by_name("up0").action is Action.ALLOW
+
+
+async def test_the_same_failures_over_two_slices_trip(loop: ControlLoop, clock: FakeClock) -> None:
+    sc = loop.sidecar
+    failures(sc, 15)
+    await ticks(loop, clock, 2)
+    clock.now = 5000.0 + SLICE_S
+    failures(sc, 15)
+    await loop.step()
+    breaker = sc.breakers["up0"]
+    assert (breaker.state, breaker.action) == (State.OPEN, Action.CACHE)
+    assert breaker.reason == "error rate 100.0% > 5.0% over 30 requests, for 2s"
+    assert sc.plan.by_name("up0").action is Action.CACHE
+    assert sc.sumdb_breakers["up0"].state is State.CLOSED
+
+
+async def test_queueing_for_one_slice_does_not_shed(loop: ControlLoop, clock: FakeClock) -> None:
+    sc = loop.sidecar
+    queueing(sc, 100, wait_s=2.0, ttfb_s=1.5)  # as bad as it gets, for one slice
+    await ticks(loop, clock, TICKS_PER_SLICE)
+    assert sc.breakers["up0"].state is State.CLOSED
+    pool = loop.last_input["upstreams"]["up0"]["pool"]
+    assert pool["overflows"] == 1 and pool["queue_wait_ms"]["p99"] > 1900
+    clock.now = 5000.0 + SLICE_S
+    queueing(sc, 100, wait_s=2.0, ttfb_s=1.5)  # held: now it sheds
+    await loop.step()
+    breaker = sc.breakers["up0"]
+    assert (breaker.state, breaker.action, breaker.alert) == (State.OPEN, Action.REJECT, True)
+    assert breaker.reason.startswith("queueing: wait p99 ")
+
+
+async def test_busy_pool_in_front_of_a_fast_upstream_never_sheds(
+    loop: ControlLoop, clock: FakeClock
+) -> None:
+    sc = loop.sidecar
+    up = sc.upstreams["up0"]
+    for second in range(10):
+        clock.now = 5000.0 + second * SLICE_S
+        up.peak = up.limit * 4  # every connection busy and a crowd waiting, at every tick
+        queueing(sc, 100, wait_s=1.0, ttfb_s=0.003)
+        await ticks(loop, clock, 2)
+    assert sc.breakers["up0"].state is State.CLOSED, sc.breakers["up0"].reason
+    doc = loop.last_input["upstreams"]["up0"]
+    assert all(s["saturation"] == 4.0 for s in doc["series"])  # saturated in every slice
+    assert doc["pool"]["overflows"] == 10
+
+
+async def test_checksum_failures_trip_the_checksum_breaker_only(
+    loop: ControlLoop, clock: FakeClock
+) -> None:
+    sc = loop.sidecar
+    for second in range(2):
+        clock.now = 5000.0 + second * SLICE_S
+        failures(sc, 15, Kind.SUMDB_LOOKUP)
+        sc.windows["up0"].record(Outcome.OK, 0.003)  # module traffic is fine
+    await loop.step()
+    assert sc.sumdb_breakers["up0"].state is State.OPEN
+    assert sc.breakers["up0"].state is State.CLOSED
+    plan = sc.plan
+    assert plan.targets(Kind.SUMDB_TILE)[0].action is Action.CACHE
+    assert plan.targets(Kind.ZIP)[0].action is Action.ALLOW
+    assert sc.sumdb_windows["up0"].snapshot().requests == 0  # its window restarted
+    assert sc.windows["up0"].snapshot().requests == 2  # the module one did not
+
+
+async def test_policy_input_shape(loop: ControlLoop) -> None:
+    doc = build_input(loop.sidecar)["upstreams"]["up0"]
+    assert set(doc["pool"]) == {
+        "limit",
+        "in_use",
+        "waiting",
+        "overflows",
+        "queue_wait_ms",
+        "saturation",
+    }
+    assert set(doc["pool"]["queue_wait_ms"]) == {"p50", "p99"}
+    assert set(doc["series"][0]) == {
+        "age_s",
+        "requests",
+        "error_rate",
+        "p99_ms",
+        "saturation",
+        "queue_wait_ms",
+        "overflows",
+    }
+    sumdb = doc["sumdb"]
+    module_keys = set(doc) - {"role", "pool", "sumdb"}
+    assert set(sumdb) == module_keys  # the same stats and breaker state, nothing else
+    assert sumdb["state"] == "closed"
