@@ -149,7 +149,7 @@ class Nginx(Contender):
     name = "nginx"
 
     def __init__(
-        self, procs: Procs, work: Path, upstreams: Upstreams, pool: int | None, core: int
+        self, procs: Procs, work: Path, upstreams: Upstreams, pool: int | None, core: int | None
     ) -> None:
         self.pool = pool or DEFAULT_POOL
         port = free_port()
