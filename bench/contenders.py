@@ -19,6 +19,7 @@ the sidecar's internals.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import re
@@ -152,6 +153,7 @@ class Nginx(Contender):
         self, procs: Procs, work: Path, upstreams: Upstreams, pool: int | None, core: int | None
     ) -> None:
         self.pool = pool or DEFAULT_POOL
+        self.names = {upstreams.primary: "primary", upstreams.backup: "backup"}
         port = free_port()
         self.prefix = work / "nginx"
         conf = nginx_conf(self.prefix, port, upstreams, self.pool)
@@ -166,15 +168,21 @@ class Nginx(Contender):
             log = (self.prefix / "error.log").read_text(errors="replace").splitlines()
         except OSError:
             log = []
-        trips = [_nginx_time(line) for line in log if NGINX_TRIP in line]
+        tripped = [line for line in log if NGINX_TRIP in line]
+        per_server = collections.Counter(self._server(line) for line in tripped)
         dead = sum("no live upstreams" in line for line in log)
+        detail = ", ".join(f"{name} {n}" for name, n in sorted(per_server.items()))
         return Verdict(
-            trips=len(trips),
-            detail=f"'{NGINX_TRIP}' in error.log"
-            + (f"; {dead} 'no live upstreams'" if dead else ""),
+            trips=len(tripped),
+            detail=detail + (f"; {dead}x no live upstreams" if dead else ""),
             # error.log has whole seconds: the end of that second is the bound.
-            first_trip_at=trips[0] + 1.0 if trips else None,
+            first_trip_at=_nginx_time(tripped[0]) + 1.0 if tripped else None,
         )
+
+    def _server(self, line: str) -> str:
+        """Which upstream a log line names (``upstream: "http://host:port/..."``)."""
+        m = re.search(r'upstream: "(http://[^/"]+)', line)
+        return self.names.get(m.group(1), m.group(1)) if m else "?"
 
     def notes(self) -> str:
         return f"max_conns {self.pool}, max_fails=3 fail_timeout=10s"

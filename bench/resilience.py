@@ -87,6 +87,7 @@ COLUMNS = (
     ("closed s", 8),
     ("backup %", 8),
     ("wall s", 7),
+    ("tripped", 0),
 )
 
 
@@ -124,6 +125,7 @@ def _cells(row: Row) -> list[str]:
         closed,
         _num(None if row.backup_share is None else row.backup_share * 100),
         _num(row.wall_s),
+        row.trip_detail if row.trips else "",
     ]
 
 
@@ -132,7 +134,8 @@ def table(rows: list[Row]) -> str:
     lines.append("-" * len(lines[0]))
     for row in rows:
         cells = _cells(row)
-        lines.append("  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True)))
+        line = "  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True))
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
@@ -146,8 +149,9 @@ go: no process; the load client applies cmd/go's GOPROXY=primary|backup rule
   (any error after '|' tries the next entry; sumdb paths go to the first entry
   whose sumdb/<db>/supported answers) and cuts each request at the cap: the real
   go command has no timeout and would wait for ever. Builds run the real go.
-trips: sidecar: breaker transitions to open (/metrics), per breaker in the JSON;
-  nginx: 'upstream server temporarily disabled' lines in its error log; n/a: none.
+trips: sidecar: breaker transitions to open (/metrics); nginx: 'upstream server
+  temporarily disabled' lines in its error log; n/a: no breaker. tripped: which
+  breaker (sidecar: its labels, e.g. primary/sumdb) or server (nginx), how often.
 1st trip s: from the fault (from the start where there is none; for nginx an
   upper bound: its log has whole seconds). closed s: from the heal until every
   breaker was closed again ("open": not within the run; n/a: nginx does not say

@@ -193,6 +193,7 @@ async def test_nginx_contender_fails_over_to_the_backup(
         assert statuses == [200] * 6
         verdict = nginx.verdict(None)
         assert verdict.trips == 1  # max_fails=3: the primary is taken out once
+        assert verdict.detail == "primary 1"
     finally:
         procs.stop_all()
 
