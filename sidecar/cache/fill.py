@@ -1,9 +1,17 @@
 """One upstream body, fetched once, read by every client that asked for it.
 
-The fetch runs in its own task, not in any client's handler, so the first
-client hanging up does not stop it while others read; when the last reader
-leaves, the fetch is cancelled (nobody wants the bytes). Readers never talk
-to the upstream: they read what has arrived so far and wait for more.
+The fetch runs in its own task, not in any client's handler, and does not
+depend on its clients: it goes on to the end of the body and is committed
+even when every reader has left. A reader may leave at any moment, often
+right after the last byte (the go command closes surplus keep-alive
+connections as soon as it has a body, and the server cancels that client's
+handler), and the body is an artifact someone asked for; the existing
+timeouts and ``cache.max_bytes`` bound what is fetched for nobody. This
+holds for mutable answers too (lists, ``@latest``): the answer is the
+upstream's current one and fresh for ``mutable_ttl`` from its commit. Only a
+fill that can no longer be cached (degraded, below) stops once nobody reads
+it. Readers never talk to the upstream: they read what has arrived so far
+and wait for more.
 
 Where the bytes are::
 
@@ -103,7 +111,8 @@ class Fill:
         self._fd = temp.fd if temp is not None else None  # still read after a degrade
         self._temp_path = temp.path if temp is not None else None
         self._limit = limit
-        self._keep = keep  # a `warm` fill has no readers and must not be cancelled
+        self._keep = keep  # a `warm` fill has no readers and must not be stopped for it
+        self._abandoned = False  # stopped because nobody would get the bytes
         self._on_end = on_end
         self._on_write_error = on_write_error
         self._starts: list[int] = []
@@ -184,9 +193,19 @@ class Fill:
         self._readers.discard(reader)
         self._advanced()
         if not self._readers:
-            if self.state is FillState.RUNNING and not self._keep:
-                self.cancel()  # every client left: nobody wants the bytes
+            self._stop_if_unwanted()
             self._maybe_close()
+
+    def _stop_if_unwanted(self) -> None:
+        """Nobody reads and the body is not bound for the cache: the bytes would go nowhere."""
+        if (
+            self._temp is None
+            and not self._readers
+            and not self._keep
+            and self.state is FillState.RUNNING
+        ):
+            self._abandoned = True
+            self.cancel()
 
     # -- the fetch -------------------------------------------------------------
 
@@ -211,6 +230,8 @@ class Fill:
         except BaseException:
             self.source.release(reuse=False)
             self._finish(FillState.FAILED, UpstreamConnectError(self.upstream, "fetch cancelled"))
+            if self._abandoned and self._on_end is not None:
+                self._on_end(None)  # the upstream was answering fine: no failure of its own
             raise
         self.source.release()
         self._finish(FillState.COMPLETE, None)
@@ -267,8 +288,9 @@ class Fill:
             self._head = 0
 
     def _degrade(self, exc: OSError | None) -> None:
-        """Stop caching this body; keep serving the readers it has."""
+        """Stop caching this body; keep serving the readers it has, if any."""
         self._temp, self._pending = None, []
+        self._stop_if_unwanted()
         if exc is not None:
             if self._on_write_error is not None:
                 self._on_write_error(self.key, exc)
@@ -367,7 +389,9 @@ class FillReader:
                 self.offset = offset + len(data)
                 fill._advanced()
                 return data
-            if fill.state is FillState.COMPLETE:
+            # The announced length reached is the end for this client: it has
+            # every byte, and its answer need not wait for the last disk write.
+            if fill.state is FillState.COMPLETE or offset == fill.content_length:
                 return None
             await fill._changed()
 

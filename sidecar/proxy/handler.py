@@ -10,10 +10,18 @@ With a cache, a GET miss goes through single flight (``sidecar.cache.flight``):
 the walk ("find an upstream that answers 200 headers") is done by one leader
 per key, and the body is fetched once by a fill that every waiting client
 reads ("deliver the body"). Without a cache the body is relayed as before.
+
+Every request that gets this far is recorded exactly once (duration
+histogram, outcome counter, debug line), in ``handle``, whether the handler
+returns or is cancelled: the server cancels a handler whose client left, at
+whatever await it is in, and the go command leaves as soon as it has the
+last byte. A ``Reply`` tells the two apart: a client handed every byte is
+a success, one that left before the last byte is ``client_abort``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -25,12 +33,17 @@ from typing import Final
 from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State
 from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound, Whole
-from sidecar.errors import RequestError, UpstreamBusy, UpstreamError, UpstreamTimeout
+from sidecar.errors import (
+    RequestError,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
 from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
 from sidecar.proxy.recorder import Recorder
-from sidecar.proxy.stream import CLIENT_GONE, deliver, is_small, read_small, relay, send_file
+from sidecar.proxy.stream import CLIENT_GONE, Reply, deliver, is_small, read_small, relay, send_file
 from sidecar.routing import Route, Router
 from sidecar.server import Exchange
 from sidecar.server.exchange import TEXT_PLAIN
@@ -96,7 +109,13 @@ class ProxyHandler:
         if checked is None:
             return
         req, route = checked
-        source, outcome = await self._serve(ex, req, route)
+        reply = Reply()
+        try:
+            source, outcome = await self._serve(ex, req, route, reply)
+        except asyncio.CancelledError:
+            # Recorded here, not skipped: the client left, maybe after every byte.
+            self._answered(ex, req, *reply.left(), time.perf_counter() - started)
+            raise
         self._answered(ex, req, source, outcome, time.perf_counter() - started)
 
     def answer_now(self, ex: Exchange) -> bool:
@@ -115,7 +134,7 @@ class ProxyHandler:
         if entry is None or not entry.verified or entry.body is None:
             return False
         part = wanted_range(ex, entry.size)
-        source, outcome = self._send_hit(ex, req, entry, entry.body, False, part)
+        source, outcome = self._send_hit(ex, entry, entry.body, False, part)
         self._answered(ex, req, source, outcome, time.perf_counter() - started)
         return True
 
@@ -123,6 +142,10 @@ class ProxyHandler:
         self, ex: Exchange, req: GoproxyRequest, source: str, outcome: str, seconds: float
     ) -> None:
         self.recorder.answered(source, req.kind.value, outcome, seconds)
+        if outcome == "hit" or outcome == "stale":
+            metrics = self.recorder.metrics
+            metric = metrics.cache_hits if outcome == "hit" else metrics.cache_stale_serves
+            self.recorder.counter(metric, req.kind.value)()
         if self._debug:
             log.debug(
                 "request",
@@ -171,33 +194,33 @@ class ProxyHandler:
         send_text(ex, status, text)
         return True
 
-    async def _serve(self, ex: Exchange, req: GoproxyRequest, route: Route) -> Answer:
+    async def _serve(self, ex: Exchange, req: GoproxyRequest, route: Route, reply: Reply) -> Answer:
         cache = self.cache
         if cache is None or not route.cache:
-            return await self._walk(ex, req, None, route)
+            return await self._walk(ex, req, None, route, reply)
         entry = cache.lookup(req, allow_stale=False)
         if entry is not None:
-            answer = await self._from_cache(ex, req, entry, stale=False)
+            answer = await self._from_cache(ex, entry, False, reply)
             if answer is not None:
                 return answer
         self.recorder.counter(self.recorder.metrics.cache_misses, req.kind.value)()
         if ex.method != "GET":
-            return await self._walk(ex, req, None, route)
+            return await self._walk(ex, req, None, route, reply)
         flight, leader = cache.flight(req)
         if not leader:
-            answer = await self._join(ex, req, flight)
-            return answer if answer is not None else await self._walk(ex, req, None, route)
+            answer = await self._join(ex, req, flight, reply)
+            return answer if answer is not None else await self._walk(ex, req, None, route, reply)
         try:
-            return await self._walk(ex, req, flight, route)
+            return await self._walk(ex, req, flight, route, reply)
         finally:
             cache.land(flight)
 
     async def _walk(
-        self, ex: Exchange, req: GoproxyRequest, flight: Flight | None, route: Route
+        self, ex: Exchange, req: GoproxyRequest, flight: Flight | None, route: Route, reply: Reply
     ) -> Answer:
         attempts = Attempts(use_cache=route.cache)
         for target in self._targets(route, req.kind):
-            answer = await self._try_target(ex, req, target, attempts, flight)
+            answer = await self._try_target(ex, req, target, attempts, flight, reply)
             if answer is not None:
                 return answer
         if not route.targets:
@@ -210,7 +233,7 @@ class ProxyHandler:
                 f"goproxy-sidecar: {req.module} is private and no upstream "
                 "with private_ok can serve it"
             )
-        answer = await self._exhausted(ex, req, attempts)
+        answer = await self._exhausted(ex, req, attempts, reply)
         if flight is not None and answer[1] == "not_found":
             flight.settle(NotFound(attempts.status, attempts.message))
         return answer
@@ -230,10 +253,11 @@ class ProxyHandler:
         target: UpstreamPlan,
         attempts: Attempts,
         flight: Flight | None,
+        reply: Reply,
     ) -> Answer | None:
         action = target.action
         if target.state is State.HALF_OPEN and target.breaker.try_acquire_probe():
-            return await self._probe(ex, req, target, attempts, flight)
+            return await self._probe(ex, req, target, attempts, flight, reply)
         if action is Action.REJECT:
             self._reject(ex, target)
             return target.name, "rejected"
@@ -241,9 +265,9 @@ class ProxyHandler:
             attempts.skipped.append(f"{target.name}: rerouted ({target.breaker.reason})")
             return None
         if action is Action.CACHE:
-            return await self._cache_action(ex, req, target, attempts)
+            return await self._cache_action(ex, req, target, attempts, reply)
         try:
-            return await self._fetch(ex, req, self.upstreams[target.name], attempts, flight)
+            return await self._fetch(ex, req, self.upstreams[target.name], attempts, flight, reply)
         except (UpstreamError, UpstreamBusy):
             return None
 
@@ -254,12 +278,15 @@ class ProxyHandler:
         target: UpstreamPlan,
         attempts: Attempts,
         flight: Flight | None,
+        reply: Reply,
     ) -> Answer | None:
         """A half-open breaker lets this request through as one of its probes."""
         breaker = target.breaker
         period = breaker.probe_period
         try:
-            answer = await self._fetch(ex, req, self.upstreams[target.name], attempts, flight)
+            answer = await self._fetch(
+                ex, req, self.upstreams[target.name], attempts, flight, reply
+            )
         except UpstreamError as exc:
             self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "failed")()
             breaker.release_probe(False, exc.message, period=period)
@@ -268,7 +295,11 @@ class ProxyHandler:
             breaker.cancel_probe(period=period)  # never reached the upstream: no verdict
             return None
         except BaseException:
-            breaker.cancel_probe(period=period)  # the client left: no verdict
+            if reply.complete:  # the client left after the last byte: answered in full
+                self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "ok")()
+                breaker.release_probe(True, period=period)
+            else:
+                breaker.cancel_probe(period=period)  # the client left: no verdict
             raise
         if attempts.cut is not None:
             self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "failed")()
@@ -285,6 +316,7 @@ class ProxyHandler:
         upstream: Upstream,
         attempts: Attempts,
         flight: Flight | None,
+        reply: Reply,
     ) -> Answer | None:
         """One upstream attempt. None means "go on"; UpstreamError means it failed,
         UpstreamBusy that it had no connection in time (not a failure)."""
@@ -310,11 +342,11 @@ class ProxyHandler:
         for name in attempts.not_found_from:
             self.recorder.masked(name, req.kind)
         if ex.method == "HEAD":
-            return await self._head(ex, req, resp, attempts.use_cache)
+            return await self._head(ex, req, resp, attempts.use_cache, reply)
         cache = self.cache
         if flight is not None and cache is not None:
             if is_small(resp.content_length) and cache.takes_small(resp.content_length):
-                return await self._stream(ex, req, resp, attempts, (cache, flight))
+                return await self._stream(ex, req, resp, attempts, reply, (cache, flight))
             reader = await cache.start_fill(
                 req,
                 resp,
@@ -323,8 +355,8 @@ class ProxyHandler:
                 partial(self._body_end, upstream.name, req.kind, resp.ttfb),
             )
             if reader is not None:
-                return await self._deliver(ex, reader, attempts)
-        return await self._stream(ex, req, resp, attempts)
+                return await self._deliver(ex, reader, attempts, reply)
+        return await self._stream(ex, req, resp, attempts, reply)
 
     async def _stream(
         self,
@@ -332,13 +364,14 @@ class ProxyHandler:
         req: GoproxyRequest,
         resp: UpstreamResponse,
         attempts: Attempts,
+        reply: Reply,
         keep: tuple[ModuleCache, Flight] | None = None,
     ) -> Answer:
         """Relay a body without a fill; ``keep``: a small body, read whole, is also
         cached and handed to the flight's joiners."""
         name = resp.upstream.name
         try:
-            body = await read_small(resp) if ex.method == "GET" else None
+            body = await read_small(resp)
             if body is not None:
                 headers = response_headers(resp.headers, name)
                 if keep is not None:
@@ -348,16 +381,26 @@ class ProxyHandler:
                 ex.send(200, headers, body)
                 outcome = "ok"
             else:
-                outcome = await relay(ex, resp)
+                outcome = await relay(ex, resp, reply)
         except UpstreamError as exc:
             resp.release(reuse=False)
             self._failed(name, req.kind, exc, resp.ttfb, attempts)
+            raise
+        except asyncio.CancelledError:
+            resp.release(reuse=False)
+            # The upstream answered; its client leaving is no failure of its own.
+            self.recorder.attempt(name, req.kind, Outcome.OK, resp.ttfb, "ok")
             raise
         self.recorder.attempt(name, req.kind, Outcome.OK, resp.ttfb, "ok")
         return name, outcome
 
     async def _head(
-        self, ex: Exchange, req: GoproxyRequest, resp: UpstreamResponse, use_cache: bool
+        self,
+        ex: Exchange,
+        req: GoproxyRequest,
+        resp: UpstreamResponse,
+        use_cache: bool,
+        reply: Reply,
     ) -> Answer:
         """A HEAD answered from the upstream's GET: the same headers a GET gets,
         at once. An artifact's body goes on into the cache, read by nobody (the
@@ -369,6 +412,8 @@ class ProxyHandler:
         else:
             resp.release(reuse=False)
         self.recorder.attempt(name, req.kind, Outcome.OK, resp.ttfb, "ok")
+        reply.answering(name)
+        reply.whole = True  # the headers are the whole answer: once written, it is served
         try:
             await ex.start(200, response_headers(resp.headers, name), resp.content_length)
             await ex.end()
@@ -383,7 +428,9 @@ class ProxyHandler:
         else:
             self._record_failure(name, kind, exc, ttfb)
 
-    async def _deliver(self, ex: Exchange, reader: FillReader, attempts: Attempts | None) -> Answer:
+    async def _deliver(
+        self, ex: Exchange, reader: FillReader, attempts: Attempts | None, reply: Reply
+    ) -> Answer:
         """Send a fill's body to this client. UpstreamError: it failed before any
         header was sent (the caller may try elsewhere); after, the connection is cut."""
         fill = reader.fill
@@ -397,14 +444,16 @@ class ProxyHandler:
                     raise
                 ex.send(200, fill.headers, body)
                 return fill.upstream, "ok"
-            outcome, failure = await deliver(ex, reader, fill.headers, fill.content_length)
+            outcome, failure = await deliver(ex, reader, fill.headers, fill.content_length, reply)
             if failure is not None and attempts is not None:
                 attempts.cut = failure
             return fill.upstream, outcome
         finally:
             reader.close()
 
-    async def _join(self, ex: Exchange, req: GoproxyRequest, flight: Flight) -> Answer | None:
+    async def _join(
+        self, ex: Exchange, req: GoproxyRequest, flight: Flight, reply: Reply
+    ) -> Answer | None:
         """Wait for the leader of this key. None: walk the targets yourself."""
         outcome = await flight.outcome()
         if isinstance(outcome, NotFound):
@@ -415,9 +464,9 @@ class ProxyHandler:
             return outcome.upstream, "ok"
         if outcome is None:  # no body to share; a fill that ended meanwhile may be committed
             entry = self.cache.lookup(req, allow_stale=False) if self.cache else None
-            return await self._from_cache(ex, req, entry, stale=False) if entry else None
+            return await self._from_cache(ex, entry, False, reply) if entry else None
         try:
-            return await self._deliver(ex, outcome, None)
+            return await self._deliver(ex, outcome, None, reply)
         except UpstreamError:
             return None  # failed before headers: this client moves on by itself
 
@@ -468,19 +517,24 @@ class ProxyHandler:
         )
 
     async def _cache_action(
-        self, ex: Exchange, req: GoproxyRequest, target: UpstreamPlan, attempts: Attempts
+        self,
+        ex: Exchange,
+        req: GoproxyRequest,
+        target: UpstreamPlan,
+        attempts: Attempts,
+        reply: Reply,
     ) -> Answer | None:
         cache = self.cache if attempts.use_cache else None
         entry = cache.lookup(req, allow_stale=True) if cache is not None else None
         if entry is not None and cache is not None:
-            answer = await self._from_cache(ex, req, entry, stale=cache.is_stale(entry))
+            answer = await self._from_cache(ex, entry, cache.is_stale(entry), reply)
             if answer is not None:
                 return answer
         attempts.skipped.append(f"{target.name}: cache miss ({target.breaker.reason})")
         return None
 
     async def _from_cache(
-        self, ex: Exchange, req: GoproxyRequest, entry: CachedEntry, stale: bool
+        self, ex: Exchange, entry: CachedEntry, stale: bool, reply: Reply
     ) -> Answer | None:
         """Serve an entry from memory or its file; None if it turned out broken
         (evicted meanwhile): the caller fetches it again."""
@@ -491,25 +545,24 @@ class ProxyHandler:
         part = wanted_range(ex, entry.size)
         body = await cache.small_body(entry)
         if body is not None or part == UNSATISFIABLE:  # a 416 needs no bytes
-            return self._send_hit(ex, req, entry, body or b"", stale, part)
+            return self._send_hit(ex, entry, body or b"", stale, part)
         if not cache.acquire(entry):
             return None
+        served = "stale" if stale else "hit"
+        reply.answering("cache", served)
         try:
             blob = await cache.open_blob(entry)  # checked against what was hashed
             if blob is None:
                 return None
-            outcome = await send_file(ex, blob, entry.size, self._hit_headers(entry, stale), part)
+            headers = self._hit_headers(entry, stale)
+            outcome = await send_file(ex, blob, entry.size, headers, reply, part)
         finally:
             cache.release(entry)
-        if outcome == "ok":
-            self._count_hit(req, stale)
-            outcome = "stale" if stale else "hit"
-        return "cache", outcome
+        return "cache", served if outcome == "ok" else outcome
 
     def _send_hit(
         self,
         ex: Exchange,
-        req: GoproxyRequest,
         entry: CachedEntry,
         body: bytes,
         stale: bool,
@@ -525,7 +578,6 @@ class ProxyHandler:
                 ex.send(416, headers, b"")
                 return "cache", "unsatisfiable"
             ex.send(206, headers, body[part[0] : part[1] + 1])
-        self._count_hit(req, stale)
         return "cache", "stale" if stale else "hit"
 
     def _hit_headers(self, entry: CachedEntry, stale: bool) -> dict[str, str]:
@@ -540,11 +592,6 @@ class ProxyHandler:
             headers["Warning"] = STALE_WARNING
         return headers
 
-    def _count_hit(self, req: GoproxyRequest, stale: bool) -> None:
-        metrics = self.recorder.metrics
-        metric = metrics.cache_stale_serves if stale else metrics.cache_hits
-        self.recorder.counter(metric, req.kind.value)()
-
     def _reject(self, ex: Exchange, target: UpstreamPlan) -> None:
         self.recorder.counter(self.recorder.metrics.rejected_requests, target.name, "policy")()
         send_text(
@@ -554,12 +601,14 @@ class ProxyHandler:
             {"Retry-After": RETRY_AFTER_S},
         )
 
-    async def _exhausted(self, ex: Exchange, req: GoproxyRequest, attempts: Attempts) -> Answer:
+    async def _exhausted(
+        self, ex: Exchange, req: GoproxyRequest, attempts: Attempts, reply: Reply
+    ) -> Answer:
         busy = attempts.overflowed
         if (attempts.failed or busy) and attempts.use_cache and self.cache is not None:
             entry = self.cache.lookup(req, allow_stale=True)
             if entry is not None:
-                answer = await self._from_cache(ex, req, entry, stale=self.cache.is_stale(entry))
+                answer = await self._from_cache(ex, entry, self.cache.is_stale(entry), reply)
                 if answer is not None:
                     return answer
         if busy:

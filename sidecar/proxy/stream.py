@@ -4,6 +4,13 @@ Backpressure comes for free: ``write`` waits while the client's socket is
 full. A client that hangs up is not an upstream failure. Once headers are
 sent, the only honest signal of a failed body is a cut connection, so the
 client sees a short body, never a complete one.
+
+Each function notes in a ``Reply`` how much of the body it handed to the
+connection, before awaiting the drain: the server cancels a handler whose
+client left at whatever await it is in, often the drain after the last
+byte (the go command closes surplus keep-alive connections as soon as it
+has a body). The handler's accounting then reads the ``Reply``: a client
+that was handed every byte is a success, not ``client_abort``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,31 @@ CLIENT_GONE = (ConnectionResetError, BrokenPipeError)
 BUFFER_LIMIT = 256 * 1024
 
 
+class Reply:
+    """Who answers one request, the outcome if its body goes out whole, and how
+    much of that body was handed to the connection so far."""
+
+    __slots__ = ("length", "outcome", "sent", "source", "whole")
+
+    def __init__(self) -> None:
+        self.source = "sidecar"  # nobody answered yet
+        self.outcome = "ok"
+        self.length: int | None = None  # body bytes announced; None: unknown (chunked)
+        self.sent = 0
+        self.whole = False  # the response is over (HEAD, chunked: its last chunk handed over)
+
+    def answering(self, source: str, outcome: str = "ok") -> None:
+        self.source, self.outcome = source, outcome
+
+    @property
+    def complete(self) -> bool:
+        return self.whole or (self.length is not None and self.sent >= self.length)
+
+    def left(self) -> tuple[str, str]:
+        """The answer of a request whose handler was cancelled now."""
+        return self.source, self.outcome if self.complete else "client_abort"
+
+
 async def read_small(resp: UpstreamResponse) -> bytes | None:
     """The whole body if it is small and announced; None to stream it instead."""
     length = resp.content_length
@@ -39,16 +71,16 @@ def is_small(content_length: int | None) -> bool:
     return content_length is not None and content_length <= BUFFER_LIMIT
 
 
-async def relay(ex: Exchange, resp: UpstreamResponse) -> str:
+async def relay(ex: Exchange, resp: UpstreamResponse, reply: Reply) -> str:
     """Stream ``resp`` to the client. Returns an outcome label."""
+    reply.answering(resp.upstream.name)
+    reply.length = resp.content_length
     try:
         await ex.start(200, response_headers(resp.headers, resp.upstream.name), resp.content_length)
-        if ex.method == "HEAD":
-            resp.release(reuse=False)
-            await ex.end()
-            return "ok"
         async for chunk in resp.chunks():
+            reply.sent += len(chunk)
             await ex.write(chunk)
+        reply.whole = True
         await ex.end()
     except CLIENT_GONE:
         resp.release(reuse=False)
@@ -69,12 +101,17 @@ async def deliver(
     reader: FillReader,
     headers: Mapping[str, str],
     content_length: int | None,
+    reply: Reply,
 ) -> tuple[str, UpstreamError | None]:
     """Stream a fill to one client as its bytes arrive: (outcome, failure)."""
+    reply.answering(reader.fill.upstream)
+    reply.length = content_length
     try:
         await ex.start(200, headers, content_length)
         while (chunk := await reader.next_chunk()) is not None:
+            reply.sent += len(chunk)
             await ex.write(chunk)
+        reply.whole = True
         await ex.end()
     except CLIENT_GONE:
         return "client_abort", None
@@ -89,6 +126,7 @@ async def send_file(
     fobj: BinaryIO,
     size: int,
     headers: dict[str, str],
+    reply: Reply,
     part: tuple[int, int] | None = None,
 ) -> str:
     """A cache hit from its blob (sendfile where the loop has it), whole or
@@ -97,14 +135,12 @@ async def send_file(
     that shrinks while it is sent cuts the connection.
     """
     try:
-        if part is None:
-            await ex.start(200, headers, size)
-            await ex.sendfile(fobj, 0, size)
-        else:
-            first, last = part
+        first, last = (0, size - 1) if part is None else part
+        if part is not None:
             headers["Content-Range"] = content_range(part, size)
-            await ex.start(206, headers, last - first + 1)
-            await ex.sendfile(fobj, first, last - first + 1)
+        await ex.start(200 if part is None else 206, headers, last - first + 1)
+        await ex.sendfile(fobj, first, last - first + 1)
+        reply.whole = True
         await ex.end()
     except CLIENT_GONE:
         return "client_abort"

@@ -25,6 +25,7 @@ from tests.upstream import Reply
 cached_sidecar = test_cache_support.cached_sidecar  # the fixture
 
 JOINS = "goproxy_sidecar_cache_single_flight_joins_total"
+REQUESTS = "goproxy_sidecar_requests_total"
 
 
 async def fetch(client, path: str) -> tuple[int, bytes, str]:
@@ -97,9 +98,12 @@ async def test_first_client_hanging_up_does_not_stop_the_others(
     assert keys_on_disk(tmp_path / "cache") == [ZIP]
 
 
-async def test_fetch_is_cancelled_when_every_client_left(fake_upstreams, cached_sidecar, tmp_path):
+async def test_fetch_goes_on_and_is_kept_when_every_client_left(
+    fake_upstreams, cached_sidecar, tmp_path
+):
     [(up, url)] = await fake_upstreams(1)
-    up.set(ZIP, Reply(body=os.urandom(8 * 1024 * 1024), chunk_delay=0.02))
+    body = os.urandom(8 * 1024 * 1024)
+    up.set(ZIP, Reply(body=body, chunk_delay=0.005))
     client, sc = await cached_sidecar([url])
     responses = [await client.get("/" + ZIP) for _ in range(3)]
     for resp in responses:
@@ -107,11 +111,16 @@ async def test_fetch_is_cancelled_when_every_client_left(fake_upstreams, cached_
     assert up.received == [ZIP]
     for resp in responses:
         resp.close()
-    await wait_for(lambda: up.cancelled == 1, what="the upstream fetch to be cancelled")
-    assert up.completed == 0
-    await wait_for(lambda: temp_files(tmp_path / "cache") == [], what="the temp file to go")
-    assert keys_on_disk(tmp_path / "cache") == [] and sc.cache.summary()["entries"] == 0
+    await wait_for(lambda: up.completed == 1, 20, "the upstream to finish sending")
+    await settled(sc, 1)
+    assert up.cancelled == 0 and keys_on_disk(tmp_path / "cache") == [ZIP]
+    aborts = {"upstream": "up0", "kind": "zip", "outcome": "client_abort"}
+    await wait_for(lambda: metric(sc, REQUESTS, **aborts) == 3)
+    assert sc.windows["up0"].snapshot().requests == 1  # the fetch, once, and fine
     assert sc.windows["up0"].snapshot().errors == 0
+    again = await client.get("/" + ZIP)
+    assert await again.read() == body and again.headers["X-Sidecar-Upstream"] == "cache"
+    assert up.received == [ZIP] and temp_files(tmp_path / "cache") == []
 
 
 async def test_failed_fetch_cuts_every_client_that_had_headers(

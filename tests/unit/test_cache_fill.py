@@ -1,4 +1,4 @@
-"""The fill mechanics with a scripted body source: ring, file, degrade, cancel."""
+"""The fill mechanics with a scripted body source: ring, file, degrade, readers leaving."""
 
 from __future__ import annotations
 
@@ -121,20 +121,89 @@ async def test_failure_reaches_every_reader_and_nothing_is_kept(tmp_path: Path) 
     assert not (tmp_path / "fill.part").exists()
 
 
-async def test_last_reader_leaving_cancels_the_fetch(tmp_path: Path) -> None:
-    src = Source([b"x" * 5])
-    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=10_000)  # type: ignore[arg-type]
+async def test_the_fetch_goes_on_to_the_end_when_every_reader_left(tmp_path: Path) -> None:
+    ended: list[object] = []
+    src = Source([b"x" * 5, b"y" * 5])
+    fill = Fill(
+        REQ,
+        src,
+        CIMultiDict(),
+        temp(tmp_path),
+        limit=10_000,  # type: ignore[arg-type]
+        on_end=ended.append,
+    )
     a, b = fill.join(), fill.join()
     assert a is not None and b is not None
     task = start(fill)
     await a.next_chunk()
     a.close()
-    await asyncio.sleep(0)
-    assert not task.done()  # b still reads
     b.close()
+    await asyncio.sleep(0.01)
+    assert not task.done() and fill.readers == 0  # nobody reads, and it still fetches
+    src.finish()
+    assert await task is True  # complete, and bound for the cache
+    assert fill.state is FillState.COMPLETE and src.released is True and ended == [None]
+    assert Path(tmp_path / "fill.part").read_bytes() == b"x" * 5 + b"y" * 5
+
+
+async def test_a_reader_ends_at_the_announced_length_without_waiting_for_the_fetch(
+    tmp_path: Path,
+) -> None:
+    src = Source([b"a" * 6, b"b" * 6])  # announces 12 bytes; the end is not signalled yet
+    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=10_000)  # type: ignore[arg-type]
+    reader = fill.join()
+    assert reader is not None
+    task = start(fill)
+    assert await asyncio.wait_for(reader.read_all(), 5) == b"a" * 6 + b"b" * 6
+    assert fill.state is FillState.RUNNING  # the client has its body before the fetch ends
+    reader.close()
+    src.finish()
+    assert await task is True
+
+
+async def test_a_fill_that_cannot_be_cached_stops_when_its_last_reader_leaves(
+    tmp_path: Path,
+) -> None:
+    ended: list[object] = []
+    src = Source([b"y" * 9] * 3)  # 27 bytes, over the limit: degraded, served only
+    fill = Fill(
+        REQ,
+        src,
+        CIMultiDict(),
+        temp(tmp_path),
+        limit=20,  # type: ignore[arg-type]
+        on_end=ended.append,
+    )
+    reader = fill.join()
+    assert reader is not None
+    task = start(fill)
+    assert len(await reader.next_chunk() or b"") == 7
+    await asyncio.sleep(0.01)
+    assert not fill.cacheable and not task.done()
+    reader.close()  # the bytes would go nowhere now
     with pytest.raises(asyncio.CancelledError):
         await task
     assert fill.state is FillState.FAILED and src.released is False
+    assert ended == [None]  # the upstream did nothing wrong
+    await fill.end()
+    assert not (tmp_path / "fill.part").exists()
+
+
+async def test_a_readerless_fill_stops_once_it_degrades(tmp_path: Path) -> None:
+    src = Source([b"z" * 9])
+    src.content_length = None  # unannounced: the limit is found on the way
+    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=20)  # type: ignore[arg-type]
+    reader = fill.join()
+    assert reader is not None
+    task = start(fill)
+    assert await reader.next_chunk() is not None
+    reader.close()
+    await asyncio.sleep(0.01)
+    assert not task.done()  # still bound for the cache: it goes on
+    src.queue.put_nowait(b"z" * 30)  # over the limit: nobody would get these bytes
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert fill.state is FillState.FAILED
 
 
 async def test_write_error_degrades_to_a_bounded_ring_with_backpressure(tmp_path: Path) -> None:
