@@ -199,7 +199,7 @@ def build_input(sc: Sidecar) -> dict[str, Any]:
         # a pool that is full at the instant of a tick is busy, not sick.
         window.sample_saturation(peak / up.limit)
         snapshot = window.snapshot()
-        doc = snapshot.as_policy_input()
+        doc = snapshot.as_policy_input(admission=True)
         doc.update(
             role=up.role,
             **_breaker_input(sc.breakers[name]),
@@ -211,7 +211,7 @@ def build_input(sc: Sidecar) -> dict[str, Any]:
                 "saturation": round(peak / up.limit, 4),
             },
         )
-        sumdb = sc.sumdb_windows[name].snapshot().as_policy_input()
+        sumdb = sc.sumdb_windows[name].snapshot().as_policy_input(admission=False)
         sumdb.update(_breaker_input(sc.sumdb_breakers[name]))
         doc["sumdb"] = sumdb
         upstreams[name] = doc

@@ -139,23 +139,25 @@ fires("queue", s) if {
 #   - the rule fires in every slice of the span; only the current slice (age
 #     0) may be idle instead, because it may have begun an instant ago, and
 #   - it fires in at least two slices: one slice is one burst.
+# (Counted, not "every": one pass over the span, and this runs for every
+# rule of every upstream at every tick.)
 sustained(u, rule, for_s) := span if {
+	# Cheap first: the newest complete slice is in every span and must fire.
+	fires(rule, u.series[1])
 	width := slice_width(u)
 	needed := at_least(2, ceil(at_least(thresholds.min_span_s, for_s) / width))
 	span := array.slice(u.series, 0, needed)
 	count(span) == needed
-	every s in span {
-		fires_or_starting(rule, s)
-	}
-	count([s | some s in span; fires(rule, s)]) >= 2
+	firing := count([s | some s in span; fires(rule, s)])
+	firing >= 2
+	firing + starting(span) == needed
 }
 
-fires_or_starting(rule, s) if fires(rule, s)
+# 1 when the current slice (always span[0]) is idle: it may have begun an
+# instant ago. A slice that fires has requests, so it is never both.
+starting(span) := 1 if span[0].requests == 0
 
-fires_or_starting(_, s) if {
-	s.requests == 0
-	s.age_s == 0
-}
+else := 0
 
 # The figures that prove a rule: the lowest of the span. (Not min(): see above.)
 lowest(xs) := x if {

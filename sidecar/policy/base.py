@@ -28,8 +28,9 @@ BREAKER_DATA_PATH = ("sidecar", "config", "breaker")
 SMOKE_UPSTREAM = "smoke-test"
 
 
-def _smoke_stats(requests: int) -> dict[str, Any]:
+def _smoke_stats(requests: int, admission: bool) -> dict[str, Any]:
     """A healthy window of one traffic class, as ``WindowSnapshot.as_policy_input``."""
+    pool_figures = {"saturation": 0.02, "queue_wait_ms": {"p50": 0.0, "p99": 0.0}, "overflows": 0}
     return {
         "window_s": 120,
         "requests": requests,
@@ -46,9 +47,7 @@ def _smoke_stats(requests: int) -> dict[str, Any]:
                 "requests": requests // 12,
                 "error_rate": 0.0,
                 "p99_ms": 30.0,
-                "saturation": 0.02,
-                "queue_wait_ms": {"p50": 0.0, "p99": 0.0},
-                "overflows": 0,
+                **(pool_figures if admission else {}),
             }
             for age in range(0, 120, 10)
         ],
@@ -62,7 +61,7 @@ SMOKE_INPUT: dict[str, Any] = {
             "role": "primary",
             "state": "closed",
             "state_age_s": 0.0,
-            **_smoke_stats(120),
+            **_smoke_stats(120, admission=True),
             "pool": {
                 "limit": 64,
                 "in_use": 1,
@@ -71,7 +70,7 @@ SMOKE_INPUT: dict[str, Any] = {
                 "queue_wait_ms": {"p50": 0.0, "p99": 0.0},
                 "saturation": 0.02,
             },
-            "sumdb": {"state": "closed", "state_age_s": 0.0, **_smoke_stats(24)},
+            "sumdb": {"state": "closed", "state_age_s": 0.0, **_smoke_stats(24, admission=False)},
         }
     },
     "cache": {"enabled": True, "entries": 0, "bytes": 0},

@@ -125,11 +125,16 @@ class WindowSnapshot:
     overflows: int
     series: tuple[SliceSnapshot, ...]
 
-    def as_policy_input(self) -> dict[str, Any]:
+    def as_policy_input(self, admission: bool) -> dict[str, Any]:
         """This upstream's stats in the policy input shape of the README.
 
         The caller adds ``role``, ``state``, ``state_age_s`` and ``pool``
         (whose ``overflows`` and ``queue_wait_ms`` come from ``pool_input``).
+        ``admission``: the series slices also carry the pool's figures
+        (saturation, queue waits, overflows). They are recorded once per
+        upstream, in its module-traffic window; the checksum-traffic window
+        leaves them out (they would be zeros, and every key costs the policy
+        engine time: it parses the whole input at every tick).
         """
         return {
             "window_s": _seconds(self.window_s),
@@ -145,21 +150,7 @@ class WindowSnapshot:
                 "p90": _ms(self.ttfb_p90_ms),
                 "p99": _ms(self.ttfb_p99_ms),
             },
-            "series": [
-                {
-                    "age_s": _seconds(s.age_s),
-                    "requests": s.requests,
-                    "error_rate": _ratio(s.error_rate),
-                    "p99_ms": _ms(s.p99_ms),
-                    "saturation": _ratio(s.saturation),
-                    "queue_wait_ms": {
-                        "p50": _ms(s.queue_wait_p50_ms),
-                        "p99": _ms(s.queue_wait_p99_ms),
-                    },
-                    "overflows": s.overflows,
-                }
-                for s in self.series
-            ],
+            "series": [_slice_input(s, admission) for s in self.series],
         }
 
     def pool_input(self) -> dict[str, Any]:
@@ -171,6 +162,20 @@ class WindowSnapshot:
                 "p99": _ms(self.queue_wait_p99_ms),
             },
         }
+
+
+def _slice_input(s: SliceSnapshot, admission: bool) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "age_s": _seconds(s.age_s),
+        "requests": s.requests,
+        "error_rate": _ratio(s.error_rate),
+        "p99_ms": _ms(s.p99_ms),
+    }
+    if admission:
+        doc["saturation"] = _ratio(s.saturation)
+        doc["queue_wait_ms"] = {"p50": _ms(s.queue_wait_p50_ms), "p99": _ms(s.queue_wait_p99_ms)}
+        doc["overflows"] = s.overflows
+    return doc
 
 
 def _ratio(x: float) -> float:

@@ -111,16 +111,24 @@ async def test_sigterm_drains_in_flight_requests(fake_upstreams, tmp_path: Path)
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
-def _stats(requests: int, error_rate: float, p99_ms: float, wait_ms: float) -> dict:
+def _stats(requests: int, error_rate: float, p99_ms: float, wait_ms: float | None) -> dict:
+    """One traffic class's stats; ``wait_ms`` None: no pool figures (checksum traffic)."""
+    pool = (
+        {}
+        if wait_ms is None
+        else {
+            "saturation": 1.0,
+            "queue_wait_ms": {"p50": wait_ms / 2, "p99": wait_ms},
+            "overflows": 2,
+        }
+    )
     series = [
         {
             "age_s": age,
             "requests": requests // 12,
             "error_rate": error_rate,
             "p99_ms": p99_ms,
-            "saturation": 1.0,
-            "queue_wait_ms": {"p50": wait_ms / 2, "p99": wait_ms},
-            "overflows": 2 if wait_ms else 0,
+            **pool,
         }
         for age in range(0, 120, 10)
     ]
@@ -156,7 +164,7 @@ def test_eval_prints_the_decision_for_one_input(tmp_path: Path) -> None:
                     "queue_wait_ms": {"p50": 450, "p99": 900},
                     "saturation": 1.47,
                 },
-                "sumdb": {"state": "closed", "state_age_s": 1, **_stats(48, 1.0, 3, 0)},
+                "sumdb": {"state": "closed", "state_age_s": 1, **_stats(48, 1.0, 3, None)},
             }
         },
     }

@@ -58,6 +58,14 @@ def slices(
     ]
 
 
+def checksum_slices(p99s: list[float], requests: int, error_rate: float = 0.0) -> list[Any]:
+    """Slices of checksum traffic: no pool figures (those are the module stats')."""
+    return [
+        {k: v for k, v in s.items() if k in ("age_s", "requests", "error_rate", "p99_ms")}
+        for s in slices(p99s, requests, error_rate)
+    ]
+
+
 def stats(**overrides: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "state": "closed",
@@ -88,7 +96,7 @@ def upstream(**overrides: Any) -> dict[str, Any]:
             "queue_wait_ms": {"p50": 0.0, "p99": 2.0},
             "saturation": 0.31,
         },
-        sumdb=stats(requests=145, series=slices([12.0] * 12, 12)),
+        sumdb=stats(requests=145, series=checksum_slices([12.0] * 12, 12)),
     )
     doc.update(overrides)
     return doc
@@ -187,7 +195,11 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, tuple[str, bool]]]] = {
         {"athens": ("cache", False)},
     ),
     "sumdb failing, modules healthy": (
-        {"athens": upstream(sumdb=stats(error_rate=1.0, series=slices([5.0] * 12, 12, 1.0)))},
+        {
+            "athens": upstream(
+                sumdb=stats(error_rate=1.0, series=checksum_slices([5.0] * 12, 12, 1.0))
+            )
+        },
         {"athens": ("allow", False), "athens.sumdb": ("cache", False)},
     ),
     "modules failing, sumdb healthy": (

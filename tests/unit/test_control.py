@@ -192,3 +192,5 @@ async def test_policy_input_shape(loop: ControlLoop) -> None:
     module_keys = set(doc) - {"role", "pool", "sumdb"}
     assert set(sumdb) == module_keys  # the same stats and breaker state, nothing else
     assert sumdb["state"] == "closed"
+    # The pool's figures are the upstream's, in the module stats only.
+    assert set(sumdb["series"][0]) == {"age_s", "requests", "error_rate", "p99_ms"}

@@ -292,7 +292,7 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
     clock.advance(SLICE_S)
     window.record(Outcome.TIMEOUT, None)
     snap = window.snapshot()
-    doc = snap.as_policy_input()
+    doc = snap.as_policy_input(admission=True)
     assert set(doc) == {
         "window_s",
         "requests",
@@ -330,6 +330,17 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
     pool = snap.pool_input()
     assert pool["overflows"] == 1
     assert pool["queue_wait_ms"] == older["queue_wait_ms"]
+    # Without the pool's figures (the checksum-traffic window): the same stats.
+    bare = snap.as_policy_input(admission=False)
+    assert {k: v for k, v in bare.items() if k != "series"} == {
+        k: v for k, v in doc.items() if k != "series"
+    }
+    assert bare["series"][1] == {
+        "age_s": 10,
+        "requests": 6,
+        "error_rate": 0.1667,
+        "p99_ms": older["p99_ms"],
+    }
 
 
 def test_fractional_slices(clock: FakeClock) -> None:
@@ -337,7 +348,7 @@ def test_fractional_slices(clock: FakeClock) -> None:
     assert w.slice_count == 6
     clock.advance(0.3)
     assert [s.age_s for s in w.snapshot().series] == [0.0, 0.25]
-    assert w.snapshot().as_policy_input()["series"][1]["age_s"] == 0.25
+    assert w.snapshot().as_policy_input(admission=True)["series"][1]["age_s"] == 0.25
 
 
 @pytest.mark.parametrize(
