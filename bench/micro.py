@@ -69,34 +69,49 @@ def timed(fn: Callable[[], object], min_time_s: float, repeats: int = 5) -> Resu
 
 
 def policy_input(n: int = UPSTREAMS) -> dict[str, Any]:
-    """A realistic input: n upstreams, 12 slices each, one of them slow."""
+    """A realistic input: n upstreams, 12 slices per traffic class, one of them slow."""
+
+    def stats(requests: int, p99: float, pool: bool) -> dict[str, Any]:
+        figures = {"saturation": 0.3, "queue_wait_ms": {"p50": 0.0, "p99": 1.2}, "overflows": 0}
+        return {
+            "window_s": 120,
+            "requests": requests,
+            "errors": 3,
+            "not_found": 40,
+            "timeouts": 1,
+            "error_rate": round(3 / requests, 4),
+            "not_found_rate": round(40 / requests, 4),
+            "masked_failures": 0,
+            "ttfb_ms": {"p50": 12.1, "p90": 40.3, "p99": p99},
+            "series": [
+                {
+                    "age_s": 10 * k,
+                    "requests": requests // 12,
+                    "error_rate": 0.0,
+                    "p99_ms": p99,
+                    **(figures if pool else {}),
+                }
+                for k in range(12)
+            ],
+        }
+
     ups = {}
     for i in range(n):
-        slow = i == 1
+        p99 = 900.0 if i == 1 else 90.0
         ups[f"up{i}"] = {
             "role": "primary" if i == 0 else "backup",
             "state": "closed",
             "state_age_s": 300.0,
-            "window_s": 120,
-            "requests": 812,
-            "errors": 3,
-            "not_found": 40,
-            "timeouts": 1,
-            "error_rate": 0.0037,
-            "not_found_rate": 0.049,
-            "masked_failures": 0,
-            "ttfb_ms": {"p50": 12.1, "p90": 40.3, "p99": 900.0 if slow else 90.0},
-            "pool": {"limit": 64, "in_use": 20, "waiting": 0, "saturation": 0.31},
-            "series": [
-                {
-                    "age_s": 10 * k,
-                    "requests": 70,
-                    "error_rate": 0.0,
-                    "p99_ms": 900.0 if slow else 90.0,
-                    "saturation": 0.3,
-                }
-                for k in range(12)
-            ],
+            **stats(812, p99, pool=True),
+            "pool": {
+                "limit": 64,
+                "in_use": 20,
+                "waiting": 0,
+                "overflows": 0,
+                "queue_wait_ms": {"p50": 0.0, "p99": 1.2},
+                "saturation": 0.31,
+            },
+            "sumdb": {"state": "closed", "state_age_s": 300.0, **stats(340, p99, pool=False)},
         }
     return {
         "now": time.time(),
