@@ -1,0 +1,3 @@
+module goproxy-sidecar/tests/adversarial/goclient
+
+go 1.22
