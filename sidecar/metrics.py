@@ -57,7 +57,7 @@ class Metrics:
             "Client requests answered, by the upstream (or 'cache', 'sidecar') that produced "
             "the answer, request kind and outcome (ok, hit, stale, not_found, failed, rejected, "
             "unavailable, overflow: every upstream it may use was busy, client_abort: the "
-            "client hung up first).",
+            "client left before the last byte; one that closes right after it is ok or hit).",
             ["upstream", "kind", "outcome"],
             registry=r,
         )
