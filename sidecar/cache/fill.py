@@ -1,17 +1,15 @@
 """One upstream body, fetched once, read by every client that asked for it.
 
-The fetch runs in its own task, not in any client's handler, and does not
-depend on its clients: it goes on to the end of the body and is committed
-even when every reader has left. A reader may leave at any moment, often
-right after the last byte (the go command closes surplus keep-alive
-connections as soon as it has a body, and the server cancels that client's
-handler), and the body is an artifact someone asked for; the existing
-timeouts and ``cache.max_bytes`` bound what is fetched for nobody. This
-holds for mutable answers too (lists, ``@latest``): the answer is the
-upstream's current one and fresh for ``mutable_ttl`` from its commit. Only a
-fill that can no longer be cached (degraded, below) stops once nobody reads
-it. Readers never talk to the upstream: they read what has arrived so far
-and wait for more.
+The fetch runs in its own task, not in any client's handler, and goes on
+to the end and is committed even when every reader has left: readers leave
+at any moment, often right after the last byte (the go command closes
+surplus keep-alive connections as soon as it has a body), and someone asked
+for these bytes. The upstream timeouts and ``cache.max_bytes`` bound what is
+fetched for nobody; a fill that can no longer be cached (degraded, below)
+stops once nobody reads it. Mutable answers (lists, ``@latest``) are no
+different: what is committed is the upstream's answer, fresh for
+``mutable_ttl`` from then. Readers never talk to the upstream: they read
+what has arrived so far and wait for more.
 
 Where the bytes are::
 

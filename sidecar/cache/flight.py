@@ -6,13 +6,15 @@ meanwhile *join* its flight and wait for the outcome:
 
 - the leader got 200 headers: the flight carries the ``Fill``; every
   waiting joiner gets a reader of it at once, and reads the body as it
-  arrives (late joiners too, until it is committed);
+  arrives (late joiners too, until it is committed). The fill no longer
+  depends on the leader: its client may leave, the body is still fetched;
 - the leader read a small body whole (``Whole``, see ``cache.writeback``):
   joiners get the same bytes and headers;
 - the leader's walk ended in 404/410: joiners get the same answer (it is
   never cached, only shared with requests that were already waiting);
-- anything else (every upstream failed, rejected, the leader's client left):
-  joiners walk the targets themselves, without single flight.
+- anything else (every upstream failed, rejected, the leader's client left
+  before an upstream answered): joiners walk the targets themselves,
+  without single flight.
 """
 
 from __future__ import annotations
