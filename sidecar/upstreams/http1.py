@@ -102,14 +102,14 @@ def new_parser(owner: Connection) -> httptools.HttpResponseParser:
     return httptools.HttpResponseParser(owner)
 
 
-_ONE_SHOT_READ: Final = 64 * 1024
+_BARE_READ: Final = 64 * 1024
 
 
 class Connection(asyncio.BufferedProtocol):
     """A keep-alive connection to one origin and the state of its current exchange."""
 
     def __init__(self, pool: Pool | None, name: str) -> None:
-        self.pool = pool  # None for a one-shot connection (a redirect to another origin)
+        self.pool = pool  # None only for a bare connection (unit tests feed it by hand)
         self.name = name
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -122,7 +122,7 @@ class Connection(asyncio.BufferedProtocol):
         self._parser_dirty = False
         self._loop = asyncio.get_running_loop()
         self._view: memoryview | None = (
-            None if pool is not None else memoryview(bytearray(_ONE_SHOT_READ))
+            None if pool is not None else memoryview(bytearray(_BARE_READ))
         )
         self._reset()
 
