@@ -320,6 +320,7 @@ class ProxyHandler:
     ) -> Answer | None:
         """One upstream attempt. None means "go on"; UpstreamError means it failed,
         UpstreamBusy that it had no connection in time (not a failure)."""
+        reply.answering(upstream.name)  # a client leaving now left while it was asked
         try:
             # Always GET: the GOPROXY protocol defines no other method and Athens
             # answers HEAD with 405. A HEAD is answered from the GET's headers.

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.functional import test_cache_support
 from tests.functional.test_cache_support import keys_on_disk, temp_files, wait_for
 from tests.tools import require_tool
+from tests.upstream import Reply as FakeReply
 
 cached_sidecar = test_cache_support.cached_sidecar  # the fixture
 
@@ -236,6 +237,22 @@ async def test_a_client_that_leaves_mid_body_is_an_abort_and_the_fill_is_kept(
     samples = await scrape(client)
     assert requests(samples, "client_abort", kind) == 1  # still once
     assert request_lines() == 2
+
+
+async def test_a_client_that_leaves_before_any_answer_is_an_abort_of_that_upstream(
+    fake_upstreams, cached_sidecar, request_lines
+) -> None:
+    [(up, url)] = await fake_upstreams(1)
+    path = zip_path(7, "v1.0.0")
+    up.set(path, FakeReply(body=b"z" * 300_000, delay=0.5))  # slow to answer
+    client, _sc = await cached_sidecar([url])
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(f"GET /{path} HTTP/1.1\r\nHost: sidecar\r\n\r\n".encode())
+    await wait_for(lambda: up.received == [path], 10, "the upstream to be asked")
+    writer.close()
+    await wait_for(lambda: request_lines() == 1, 10, "the abort to be recorded")
+    samples = await scrape(client)
+    assert requests(samples, "client_abort") == 1 and requests(samples, "ok") == 0
 
 
 async def test_shutdown_cancels_a_fill_nobody_reads(origin, cached_sidecar, tmp_path: Path) -> None:
