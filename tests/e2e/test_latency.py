@@ -78,4 +78,4 @@ async def test_slow_primary_is_rerouted_and_heals_through_half_open(stack):
     assert (
         metrics.value("goproxy_sidecar_breaker_probes_total", upstream="primary", result="ok") >= 2
     )
-    assert world.primary.count("/sumdb/sum.golang.org/supported", 404) >= 2  # the self-probes
+    assert world.primary.count("/goproxy-sidecar.invalid/self-probe/@v/list", 404) >= 2  # self-probes
