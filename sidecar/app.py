@@ -15,7 +15,7 @@ from sidecar.breaker.machine import Breaker
 from sidecar.breaker.plan import Plan
 from sidecar.breaker.state import Decision, State, TrafficClass
 from sidecar.cache.base import ModuleCache
-from sidecar.config import Config
+from sidecar.config import Config, VerifyMode
 from sidecar.control import ControlLoop, breakers_of, on_transition
 from sidecar.endpoints import endpoints
 from sidecar.metrics import Metrics
@@ -23,6 +23,8 @@ from sidecar.policy import make_engine
 from sidecar.policy.base import PolicyEngine
 from sidecar.policy.reloader import PolicyReloader
 from sidecar.proxy.handler import METHODS, ProxyHandler, send_text
+from sidecar.proxy.integrity import IntegrityChecker
+from sidecar.proxy.internal import direct_fetch, handler_fetch
 from sidecar.proxy.recorder import Recorder, queue_wait_sink
 from sidecar.routing import Router
 from sidecar.server import Exchange, Server
@@ -128,14 +130,23 @@ class SidecarService:
         self.sidecar = sidecar
         self.run_control = run_control
         assert sidecar.router is not None
+        recorder = Recorder(sidecar.metrics, sidecar.windows, sidecar.sumdb_windows)
         self.proxy = ProxyHandler(
             sidecar.upstreams,
             sidecar.current_plan,
-            Recorder(sidecar.metrics, sidecar.windows, sidecar.sumdb_windows),
+            recorder,
             sidecar.cache,
             sidecar.config.policy.reject_status,
             sidecar.router,
         )
+        self._sumdb_upstream: Upstream | None = None
+        verify = sidecar.config.verify
+        if verify.mode is not VerifyMode.OFF:
+            if verify.url is not None:
+                fetch, self._sumdb_upstream = direct_fetch(verify.url, verify.name)
+            else:  # through this sidecar's own sumdb/<name>/ path: routed, judged, cached
+                fetch = handler_fetch(self.proxy.handle)
+            self.proxy.checker = IntegrityChecker(sidecar.config, recorder, fetch)
         self.endpoints = endpoints(sidecar)
         self.server = Server(
             self.handle, self.answer_now, send_timeout_s=sidecar.config.send_timeout
@@ -175,6 +186,8 @@ class SidecarService:
         """Start every part, then listen on ``host:port`` (or ``sock``)."""
         self._started = True
         await _start(self.sidecar)
+        if self._sumdb_upstream is not None:
+            await self._sumdb_upstream.start()
         control = self.sidecar.control
         if self.run_control and control is not None:
             self._control_task = asyncio.create_task(control.run(), name="control-loop")
@@ -194,6 +207,8 @@ class SidecarService:
         if self.sidecar.control is not None:
             await self.sidecar.control.close()
         await _stop(self.sidecar)
+        if self._sumdb_upstream is not None:
+            await self._sumdb_upstream.close()
 
 
 async def _start(sidecar: Sidecar) -> None:

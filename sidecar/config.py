@@ -38,6 +38,9 @@ DEFAULT_STATS_WINDOW_S = 120.0
 DEFAULT_STATS_SLICE_S = 10.0
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 DEFAULT_SEND_TIMEOUT_S = 60.0  # nginx's send_timeout
+# sum.golang.org's published key (cmd/go/internal/modfetch/key.go): the database the
+# go command trusts when GOSUMDB is unset.
+DEFAULT_VERIFY_KEY = "sum.golang.org+033de0ae+Ac4zctda0e5eza+HJyk9SxEdh+s3Ux18htTTAD8OuAn8"
 
 
 class PolicyEngineKind(enum.Enum):
@@ -120,6 +123,44 @@ class StatsConfig:
     slice: float = DEFAULT_STATS_SLICE_S
 
 
+class VerifyMode(enum.Enum):
+    ENFORCE = "enforce"  # a mismatch is never served: the next upstream is tried
+    REPORT = "report"  # a mismatch is served as today, and counted and logged
+    OFF = "off"
+
+
+class WhenUnavailable(enum.Enum):
+    SERVE = "serve"  # the go command checks again; counted and logged
+    REFUSE = "refuse"
+
+
+# Enforce: a checksum mismatch is a wrong answer the go command would refuse
+# anyway (SECURITY ERROR), so serving it only turns one upstream's fault into
+# every client's failed build, and caching it makes that last until a purge.
+DEFAULT_VERIFY_MODE = VerifyMode.ENFORCE
+DEFAULT_WHEN_UNAVAILABLE = WhenUnavailable.SERVE
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyConfig:
+    """Checking .mod and .zip bodies against the checksum database (issue 15).
+
+    ``key`` and ``url`` come from ``verify.key`` / ``verify.url``, else from
+    ``GOSUMDB`` in the environment; ``skip`` holds ``verify.skip`` and
+    ``GONOSUMDB`` (modules matched by ``routing.private``, GOPRIVATE included,
+    are skipped too)."""
+
+    mode: VerifyMode = DEFAULT_VERIFY_MODE
+    key: str = DEFAULT_VERIFY_KEY  # a verifier key <name>+<hash>+<key>
+    url: str | None = None  # None: through the upstreams' sumdb/<name>/ path
+    skip: tuple[str, ...] = ()
+    unavailable: WhenUnavailable = DEFAULT_WHEN_UNAVAILABLE
+
+    @property
+    def name(self) -> str:
+        return self.key.split("+", 1)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class RouteRule:
     match: str
@@ -142,6 +183,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     stats: StatsConfig = StatsConfig()
     routing: RoutingConfig = RoutingConfig()
+    verify: VerifyConfig = VerifyConfig()
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
     send_timeout: float = DEFAULT_SEND_TIMEOUT_S  # a client taking no bytes is dropped
 

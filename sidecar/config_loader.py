@@ -32,6 +32,8 @@ from sidecar.config import (
     DEFAULT_SHUTDOWN_GRACE_S,
     DEFAULT_STATS_SLICE_S,
     DEFAULT_STATS_WINDOW_S,
+    DEFAULT_VERIFY_MODE,
+    DEFAULT_WHEN_UNAVAILABLE,
     AuthConfig,
     BasicAuth,
     CacheConfig,
@@ -45,9 +47,13 @@ from sidecar.config import (
     StatsConfig,
     TimeoutsConfig,
     UpstreamConfig,
+    VerifyConfig,
+    VerifyMode,
+    WhenUnavailable,
 )
-from sidecar.errors import ConfigError, ConfigErrors
+from sidecar.errors import ConfigError, ConfigErrors, SumdbKeyError
 from sidecar.routing import compile_glob
+from sidecar.sumdb.gosumdb import parse_gosumdb
 from sidecar.units import format_duration, parse_duration, parse_size
 
 # --------------------------------------------------------------------------
@@ -115,6 +121,7 @@ _SCHEMA: dict[str, _Node] = {
     },
     "stats": {"window": "duration", "slice": "duration"},
     "routing": {"private": "list", "rules": [_RULE_SCHEMA]},
+    "verify": {"mode": "str", "key": "str", "url": "str", "skip": "list", "unavailable": "str"},
 }
 _CWD_RELATIVE_OVERRIDES = {"policy.paths"}
 
@@ -658,6 +665,7 @@ def _build(
         policy=_policy(root.sub("policy"), base_dir),
         stats=_stats(root.sub("stats")),
         routing=_routing(root.sub("routing"), names, env),
+        verify=_verify(root.sub("verify"), env),
         shutdown_grace=root.get(
             "shutdown_grace", _duration(positive=False), DEFAULT_SHUTDOWN_GRACE_S
         ),
@@ -789,6 +797,39 @@ def _routing(section: _Section, names: Sequence[str], env: Mapping[str, str]) ->
     merged = tuple(dict.fromkeys((*private, *from_env)))
     rules = tuple(_rule(rule, names) for rule in section.items("rules"))
     return RoutingConfig(private=merged, rules=rules)
+
+
+def _verify(section: _Section, env: Mapping[str, str]) -> VerifyConfig:
+    """verify.key (else GOSUMDB, as the go command reads it; ``off`` turns checking
+    off), verify.url, and verify.skip plus GONOSUMDB."""
+    mode = section.get("mode", _choice(VerifyMode), DEFAULT_VERIFY_MODE)
+    url = section.get("url", _http_url, "") or None
+    key_value = section.get("key", _string, "")
+    where, value = ("verify.key", key_value) if key_value else ("GOSUMDB", env.get("GOSUMDB", ""))
+    try:
+        database = parse_gosumdb(value)
+    except SumdbKeyError as exc:
+        section.errors.append(ConfigError(where, str(exc)))
+        database = parse_gosumdb("")
+    if database is None:
+        if where == "verify.key":
+            section.fail("'off' is a mode: set verify.mode: off", "key")
+        mode, database = VerifyMode.OFF, parse_gosumdb("")
+    assert database is not None
+    skip = section.get("skip", _strings, _NO_STRINGS)
+    for i, glob in enumerate(skip):
+        _check_glob(glob, f"{section.key('skip')}[{i}]", section.errors)
+    from_env = [item.strip() for item in env.get("GONOSUMDB", "").split(",")]
+    for i, glob in enumerate(from_env):
+        if glob:
+            _check_glob(glob, f"GONOSUMDB[{i}]", section.errors)
+    return VerifyConfig(
+        mode=mode,
+        key=database.verifier.text,
+        url=url or database.url,
+        skip=tuple(dict.fromkeys((*skip, *(g for g in from_env if g)))),
+        unavailable=section.get("unavailable", _choice(WhenUnavailable), DEFAULT_WHEN_UNAVAILABLE),
+    )
 
 
 def _check_glob(pattern: str, key: str, errors: list[ConfigError]) -> None:

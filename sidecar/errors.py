@@ -8,8 +8,10 @@
     │   ├── UpstreamConnectError   refused, reset, DNS, TLS, proxy errors
     │   ├── UpstreamStatusError    5xx, 429, 401/407 (a failure status), a refused redirect
     │   ├── UpstreamTruncated      body shorter than its Content-Length, or cut by a reset
-    │   └── UpstreamProtocolError  an answer the sidecar does not trust: malformed, over
+    │   ├── UpstreamProtocolError  an answer the sidecar does not trust: malformed, over
     │                              the header limits, an encoding it did not ask for
+    │   ├── UpstreamIntegrityError a .mod or .zip that does not match the checksum database
+    │   └── UpstreamUnverified     a body that could not be checked, refused (verify.unavailable)
     ├── UpstreamBusy           no connection to that upstream in time (admission
     │                          overflow): the sidecar's own load, never a failure
     ├── ListenError            the listen address cannot be bound (in use, not
@@ -93,6 +95,30 @@ class UpstreamTruncated(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     failure = "protocol"
+
+
+class UpstreamIntegrityError(UpstreamError):
+    """The body does not hash to what the checksum database vouches for: a wrong
+    answer of this upstream, never served as 200 and never cached."""
+
+    failure = "integrity"
+
+    def __init__(self, upstream: str, subject: str, kind: str, want: str, got: str) -> None:
+        self.subject = subject  # module@version
+        self.kind = kind  # mod | zip
+        self.want = want
+        self.got = got
+        super().__init__(
+            upstream, f"{subject} .{kind} does not match the checksum database: {got} != {want}"
+        )
+
+
+class UpstreamUnverified(UpstreamError):
+    """The body could not be checked (database unavailable, a body too large to keep)
+    and ``verify.unavailable`` is ``refuse``. No fault of the upstream: it is recorded
+    as an answer, not a failure."""
+
+    failure = "unverified"
 
 
 class UpstreamBusy(SidecarError):

@@ -89,6 +89,23 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.integrity_failures = Counter(
+            f"{p}_integrity_failures",
+            "Bodies (.mod, .zip) an upstream served that do not match the checksum "
+            "database (kind: mod, zip, or zip_unreadable for a zip that cannot be "
+            "hashed). In verify mode enforce none was served or cached; the request "
+            "went on to the next upstream. Any non-zero rate is a wrong upstream.",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.verify_unavailable = Counter(
+            f"{p}_verify_unavailable",
+            "Bodies that could not be checked against the checksum database (lookup "
+            "failed, database answer did not verify, body too large to keep), by "
+            "what was done (verify.unavailable: served or refused).",
+            ["kind", "action"],
+            registry=r,
+        )
         self.invalid_requests = Counter(
             f"{p}_invalid_requests",
             "Requests refused before reaching any upstream "

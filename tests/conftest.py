@@ -16,6 +16,8 @@ from sidecar.config import (
     StatsConfig,
     TimeoutsConfig,
     UpstreamConfig,
+    VerifyConfig,
+    VerifyMode,
 )
 from tests.serving import SidecarTestServer
 from tests.upstream import FakeGoproxy, make_app
@@ -55,6 +57,8 @@ def make_config(urls: list[str], tmp_path: Path, **overrides: Any) -> Config:
         cache=CacheConfig(dir=str(tmp_path / "cache"), enabled=False),
         policy=PolicyConfig(),
         stats=StatsConfig(window=120.0, slice=10.0),
+        # Off unless a test is about it: the fake upstreams serve no checksum database.
+        verify=VerifyConfig(mode=VerifyMode.OFF),
     )
     return dataclasses.replace(config, **overrides)
 

@@ -11,14 +11,14 @@ from typing import BinaryIO, Protocol
 
 from multidict import CIMultiDict
 
-from sidecar.cache.fill import Fill, FillReader
+from sidecar.cache.fill import Fill, FillReader, Gate
 from sidecar.cache.flight import Flight, NotFound, Whole
 from sidecar.cache.index import Entry as CachedEntry
 from sidecar.errors import UpstreamError
 from sidecar.goproxy import GoproxyRequest
 from sidecar.upstreams import UpstreamResponse
 
-__all__ = ["CachedEntry", "FillReader", "Flight", "ModuleCache", "NotFound", "Whole"]
+__all__ = ["CachedEntry", "FillReader", "Flight", "Gate", "ModuleCache", "NotFound", "Whole"]
 
 
 class ModuleCache(Protocol):
@@ -63,11 +63,19 @@ class ModuleCache(Protocol):
         headers: CIMultiDict[str],
         flight: Flight | None,
         on_end: Callable[[UpstreamError | None], None] | None = None,
+        gate: Gate | None = None,
     ) -> FillReader | None:
         """Fetch the body once into the cache and return the caller's reader,
-        or None when this body is not to be cached (the caller relays it)."""
+        or None when this body is not to be cached (the caller relays it).
+        With a ``gate``, readers get no byte before the gate passed the whole body."""
 
-    async def prefetch(self, req: GoproxyRequest, source: UpstreamResponse) -> Fill:
+    async def prefetch(
+        self,
+        req: GoproxyRequest,
+        source: UpstreamResponse,
+        gate: Gate | None = None,
+        on_end: Callable[[UpstreamError | None], None] | None = None,
+    ) -> Fill:
         """Fetch ``source``'s body into the cache with no client reading it."""
 
     def takes_small(self, size: int | None) -> bool:

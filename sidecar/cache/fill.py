@@ -29,6 +29,13 @@ its readers from the file prefix and the ring, holds the ring to
 ``RING_BYTES`` by waiting for the slowest reader (backpressure, as a plain
 proxy would), and accepts no new joiners once a byte they would need is
 gone. A body is committed only if it arrived whole and was never degraded.
+
+A fill with a ``gate`` (a ``.mod`` or ``.zip`` checked against the checksum
+database, ``sidecar.proxy.integrity``) is stored, verified, then served:
+readers get no byte until the whole body is on disk and the gate passed it.
+A body the gate refuses fails the fill like a cut upstream (never served,
+never committed). A gated fill that degrades cannot be checked: the gate
+decides whether its readers are released unchecked or the fill fails.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import os
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from multidict import CIMultiDict
 
@@ -61,6 +68,16 @@ RING_BYTES: Final = 1024 * 1024  # flushed bytes kept in memory for readers that
 READ_BYTES: Final = 32 * 1024
 
 _T = TypeVar("_T")
+
+
+class Gate(Protocol):
+    """What a gated fill's body must pass before any reader gets a byte."""
+
+    async def check(self, path: str) -> None:
+        """Check the complete body at ``path``; raise UpstreamError to refuse it."""
+
+    def unchecked(self, reason: str) -> None:
+        """The body cannot be checked; raise UpstreamError to refuse it."""
 
 
 class FillState(enum.Enum):
@@ -91,6 +108,7 @@ class Fill:
         keep: bool = False,
         on_end: Callable[[UpstreamError | None], None] | None = None,
         on_write_error: Callable[[str, OSError], None] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.req = req
         self.key = req.cache_key
@@ -123,12 +141,18 @@ class Fill:
         self._space: asyncio.Future[None] | None = None
         self._io_busy = 0
         self._ended = False
+        self._gate = gate
 
     # -- readers ---------------------------------------------------------------
 
     @property
     def cacheable(self) -> bool:
         return self._temp is not None
+
+    @property
+    def held(self) -> bool:
+        """Readers wait: the body is not yet whole and checked."""
+        return self._gate is not None and self.state is FillState.RUNNING
 
     @property
     def readers(self) -> int:
@@ -210,6 +234,8 @@ class Fill:
     async def run(self) -> bool:
         """Fetch the whole body. True if it arrived complete and is still bound for the cache."""
         try:
+            if self._gate is not None and self._temp is None:
+                self._ungate("no temp file to keep it in")
             async for chunk in self.source.chunks():
                 # Ring pieces of at most READ_BYTES: each reader holds the piece
                 # it is sending, and 200 readers spread over a 50 MiB body each
@@ -219,6 +245,8 @@ class Fill:
                     await self._take(bytes(chunk[start : start + READ_BYTES]))
             if self._temp is not None and self._pending:
                 await self._flush()
+            if self._gate is not None and self._temp_path is not None:
+                await self._gate.check(self._temp_path)
         except UpstreamError as exc:
             self.source.release(reuse=False)
             self._finish(FillState.FAILED, exc)
@@ -297,6 +325,17 @@ class Fill:
                 "not cached: larger than cache.max_bytes",
                 extra={"key": self.key, "limit": self._limit},
             )
+        if self._gate is not None:
+            why = describe(exc) if exc is not None else "larger than cache.max_bytes"
+            self._ungate(f"not kept whole: {why}")
+
+    def _ungate(self, reason: str) -> None:
+        """A gated body that cannot be checked: the gate refuses it (raises) or
+        its readers get it unchecked, as a plain proxy would serve it."""
+        assert self._gate is not None
+        self._gate.unchecked(reason)
+        self._gate = None
+        self._wake()
 
     async def _make_room(self) -> None:
         """Degraded: hold the ring to its budget by waiting for the slowest reader."""
@@ -379,6 +418,9 @@ class FillReader:
         while True:
             if fill.error is not None:
                 raise fill.error
+            if fill.held:  # stored, verified, then served
+                await fill._changed()
+                continue
             offset = self.offset
             if offset < fill.received:
                 data = fill._chunk_at(offset)

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Final
 
 from multidict import CIMultiDict
 
-from sidecar.cache.fill import Fill, FillReader, TempFile
+from sidecar.cache.fill import Fill, FillReader, Gate, TempFile
 from sidecar.cache.flight import Flight, Flights
 from sidecar.cache.index import Entry, Index, expiry
 from sidecar.cache.layout import (
@@ -298,6 +298,7 @@ class DiskCache:
         headers: CIMultiDict[str],
         flight: Flight | None,
         on_end: Callable[[UpstreamError | None], None] | None = None,
+        gate: Gate | None = None,
     ) -> FillReader | None:
         """Fetch ``source``'s body once into the cache; the caller gets the first reader.
 
@@ -306,7 +307,7 @@ class DiskCache:
         if source.content_length is not None and source.content_length > self.max_bytes:
             return None
         try:
-            fill = await self._new_fill(req, source, headers, on_end, keep=False)
+            fill = await self._new_fill(req, source, headers, on_end, keep=False, gate=gate)
         except BaseException:
             source.release(reuse=False)
             raise
@@ -381,9 +382,15 @@ class DiskCache:
         """Until the small entries cached so far are on disk (tests, ``stop``)."""
         await self._writeback.drained()
 
-    async def prefetch(self, req: GoproxyRequest, source: UpstreamResponse) -> Fill:
-        """Fetch a body into the cache with no client reading it (``warm``)."""
-        fill = await self._new_fill(req, source, CIMultiDict(), None, keep=True)
+    async def prefetch(
+        self,
+        req: GoproxyRequest,
+        source: UpstreamResponse,
+        gate: Gate | None = None,
+        on_end: Callable[[UpstreamError | None], None] | None = None,
+    ) -> Fill:
+        """Fetch a body into the cache with no client reading it (``warm``, HEAD)."""
+        fill = await self._new_fill(req, source, CIMultiDict(), on_end, keep=True, gate=gate)
         self._launch(fill)
         return fill
 
@@ -399,6 +406,7 @@ class DiskCache:
         headers: CIMultiDict[str],
         on_end: Callable[[UpstreamError | None], None] | None,
         keep: bool,
+        gate: Gate | None = None,
     ) -> Fill:
         temp = await self._open_temp(req.cache_key)
         return Fill(
@@ -410,6 +418,7 @@ class DiskCache:
             keep=keep,
             on_end=on_end,
             on_write_error=self._write_error,
+            gate=gate,
         )
 
     async def _open_temp(self, key: str) -> TempFile | None:

@@ -40,6 +40,7 @@ def _smoke_stats(requests: int, admission: bool) -> dict[str, Any]:
         "error_rate": 0.0,
         "not_found_rate": 0.0,
         "masked_failures": 0,
+        "integrity_failures": 0,
         "ttfb_ms": {"p50": 10.0, "p90": 20.0, "p99": 30.0},
         "series": [
             {

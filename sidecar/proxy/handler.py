@@ -38,9 +38,11 @@ from sidecar.errors import (
     UpstreamBusy,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamUnverified,
 )
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
+from sidecar.proxy.integrity import IntegrityChecker, spool
 from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
 from sidecar.proxy.recorder import Recorder
 from sidecar.proxy.stream import CLIENT_GONE, Reply, deliver, is_small, read_small, relay, send_file
@@ -91,6 +93,7 @@ class ProxyHandler:
         cache: ModuleCache | None,
         reject_status: int,
         router: Router,
+        checker: IntegrityChecker | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.plan = plan
@@ -98,6 +101,9 @@ class ProxyHandler:
         self.cache = cache
         self.reject_status = reject_status
         self.router = router
+        # Checks .mod/.zip bodies against the checksum database; set once by the
+        # app (it fetches the database's answers through this handler).
+        self.checker = checker
         self._parse = functools.lru_cache(maxsize=PARSE_MEMO)(parse_request_path)
         self._overflow_logged: dict[str, tuple[float, int]] = {}  # upstream: (last line, since)
         # Decided once: the level is set before the server starts (--log-level).
@@ -348,12 +354,14 @@ class ProxyHandler:
         if flight is not None and cache is not None:
             if is_small(resp.content_length) and cache.takes_small(resp.content_length):
                 return await self._stream(ex, req, resp, attempts, reply, (cache, flight))
+            checker = self._checker_for(req)
             reader = await cache.start_fill(
                 req,
                 resp,
                 response_headers(resp.headers, upstream.name),
                 flight,
                 partial(self._body_end, upstream.name, req.kind, resp.ttfb),
+                checker.gate(req, upstream.name) if checker is not None else None,
             )
             if reader is not None:
                 return await self._deliver(ex, reader, attempts, reply)
@@ -371,9 +379,12 @@ class ProxyHandler:
         """Relay a body without a fill; ``keep``: a small body, read whole, is also
         cached and handed to the flight's joiners."""
         name = resp.upstream.name
+        checker = self._checker_for(req)
         try:
             body = await read_small(resp)
             if body is not None:
+                if checker is not None:
+                    await checker.check(req, name, body)  # before the cache or a client has it
                 headers = response_headers(resp.headers, name)
                 if keep is not None:
                     cache, flight = keep
@@ -381,6 +392,8 @@ class ProxyHandler:
                     flight.settle(Whole(body, headers, name))
                 ex.send(200, headers, body)
                 outcome = "ok"
+            elif checker is not None:
+                outcome = await self._relay_checked(ex, req, resp, checker, reply)
             else:
                 outcome = await relay(ex, resp, reply)
         except UpstreamError as exc:
@@ -394,6 +407,32 @@ class ProxyHandler:
             raise
         self.recorder.attempt(name, req.kind, Outcome.OK, resp.ttfb, "ok")
         return name, outcome
+
+    async def _relay_checked(
+        self,
+        ex: Exchange,
+        req: GoproxyRequest,
+        resp: UpstreamResponse,
+        checker: IntegrityChecker,
+        reply: Reply,
+    ) -> str:
+        """A body relayed without the cache, checked first: spooled to a temp
+        file, checked, then sent from it."""
+        name = resp.upstream.name
+        body, size = await spool(resp)
+        try:
+            await checker.check(req, name, body)
+        except BaseException:
+            body.close()
+            raise
+        reply.answering(name)
+        reply.length = size
+        return await send_file(ex, body, size, dict(response_headers(resp.headers, name)), reply)
+
+    def _checker_for(self, req: GoproxyRequest) -> IntegrityChecker | None:
+        """The checker if ``req``'s body must be checked before it is served."""
+        checker = self.checker
+        return checker if checker is not None and checker.wants(req) else None
 
     async def _head(
         self,
@@ -409,7 +448,9 @@ class ProxyHandler:
         name = resp.upstream.name
         cache = self.cache if use_cache else None
         if cache is not None and req.immutable:
-            await cache.prefetch(req, resp)  # the fill owns resp from here
+            checker = self._checker_for(req)
+            gate = checker.gate(req, name) if checker is not None else None
+            await cache.prefetch(req, resp, gate)  # the fill owns resp from here
         else:
             resp.release(reuse=False)
         self.recorder.attempt(name, req.kind, Outcome.OK, resp.ttfb, "ok")
@@ -445,7 +486,14 @@ class ProxyHandler:
                     raise
                 ex.send(200, fill.headers, body)
                 return fill.upstream, "ok"
-            outcome, failure = await deliver(ex, reader, fill.headers, fill.content_length, reply)
+            try:
+                outcome, failure = await deliver(
+                    ex, reader, fill.headers, fill.content_length, reply
+                )
+            except UpstreamError as exc:  # before any header: the caller may go on
+                if attempts is not None:
+                    self._note_failure(exc, attempts)
+                raise
             if failure is not None and attempts is not None:
                 attempts.cut = failure
             return fill.upstream, outcome
@@ -480,6 +528,10 @@ class ProxyHandler:
     def _record_failure(
         self, name: str, kind: Kind, exc: UpstreamError, ttfb: float | None
     ) -> None:
+        if isinstance(exc, UpstreamUnverified):
+            # The upstream answered; the checksum database could not vouch (logged there).
+            self.recorder.attempt(name, kind, Outcome.OK, ttfb, exc.failure)
+            return
         timeout = isinstance(exc, UpstreamTimeout)
         self.recorder.attempt(
             name, kind, Outcome.TIMEOUT if timeout else Outcome.ERROR, ttfb, exc.failure

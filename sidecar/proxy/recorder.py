@@ -60,6 +60,14 @@ class Recorder:
             window.record_masked()
         self._child(self.metrics.masked_failures, upstream).inc()
 
+    def integrity(self, upstream: str, kind: str) -> None:
+        """A body of ``upstream`` did not match the checksum database (the failed
+        attempt is recorded apart, by ``attempt``)."""
+        window = self.windows.get(upstream)
+        if window is not None:
+            window.record_integrity()
+        self._child(self.metrics.integrity_failures, upstream, kind).inc()
+
     def overflowed(self, upstream: str) -> None:
         """A request found no connection to ``upstream`` in time: admission, not health."""
         window = self.windows.get(upstream)

@@ -103,14 +103,19 @@ async def deliver(
     content_length: int | None,
     reply: Reply,
 ) -> tuple[str, UpstreamError | None]:
-    """Stream a fill to one client as its bytes arrive: (outcome, failure)."""
+    """Stream a fill to one client as its bytes arrive: (outcome, failure).
+
+    Raises UpstreamError when the fill fails before its first byte (a body its
+    gate refused, sidecar.cache.fill): no header is sent, the caller may go on."""
     reply.answering(reader.fill.upstream)
-    reply.length = content_length
+    chunk = await reader.next_chunk()
+    reply.length = content_length  # from the headers on: an empty body is whole once they are
     try:
         await ex.start(200, headers, content_length)
-        while (chunk := await reader.next_chunk()) is not None:
+        while chunk is not None:
             reply.sent += len(chunk)
             await ex.write(chunk)
+            chunk = await reader.next_chunk()
         reply.whole = True
         await ex.end()
     except CLIENT_GONE:

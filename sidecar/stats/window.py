@@ -55,6 +55,7 @@ class _Slice:
 
     __slots__ = (
         "errors",
+        "integrity",
         "masked",
         "not_found",
         "overflows",
@@ -76,6 +77,7 @@ class _Slice:
         self.not_found = 0
         self.timeouts = 0
         self.masked = 0
+        self.integrity = 0
         self.overflows = 0
         self.saturation = 0.0
         self.ttfb.reset()
@@ -124,6 +126,8 @@ class WindowSnapshot:
     queue_wait_p99_ms: float
     overflows: int
     series: tuple[SliceSnapshot, ...]
+    # Bodies that did not match the checksum database (already counted in errors).
+    integrity_failures: int = 0
 
     def as_policy_input(self, admission: bool) -> dict[str, Any]:
         """This upstream's stats in the policy input shape of the README.
@@ -145,6 +149,7 @@ class WindowSnapshot:
             "error_rate": _ratio(self.error_rate),
             "not_found_rate": _ratio(self.not_found_rate),
             "masked_failures": self.masked_failures,
+            "integrity_failures": self.integrity_failures,
             "ttfb_ms": {
                 "p50": _ms(self.ttfb_p50_ms),
                 "p90": _ms(self.ttfb_p90_ms),
@@ -283,6 +288,17 @@ class UpstreamWindow:
             self._advance(now)
         self._current.masked += 1
 
+    def record_integrity(self) -> None:
+        """Count a body of this upstream that did not match the checksum database.
+
+        The failed attempt itself was already recorded as ERROR; this only adds
+        to ``integrity_failures``.
+        """
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        self._current.integrity += 1
+
     def record_queue_wait(self, seconds: float) -> None:
         """How long one request waited for a pooled connection (0 if it did not).
 
@@ -317,7 +333,7 @@ class UpstreamWindow:
             self._advance(now)
         live = min(self._epoch + 1, self._n)
         newest_first = [self._slices[(self._epoch - age) % self._n] for age in range(live)]
-        requests = errors = not_found = timeouts = masked = overflows = 0
+        requests = errors = not_found = timeouts = masked = overflows = integrity = 0
         merged = self._scratch
         merged.reset()
         queued = self._queue_scratch
@@ -329,6 +345,7 @@ class UpstreamWindow:
             not_found += s.not_found
             timeouts += s.timeouts
             masked += s.masked
+            integrity += s.integrity
             overflows += s.overflows
             s.ttfb.merge_into(merged)
             s.queue.merge_into(queued)
@@ -363,6 +380,7 @@ class UpstreamWindow:
             queue_wait_p99_ms=q99,
             overflows=overflows,
             series=tuple(series),
+            integrity_failures=integrity,
         )
 
     def _advance(self, now: float) -> None:

@@ -105,6 +105,18 @@ def test_masked_failures_do_not_count_as_requests(window: UpstreamWindow) -> Non
     assert snap.errors == 0
 
 
+def test_integrity_failures_are_counted_apart_and_expire(
+    window: UpstreamWindow, clock: FakeClock
+) -> None:
+    window.record(Outcome.ERROR, 0.005)  # the failed attempt, recorded as any failure
+    window.record_integrity()
+    snap = window.snapshot()
+    assert (snap.requests, snap.errors, snap.integrity_failures) == (1, 1, 1)
+    assert snap.as_policy_input(admission=False)["integrity_failures"] == 1
+    clock.advance(WINDOW_S)
+    assert window.snapshot().integrity_failures == 0
+
+
 def test_masked_failures_expire_with_their_slice(window: UpstreamWindow, clock: FakeClock) -> None:
     window.record_masked()
     clock.advance(WINDOW_S)
@@ -302,6 +314,7 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
         "error_rate",
         "not_found_rate",
         "masked_failures",
+        "integrity_failures",
         "ttfb_ms",
         "series",
     }

@@ -1,0 +1,255 @@
+"""What upstreams serve, judged by the checksum database (issue 15).
+
+A ``.mod`` or ``.zip`` of a public module is hashed (``h1:``, as go.sum has
+it) and compared with the record the checksum database vouches for
+(``sidecar.sumdb.lookup``: signed tree head, record proven in the tree). The
+caller holds the bytes until the check is done: a mismatch raises
+UpstreamIntegrityError, which the request path treats as a failure of that
+upstream (never served as 200, never cached, the next upstream is tried).
+
+Modules matched by ``verify.skip``, ``GONOSUMDB`` or ``routing.private``
+(GOPRIVATE included) are neither checked nor looked up: their paths never
+leave the host. When the database cannot vouch either way (unreachable, an
+answer that does not verify), ``verify.unavailable`` decides: serve (the go
+command checks again) or refuse; either is counted and logged.
+
+Hashing a zip runs in a worker thread, concurrently with the lookup; the
+lookup's own CPU (a few ms of tile hashing, once per module version) stays
+on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import tempfile
+from collections.abc import Awaitable
+from typing import IO, BinaryIO, Final
+
+from sidecar.config import Config, VerifyMode, WhenUnavailable
+from sidecar.errors import (
+    RequestError,
+    SumdbError,
+    SumdbVerifyError,
+    UpstreamIntegrityError,
+    UpstreamProtocolError,
+    UpstreamUnverified,
+    ZipHashError,
+)
+from sidecar.goproxy import GoproxyRequest, Kind
+from sidecar.proxy.recorder import Recorder
+from sidecar.routing import Glob, compile_glob
+from sidecar.sumdb.dirhash import hash_gomod, hash_zip
+from sidecar.sumdb.lookup import Fetch, ModuleHashes, SumdbVerifier
+from sidecar.sumdb.note import parse_verifier_key
+from sidecar.upstreams import UpstreamResponse
+
+log = logging.getLogger("sidecar.integrity")
+
+CHECKED_KINDS: Final = frozenset({Kind.MOD, Kind.ZIP})
+SKIP_MEMO: Final = 4096  # module paths whose skip decision is kept (bounded)
+# A relayed body is spooled to a temp file before it is checked; the go command
+# refuses a module zip larger than this (x/mod zip.MaxZipFile).
+SPOOL_MAX: Final = 500 << 20
+SPOOL_BATCH: Final = 1 << 20  # bytes written per worker-thread hop
+
+ZipSource = str | bytes | IO[bytes]  # a file path, a small zip's bytes, an open file
+
+
+class IntegrityChecker:
+    """Checks bodies of one sidecar against its configured checksum database."""
+
+    def __init__(self, config: Config, recorder: Recorder, fetch: Fetch) -> None:
+        verify = config.verify
+        self.mode = verify.mode
+        self.name = verify.name
+        self._refuse = verify.unavailable is WhenUnavailable.REFUSE
+        self._recorder = recorder
+        self._verifier = SumdbVerifier(parse_verifier_key(verify.key), fetch)
+        skip = [compile_glob(p, f"verify.skip[{i}]") for i, p in enumerate(verify.skip)]
+        private = [
+            compile_glob(p, f"routing.private[{i}]") for i, p in enumerate(config.routing.private)
+        ]
+        self._skip: tuple[Glob, ...] = (*skip, *private)
+        self._skip_memo: dict[str, bool] = {}
+
+    def wants(self, req: GoproxyRequest) -> bool:
+        """True if ``req``'s body must be checked before it is served."""
+        if self.mode is VerifyMode.OFF or req.kind not in CHECKED_KINDS:
+            return False
+        skipped = self._skip_memo.get(req.module)
+        if skipped is None:
+            if len(self._skip_memo) >= SKIP_MEMO:
+                self._skip_memo.clear()
+            skipped = self._skip_memo[req.module] = any(g.matches(req.module) for g in self._skip)
+        return not skipped
+
+    async def check_mod(self, req: GoproxyRequest, upstream: str, body: bytes) -> None:
+        """Raise UpstreamIntegrityError (enforce) if ``body`` is not the vouched go.mod."""
+        await self._check(req, upstream, _done(hash_gomod(body)))
+
+    async def check_zip(self, req: GoproxyRequest, upstream: str, source: ZipSource) -> None:
+        """Raise UpstreamIntegrityError (enforce) if the zip at ``source`` is not the
+        vouched one. ``source`` is complete and no longer written to."""
+        await self._check(req, upstream, asyncio.to_thread(_hash_zip, source))
+
+    async def check(self, req: GoproxyRequest, upstream: str, source: ZipSource) -> None:
+        """``check_mod`` or ``check_zip`` by the request's kind."""
+        if req.kind is Kind.ZIP:
+            await self.check_zip(req, upstream, source)
+        elif isinstance(source, bytes):
+            await self.check_mod(req, upstream, source)
+        else:
+            await self.check_mod(req, upstream, await asyncio.to_thread(_read, source))
+
+    def gate(self, req: GoproxyRequest, upstream: str) -> BodyGate:
+        """The gate a cache fill of ``req``'s body passes (``sidecar.cache.fill.Gate``)."""
+        return BodyGate(self, req, upstream)
+
+    async def lookup(self, module: str, version: str) -> ModuleHashes:
+        """The verified record of module@version (raises SumdbError, RequestError)."""
+        return await self._verifier.lookup(module, version)
+
+    async def _check(self, req: GoproxyRequest, upstream: str, hashing: Awaitable[str]) -> None:
+        kind = req.kind.value
+        subject = f"{req.module}@{req.version}"
+        hashed = asyncio.ensure_future(hashing)  # the zip hashes while the lookup runs
+        try:
+            hashes = await self._verifier.lookup(req.module, req.version or "")
+        except (SumdbError, RequestError) as exc:
+            await _settle(hashed)
+            self._unavailable(subject, kind, upstream, exc)
+            return
+        except BaseException:
+            await _settle(hashed)
+            raise
+        want = hashes.zip if req.kind is Kind.ZIP else hashes.gomod
+        got = await hashed
+        if want is None or got == want:
+            return  # no h1: line: the go command accepts whatever it downloaded
+        label = "zip_unreadable" if got.startswith("unreadable") else kind
+        self._recorder.integrity(upstream, label)
+        log.error(
+            "checksum mismatch",
+            extra={
+                "upstream": upstream,
+                "artifact": subject,
+                "kind": kind,
+                "want": want,
+                "got": got,
+                "served": self.mode is VerifyMode.REPORT,
+            },
+        )
+        if self.mode is VerifyMode.ENFORCE:
+            raise UpstreamIntegrityError(upstream, subject, kind, want, got)
+
+    def unchecked(self, req: GoproxyRequest, upstream: str, reason: str) -> None:
+        """The body cannot be checked at all (not kept whole): as if unavailable."""
+        self._unavailable(f"{req.module}@{req.version}", req.kind.value, upstream, reason)
+
+    def _unavailable(
+        self, subject: str, kind: str, upstream: str, why: SumdbError | RequestError | str
+    ) -> None:
+        action = "refused" if self._refuse else "served"
+        self._recorder.counter(self._recorder.metrics.verify_unavailable, kind, action)()
+        log.warning(
+            "checksum database cannot vouch",
+            extra={
+                "artifact": subject,
+                "kind": kind,
+                "upstream": upstream,
+                "sumdb": self.name,
+                "hostile": isinstance(why, SumdbVerifyError),
+                "error": str(why),
+                "action": action,
+            },
+        )
+        if self._refuse:
+            raise UpstreamUnverified(
+                upstream, f"{subject} .{kind} not served: {self.name} cannot vouch for it: {why}"
+            )
+
+
+class BodyGate:
+    """One fill's gate: the body of ``req`` from ``upstream``."""
+
+    __slots__ = ("_checker", "_req", "_upstream")
+
+    def __init__(self, checker: IntegrityChecker, req: GoproxyRequest, upstream: str) -> None:
+        self._checker, self._req, self._upstream = checker, req, upstream
+
+    async def check(self, path: str) -> None:
+        await self._checker.check(self._req, self._upstream, path)
+
+    def unchecked(self, reason: str) -> None:
+        self._checker.unchecked(self._req, self._upstream, reason)
+
+
+async def spool(resp: UpstreamResponse) -> tuple[BinaryIO, int]:
+    """The whole body in an anonymous temp file (rewound) and its size, so that a
+    body relayed without the cache is checked before any byte is sent.
+    Raises UpstreamError as ``resp.chunks`` does; releases ``resp``."""
+    out = await asyncio.to_thread(tempfile.TemporaryFile)
+    size, pending, batch = 0, [], 0
+    try:
+        async for chunk in resp.chunks():
+            pending.append(bytes(chunk))
+            size, batch = size + len(chunk), batch + len(chunk)
+            if size > SPOOL_MAX:
+                raise UpstreamProtocolError(resp.upstream.name, "body larger than a module zip")
+            if batch >= SPOOL_BATCH:
+                await asyncio.to_thread(out.writelines, pending)
+                pending, batch = [], 0
+        await asyncio.to_thread(_finish_spool, out, pending)
+    except BaseException:
+        resp.release(reuse=False)
+        out.close()
+        raise
+    resp.release()
+    return out, size
+
+
+def _finish_spool(out: BinaryIO, pending: list[bytes]) -> None:
+    out.writelines(pending)
+    out.flush()
+    out.seek(0)
+
+
+def _done(value: str) -> Awaitable[str]:
+    fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+async def _settle(fut: asyncio.Future[str]) -> None:
+    """Wait for a hash nobody needs any more: its thread must not outlive the file."""
+    try:
+        await asyncio.shield(fut)
+    except Exception:  # a hash of a body that is not served: its result is moot
+        return
+
+
+def _hash_zip(source: ZipSource) -> str:
+    """Worker thread: the zip's h1, or a marker that never equals one."""
+    try:
+        if isinstance(source, bytes):
+            return hash_zip(io.BytesIO(source))
+        if isinstance(source, str):
+            return hash_zip(source)
+        try:
+            return hash_zip(source)
+        finally:
+            source.seek(0)  # the caller sends it next
+    except (ZipHashError, OSError) as exc:
+        return f"unreadable zip: {exc}"
+
+
+def _read(source: str | IO[bytes]) -> bytes:
+    if not isinstance(source, str):
+        try:
+            return source.read()
+        finally:
+            source.seek(0)
+    with open(source, "rb") as f:
+        return f.read()
