@@ -92,16 +92,19 @@ def build_sidecar(
         return UpstreamWindow(config.stats.window, config.stats.slice, clock)
 
     windows = {name: window() for name in upstreams}
+    sumdb_windows = {name: window() for name in upstreams}
     for name, up in upstreams.items():
         up.admission.on_wait = queue_wait_sink(
             windows[name], metrics.upstream_queue_wait.labels(name)
         )
+        up.inflight = windows[name].inflight
+        up.sumdb_inflight = sumdb_windows[name].inflight
     sidecar = Sidecar(
         config,
         metrics,
         upstreams,
         windows,
-        sumdb_windows={name: window() for name in upstreams},
+        sumdb_windows=sumdb_windows,
         router=Router(config),
     )
     if config.cache.enabled:

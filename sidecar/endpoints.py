@@ -65,7 +65,11 @@ def not_ready(sidecar: Sidecar) -> str:
 
 def breakers_view(sidecar: Sidecar) -> dict[str, Any]:
     """Keyed by upstream: its module-traffic breaker, with its checksum-traffic
-    breaker nested under ``sumdb`` in the same shape."""
+    breaker nested under ``sumdb`` in the same shape.
+
+    ``stats`` is the policy input the last decision saw, without the breaker's
+    own ``state`` and ``state_age_s``: those are shown once, live, beside it
+    (the input's were as old as ``decided_at``, and two ages confused)."""
     control = sidecar.control
     seen = control.last_input.get("upstreams", {}) if control else {}
     decided_at = control.decided_at if control else None
@@ -73,13 +77,23 @@ def breakers_view(sidecar: Sidecar) -> dict[str, Any]:
     for name, breaker in sidecar.breakers.items():
         stats = seen.get(name)
         view = _breaker_view(sidecar, name, breaker, TrafficClass.MODULE)
-        view["stats"] = {k: v for k, v in stats.items() if k != "sumdb"} if stats else None
+        view["stats"] = _seen(stats)
         view["decided_at"] = decided_at
         sumdb = _breaker_view(sidecar, name, sidecar.sumdb_breakers[name], TrafficClass.SUMDB)
-        sumdb["stats"] = stats.get("sumdb") if stats else None
+        sumdb["stats"] = _seen(stats.get("sumdb") if stats else None)
         view["sumdb"] = sumdb
         out[name] = view
     return out
+
+
+_BREAKER_OWN = frozenset({"sumdb", "state", "state_age_s"})
+
+
+def _seen(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The statistics of one policy input entry (nested classes and breaker fields apart)."""
+    if not stats:
+        return None
+    return {k: v for k, v in stats.items() if k not in _BREAKER_OWN}
 
 
 def _breaker_view(

@@ -29,6 +29,15 @@ queueing(n, wait, ttfb) := [object.union(slice(i * 10, ttfb), {
 
 idle(age) := object.union(slice(age, 0), {"requests": 0})
 
+# n slices, newest first: `masked` of each slice's 50 requests were 404s a later upstream served.
+masking(n, masked) := [object.union(slice(i * 10, 100), {"masked_failures": masked}) | some i in numbers.range(0, n - 1)]
+
+# A hung upstream: nothing ended in the slices, the requests still waiting make them slow.
+hung_slice(age, waited) := object.union(idle(age), {"p99_ms": waited})
+
+# Requests waiting now: `silent` ms without any answer, `asked` requests asked meanwhile.
+waiting(n, silent, asked) := {"count": n, "oldest_ms": silent, "silent_ms": silent, "unanswered": asked}
+
 upstream(overrides) := object.union(healthy, overrides)
 
 healthy := {
@@ -154,7 +163,72 @@ cases := {
 		"cache", false,
 	],
 	"backup upstream, slow": [upstream({"role": "backup", "series": series(12, 912)}), "reroute", false],
+	# latency counts the requests still waiting: a slice without an ended request can be slow
+	"slow slices where nothing ended (hung for 2 minutes)": [
+		upstream({"series": [hung_slice(i * 10, 9000) | some i in numbers.range(0, 11)]}),
+		"reroute", false,
+	],
+	"current slice slow from waits alone, one older slice fast": [
+		upstream({"series": array.concat([hung_slice(0, 5000)], array.concat(
+			array.slice(series(12, 912), 1, 11),
+			[slice(110, 500)],
+		))}),
+		"allow", false,
+	],
+	"current slice idle with short waits, older slices slow": [
+		upstream({"series": array.concat([hung_slice(0, 20)], array.slice(series(12, 912), 1, 12))}),
+		"reroute", false,
+	],
+	# consecutive failures: a sequence, judged at any volume and without a span
+	"5 failures in a row, 5 requests in the window": [
+		upstream({"requests": 5, "errors": 5, "error_rate": 1, "consecutive_failures": 5, "series": [object.union(idle(0), {"requests": 5, "error_rate": 1})]}),
+		"cache", false,
+	],
+	"4 failures in a row": [upstream({"consecutive_failures": 4}), "allow", false],
+	"many failures, none in a row": [
+		upstream({"requests": 10, "errors": 5, "error_rate": 0.5, "consecutive_failures": 0, "series": [slice(0, 100)]}),
+		"allow", false,
+	],
+	# stalled: asked and silent
+	"hung: 3 waiting, no answer for 3.5 s": [upstream({"inflight": waiting(3, 3500, 3)}), "reroute", false],
+	"hung: hedged requests, 1 waiting, 6 asked in 4 s of silence": [
+		upstream({"inflight": {"count": 1, "oldest_ms": 300, "silent_ms": 4000, "unanswered": 6}}),
+		"reroute", false,
+	],
+	"silent exactly stall_ms": [upstream({"inflight": waiting(3, 3000, 3)}), "allow", false],
+	"one slow request alone": [upstream({"inflight": waiting(1, 9000, 1)}), "allow", false],
+	"requests waiting, answers flowing": [
+		upstream({"inflight": {"count": 4, "oldest_ms": 5000, "silent_ms": 20, "unanswered": 3}}),
+		"allow", false,
+	],
+	# masked failures: module requests, a rate held over min_span_s, a minimum count
+	"masking everything": [
+		upstream({"masked_failures": 100, "requests": 100, "not_found": 100, "series": masking(2, 50)}),
+		"reroute", false,
+	],
+	"masking in one slice only": [
+		upstream({"masked_failures": 60, "requests": 100, "series": array.concat(masking(1, 50), array.slice(series(12, 100), 1, 12))}),
+		"allow", false,
+	],
+	"masking, too few": [
+		upstream({"masked_failures": 9, "requests": 9, "series": [object.union(s, {"requests": 4.5}) | some s in masking(2, 4.5)]}),
+		"allow", false,
+	],
+	"masking exactly half": [upstream({"masked_failures": 50, "requests": 100, "series": masking(2, 25)}), "allow", false],
+	"masked failures, no requests in the window": [upstream({"masked_failures": 12, "requests": 0, "series": masking(2, 50)}), "allow", false],
 	"no series, no pool, no requests": [{"role": "primary"}, "allow", false],
+	# integrity: one body that failed the checksum database reroutes and alerts
+	"one integrity failure": [upstream({"integrity_failures": 1}), "reroute", true],
+	"integrity failures, no requests otherwise": [{"role": "primary", "integrity_failures": 2}, "reroute", true],
+	"integrity before queueing and errors": [
+		upstream({"integrity_failures": 1, "consecutive_failures": 9}),
+		"reroute", true,
+	],
+	# several rules at once
+	"hung, then timeouts in a row": [
+		upstream({"inflight": waiting(3, 16000, 8), "consecutive_failures": 5}),
+		"cache", false,
+	],
 }
 
 test_table if {
@@ -205,6 +279,30 @@ test_sumdb_never_rejects if {
 	d.sumdb.reason == "ttfb p99 1500ms > 800ms for 120s"
 }
 
+test_sumdb_failures_in_a_row_trip_checksum_traffic_only if {
+	sumdb := object.union(sumdb_failing, {"requests": 6, "error_rate": 1, "consecutive_failures": 6, "series": [object.union(idle(0), {"requests": 6, "error_rate": 1})]})
+	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
+	d.action == "allow"
+	d.sumdb.action == "cache"
+	d.sumdb.reason == "6 failures in a row (>= 5)"
+}
+
+test_hung_sumdb_endpoint_is_rerouted_apart if {
+	sumdb := object.union(sumdb_failing, {"error_rate": 0, "series": series(12, 5), "inflight": waiting(2, 4000, 2)})
+	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
+	d.action == "allow"
+	d.sumdb.action == "reroute"
+	startswith(d.sumdb.reason, "stalled: ")
+}
+
+# Masked failures count module requests only: a sumdb input with figures that
+# would mask is still not judged on them.
+test_sumdb_is_never_judged_on_masked_failures if {
+	sumdb := object.union(sumdb_failing, {"error_rate": 0, "masked_failures": 145, "series": masking(12, 50)})
+	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
+	d.sumdb.action == "allow"
+}
+
 test_no_sumdb_in_the_input_no_sumdb_decision if {
 	d := breaker.decisions.u with input as {"upstreams": {"u": healthy}}
 	not d.sumdb
@@ -244,6 +342,41 @@ test_float_counts if {
 	full := upstream({"requests": 812.0, "error_rate": 0.2, "series": [object.union(s, {"error_rate": 0.2}) | some s in floats]})
 	d := breaker.decisions.u with input as {"upstreams": {"u": full}}
 	d.reason == "queueing: wait p99 900ms > 250ms with ttfb p99 1300ms > 800ms for 20s, 6 overflows; also error rate 20.0% > 5.0% over 812 requests, for 20s"
+}
+
+test_reasons_of_the_sequence_rules if {
+	decisions := breaker.decisions with input as {"upstreams": {
+		"dead": upstream({"consecutive_failures": 7}),
+		"hung": upstream({"inflight": {"count": 3, "oldest_ms": 4210.4, "silent_ms": 4210.4, "unanswered": 5}}),
+		"masking": upstream({"masked_failures": 87.0, "requests": 100.0, "series": masking(2, 44)}),
+		"all": upstream({"consecutive_failures": 5, "inflight": waiting(2, 3001, 2), "masked_failures": 100, "requests": 100, "series": masking(12, 50)}),
+	}}
+	decisions.dead.reason == "7 failures in a row (>= 5)"
+	decisions.hung.reason == "stalled: no answer for 4210ms (> 3000ms), 5 requests asked, 3 waiting"
+	decisions.masking.reason == "masked failures: 87.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
+	decisions.all.action == "cache"
+	decisions.all.reason == "5 failures in a row (>= 5); also stalled: no answer for 3001ms (> 3000ms), 2 requests asked, 2 waiting; also masked failures: 100.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
+}
+
+test_allow_reason_names_waits_and_runs if {
+	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"consecutive_failures": 2, "inflight": waiting(1, 412.3, 1)})}}
+	d.action == "allow"
+	d.reason == "ok: ttfb p99 790ms, error rate 0.4% over 812 requests, queue wait p99 2ms, 0 overflows, 2 failures in a row, 1 waiting (oldest 412ms)"
+}
+
+test_sequence_thresholds_come_from_data if {
+	decisions := breaker.decisions with input as {"upstreams": {
+		"dead": upstream({"consecutive_failures": 2}),
+		"hung": upstream({"inflight": waiting(1, 1500, 1)}),
+		"masking": upstream({"masked_failures": 3, "requests": 100, "series": masking(2, 2)}),
+	}}
+		with data.sidecar.config.thresholds as {
+			"consecutive_failures": 2, "stall_ms": 1000, "stall_requests": 1,
+			"masked_failure_rate": 0.02, "min_masked_failures": 3,
+		}
+	decisions.dead.action == "cache"
+	decisions.hung.action == "reroute"
+	decisions.masking.action == "reroute"
 }
 
 test_allow_reason if {
@@ -294,6 +427,8 @@ test_shipped_thresholds if {
 	breaker.thresholds == {
 		"ttfb_p99_ms": 800, "ttfb_p99_for_s": 120, "error_rate": 0.05, "min_requests": 20,
 		"queue_wait_p99_ms": 250, "queue_for_s": 20, "min_span_s": 10,
+		"consecutive_failures": 5, "stall_ms": 3000, "stall_requests": 2,
+		"masked_failure_rate": 0.5, "min_masked_failures": 10,
 	}
 	breaker.thresholds == breaker.default_thresholds
 	data.sidecar.config.breaker == {"cooldown_s": 30, "probes": 5}

@@ -69,6 +69,9 @@ class _Closed(_StateBehaviour):
 
     def apply(self, decision: Decision) -> Transition | None:
         if decision.action is Action.ALLOW:
+            # A closed breaker shows why the policy lets traffic through
+            # ("ok: ... (< 20: no verdict on rates)"), not an empty reason.
+            self._breaker._reason = decision.reason
             return None
         return self._breaker._move(State.OPEN, decision.action, decision.reason, decision.alert)
 
@@ -225,7 +228,8 @@ class Breaker:
     def apply(self, decision: Decision, cooldown_s: float, probes: int) -> Transition | None:
         """Feed one policy decision; ``cooldown_s``/``probes`` are kept for later.
 
-        CLOSED: a non-allow decision trips to OPEN. OPEN: a non-allow decision
+        CLOSED: a non-allow decision trips to OPEN; an allow one replaces the
+        reason (the policy's explanation). OPEN: a non-allow decision
         refreshes action, reason and alert. HALF_OPEN: ignored (probes decide).
         A new ``probes`` applies from the next half-open period on.
         """

@@ -14,6 +14,18 @@ connection (``record_queue_wait``) and how many could not get one in time
 (``record_overflow``). Queueing is admission, not sickness by itself; the
 policy decides what it means together with the upstream's TTFB.
 
+Requests still waiting for headers are slow now, not only when they end: the
+window owns the upstream's ``InFlight`` registry (``inflight``), and
+
+- a request that times out enters the TTFB statistics with its whole wait,
+  no less than its timeout (a censored sample: its true TTFB is longer);
+- a request still waiting when a slice ends counts in that slice with its
+  wait so far, and the requests waiting now count in the current slice and
+  the window totals of a snapshot, so a slice of a hung upstream is slow
+  although nothing in it ended;
+- ``consecutive_failures`` counts failures in a row (Envoy's
+  ``consecutive_5xx``): a sequence needs no volume.
+
 Time comes from an injectable clock (``time.monotonic`` by default) so tests
 advance a fake clock instead of sleeping. Not thread-safe: use one window from
 one thread (the event loop).
@@ -28,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.stats.histogram import Histogram
+from sidecar.stats.inflight import InFlight, InFlightSnapshot
 
 Clock = Callable[[], float]
 
@@ -96,6 +109,7 @@ class SliceSnapshot:
     queue_wait_p50_ms: float
     queue_wait_p99_ms: float
     overflows: int
+    masked_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +118,11 @@ class WindowSnapshot:
 
     ``errors`` counts every failure, timeouts included; ``timeouts`` is the
     subset. ``masked_failures`` are 404s that a later upstream answered with
-    200. TTFB quantiles cover OK, NOT_FOUND and ERROR records that carried a
-    TTFB; they are 0.0 when there is none. Queue-wait quantiles cover every
+    200. TTFB quantiles cover every record that carried a TTFB, the wait of
+    every request that timed out before its headers, and the waits of the
+    requests in flight (see the module docstring); they are 0.0 when there
+    is none. ``consecutive_failures``: failures since the last answer that
+    was not one (OK or NOT_FOUND). Queue-wait quantiles cover every
     wait recorded (0.0 when none); ``overflows`` counts requests that got no
     connection in time. ``series`` is newest first and only as long as the
     time elapsed since the window (re)started.
@@ -125,6 +142,8 @@ class WindowSnapshot:
     queue_wait_p50_ms: float
     queue_wait_p99_ms: float
     overflows: int
+    consecutive_failures: int
+    inflight: InFlightSnapshot
     series: tuple[SliceSnapshot, ...]
     # Bodies that did not match the checksum database (already counted in errors).
     integrity_failures: int = 0
@@ -135,8 +154,9 @@ class WindowSnapshot:
         The caller adds ``role``, ``state``, ``state_age_s`` and ``pool``
         (whose ``overflows`` and ``queue_wait_ms`` come from ``pool_input``).
         ``admission``: the series slices also carry the pool's figures
-        (saturation, queue waits, overflows). They are recorded once per
-        upstream, in its module-traffic window; the checksum-traffic window
+        (saturation, queue waits, overflows) and the slice's masked failures.
+        They are recorded once per upstream, in its module-traffic window
+        (masked failures count module kinds only); the checksum-traffic window
         leaves them out (they would be zeros, and every key costs the policy
         engine time: it parses the whole input at every tick).
         """
@@ -155,6 +175,8 @@ class WindowSnapshot:
                 "p90": _ms(self.ttfb_p90_ms),
                 "p99": _ms(self.ttfb_p99_ms),
             },
+            "consecutive_failures": self.consecutive_failures,
+            "inflight": self.inflight.as_policy_input(),
             "series": [_slice_input(s, admission) for s in self.series],
         }
 
@@ -180,6 +202,7 @@ def _slice_input(s: SliceSnapshot, admission: bool) -> dict[str, Any]:
         doc["saturation"] = _ratio(s.saturation)
         doc["queue_wait_ms"] = {"p50": _ms(s.queue_wait_p50_ms), "p99": _ms(s.queue_wait_p99_ms)}
         doc["overflows"] = s.overflows
+        doc["masked_failures"] = s.masked_failures  # module kinds only, like the pool's
     return doc
 
 
@@ -206,8 +229,10 @@ class UpstreamWindow:
 
     __slots__ = (
         "_clock",
+        "_consecutive",
         "_current",
         "_epoch",
+        "_inflight",
         "_n",
         "_next_edge",
         "_origin",
@@ -215,6 +240,7 @@ class UpstreamWindow:
         "_scratch",
         "_slice_s",
         "_slices",
+        "_waiting_scratch",
         "_window_s",
     )
 
@@ -226,11 +252,19 @@ class UpstreamWindow:
         self._slices = [_Slice() for _ in range(self._n)]
         self._scratch = Histogram()  # reused by snapshot() to merge the slices
         self._queue_scratch = Histogram()
+        self._waiting_scratch = Histogram()  # the current slice plus the requests waiting
+        self._inflight = InFlight(clock, self._record_timed_out)
+        self._consecutive = 0
         self._origin = 0.0
         self._epoch = 0
         self._current = self._slices[0]
         self._next_edge = 0.0
         self.reset()
+
+    @property
+    def inflight(self) -> InFlight:
+        """The requests waiting for headers: ``begin`` / ``end`` around each wait."""
+        return self._inflight
 
     @property
     def window_s(self) -> float:
@@ -245,9 +279,15 @@ class UpstreamWindow:
         return self._n
 
     def reset(self) -> None:
-        """Start an empty window now (called on every breaker transition)."""
+        """Start an empty window now (called on every breaker transition).
+
+        Requests in flight stay registered (they still wait); their silence
+        and the run of consecutive failures start again, like every figure.
+        """
         for s in self._slices:
             s.clear()
+        self._consecutive = 0
+        self._inflight.restart_silence()
         self._origin = self._clock()
         self._epoch = 0
         self._current = self._slices[0]
@@ -257,7 +297,9 @@ class UpstreamWindow:
         """Count one request. ``ttfb_s`` is time to response headers, if any.
 
         Hot path (once per upstream request): one clock read, a few counters.
-        A TIMEOUT's TTFB is ignored: it measures the timeout, not the upstream.
+        A TIMEOUT before headers comes without a TTFB: its wait was recorded
+        when it ended (``InFlight`` calls ``_record_timed_out``). One after
+        headers (an idle timeout in the body) carries its real TTFB.
         """
         now = self._clock()
         if now >= self._next_edge:
@@ -265,17 +307,26 @@ class UpstreamWindow:
         s = self._current
         s.requests += 1
         if outcome is _OK:
-            pass
+            self._consecutive = 0
         elif outcome is _NOT_FOUND:
             s.not_found += 1
-        elif outcome is _TIMEOUT:
-            s.errors += 1
-            s.timeouts += 1
-            return
+            self._consecutive = 0
         else:
             s.errors += 1
+            self._consecutive += 1
+            if outcome is _TIMEOUT:
+                s.timeouts += 1
         if ttfb_s is not None:
             s.ttfb.record(ttfb_s)
+
+    def _record_timed_out(self, wait_s: float) -> None:
+        """The wait of a request that timed out before its headers: a TTFB
+        sample no less than its timeout (the request itself is counted by
+        ``record(TIMEOUT)``)."""
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        self._current.ttfb.record(wait_s)
 
     def record_masked(self) -> None:
         """Count a 404 of this upstream that a later upstream answered with 200.
@@ -327,10 +378,15 @@ class UpstreamWindow:
             s.saturation = value
 
     def snapshot(self) -> WindowSnapshot:
-        """Totals over the window and the per-slice series, newest first."""
+        """Totals over the window and the per-slice series, newest first.
+
+        The requests waiting now count in the current slice's ``p99_ms`` and
+        in the window's TTFB quantiles with their wait so far.
+        """
         now = self._clock()
         if now >= self._next_edge:
             self._advance(now)
+        waiting = [now - start for start in self._inflight.starts()]
         live = min(self._epoch + 1, self._n)
         newest_first = [self._slices[(self._epoch - age) % self._n] for age in range(live)]
         requests = errors = not_found = timeouts = masked = overflows = integrity = 0
@@ -355,13 +411,16 @@ class UpstreamWindow:
                     age_s=age * self._slice_s,
                     requests=s.requests,
                     error_rate=_rate(s.errors, s.requests),
-                    p99_ms=s.ttfb.quantile(0.99),
+                    p99_ms=self._p99_with(s.ttfb, waiting) if age == 0 else s.ttfb.quantile(0.99),
                     saturation=s.saturation,
                     queue_wait_p50_ms=q50,
                     queue_wait_p99_ms=q99,
                     overflows=s.overflows,
+                    masked_failures=s.masked,
                 )
             )
+        for wait in waiting:
+            merged.record(wait)
         p50, p90, p99 = merged.quantiles(QUANTILES)
         q50, q99 = queued.quantiles(QUEUE_QUANTILES)
         return WindowSnapshot(
@@ -379,17 +438,44 @@ class UpstreamWindow:
             queue_wait_p50_ms=q50,
             queue_wait_p99_ms=q99,
             overflows=overflows,
+            consecutive_failures=self._consecutive,
+            inflight=self._inflight.snapshot(),
             series=tuple(series),
             integrity_failures=integrity,
         )
 
+    def _p99_with(self, ttfb: Histogram, waiting: list[float]) -> float:
+        """P99 of ``ttfb`` counting the ``waiting`` requests' waits so far."""
+        if not waiting:
+            return ttfb.quantile(0.99)
+        both = self._waiting_scratch
+        both.reset()
+        ttfb.merge_into(both)
+        for wait in waiting:
+            both.record(wait)
+        return both.quantile(0.99)
+
     def _advance(self, now: float) -> None:
-        """Move to the slice that holds ``now``, zeroing every slice skipped or reused."""
+        """Move to the slice that holds ``now``, zeroing every slice skipped or reused.
+
+        Each slice that ended (and is still in the window) gets the waits of
+        the requests in flight at its end: a slice of a hung upstream is slow
+        although no request ended in it.
+        """
         # The caller saw now >= _next_edge, so at least one edge was crossed even
         # if float division below rounds down.
         epoch = max(self._epoch + 1, int((now - self._origin) // self._slice_s))
-        for e in range(max(self._epoch + 1, epoch - self._n + 1), epoch + 1):
+        oldest_kept = epoch - self._n + 1
+        for e in range(max(self._epoch + 1, oldest_kept), epoch + 1):
             self._slices[e % self._n].clear()
+        starts = self._inflight.starts()
+        if starts:
+            for e in range(max(self._epoch, oldest_kept), epoch):
+                end = self._origin + (e + 1) * self._slice_s
+                ttfb = self._slices[e % self._n].ttfb
+                for start in starts:
+                    if start < end:
+                        ttfb.record(end - start)
         self._epoch = epoch
         self._current = self._slices[epoch % self._n]
         self._next_edge = self._origin + (epoch + 1) * self._slice_s

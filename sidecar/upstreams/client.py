@@ -36,7 +36,14 @@ from typing import Final
 from urllib.parse import urljoin, urlsplit
 
 from sidecar.config import UpstreamConfig
-from sidecar.errors import ConfigError, UpstreamProtocolError, UpstreamStatusError
+from sidecar.errors import (
+    ConfigError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from sidecar.stats.inflight import Ending, InFlight
 from sidecar.upstreams.admission import Admission
 from sidecar.upstreams.auth import basic_auth_for, route_for
 from sidecar.upstreams.connect import AddressRefused, Connector, Resolver
@@ -58,6 +65,8 @@ class Upstream:
     (or ``open`` failed): those holding a connection and those queued for one.
     ``admission`` is the only gate on connections (the sender's own pool
     never makes a request wait): see ``sidecar.upstreams.admission``.
+    ``inflight`` / ``sumdb_inflight`` register every request from admission
+    to its headers, by traffic class (the app hands in its windows' own).
     """
 
     def __init__(self, cfg: UpstreamConfig, role: str, resolver: Resolver | None = None) -> None:
@@ -80,6 +89,8 @@ class Upstream:
         )
         self._first_byte = cfg.timeouts.first_byte
         self._auth_warned = False
+        self.inflight = InFlight()
+        self.sumdb_inflight = InFlight()
 
     def __repr__(self) -> str:
         return f"Upstream({self.name!r}, {self.role}, client={self.sender.describe()})"
@@ -139,18 +150,22 @@ class Upstream:
                 raise
         started = monotonic()
         deadline = started + self._first_byte
+        waits = self.sumdb_inflight if path.startswith("sumdb/") else self.inflight
+        token = waits.begin()
         try:
             answer = await self.sender.send(self, method, path, deadline)
             written = answer.written
             if answer.status in REDIRECT_STATUSES:
                 answer = await self._follow(answer, method, path, deadline)
         except BaseException as exc:
+            waits.end(token, _ending(exc))
             self.active -= 1
             admission.release()
             if isinstance(exc, UpstreamStatusError) and exc.status in AUTH_STATUSES:
                 self._warn_auth(exc.status)
             raise
         answer.ttfb = monotonic() - written
+        waits.end(token, Ending.ANSWERED)
         answer._counted = True
         status = answer.status
         if status == 200:
@@ -224,3 +239,11 @@ class Upstream:
             "upstream refused credentials",
             extra={"upstream": self.name, "status": status, "hint": hint},
         )
+
+
+def _ending(exc: BaseException) -> Ending:
+    """How a failed wait ended: a refusal or a reset is an answer (the upstream
+    is not silent), a timeout is not, and a caller that left gives no verdict."""
+    if isinstance(exc, UpstreamTimeout):
+        return Ending.TIMED_OUT
+    return Ending.ANSWERED if isinstance(exc, UpstreamError) else Ending.ABANDONED

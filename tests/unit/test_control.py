@@ -1,9 +1,11 @@
 """The control loop on a fake clock: windows fed directly, the shipped policy
 evaluated by the embedded engine, breakers and plan checked tick by tick.
 
-What it proves: no default rule trips on one tick or one slice of evidence,
-however bad; the same evidence held over two slices does; checksum traffic
-trips its own breaker only; the policy input has the documented shape.
+What it proves: no default rule over rates or percentiles trips on one tick
+or one slice of evidence, however bad; the same evidence held over two slices
+does; the sequence rules (failures in a row, a silent upstream) trip at any
+volume, within a tick of their threshold; checksum traffic trips its own
+breaker only; the policy input has the documented shape.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sidecar.config import PolicyConfig, StatsConfig
 from sidecar.control import ControlLoop, build_input
 from sidecar.goproxy import Kind
 from sidecar.policy import EmbeddedEngine
+from sidecar.stats.inflight import Ending
 from sidecar.stats.window import Outcome
 from tests.conftest import make_config
 
@@ -72,9 +75,12 @@ async def loop(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ControlLoop]:
 
 
 def failures(sc: Sidecar, n: int, kind: Kind = Kind.INFO) -> None:
+    """``n`` failures, each followed by a success: a 50 % error rate, never a
+    run of failures (runs have their own rule and tests)."""
     windows = sc.sumdb_windows if kind.value.startswith("sumdb") else sc.windows
     for _ in range(n):
         windows["up0"].record(Outcome.ERROR, 0.003)
+        windows["up0"].record(Outcome.OK, 0.003)
 
 
 def queueing(sc: Sidecar, n: int, wait_s: float, ttfb_s: float) -> None:
@@ -95,10 +101,10 @@ async def ticks(control: ControlLoop, clock: FakeClock, n: int) -> None:
 
 async def test_a_single_bad_tick_does_not_trip(loop: ControlLoop, clock: FakeClock) -> None:
     sc = loop.sidecar
-    failures(sc, 500)  # every request failed, far above min_requests
+    failures(sc, 500)  # half the requests failed, far above min_requests
     await ticks(loop, clock, TICKS_PER_SLICE)
     assert sc.breakers["up0"].state is State.CLOSED
-    assert loop.last_input["upstreams"]["up0"]["error_rate"] == 1.0
+    assert loop.last_input["upstreams"]["up0"]["error_rate"] == 0.5
     clock.now = 5000.0 + SLICE_S  # the next slice, a quiet one
     await ticks(loop, clock, TICKS_PER_SLICE)
     assert sc.breakers["up0"].state is State.CLOSED
@@ -114,7 +120,7 @@ async def test_the_same_failures_over_two_slices_trip(loop: ControlLoop, clock: 
     await loop.step()
     breaker = sc.breakers["up0"]
     assert (breaker.state, breaker.action) == (State.OPEN, Action.CACHE)
-    assert breaker.reason == "error rate 100.0% > 5.0% over 30 requests, for 2s"
+    assert breaker.reason == "error rate 50.0% > 5.0% over 60 requests, for 2s"
     assert sc.plan.by_name("up0").action is Action.CACHE
     assert sc.sumdb_breakers["up0"].state is State.CLOSED
 
@@ -168,6 +174,79 @@ async def test_checksum_failures_trip_the_checksum_breaker_only(
     assert sc.windows["up0"].snapshot().requests == 2  # the module one did not
 
 
+async def test_a_run_of_failures_trips_at_once_at_low_volume(
+    loop: ControlLoop, clock: FakeClock
+) -> None:
+    sc = loop.sidecar
+    window = sc.windows["up0"]
+    for _ in range(4):
+        window.record(Outcome.ERROR, None)  # connection refused: 4 of 4 failed
+    await loop.step()
+    assert sc.breakers["up0"].state is State.CLOSED  # 4 in a row, below min_requests
+    assert sc.breakers["up0"].reason.endswith(", 4 failures in a row")
+    window.record(Outcome.TIMEOUT, None)
+    await loop.step()  # the same slice, the same tick's worth of time: a run needs no span
+    breaker = sc.breakers["up0"]
+    assert (breaker.state, breaker.action) == (State.OPEN, Action.CACHE)
+    assert breaker.reason == "5 failures in a row (>= 5)"
+    assert loop.last_input["upstreams"]["up0"]["requests"] == 5
+
+
+async def test_a_404_ends_the_run(loop: ControlLoop, clock: FakeClock) -> None:
+    sc = loop.sidecar
+    window = sc.windows["up0"]
+    for outcome in [Outcome.ERROR] * 4 + [Outcome.NOT_FOUND] + [Outcome.ERROR] * 4:
+        window.record(outcome, 0.001)
+    await loop.step()
+    assert sc.breakers["up0"].state is State.CLOSED
+    assert loop.last_input["upstreams"]["up0"]["consecutive_failures"] == 4
+
+
+async def test_a_silent_upstream_trips_within_a_tick_of_stall_ms(
+    loop: ControlLoop, clock: FakeClock
+) -> None:
+    """Hung: two requests wait, nothing ends, nothing is answered. Default
+    thresholds: stall_ms 3000, stall_requests 2."""
+    sc = loop.sidecar
+    waits = sc.windows["up0"].inflight
+    waits.begin()
+    waits.begin()
+    for _ in range(15):  # 3 s in ticks of 0.2 s: silent for exactly stall_ms, not more
+        await loop.step()
+        clock.advance(0.2)
+        assert sc.breakers["up0"].state is State.CLOSED
+    await loop.step()  # 3.0 s
+    assert sc.breakers["up0"].state is State.CLOSED
+    clock.advance(0.2)
+    await loop.step()  # 3.2 s
+    breaker = sc.breakers["up0"]
+    assert (breaker.state, breaker.action) == (State.OPEN, Action.REROUTE)
+    assert breaker.reason == (
+        "stalled: no answer for 3200ms (> 3000ms), 2 requests asked, 2 waiting"
+    )
+    assert sc.sumdb_breakers["up0"].state is State.CLOSED  # no checksum request waited
+    doc = loop.last_input["upstreams"]["up0"]
+    assert doc["requests"] == 0 and doc["inflight"]["count"] == 2
+    assert doc["series"][0]["p99_ms"] == pytest.approx(3200.0, rel=0.02)
+
+
+async def test_one_slow_request_among_answers_is_no_stall(
+    loop: ControlLoop, clock: FakeClock
+) -> None:
+    sc = loop.sidecar
+    waits = sc.windows["up0"].inflight
+    waits.begin()  # a cold fetch that takes its time
+    for _ in range(30):  # 6 s: meanwhile the upstream answers others
+        token = waits.begin()
+        clock.advance(0.1)
+        waits.end(token, Ending.ANSWERED)
+        sc.windows["up0"].record(Outcome.OK, 0.1)
+        clock.advance(0.1)
+        await loop.step()
+    assert sc.breakers["up0"].state is State.CLOSED, sc.breakers["up0"].reason
+    assert loop.last_input["upstreams"]["up0"]["inflight"]["oldest_ms"] > 5000
+
+
 async def test_policy_input_shape(loop: ControlLoop) -> None:
     doc = build_input(loop.sidecar)["upstreams"]["up0"]
     assert set(doc["pool"]) == {
@@ -179,7 +258,7 @@ async def test_policy_input_shape(loop: ControlLoop) -> None:
         "saturation",
     }
     assert set(doc["pool"]["queue_wait_ms"]) == {"p50", "p99"}
-    assert set(doc["series"][0]) == {
+    assert set(doc["series"][0]) >= {
         "age_s",
         "requests",
         "error_rate",
@@ -187,7 +266,10 @@ async def test_policy_input_shape(loop: ControlLoop) -> None:
         "saturation",
         "queue_wait_ms",
         "overflows",
+        "masked_failures",
     }
+    assert set(doc["inflight"]) == {"count", "oldest_ms", "silent_ms", "unanswered"}
+    assert doc["consecutive_failures"] == 0
     sumdb = doc["sumdb"]
     module_keys = set(doc) - {"role", "pool", "sumdb"}
     assert set(sumdb) == module_keys  # the same stats and breaker state, nothing else

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.stats.histogram import BUCKETS
+from sidecar.stats.inflight import IDLE, Ending
 from sidecar.stats.window import Outcome, UpstreamWindow, WindowSnapshot
 
 WINDOW_S = 120.0
@@ -55,6 +56,8 @@ def test_empty_window(window: UpstreamWindow) -> None:
         queue_wait_p50_ms=0.0,
         queue_wait_p99_ms=0.0,
         overflows=0,
+        consecutive_failures=0,
+        inflight=IDLE,
         series=snap.series,
     )
     assert len(snap.series) == 1
@@ -70,8 +73,8 @@ def test_outcome_accounting(window: UpstreamWindow) -> None:
         window.record(Outcome.NOT_FOUND, 0.010)
     window.record(Outcome.ERROR, 0.010)
     window.record(Outcome.ERROR, None)  # e.g. connection refused: no headers
-    window.record(Outcome.TIMEOUT, None)
-    window.record(Outcome.TIMEOUT, 15.0)  # a timeout's "TTFB" is the timeout: ignored
+    window.record(Outcome.TIMEOUT, None)  # before headers: its wait comes from InFlight
+    window.record(Outcome.TIMEOUT, 0.010)  # an idle timeout in the body: headers came in 10 ms
     snap = window.snapshot()
     assert snap.requests == 12
     assert snap.errors == 4  # ERROR + TIMEOUT
@@ -79,9 +82,9 @@ def test_outcome_accounting(window: UpstreamWindow) -> None:
     assert snap.not_found == 2
     assert snap.error_rate == pytest.approx(4 / 12)
     assert snap.not_found_rate == pytest.approx(2 / 12)
-    # 9 TTFB samples, all 10 ms: the 15 s of the timeout is not among them.
-    assert snap.ttfb_p99_ms == pytest.approx(10.0, rel=0.02)
+    assert snap.ttfb_p99_ms == pytest.approx(10.0, rel=0.02)  # 10 samples, all 10 ms
     assert snap.series[0].error_rate == pytest.approx(4 / 12)
+    assert snap.consecutive_failures == 4  # the last four records failed
 
 
 def test_ttfb_quantiles_cover_ok_not_found_and_error(window: UpstreamWindow) -> None:
@@ -305,7 +308,7 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
     window.record(Outcome.TIMEOUT, None)
     snap = window.snapshot()
     doc = snap.as_policy_input(admission=True)
-    assert set(doc) == {
+    assert set(doc) >= {
         "window_s",
         "requests",
         "errors",
@@ -316,25 +319,33 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
         "masked_failures",
         "integrity_failures",
         "ttfb_ms",
+        "consecutive_failures",
+        "inflight",
         "series",
     }
     assert doc["window_s"] == 120 and isinstance(doc["window_s"], int)
     assert (doc["requests"], doc["errors"], doc["timeouts"], doc["not_found"]) == (7, 2, 1, 2)
     assert doc["error_rate"] == 0.2857
     assert doc["not_found_rate"] == 0.2857
+    assert doc["consecutive_failures"] == 1
+    assert doc["inflight"] == {"count": 0, "oldest_ms": 0.0, "silent_ms": 0.0, "unanswered": 0}
     assert set(doc["ttfb_ms"]) == {"p50", "p90", "p99"}
     assert doc["ttfb_ms"]["p50"] == pytest.approx(12.1, rel=0.02)
     assert doc["ttfb_ms"]["p99"] == round(doc["ttfb_ms"]["p99"], 2)
     newest, older = doc["series"]
-    assert newest == {
-        "age_s": 0,
-        "requests": 1,
-        "error_rate": 1.0,
-        "p99_ms": 0.0,
-        "saturation": 0.0,
-        "queue_wait_ms": {"p50": 0.0, "p99": 0.0},
-        "overflows": 0,
-    }
+    assert (
+        newest.items()
+        >= {
+            "age_s": 0,
+            "requests": 1,
+            "error_rate": 1.0,
+            "p99_ms": 0.0,
+            "saturation": 0.0,
+            "queue_wait_ms": {"p50": 0.0, "p99": 0.0},
+            "overflows": 0,
+            "masked_failures": 0,
+        }.items()
+    )
     assert older["age_s"] == 10 and older["saturation"] == 0.3123
     assert older["overflows"] == 1
     assert older["queue_wait_ms"]["p99"] == pytest.approx(250.1, rel=0.02)
@@ -423,6 +434,12 @@ def test_window_matches_a_naive_model(steps: list[tuple[float, Outcome | str]]) 
 
     now_epoch = epoch(clock.now)
     live = [e for t, e in log if epoch(t) > now_epoch - 6]
+    # The run of failures is a sequence since the last reset, not windowed.
+    run = 0
+    for _, e in log:
+        if isinstance(e, Outcome):
+            run = run + 1 if e in (Outcome.ERROR, Outcome.TIMEOUT) else 0
+    assert snap.consecutive_failures == run
     outcomes = [e for e in live if isinstance(e, Outcome)]
     assert snap.requests == len(outcomes)
     assert snap.errors == sum(e in (Outcome.ERROR, Outcome.TIMEOUT) for e in outcomes)
@@ -434,3 +451,116 @@ def test_window_matches_a_naive_model(steps: list[tuple[float, Outcome | str]]) 
         assert s.age_s == age * 10.0
         in_slice = [e for t, e in log if epoch(t) == now_epoch - age and e != "masked"]
         assert s.requests == len(in_slice)
+
+
+# --- requests still waiting, timeouts as latency, failures in a row -------------
+
+
+def test_a_timeout_enters_ttfb_at_no_less_than_its_timeout(
+    window: UpstreamWindow, clock: FakeClock
+) -> None:
+    for _ in range(20):
+        window.record(Outcome.OK, 0.010)
+    token = window.inflight.begin()
+    clock.advance(15.0)  # timeouts.first_byte
+    window.inflight.end(token, Ending.TIMED_OUT)
+    window.record(Outcome.TIMEOUT, None)
+    snap = window.snapshot()
+    assert (snap.requests, snap.timeouts) == (21, 1)
+    assert snap.ttfb_p99_ms == pytest.approx(15000.0, rel=0.02)
+    assert snap.series[0].p99_ms == pytest.approx(15000.0, rel=0.02)  # the slice it ended in
+    assert snap.series[1].p99_ms == pytest.approx(10000.0, rel=0.02)  # waiting at its end
+    assert snap.ttfb_p50_ms == pytest.approx(10.0, rel=0.02)
+
+
+def test_requests_waiting_now_are_slow_now(window: UpstreamWindow, clock: FakeClock) -> None:
+    for _ in range(20):
+        window.record(Outcome.OK, 0.010)
+    window.inflight.begin()
+    clock.advance(5.0)
+    snap = window.snapshot()
+    assert snap.requests == 20  # a waiting request is not an ended one
+    assert snap.series[0].p99_ms == pytest.approx(5000.0, rel=0.02)
+    assert snap.ttfb_p99_ms == pytest.approx(5000.0, rel=0.02)
+    assert (snap.inflight.count, snap.inflight.oldest_s) == (1, 5.0)
+    doc = snap.as_policy_input(admission=False)
+    assert doc["inflight"]["oldest_ms"] == 5000.0
+
+
+def test_a_slice_in_which_nothing_ended_is_slow_when_requests_waited(
+    window: UpstreamWindow, clock: FakeClock
+) -> None:
+    """A hung upstream: two requests wait across two slice edges."""
+    clock.advance(1.0)
+    window.inflight.begin()
+    window.inflight.begin()
+    clock.advance(24.0)  # START + 25: two edges crossed, at +10 and +20
+    series = window.snapshot().series
+    assert [s.requests for s in series] == [0, 0, 0]
+    assert series[2].p99_ms == pytest.approx(9000.0, rel=0.02)  # waited 9 s at its end
+    assert series[1].p99_ms == pytest.approx(19000.0, rel=0.02)
+    assert series[0].p99_ms == pytest.approx(24000.0, rel=0.02)  # waiting now
+
+
+def test_slices_edges_count_only_requests_started_before_them(
+    window: UpstreamWindow, clock: FakeClock
+) -> None:
+    clock.advance(12.0)
+    window.inflight.begin()  # in the second slice
+    clock.advance(10.0)
+    series = window.snapshot().series
+    assert series[2].p99_ms == 0.0
+    assert series[1].p99_ms == pytest.approx(8000.0, rel=0.02)
+
+
+def test_ended_requests_leave_no_trace_at_the_edge(
+    window: UpstreamWindow, clock: FakeClock
+) -> None:
+    token = window.inflight.begin()
+    clock.advance(0.02)
+    window.inflight.end(token, Ending.ANSWERED)
+    window.record(Outcome.OK, 0.02)
+    clock.advance(SLICE_S)
+    series = window.snapshot().series
+    assert series[1].p99_ms == pytest.approx(20.0, rel=0.02)
+    assert window.snapshot().inflight == IDLE
+
+
+def test_failures_in_a_row(window: UpstreamWindow, clock: FakeClock) -> None:
+    for _ in range(3):
+        window.record(Outcome.ERROR, None)
+    window.record_overflow()  # admission: not a failure, not an answer
+    window.record_masked()
+    window.record(Outcome.TIMEOUT, None)
+    assert window.snapshot().consecutive_failures == 4
+    window.record(Outcome.NOT_FOUND, 0.001)  # an answer: the run ends
+    assert window.snapshot().consecutive_failures == 0
+    window.record(Outcome.ERROR, None)
+    clock.advance(WINDOW_S * 3)  # a run is a sequence: it does not expire with its slice
+    window.record(Outcome.ERROR, None)
+    assert window.snapshot().consecutive_failures == 2
+    window.record(Outcome.OK, 0.001)
+    assert window.snapshot().consecutive_failures == 0
+
+
+def test_reset_restarts_the_run_and_the_silence_not_the_waits(
+    window: UpstreamWindow, clock: FakeClock
+) -> None:
+    window.record(Outcome.ERROR, None)
+    window.inflight.begin()
+    clock.advance(4.0)
+    window.reset()
+    clock.advance(1.0)
+    snap = window.snapshot()
+    assert snap.consecutive_failures == 0
+    assert (snap.inflight.count, snap.inflight.oldest_s, snap.inflight.silent_s) == (1, 5.0, 1.0)
+    assert snap.series[0].p99_ms == pytest.approx(5000.0, rel=0.02)  # still waiting: still slow
+
+
+def test_masked_failures_per_slice(window: UpstreamWindow, clock: FakeClock) -> None:
+    window.record(Outcome.NOT_FOUND, 0.001)
+    window.record_masked()
+    clock.advance(SLICE_S)
+    doc = window.snapshot().as_policy_input(admission=True)
+    assert [s["masked_failures"] for s in doc["series"]] == [0, 1]
+    assert "masked_failures" not in window.snapshot().as_policy_input(admission=False)["series"][1]

@@ -4,12 +4,18 @@
 #   One decision per upstream in input.upstreams, for its module traffic, and
 #   one more in its "sumdb" key for its checksum-database traffic (judged on
 #   input.upstreams[name].sumdb, the same stats for sumdb/ requests only):
-#     sustained queueing while the upstream is slow         -> reject + alert
-#     error rate > error_rate (requests >= min_requests)    -> cache
-#     TTFB P99 > ttfb_p99_ms for ttfb_p99_for_s seconds     -> reroute
-#   Every rule must hold in every slice of its span, the span is never
-#   shorter than min_span_s nor than two slices: one tick, one burst, one
-#   slice never trips. When several rules hold, the first in that order wins;
+#     integrity    any body that failed the checksum database      -> reroute + alert
+#     queueing     sustained queueing while the upstream is slow   -> reject + alert
+#     errors       error rate > error_rate (>= min_requests)       -> cache
+#     consecutive  consecutive_failures failures in a row          -> cache
+#     stalled      no answer for stall_ms, stall_requests asked    -> reroute
+#     masked       masked failures > masked_failure_rate           -> reroute
+#     latency      TTFB P99 > ttfb_p99_ms for ttfb_p99_for_s       -> reroute
+#   Every rule over rates and percentiles must hold in every slice of its
+#   span, the span is never shorter than min_span_s nor than two slices: one
+#   tick, one burst, one slice never trips. The two rules over sequences
+#   (consecutive, stalled) read a run the sidecar counted over time: see
+#   their comments. When several rules hold, the first in that order wins;
 #   the reason names the others too. Thresholds come from
 #   data.sidecar.config.thresholds (policies/thresholds.yaml). Stateless:
 #   "for 120 s" is read from the per-slice series of the input, never
@@ -32,6 +38,11 @@ default_thresholds := {
 	"queue_wait_p99_ms": 250,
 	"queue_for_s": 20,
 	"min_span_s": 10,
+	"consecutive_failures": 5,
+	"stall_ms": 3000,
+	"stall_requests": 2,
+	"masked_failure_rate": 0.5,
+	"min_masked_failures": 10,
 }
 
 default configured := {}
@@ -43,15 +54,26 @@ thresholds := {key: value |
 	value := object.get(configured, key, default_value)
 }
 
-# Strongest first: load shedding protects an upstream that slows down under
-# the load we send it; errors are worse than slowness, and "cache" also sends
-# a cache miss on to the next upstream, so it covers what "reroute" would do.
-precedence := ["reject", "cache", "reroute"]
+# The rules in precedence order, strongest action first: load shedding
+# protects an upstream that slows down under the load we send it; errors are
+# worse than slowness, and "cache" also sends a cache miss on to the next
+# upstream, so it covers what "reroute" would do.
+module_rules := ["integrity", "queueing", "errors", "consecutive", "stalled", "masked", "latency"]
 
 # Checksum traffic shares the upstream's connections but the queue figures
-# are the pool's (they sit in the module stats): its own rules are errors and
-# latency, so a sick sumdb/ endpoint is routed around, never shed.
-sumdb_precedence := ["cache", "reroute"]
+# are the pool's (they sit in the module stats), so a sick sumdb/ endpoint is
+# routed around, never shed; masked failures count module requests only.
+sumdb_rules := ["errors", "consecutive", "stalled", "latency"]
+
+action_of := {
+	"integrity": "reroute",
+	"queueing": "reject",
+	"errors": "cache",
+	"consecutive": "cache",
+	"stalled": "reroute",
+	"masked": "reroute",
+	"latency": "reroute",
+}
 
 # The output: a decision for every upstream of the input, with the decision
 # for its checksum-database traffic under "sumdb" when the input has one.
@@ -61,28 +83,40 @@ decide_both(u) := {
 	"action": module.action,
 	"reason": module.reason,
 	"alert": module.alert,
-	"sumdb": decide(u.sumdb, sumdb_precedence),
+	"sumdb": decide(u.sumdb, sumdb_rules),
 } if {
 	is_object(u.sumdb)
-	module := decide(u, precedence)
-} else := decide(u, precedence)
+	module := decide(u, module_rules)
+} else := decide(u, module_rules)
 
-decide(u, rules) := {"action": first.action, "reason": reason, "alert": first.action == "reject"} if {
-	fired := [{"action": action, "reason": why} |
-		some action in rules
-		why := finding(u, action)
+decide(u, rules) := {"action": first.action, "reason": reason, "alert": first.alert} if {
+	fired := [{"action": action_of[rule], "reason": why, "alert": object.get(alerting, rule, false)} |
+		some rule in rules
+		why := finding(u, rule)
 	]
 	count(fired) > 0
 	first := fired[0]
 	reason := concat("; also ", [f.reason | some f in fired])
 } else := {"action": "allow", "reason": healthy_reason(u), "alert": false}
 
-# --- the three rules ---------------------------------------------------------
+# Rules that raise the alert besides deciding: shedding load, and an upstream
+# serving wrong bytes (someone must purge or fix it; rerouting only hides it).
+alerting := {"queueing": true, "integrity": true}
+
+# --- the rules -----------------------------------------------------------------
+
+# A body that does not match the checksum database is a wrong answer, not a
+# slow or failed one: one is enough, whatever the volume or span.
+finding(u, "integrity") := msg if {
+	n := object.get(u, "integrity_failures", 0)
+	n > 0
+	msg := sprintf("integrity: %d bodies did not match the checksum database", [round(n)])
+}
 
 # Busy is not sick: queueing alone (a burst, a CI fan-out against a fast
 # upstream) is admission's business. It is sickness when the upstream's own
 # answers are slow at the same time: it cannot keep up with what we send.
-finding(u, "reject") := msg if {
+finding(u, "queueing") := msg if {
 	span := sustained(u, "queue", thresholds.queue_for_s)
 	overflows := sum([n | some s in span; n := object.get(s, "overflows", 0)])
 	overflows > 0
@@ -95,7 +129,7 @@ finding(u, "reject") := msg if {
 	])
 }
 
-finding(u, "cache") := msg if {
+finding(u, "errors") := msg if {
 	u.requests >= thresholds.min_requests
 	u.error_rate > thresholds.error_rate
 	span := sustained(u, "errors", thresholds.min_span_s)
@@ -105,7 +139,52 @@ finding(u, "cache") := msg if {
 	])
 }
 
-finding(u, "reroute") := msg if {
+# A run of failures is a sequence, not a rate (Envoy's consecutive_5xx): five
+# failures in a row mean the same whether they came within a second or over
+# a minute, so neither min_requests nor min_span_s applies, and a sidecar
+# that sees two requests a second notices a dead upstream in seconds. The
+# sidecar counts the run over time; any answer that is not a failure (a 404
+# too) ends it, and overflows and clients that left are not failures, so a
+# healthy upstream's scattered failures never make one.
+finding(u, "consecutive") := msg if {
+	object.get(u, "consecutive_failures", 0) >= thresholds.consecutive_failures
+	msg := sprintf("%d failures in a row (>= %d)", [
+		round(u.consecutive_failures), round(thresholds.consecutive_failures),
+	])
+}
+
+# Hung: asked, and silent. A hung upstream ends nothing (every request waits
+# out timeouts.first_byte), so no slice has anything to show for seconds. The
+# silence is its own span: silent_ms is how long the upstream has answered
+# nothing while requests waited, counted by the sidecar over time, and every
+# one of the stall_requests requests asked meanwhile is evidence. One slow
+# request among answered ones is not a stall: any answer ends the silence.
+finding(u, "stalled") := msg if {
+	waits := u.inflight
+	waits.silent_ms > thresholds.stall_ms
+	waits.unanswered >= thresholds.stall_requests
+	msg := sprintf("stalled: no answer for %s (> %s), %d requests asked, %d waiting", [
+		millis(waits.silent_ms), millis(thresholds.stall_ms),
+		round(waits.unanswered), round(waits.count),
+	])
+}
+
+# Athens answers 404 when its own fetch failed, so a later upstream serving
+# what this one "does not have" is a failure in disguise; every request of it
+# costs a round trip before the backup. Module requests only (the input's
+# sumdb has none): a proxy that does not serve sumdb/ answers 404 by design.
+finding(u, "masked") := msg if {
+	u.masked_failures >= thresholds.min_masked_failures
+	u.requests > 0
+	u.masked_failures > thresholds.masked_failure_rate * u.requests
+	span := sustained(u, "masked", thresholds.min_span_s)
+	msg := sprintf("masked failures: %s of %d requests were 404s a later upstream served (> %s), for %ds", [
+		percent(u.masked_failures / u.requests), round(u.requests),
+		percent(thresholds.masked_failure_rate), span_seconds(u, span),
+	])
+}
+
+finding(u, "latency") := msg if {
 	span := sustained(u, "latency", thresholds.ttfb_p99_for_s)
 	msg := sprintf("ttfb p99 %s > %s for %ds", [
 		millis(lowest([s.p99_ms | some s in span; fires("latency", s)])),
@@ -114,14 +193,22 @@ finding(u, "reroute") := msg if {
 }
 
 # What one slice must show for a rule to hold in it.
+
+# No "requests > 0": a slice's p99 counts the requests that were still
+# waiting when it ended (or, for the current one, that wait now), so a slice
+# in which a hung upstream answered nothing is slow, not idle.
 fires("latency", s) if {
-	s.requests > 0
 	s.p99_ms > thresholds.ttfb_p99_ms
 }
 
 fires("errors", s) if {
 	s.requests > 0
 	s.error_rate > thresholds.error_rate
+}
+
+fires("masked", s) if {
+	s.requests > 0
+	object.get(s, "masked_failures", 0) > thresholds.masked_failure_rate * s.requests
 }
 
 fires("queue", s) if {
@@ -150,14 +237,16 @@ sustained(u, rule, for_s) := span if {
 	count(span) == needed
 	firing := count([s | some s in span; fires(rule, s)])
 	firing >= 2
-	firing + starting(span) == needed
+	firing + starting(rule, span) == needed
 }
 
-# 1 when the current slice (always span[0]) is idle: it may have begun an
-# instant ago. A slice that fires has requests, so it is never both.
-starting(span) := 1 if span[0].requests == 0
-
-else := 0
+# 1 when the current slice (always span[0]) is idle and does not fire: it
+# may have begun an instant ago. (A latency slice may fire without a request
+# ended in it: requests still waiting count.)
+starting(rule, span) := 1 if {
+	span[0].requests == 0
+	not fires(rule, span[0])
+} else := 0
 
 # The figures that prove a rule: the lowest of the span. (Not min(): see above.)
 lowest(xs) := x if {
@@ -183,13 +272,23 @@ slice_width(u) := width if {
 
 # --- reasons -----------------------------------------------------------------
 
-healthy_reason(u) := sprintf("ok: ttfb p99 %s, error rate %s over %d requests%s%s", [
+healthy_reason(u) := sprintf("ok: ttfb p99 %s, error rate %s over %d requests%s%s%s%s", [
 	millis(object.get(u, ["ttfb_ms", "p99"], 0)),
 	percent(object.get(u, "error_rate", 0)),
 	round(object.get(u, "requests", 0)),
 	few_requests_note(u),
 	pool_note(u),
+	run_note(u),
+	waiting_note(u),
 ])
+
+run_note(u) := sprintf(", %d failures in a row", [round(u.consecutive_failures)]) if {
+	u.consecutive_failures > 0
+} else := ""
+
+waiting_note(u) := sprintf(", %d waiting (oldest %s)", [round(u.inflight.count), millis(u.inflight.oldest_ms)]) if {
+	u.inflight.count > 0
+} else := ""
 
 few_requests_note(u) := sprintf(" (< %d: no verdict on rates)", [round(thresholds.min_requests)]) if {
 	object.get(u, "requests", 0) < thresholds.min_requests

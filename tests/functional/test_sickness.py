@@ -1,0 +1,408 @@
+"""Sick is caught fast (issue 14), end to end with real loopback upstreams:
+a hung primary, a dead one at low volume, timeouts as latency, a primary that
+masks its failures as 404s, and the reason of a closed breaker.
+
+The windows and breakers run on a fake clock where the test must control time
+(how long a request has waited, which slice it falls in), and on the real
+clock where the whole loop runs by itself; then the tests wait for state
+transitions, never for a duration.
+
+Where requests must stay waiting on the hung primary, their module is pinned
+to it by a routing rule (``pin=True``): nothing may hedge or reroute them
+elsewhere, so the test sees the primary's own silence; other modules (OTHER)
+may use the backup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from sidecar.app import Sidecar, SidecarService, build_sidecar
+from sidecar.config import (
+    PolicyConfig,
+    RouteRule,
+    RoutingConfig,
+    StatsConfig,
+    TimeoutsConfig,
+    UpstreamConfig,
+)
+from tests.conftest import make_config
+from tests.serving import SidecarTestServer
+from tests.upstream import Reply
+
+INFO = "example.com/mod/@v/v1.0.0.info"
+OTHER = "example.com/other/@v/v1.0.0.info"
+LOOKUP = "sumdb/sum.golang.org/lookup/example.com/mod@v1.0.0"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+SLICE_S = 0.5
+
+# Spans scaled to test time; the sequence rules keep their shipped defaults
+# (5 failures in a row; 3000 ms of silence with 2 requests asked) unless a
+# test says otherwise.
+THRESHOLDS = {
+    "ttfb_p99_ms": 100,
+    "ttfb_p99_for_s": 1,
+    "error_rate": 0.05,
+    "min_requests": 5,
+    "queue_wait_p99_ms": 50,
+    "queue_for_s": 1,
+    "min_span_s": 1,
+}
+
+
+def thresholds_yaml(overrides: dict[str, float]) -> str:
+    data = {"thresholds": {**THRESHOLDS, **overrides}, "breaker": {"cooldown_s": 30, "probes": 2}}
+    return json.dumps({"sidecar": {"config": data}})  # JSON is YAML
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+Start = Callable[..., Awaitable[tuple[TestClient[Any, Any], Sidecar]]]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def start_sidecar(tmp_path: Path) -> AsyncIterator[Start]:
+    clients: list[TestClient[Any, Any]] = []
+
+    async def start(
+        urls: list[str],
+        clock: Callable[[], float] = time.monotonic,
+        thresholds: dict[str, float] | None = None,
+        first_byte: float = 5.0,
+        interval: float = 0.1,
+        run_control: bool = False,
+        pin: bool = False,
+    ) -> tuple[TestClient[Any, Any], Sidecar]:
+        policies = tmp_path / f"policies{len(clients)}"
+        shutil.copytree(POLICIES, policies)
+        (policies / "thresholds.yaml").write_text(thresholds_yaml(thresholds or {}))
+        timeouts = TimeoutsConfig(connect=1.0, first_byte=first_byte, idle=5.0)
+        ups = tuple(
+            UpstreamConfig(name=f"up{i}", url=url, timeouts=timeouts) for i, url in enumerate(urls)
+        )
+        config = make_config(
+            urls,
+            tmp_path,
+            upstreams=ups,
+            policy=PolicyConfig(paths=(str(policies),), interval=interval),
+            stats=StatsConfig(window=4 * SLICE_S, slice=SLICE_S),
+            routing=RoutingConfig(
+                rules=(RouteRule(match="example.com/mod", upstreams=("up0",)),) if pin else ()
+            ),
+        )
+        sc = build_sidecar(config, clock=clock)
+        client = TestClient(SidecarTestServer(SidecarService(sc, run_control)))
+        await client.start_server()
+        clients.append(client)
+        return client, sc
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def hung_upstream() -> AsyncIterator[tuple[str, list[int]]]:
+    """Accepts connections and never answers (Athens under SIGSTOP: the kernel
+    still accepts). Returns its URL and the count of connections it accepted."""
+    accepted = [0]
+    release = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted[0] += 1
+        writers.append(writer)
+        await release.wait()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", accepted
+    release.set()
+    for writer in writers:
+        writer.close()
+    server.close()
+    with contextlib.suppress(Exception):
+        await server.wait_closed()
+
+
+async def get_all(client: TestClient[Any, Any], n: int, path: str = INFO) -> list[int]:
+    async def one() -> int:
+        async with client.get("/" + path) as resp:
+            await resp.read()
+            return resp.status
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def until(predicate: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
+    """Poll ``predicate`` (bounded): the tests wait for events, not for durations."""
+    for _ in range(int(limit_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+async def breakers(client: TestClient[Any, Any]) -> dict[str, Any]:
+    async with client.get("/breakers") as resp:
+        view: dict[str, Any] = await resp.json()
+    return view
+
+
+# --- hung ----------------------------------------------------------------------
+
+
+async def test_hung_primary_trips_on_silence_before_any_timeout(
+    hung_upstream, fake_upstreams, start_sidecar, clock
+):
+    """Requests wait on a primary that never answers; nothing has ended (the
+    first-byte timeout is 5 s away) when the silence passes stall_ms."""
+    url_a, accepted = hung_upstream
+    [(b, url_b)] = await fake_upstreams(1)
+    b.set(OTHER, b"{}")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock, pin=True)
+    waiting = asyncio.ensure_future(get_all(client, 3))
+    waits = sc.windows["up0"].inflight
+    await until(lambda: waits.count == 3, "three requests waiting on the primary")
+    await sc.control.step()
+    assert sc.breakers["up0"].state.value == "closed"
+    clock.advance(3.1)  # stall_ms (3000) of silence, with 3 requests asked
+    await sc.control.step()
+    view = await breakers(client)
+    up0 = view["up0"]
+    assert (up0["state"], up0["action"]) == ("open", "reroute"), up0
+    assert up0["reason"].startswith(
+        "stalled: no answer for 3100ms (> 3000ms), 3 requests asked, 3 waiting"
+    )
+    assert "; also ttfb p99 " in up0["reason"]  # the waits made the slices slow too
+    assert up0["stats"]["requests"] == 0  # nothing ended: the silence alone tripped it
+    assert up0["stats"]["inflight"]["count"] == 3
+    assert up0["sumdb"]["state"] == "closed"
+    # New requests go straight to the backup; the primary is not asked again.
+    seen = accepted[0]
+    assert await get_all(client, 2, OTHER) == [200, 200]
+    assert accepted[0] == seen
+    assert b.received.count(OTHER) == 2
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+
+
+async def test_hung_primary_trips_with_the_loop_running(
+    hung_upstream, fake_upstreams, start_sidecar
+):
+    """The real clock and the real control loop: at two requests in flight, a
+    silence of stall_ms trips within a few ticks, long before first_byte."""
+    url_a, _ = hung_upstream
+    [(b, url_b)] = await fake_upstreams(1)
+    b.set(OTHER, b"{}")
+    client, sc = await start_sidecar(
+        [url_a, url_b],
+        thresholds={"stall_ms": 300},
+        first_byte=30.0,  # far beyond anything this test waits for
+        run_control=True,
+        pin=True,
+    )
+    waiting = asyncio.ensure_future(get_all(client, 2))
+    await until(lambda: sc.breakers["up0"].state.value == "open", "the primary's breaker to open")
+    assert sc.breakers["up0"].action.value == "reroute"
+    assert sc.breakers["up0"].reason.startswith("stalled: no answer for ")
+    assert not waiting.done()  # tripped while the requests still waited
+    assert sc.windows["up0"].snapshot().timeouts == 0
+    assert await get_all(client, 2, OTHER) == [200, 200]  # the next ones go to the backup
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+
+
+async def test_a_slow_answer_among_fast_ones_is_no_stall(fake_upstreams, start_sidecar, clock):
+    slow = "example.com/slow/@v/v1.0.0.info"
+    [(a, url_a)] = await fake_upstreams(1)
+    a.set(INFO, b"{}")
+    a.set(slow, Reply(body=b"{}", delay=1.0))
+    client, sc = await start_sidecar(
+        [url_a], clock=clock, thresholds={"stall_requests": 1, "ttfb_p99_ms": 60000}
+    )
+    pending = asyncio.ensure_future(get_all(client, 1, slow))
+    waits = sc.windows["up0"].inflight
+    await until(lambda: waits.count == 1, "the slow request waiting")
+    clock.advance(2.0)
+    assert await get_all(client, 3) == [200] * 3  # the upstream still answers others
+    clock.advance(2.0)  # the slow one has waited 4 s, but the upstream spoke 2 s ago
+    await sc.control.step()
+    assert sc.breakers["up0"].state.value == "closed", sc.breakers["up0"].reason
+    assert await pending == [200]
+
+
+async def test_hung_checksum_endpoint_trips_the_checksum_breaker_only(
+    hung_upstream, fake_upstreams, start_sidecar, clock
+):
+    """A sumdb/ request that hangs is judged apart: the module breaker stays closed."""
+    url_a, _ = hung_upstream
+    [(_b, url_b)] = await fake_upstreams(1)
+    client, sc = await start_sidecar([url_a, url_b], clock=clock, pin=True)
+    waiting = asyncio.ensure_future(get_all(client, 2, LOOKUP))
+    waits = sc.sumdb_windows["up0"].inflight
+    await until(lambda: waits.count == 2, "two checksum requests waiting")
+    assert sc.windows["up0"].inflight.count == 0
+    clock.advance(3.5)
+    await sc.control.step()
+    assert sc.sumdb_breakers["up0"].state.value == "open"
+    assert sc.breakers["up0"].state.value == "closed"
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+
+
+# --- consecutive failures ------------------------------------------------------
+
+
+async def test_a_dead_primary_trips_on_failures_in_a_row_at_low_volume(
+    fake_upstreams, start_sidecar, clock
+):
+    """One request at a time, all in one slice, fewer than min_requests
+    (5): no rate rule can judge; five failures in a row do."""
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    a.default = Reply(status=502)
+    b.set(INFO, b"{}")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock, thresholds={"min_requests": 20})
+    for i in range(4):
+        assert await get_all(client, 1) == [200]  # each one falls through to the backup
+        await sc.control.step()
+        assert sc.breakers["up0"].state.value == "closed"
+        assert sc.control.last_input["upstreams"]["up0"]["consecutive_failures"] == i + 1
+    assert await get_all(client, 1) == [200]
+    await sc.control.step()
+    up0 = (await breakers(client))["up0"]
+    assert (up0["state"], up0["action"]) == ("open", "cache")
+    assert up0["reason"] == "5 failures in a row (>= 5)"
+    assert up0["stats"]["requests"] == 5
+    seen = len(a.received)
+    assert await get_all(client, 2) == [200, 200]
+    assert len(a.received) == seen  # open: the dead primary is not asked
+
+
+async def test_a_404_breaks_the_run(fake_upstreams, start_sidecar, clock):
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    a.default = Reply(status=500)
+    a.set("example.com/gone/@v/list", Reply(status=404, body=b"gone"))
+    b.set(INFO, b"{}")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock)
+    for path in [INFO] * 4 + ["example.com/gone/@v/list"] + [INFO] * 4:
+        await get_all(client, 1, path)
+    await sc.control.step()
+    assert sc.breakers["up0"].state.value == "closed"
+    assert sc.control.last_input["upstreams"]["up0"]["consecutive_failures"] == 4
+
+
+# --- timeouts are latency --------------------------------------------------------
+
+
+async def test_a_timeout_enters_latency_at_no_less_than_its_timeout(
+    hung_upstream, fake_upstreams, start_sidecar, clock
+):
+    url_a, _ = hung_upstream
+    [(_b, url_b)] = await fake_upstreams(1)
+    client, sc = await start_sidecar([url_a, url_b], clock=clock, first_byte=0.5, pin=True)
+    request = asyncio.ensure_future(get_all(client, 1))
+    waits = sc.windows["up0"].inflight
+    await until(lambda: waits.count == 1, "the request waiting on the primary")
+    clock.advance(0.5)  # the windows' clock follows the first-byte timeout
+    assert await request == [504]  # timed out, and only the primary may serve it
+    snap = sc.windows["up0"].snapshot()
+    assert (snap.requests, snap.errors, snap.timeouts) == (1, 1, 1)
+    assert snap.ttfb_p99_ms == pytest.approx(500.0, rel=0.02)
+    assert snap.series[0].p99_ms == pytest.approx(500.0, rel=0.02)
+    assert snap.consecutive_failures == 1
+
+
+# --- masked failures ---------------------------------------------------------------
+
+
+async def test_a_masking_primary_is_rerouted_with_its_reason(fake_upstreams, start_sidecar, clock):
+    """Athens whose own upstream is dead: 404 for everything the backup has."""
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    a.default = Reply(status=404, body=b"")
+    b.set(INFO, b"{}")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock)
+    assert await get_all(client, 6) == [200] * 6
+    await sc.control.step()
+    assert sc.breakers["up0"].state.value == "closed"  # one slice is one burst
+    clock.advance(SLICE_S)
+    assert await get_all(client, 6) == [200] * 6
+    await sc.control.step()
+    up0 = (await breakers(client))["up0"]
+    assert (up0["state"], up0["action"], up0["alert"]) == ("open", "reroute", False)
+    assert up0["reason"] == (
+        "masked failures: 100.0% of 12 requests were 404s a later upstream served (> 50.0%), for 1s"
+    )
+    seen = len(a.received)
+    assert await get_all(client, 3) == [200] * 3
+    assert len(a.received) == seen  # no more round trips to the masking primary
+
+
+async def test_plain_404s_are_not_masked(fake_upstreams, start_sidecar, clock):
+    """The go command probes path prefixes that nobody has: 404 from both."""
+    (_a, url_a), (_b, url_b) = await fake_upstreams(2)
+    client, sc = await start_sidecar([url_a, url_b], clock=clock)
+    assert await get_all(client, 6) == [404] * 6
+    clock.advance(SLICE_S)
+    assert await get_all(client, 6) == [404] * 6
+    await sc.control.step()
+    assert sc.breakers["up0"].state.value == "closed", sc.breakers["up0"].reason
+    seen = sc.control.last_input["upstreams"]["up0"]
+    assert (seen["not_found"], seen["masked_failures"]) == (12, 0)
+
+
+# --- reasons -----------------------------------------------------------------------
+
+
+async def test_a_closed_breaker_shows_the_policy_reason(fake_upstreams, start_sidecar, clock):
+    [(a, url_a)] = await fake_upstreams(1)
+    a.set(INFO, b"{}")
+    client, sc = await start_sidecar([url_a], clock=clock)
+    assert await get_all(client, 2) == [200, 200]
+    await sc.control.step()
+    up0 = (await breakers(client))["up0"]
+    assert up0["state"] == "closed"
+    assert up0["reason"].startswith("ok: ttfb p99 "), up0
+    assert up0["reason"].endswith(
+        "over 2 requests (< 5: no verdict on rates), queue wait p99 0ms, 0 overflows"
+    )
+    assert (
+        up0["sumdb"]["reason"]
+        == "ok: ttfb p99 0ms, error rate 0.0% over 0 requests (< 5: no verdict on rates)"
+    )
+    # One age of the breaker's state, live, beside the statistics the policy saw.
+    assert "state_age_s" in up0 and "state_age_s" not in up0["stats"]
+    assert "state" not in up0["stats"] and "state_age_s" not in up0["sumdb"]["stats"]
+    assert up0["stats"]["inflight"] == {
+        "count": 0,
+        "oldest_ms": 0.0,
+        "silent_ms": 0.0,
+        "unanswered": 0,
+    }
