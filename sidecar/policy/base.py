@@ -30,7 +30,12 @@ SMOKE_UPSTREAM = "smoke-test"
 
 def _smoke_stats(requests: int, admission: bool) -> dict[str, Any]:
     """A healthy window of one traffic class, as ``WindowSnapshot.as_policy_input``."""
-    pool_figures = {"saturation": 0.02, "queue_wait_ms": {"p50": 0.0, "p99": 0.0}, "overflows": 0}
+    pool_figures = {
+        "saturation": 0.02,
+        "queue_wait_ms": {"p50": 0.0, "p99": 0.0},
+        "overflows": 0,
+        "masked_failures": 0,
+    }
     return {
         "window_s": 120,
         "requests": requests,
@@ -42,6 +47,8 @@ def _smoke_stats(requests: int, admission: bool) -> dict[str, Any]:
         "masked_failures": 0,
         "integrity_failures": 0,
         "ttfb_ms": {"p50": 10.0, "p90": 20.0, "p99": 30.0},
+        "consecutive_failures": 0,
+        "inflight": {"count": 1, "oldest_ms": 12.0, "silent_ms": 12.0, "unanswered": 1},
         "series": [
             {
                 "age_s": age,
