@@ -14,8 +14,9 @@ answer that does not verify), ``verify.unavailable`` decides: serve (the go
 command checks again) or refuse; either is counted and logged.
 
 Hashing a zip runs in a worker thread, concurrently with the lookup; the
-lookup's own CPU (a few ms of tile hashing, once per module version) stays
-on the loop.
+lookup's own CPU (signature, a few ms of tile hashing, proof) runs in worker
+threads too (``sidecar.sumdb``), and concurrent checks of one module@version
+share one lookup.
 """
 
 from __future__ import annotations

@@ -132,36 +132,50 @@ class SumdbVerifier:
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._settle(key, done))
         # shield: one caller giving up does not cancel the others' lookup.
-        hashes = await asyncio.shield(self._inflight[key])
-        self._memo[key] = hashes
-        if len(self._memo) > MEMO_SIZE:
-            self._memo.popitem(last=False)
-        return hashes
+        return await asyncio.shield(self._inflight[key])
 
     def _settle(self, key: tuple[str, str], done: asyncio.Future[ModuleHashes]) -> None:
+        """Memoised in the same step that ends the flight: a caller arriving in
+        between would start a second lookup."""
         self._inflight.pop(key, None)
-        if not done.cancelled():
-            done.exception()  # retrieved: every caller may have left before it ended
+        if done.cancelled() or done.exception() is not None:
+            return  # retrieved: every caller may have left before it ended
+        self._memo[key] = done.result()
+        if len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
 
     async def _lookup(self, module: str, version: str) -> ModuleHashes:
         path = f"lookup/{escape_path(module)}@{escape_version(version)}"
-        answer = parse_lookup(await self._get(path))
-        note = open_note(answer.note, self._verifier)
-        tree = parse_tree(note.text)
-        if not 0 <= answer.record_id < tree.n:
-            raise SumdbVerifyError(f"record {answer.record_id} is not in tree {tree.n}")
-        zip_h1, gomod_h1 = hashes_from_record(answer.text, module, version)
+        data = await self._get(path)
+        # The CPU of a lookup (signature, tile hashing, proof) runs in worker threads;
+        # only the fetches stay on the loop.
+        answer, tree, (zip_h1, gomod_h1) = await asyncio.to_thread(
+            self._open_answer, data, module, version
+        )
         # Prove the record in the largest accepted tree, as the go command does: its
         # tiles serve every lookup, and an old tree's edge tiles may be gone.
         latest = await self._accept_tree(tree)
         proof = await prove_record(latest.n, answer.record_id, self._reader(latest))
-        check_record(proof, latest.n, latest.hash, answer.record_id, record_hash(answer.text))
+        await asyncio.to_thread(_check_proof, proof, latest, answer)
         return ModuleHashes(module, version, zip_h1, gomod_h1, answer.record_id, latest)
+
+    def _open_answer(
+        self, data: bytes, module: str, version: str
+    ) -> tuple[LookupAnswer, Tree, tuple[str | None, str | None]]:
+        """Worker thread: the answer, its signed tree and the record's hashes."""
+        answer = parse_lookup(data)
+        tree = self._open_tree(answer.note)
+        if not 0 <= answer.record_id < tree.n:
+            raise SumdbVerifyError(f"record {answer.record_id} is not in tree {tree.n}")
+        return answer, tree, hashes_from_record(answer.text, module, version)
+
+    def _open_tree(self, signed_note: bytes) -> Tree:
+        return parse_tree(open_note(signed_note, self._verifier).text)
 
     async def merge_latest(self, signed_note: bytes) -> Tree:
         """Accept a signed tree head (``sumdb/<name>/latest``, or one kept from an
         earlier run) after checking it like a lookup's; returns the latest tree."""
-        return await self._accept_tree(parse_tree(open_note(signed_note, self._verifier).text))
+        return await self._accept_tree(await asyncio.to_thread(self._open_tree, signed_note))
 
     async def _accept_tree(self, tree: Tree) -> Tree:
         """Check ``tree`` against the latest accepted one; keep and return the larger."""
@@ -240,6 +254,10 @@ class SumdbVerifier:
             raise
         except SidecarError as exc:
             raise SumdbUnavailable(f"{full_path}: {exc}") from exc
+
+
+def _check_proof(proof: list[bytes], tree: Tree, answer: LookupAnswer) -> None:
+    check_record(proof, tree.n, tree.hash, answer.record_id, record_hash(answer.text))
 
 
 def _collect(into: tuple[list[Tile], list[bytes]]) -> Callable[[list[Tile], list[bytes]], None]:

@@ -16,6 +16,7 @@ skipped some of those parent checks.)
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
@@ -132,6 +133,19 @@ def _save_nothing(tiles: list[Tile], data: list[bytes]) -> None:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The tiles one ``read_hashes`` reads, and where its answers are in them."""
+
+    tiles: list[Tile]  # parents before children
+    order: dict[Tile, int]  # order[tiles[i]] == i
+    stx: list[int]  # stored hash indexes that rebuild the tree hash
+    stx_order: list[int]  # the tile of each, in `tiles`
+    stx_tiles: int  # tiles[:stx_tiles] hold them: checked against the tree hash
+    indexes: list[int]  # the wanted stored hashes
+    index_order: list[int]  # the tile of each, in `tiles`
+
+
 class TileHashReader:
     """Reads stored hashes of ``tree`` from tiles, each one authenticated first.
 
@@ -157,6 +171,18 @@ class TileHashReader:
         self._authenticated = authenticated or {}
 
     async def read_hashes(self, indexes: Sequence[int]) -> list[bytes]:
+        plan = self._plan_reads(indexes)
+        data = await self._read_tiles(plan.tiles)
+        # Read on the loop: the map belongs to the verifier, which changes it there.
+        known = [self._authenticated.get(tile) for tile in plan.tiles]
+        # Hashing tiles is most of a lookup's CPU (milliseconds): off the event loop.
+        hashes = await asyncio.to_thread(self._authenticate, plan, data, known)
+        self._save_tiles(plan.tiles, data)
+        return hashes
+
+    def _plan_reads(self, indexes: Sequence[int]) -> _Plan:
+        """The tiles to read: those that rebuild the tree hash first, then those
+        holding ``indexes``, each after its parent."""
         if self._tree.n == 0:
             raise SumdbVerifyError("the empty tree stores no hashes")
         tiles: list[Tile] = []
@@ -169,18 +195,25 @@ class TileHashReader:
             if not 0 <= x < end:
                 raise SumdbVerifyError(f"stored hash {x} is not in tree {self._tree.n}")
         index_order = [self._plan_index(x, tiles, order) for x in indexes]
+        return _Plan(tiles, order, stx, stx_order, stx_tiles, list(indexes), index_order)
 
-        data = await self._read_tiles(tiles)
+    def _authenticate(
+        self, plan: _Plan, data: list[bytes], known: list[bytes | None]
+    ) -> list[bytes]:
+        """Worker thread: check every tile (``known`` ones against their parent
+        only if their data changed), then return the wanted hashes."""
+        tiles, order = plan.tiles, plan.order
         if len(data) != len(tiles):
             raise SumdbVerifyError(f"read {len(data)} tiles, wanted {len(tiles)}")
         for tile, tile_data in zip(tiles, data, strict=True):
             if len(tile_data) != tile.w * HASH_SIZE:
                 raise SumdbVerifyError(f"tile {tile.path}: {len(tile_data)} bytes")
 
-        self._check_tree_hash(stx, [tiles[j] for j in stx_order], [data[j] for j in stx_order])
+        stx_order = plan.stx_order
+        self._check_tree_hash(plan.stx, [tiles[j] for j in stx_order], [data[j] for j in stx_order])
         # Parents come before children in `tiles`, so each check uses a checked parent.
-        for i in range(stx_tiles, len(tiles)):
-            if self._authenticated.get(tiles[i]) == data[i]:
+        for i in range(plan.stx_tiles, len(tiles)):
+            if known[i] == data[i]:
                 continue
             parent = tile_parent(tiles[i], 1, self._tree.n)
             assert parent is not None, "a full tile below the edge has a parent"
@@ -190,9 +223,9 @@ class TileHashReader:
             )
             if tile_hash(data[i]) != expected:
                 raise SumdbVerifyError(f"downloaded inconsistent tile {tiles[i].path}")
-        self._save_tiles(tiles, data)
         return [
-            hash_from_tile(tiles[j], data[j], x) for j, x in zip(index_order, indexes, strict=True)
+            hash_from_tile(tiles[j], data[j], x)
+            for j, x in zip(plan.index_order, plan.indexes, strict=True)
         ]
 
     def _edge_tile(self, index: int) -> Tile:

@@ -8,12 +8,16 @@ cache (spooled, checked, then sent).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from sidecar.app import SidecarService, build_sidecar
@@ -281,3 +285,61 @@ async def test_a_relayed_body_is_checked_before_any_byte_is_sent(
     assert metric(metrics, FAILURES, upstream="up0", kind="mod") == 1
     cached = [p.read_bytes() for p in cached_files(cache_dir)] if cache_dir.exists() else []
     assert not any(b in cached for b in primary.tamper.values())
+
+
+@dataclass
+class CountingUpstream(Upstream):
+    """Sets ``reached`` once it has been asked for ``want`` bodies of BIG."""
+
+    want: int = 0
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        answer = await super().handle(request)
+        if sum(p.startswith(artifact(*BIG, "")) for p in self.asked) >= self.want:
+            self.reached.set()
+        return answer
+
+
+@dataclass
+class HeldDatabase:
+    """The database in front of its own URL, holding each lookup's answer until
+    every client's body has reached the sidecar: all their checks are waiting."""
+
+    db: GoSumdb
+    release: asyncio.Event
+    lookups: list[str] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.lstrip("/")
+        if path.startswith("lookup/"):
+            self.lookups.append(path)
+            await asyncio.wait_for(self.release.wait(), 60)
+            await asyncio.sleep(0.2)  # the last body's check starts meanwhile
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.db.url}/{path}") as answer,
+        ):
+            return web.Response(status=answer.status, body=await answer.read())
+
+
+async def test_concurrent_checks_of_one_version_share_one_lookup(
+    database: tuple[GoSumdb, Path],
+    serve: Callable[[Any], Any],
+    sidecar_client: Any,
+) -> None:
+    """Eight clients, no cache (each request fetches and checks its own body):
+    one lookup of module@version, every client served the genuine body."""
+    db, proxy = database
+    clients = 8
+    only = CountingUpstream(proxy, db, sumdb=False, want=clients)
+    front = HeldDatabase(db, only.reached)
+    client, _ = await sidecar_client(
+        [await serve(only)], verify=VerifyConfig(key=db.verifier_key, url=await serve(front))
+    )
+    paths = [artifact(*BIG, "zip" if i % 2 else "mod") for i in range(clients)]
+    answers = await asyncio.gather(*(get(client, p) for p in paths))
+    assert answers == [(200, (proxy / p).read_bytes()) for p in paths]
+    assert front.lookups == [f"lookup/{BIG[0]}@{BIG[1]}"]
+    metrics = await (await client.get("/metrics")).text()
+    assert metric(metrics, UNAVAILABLE) == 0
