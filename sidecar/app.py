@@ -16,13 +16,14 @@ from sidecar.breaker.plan import Plan
 from sidecar.breaker.state import Decision, State, TrafficClass
 from sidecar.cache.base import ModuleCache
 from sidecar.config import Config, VerifyMode
-from sidecar.control import ControlLoop, breakers_of, on_transition
+from sidecar.control import ControlLoop, breakers_of, on_transition, windows_of
 from sidecar.endpoints import endpoints
 from sidecar.metrics import Metrics
 from sidecar.policy import make_engine
 from sidecar.policy.base import PolicyEngine
 from sidecar.policy.reloader import PolicyReloader
 from sidecar.proxy.handler import METHODS, ProxyHandler, send_text
+from sidecar.proxy.hedge import Hedging
 from sidecar.proxy.integrity import IntegrityChecker
 from sidecar.proxy.internal import direct_fetch, handler_fetch
 from sidecar.proxy.recorder import Recorder, queue_wait_sink
@@ -51,6 +52,7 @@ class Sidecar:
     router: Router | None = None
     control: ControlLoop | None = None
     policy: PolicyReloader | None = None
+    hedging: Hedging | None = None
     would: dict[str, Decision] = field(default_factory=dict)
     background: set[asyncio.Task[object]] = field(default_factory=set)
     plan: Plan = field(init=False)
@@ -69,6 +71,8 @@ class Sidecar:
             self._plan_version,
             time.monotonic(),
         )
+        if self.hedging is not None:
+            self.hedging.plan_changed()  # requests waiting on a breaker that opened move now
 
     def current_plan(self) -> Plan:
         return self.plan
@@ -118,6 +122,12 @@ def build_sidecar(
             for state in State:
                 closed = state is State.CLOSED
                 metrics.breaker_state.labels(name, klass.value, state.value).set(closed)
+    sidecar.hedging = Hedging(
+        upstreams,
+        {klass: breakers_of(sidecar, klass) for klass in TrafficClass},
+        {klass: windows_of(sidecar, klass) for klass in TrafficClass},
+        metrics,
+    )
     sidecar.swap_plan()
     return sidecar
 
@@ -141,6 +151,7 @@ class SidecarService:
             sidecar.cache,
             sidecar.config.policy.reject_status,
             sidecar.router,
+            hedging=sidecar.hedging,
         )
         self._sumdb_upstream: Upstream | None = None
         verify = sidecar.config.verify

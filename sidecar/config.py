@@ -87,6 +87,35 @@ class TimeoutsConfig:
     idle: float = DEFAULT_IDLE_TIMEOUT_S
 
 
+# Hedged requests (sidecar.proxy.hedge). The floor of the automatic delay: a
+# cached answer from an Athens beside the sidecar takes 1-20 ms and the public
+# proxy's round trip 30-150 ms from most networks, so a request still silent
+# after 200 ms is unusual for either, and a hedge sent earlier than the
+# backup's own round trip seldom wins anything.
+DEFAULT_HEDGE_FLOOR_S = 0.2
+# At most this share of requests is hedged, over time. A p95 delay hedges about
+# 5 % of a healthy upstream's requests ("The Tail at Scale"); 10 % leaves room
+# for that and caps what a slow upstream adds to the next one's load (Envoy's
+# retry budget allows 20 % of active requests).
+DEFAULT_HEDGE_BUDGET = 0.1
+# Tokens a fresh bucket holds: the first requests of a cold build through a
+# primary that hangs from the start are hedged before any budget has accrued.
+DEFAULT_HEDGE_BURST = 10
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    """Hedging away from one upstream: after ``delay`` (None: ``auto``, the
+    upstream's own TTFB p95, at least ``floor``), within a token bucket that
+    gains ``budget`` per request, holds at most ``burst``."""
+
+    enabled: bool = True
+    delay: float | None = None
+    floor: float = DEFAULT_HEDGE_FLOOR_S
+    budget: float = DEFAULT_HEDGE_BUDGET
+    burst: int = DEFAULT_HEDGE_BURST
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
@@ -95,6 +124,7 @@ class UpstreamConfig:
     timeouts: TimeoutsConfig = TimeoutsConfig()
     auth: AuthConfig = AuthConfig()
     private_ok: bool = False
+    hedge: HedgeConfig = HedgeConfig()
 
 
 @dataclass(frozen=True, slots=True)

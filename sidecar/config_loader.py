@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import re
@@ -17,6 +18,9 @@ from sidecar.config import (
     DEFAULT_CACHE_SCRUB_RATE,
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_FIRST_BYTE_TIMEOUT_S,
+    DEFAULT_HEDGE_BUDGET,
+    DEFAULT_HEDGE_BURST,
+    DEFAULT_HEDGE_FLOOR_S,
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_LISTEN,
     DEFAULT_MUTABLE_TTL_S,
@@ -38,6 +42,7 @@ from sidecar.config import (
     BasicAuth,
     CacheConfig,
     Config,
+    HedgeConfig,
     PolicyConfig,
     PolicyEngineKind,
     PolicyMode,
@@ -91,6 +96,13 @@ _UPSTREAM_SCHEMA: dict[str, _Node] = {
     "pool": {"max_connections": "int", "max_pending": "int", "max_wait": "duration"},
     "timeouts": {"connect": "duration", "first_byte": "duration", "idle": "duration"},
     "auth": {"netrc": "bool", "basic": {"username_env": "str", "password_env": "str"}},
+    "hedge": {
+        "enabled": "bool",
+        "delay": "duration",
+        "floor": "duration",
+        "budget": "number",
+        "burst": "int",
+    },
 }
 _RULE_SCHEMA: dict[str, _Node] = {
     "match": "str",
@@ -319,11 +331,11 @@ def _resolve(node: _Node, name: str) -> tuple[_Path, str] | None:
 
 
 def _env_value(kind: str, text: str, cwd_relative: bool) -> object:
-    """Strings, durations and sizes verbatim; lists split on commas; ints and bools as YAML."""
+    """Strings, durations and sizes verbatim; lists split on commas; numbers and bools as YAML."""
     if kind == "list":
         items = [item.strip() for item in text.split(",") if item.strip()]
         return [_absolute(item) for item in items] if cwd_relative else items
-    if kind not in ("int", "bool"):
+    if kind not in ("int", "number", "bool"):
         return text
     try:
         value = yaml.safe_load(text)
@@ -534,6 +546,22 @@ def _duration(*, positive: bool) -> Callable[[object], float]:
     return convert
 
 
+def _hedge_delay(value: object) -> float | None:
+    """``auto`` (None) or a duration > 0."""
+    if value == "auto":
+        return None
+    try:
+        return _duration(positive=True)(value)
+    except _Invalid as exc:
+        raise _Invalid(exc.message.replace("expected a", "expected 'auto' or a", 1)) from None
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise _Invalid(f"expected a number from 0 to 1 (0.1 = 10 %), got {_show(value)}")
+    return float(value)
+
+
 def _size(value: object) -> int:
     try:
         if not isinstance(value, str | int):
@@ -695,7 +723,7 @@ def _upstreams(root: _Section, env: Mapping[str, str]) -> tuple[UpstreamConfig, 
 def _upstream(section: _Section, env: Mapping[str, str]) -> UpstreamConfig:
     pool, timeouts = section.sub("pool"), section.sub("timeouts")
     positive = _duration(positive=True)
-    return UpstreamConfig(
+    upstream = UpstreamConfig(
         name=section.require("name", _name, ""),
         url=section.require("url", _http_url, ""),
         pool=PoolConfig(
@@ -710,6 +738,27 @@ def _upstream(section: _Section, env: Mapping[str, str]) -> UpstreamConfig:
         ),
         auth=_auth(section.sub("auth"), env),
         private_ok=section.get("private_ok", _boolean, False),
+    )
+    hedge = _hedge(section.sub("hedge"), upstream.timeouts.first_byte)
+    return dataclasses.replace(upstream, hedge=hedge)
+
+
+def _hedge(section: _Section, first_byte: float) -> HedgeConfig:
+    delay = section.get("delay", _hedge_delay, None)
+    floor = section.get("floor", _duration(positive=True), DEFAULT_HEDGE_FLOOR_S)
+    for key, value in (("delay", delay), ("floor", floor)):
+        if value is not None and value >= first_byte:
+            section.fail(
+                f"must be shorter than timeouts.first_byte ({format_duration(first_byte)}), "
+                f"got {format_duration(value)}",
+                key,
+            )
+    return HedgeConfig(
+        enabled=section.get("enabled", _boolean, True),
+        delay=delay,
+        floor=floor,
+        budget=section.get("budget", _fraction, DEFAULT_HEDGE_BUDGET),
+        burst=section.get("burst", _integer(1), DEFAULT_HEDGE_BURST),
     )
 
 

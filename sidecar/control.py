@@ -25,7 +25,7 @@ from sidecar.breaker.machine import Breaker
 from sidecar.breaker.state import ALLOW, Decision, State, TrafficClass, Transition
 from sidecar.errors import PolicyError, UpstreamBusy, UpstreamError
 from sidecar.policy.base import PolicyEngine
-from sidecar.stats.window import UpstreamWindow
+from sidecar.stats.window import UpstreamWindow, WindowSnapshot
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -199,6 +199,7 @@ def build_input(sc: Sidecar) -> dict[str, Any]:
         # a pool that is full at the instant of a tick is busy, not sick.
         window.sample_saturation(peak / up.limit)
         snapshot = window.snapshot()
+        _learn(sc, sc.breakers[name], snapshot)
         doc = snapshot.as_policy_input(admission=True)
         doc.update(
             role=up.role,
@@ -211,11 +212,19 @@ def build_input(sc: Sidecar) -> dict[str, Any]:
                 "saturation": round(peak / up.limit, 4),
             },
         )
-        sumdb = sc.sumdb_windows[name].snapshot().as_policy_input(admission=False)
+        sumdb_snapshot = sc.sumdb_windows[name].snapshot()
+        _learn(sc, sc.sumdb_breakers[name], sumdb_snapshot)
+        sumdb = sumdb_snapshot.as_policy_input(admission=False)
         sumdb.update(_breaker_input(sc.sumdb_breakers[name]))
         doc["sumdb"] = sumdb
         upstreams[name] = doc
     return {"now": round(time.time(), 3), "upstreams": upstreams, "cache": sc.cache_summary()}
+
+
+def _learn(sc: Sidecar, breaker: Breaker, snapshot: WindowSnapshot) -> None:
+    """The automatic hedge delay follows the window (read here: a snapshot per tick)."""
+    if sc.hedging is not None:
+        sc.hedging.learn(breaker, snapshot.ttfb_p95_ms, snapshot.requests)
 
 
 def _breaker_input(breaker: Breaker) -> dict[str, Any]:

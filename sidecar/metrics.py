@@ -174,6 +174,24 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        # --- hedged requests (sidecar.proxy.hedge)
+        self.hedges = Counter(
+            f"{p}_hedges",
+            "Requests to this upstream that had no response headers within the hedge "
+            "delay, by result: won (the same request sent to the next allowed upstream "
+            "was served), lost (it was sent, and this upstream's answer, or none, was "
+            "used), budget_exhausted (not sent: the hedge budget was spent).",
+            ["upstream", "result"],
+            registry=r,
+        )
+        self.hedge_delay = Gauge(
+            f"{p}_hedge_delay_seconds",
+            "How long a request to this upstream waits for headers before it is hedged, "
+            "by traffic class (hedge.delay, or with auto the upstream's TTFB p95 within "
+            "hedge.floor and timeouts.first_byte / 5).",
+            ["upstream", "class"],
+            registry=r,
+        )
         # --- breakers
         self.breaker_state = Gauge(
             f"{p}_breaker_state",

@@ -12,6 +12,7 @@ from sidecar.app import Sidecar, SidecarService, build_sidecar
 from sidecar.config import (
     CacheConfig,
     Config,
+    HedgeConfig,
     PolicyConfig,
     StatsConfig,
     TimeoutsConfig,
@@ -23,6 +24,7 @@ from tests.serving import SidecarTestServer
 from tests.upstream import FakeGoproxy, make_app
 
 FAST_TIMEOUTS = TimeoutsConfig(connect=1.0, first_byte=1.0, idle=1.0)
+HEDGED = HedgeConfig()  # the default: on
 
 
 @pytest.fixture
@@ -47,9 +49,14 @@ async def fake_upstreams() -> AsyncIterator[
         await server.close()
 
 
-def make_config(urls: list[str], tmp_path: Path, **overrides: Any) -> Config:
+def make_config(
+    urls: list[str], tmp_path: Path, hedge: HedgeConfig = HEDGED, **overrides: Any
+) -> Config:
+    """``hedge`` applies to every upstream (a test that must see a slow upstream's
+    own failure turns hedging off)."""
     upstreams = tuple(
-        UpstreamConfig(name=f"up{i}", url=url, timeouts=FAST_TIMEOUTS) for i, url in enumerate(urls)
+        UpstreamConfig(name=f"up{i}", url=url, timeouts=FAST_TIMEOUTS, hedge=hedge)
+        for i, url in enumerate(urls)
     )
     config = Config(
         listen="127.0.0.1:0",

@@ -25,7 +25,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final
@@ -42,6 +42,7 @@ from sidecar.errors import (
 )
 from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
+from sidecar.proxy.hedge import Hedging, Race
 from sidecar.proxy.integrity import IntegrityChecker, spool
 from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
 from sidecar.proxy.recorder import Recorder
@@ -82,6 +83,12 @@ class Attempts:
     cut: UpstreamError | None = None  # the body failed after headers were sent
     overflowed: bool = False  # an upstream had no connection in time (admission)
     use_cache: bool = True  # false for modules a routing rule keeps out of the cache
+    targets: Sequence[UpstreamPlan] = ()  # the walk, in order (hedges pick from it)
+    hedged_to: str = ""  # the upstream a hedge already asked: the walk skips it
+    # Of the upstream a race began with (its probe's verdict): it failed although
+    # its hedge then answered; it gave none (cancelled: its hedge answered first).
+    first_failure: UpstreamError | None = None
+    unjudged: bool = False
 
 
 class ProxyHandler:
@@ -94,6 +101,7 @@ class ProxyHandler:
         reject_status: int,
         router: Router,
         checker: IntegrityChecker | None = None,
+        hedging: Hedging | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.plan = plan
@@ -104,6 +112,7 @@ class ProxyHandler:
         # Checks .mod/.zip bodies against the checksum database; set once by the
         # app (it fetches the database's answers through this handler).
         self.checker = checker
+        self.hedging = hedging  # None: no request is ever hedged
         self._parse = functools.lru_cache(maxsize=PARSE_MEMO)(parse_request_path)
         self._overflow_logged: dict[str, tuple[float, int]] = {}  # upstream: (last line, since)
         # Decided once: the level is set before the server starts (--log-level).
@@ -224,8 +233,11 @@ class ProxyHandler:
     async def _walk(
         self, ex: Exchange, req: GoproxyRequest, flight: Flight | None, route: Route, reply: Reply
     ) -> Answer:
-        attempts = Attempts(use_cache=route.cache)
-        for target in self._targets(route, req.kind):
+        targets = self._targets(route, req.kind)
+        attempts = Attempts(use_cache=route.cache, targets=targets)
+        for target in targets:
+            if target.name == attempts.hedged_to:
+                continue  # asked already, as an earlier target's hedge
             answer = await self._try_target(ex, req, target, attempts, flight, reply)
             if answer is not None:
                 return answer
@@ -273,7 +285,7 @@ class ProxyHandler:
         if action is Action.CACHE:
             return await self._cache_action(ex, req, target, attempts, reply)
         try:
-            return await self._fetch(ex, req, self.upstreams[target.name], attempts, flight, reply)
+            return await self._fetch(ex, req, target, attempts, flight, reply)
         except (UpstreamError, UpstreamBusy):
             return None
 
@@ -289,10 +301,9 @@ class ProxyHandler:
         """A half-open breaker lets this request through as one of its probes."""
         breaker = target.breaker
         period = breaker.probe_period
+        attempts.first_failure, attempts.unjudged = None, False
         try:
-            answer = await self._fetch(
-                ex, req, self.upstreams[target.name], attempts, flight, reply
-            )
+            answer = await self._fetch(ex, req, target, attempts, flight, reply)
         except UpstreamError as exc:
             self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "failed")()
             breaker.release_probe(False, exc.message, period=period)
@@ -307,9 +318,13 @@ class ProxyHandler:
             else:
                 breaker.cancel_probe(period=period)  # the client left: no verdict
             raise
-        if attempts.cut is not None:
+        failure = attempts.first_failure or attempts.cut
+        if attempts.first_failure is None and attempts.unjudged:
+            breaker.cancel_probe(period=period)  # its hedge answered first: no verdict
+            return answer
+        if failure is not None:
             self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "failed")()
-            breaker.release_probe(False, attempts.cut.message, period=period)
+            breaker.release_probe(False, failure.message, period=period)
             return answer
         self.recorder.counter(self.recorder.metrics.probes, target.name, "client", "ok")()
         breaker.release_probe(True, period=period)
@@ -319,33 +334,40 @@ class ProxyHandler:
         self,
         ex: Exchange,
         req: GoproxyRequest,
-        upstream: Upstream,
+        target: UpstreamPlan,
         attempts: Attempts,
         flight: Flight | None,
         reply: Reply,
     ) -> Answer | None:
-        """One upstream attempt. None means "go on"; UpstreamError means it failed,
-        UpstreamBusy that it had no connection in time (not a failure)."""
+        """One upstream attempt, maybe hedged. None means "go on"; UpstreamError
+        means it failed, UpstreamBusy that it had no connection in time (not a
+        failure)."""
+        upstream = self.upstreams[target.name]
         reply.answering(upstream.name)  # a client leaving now left while it was asked
-        try:
-            # Always GET: the GOPROXY protocol defines no other method and Athens
-            # answers HEAD with 405. A HEAD is answered from the GET's headers.
-            resp = await upstream.open(req.path)
-        except UpstreamBusy as exc:
-            self._overflowed(exc, attempts)
-            raise
-        except UpstreamError as exc:
-            self._failed(upstream.name, req.kind, exc, None, attempts)
-            raise
-        if resp.status != 200:
-            text = await resp.read_text()
-            resp.release()
-            self.recorder.attempt(
-                upstream.name, req.kind, Outcome.NOT_FOUND, resp.ttfb, "not_found"
-            )
-            attempts.status, attempts.message = resp.status, text or "not found"
-            attempts.not_found_from.append(upstream.name)
-            return None
+        hedging = self.hedging
+        race = None
+        if hedging is not None and not attempts.hedged_to:
+            race = hedging.race(target, req.path, attempts.targets)
+        if race is None:
+            try:
+                # Always GET: the GOPROXY protocol defines no other method and Athens
+                # answers HEAD with 405. A HEAD is answered from the GET's headers.
+                resp = await upstream.open(req.path)
+            except UpstreamBusy as exc:
+                self._overflowed(exc, attempts)
+                raise
+            except UpstreamError as exc:
+                self._failed(upstream.name, req.kind, exc, None, attempts)
+                raise
+            if resp.status != 200:
+                await self._not_found(req, resp, attempts)
+                return None
+        else:
+            raced = await self._race(req, upstream, race, attempts)
+            if raced is None:
+                return None
+            resp = raced
+            upstream = resp.upstream  # the hedge's, when its answer won
         for name in attempts.not_found_from:
             self.recorder.masked(name, req.kind)
         if ex.method == "HEAD":
@@ -366,6 +388,94 @@ class ProxyHandler:
             if reader is not None:
                 return await self._deliver(ex, reader, attempts, reply)
         return await self._stream(ex, req, resp, attempts, reply)
+
+    async def _not_found(
+        self, req: GoproxyRequest, resp: UpstreamResponse, attempts: Attempts
+    ) -> None:
+        """A 404/410: the route's answer so far; the walk goes on."""
+        name = resp.upstream.name
+        text = await resp.read_text()
+        resp.release()
+        self.recorder.attempt(name, req.kind, Outcome.NOT_FOUND, resp.ttfb, "not_found")
+        attempts.status, attempts.message = resp.status, text or "not found"
+        attempts.not_found_from.append(name)
+
+    async def _race(
+        self, req: GoproxyRequest, upstream: Upstream, race: Race, attempts: Attempts
+    ) -> UpstreamResponse | None:
+        """``upstream``'s 200, or its hedge's (``sidecar.proxy.hedge``). None: no
+        200 from either, the walk goes on; UpstreamError/UpstreamBusy: the first
+        upstream failed before any hedge was sent."""
+        served: UpstreamResponse | None = None
+        try:
+            try:
+                try:
+                    resp = await upstream.open(req.path, admitted=race.arm)
+                finally:
+                    race.stop()  # at once: from here on a hedge's 200 cancels nothing
+            except asyncio.CancelledError:
+                if not race.took_over():
+                    raise  # the client left
+                attempts.unjudged = True
+                attempts.hedged_to = race.hedge_name
+                served = race.winner()
+                return served
+            except UpstreamBusy as exc:  # at admission, so before any hedge
+                self._overflowed(exc, attempts)
+                raise
+            except UpstreamError as exc:
+                self._failed(upstream.name, req.kind, exc, None, attempts)
+                if race.hedge is None:
+                    raise
+                attempts.first_failure = exc
+            else:
+                if resp.status == 200:
+                    return resp
+                await self._not_found(req, resp, attempts)
+                if race.hedge is None:
+                    return None
+            served = await self._hedge_answer(req, race, attempts)
+            return served
+        finally:
+            unused = race.close(served is not None)
+            if unused is not None:
+                self._settle_unused(req, unused)
+
+    async def _hedge_answer(
+        self, req: GoproxyRequest, race: Race, attempts: Attempts
+    ) -> UpstreamResponse | None:
+        """The first upstream of a race has no 200: its hedge answers as the next
+        upstream of the list would."""
+        attempts.hedged_to = race.hedge_name
+        try:
+            resp = await race.outcome()
+        except UpstreamBusy as exc:
+            self._overflowed(exc, attempts)
+            return None
+        except UpstreamError as exc:
+            self._failed(race.hedge_name, req.kind, exc, None, attempts)
+            return None
+        if resp.status != 200:
+            await self._not_found(req, resp, attempts)
+            return None
+        return resp
+
+    def _settle_unused(
+        self, req: GoproxyRequest, outcome: UpstreamResponse | BaseException
+    ) -> None:
+        """A hedge that ended with nobody to use its answer: recorded like any attempt."""
+        if isinstance(outcome, UpstreamBusy):
+            self.recorder.overflowed(outcome.upstream)
+        elif isinstance(outcome, UpstreamError):
+            self._record_failure(outcome.upstream, req.kind, outcome, None)
+        elif isinstance(outcome, UpstreamResponse):
+            outcome.release(reuse=False)
+            ok = outcome.status == 200
+            result = Outcome.OK if ok else Outcome.NOT_FOUND
+            name = outcome.upstream.name
+            self.recorder.attempt(name, req.kind, result, outcome.ttfb, result.value)
+        else:
+            log.error("hedge attempt failed", exc_info=outcome)
 
     async def _stream(
         self,

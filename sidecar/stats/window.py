@@ -44,7 +44,7 @@ from sidecar.stats.inflight import InFlight, InFlightSnapshot
 
 Clock = Callable[[], float]
 
-QUANTILES = (0.5, 0.9, 0.99)
+QUANTILES = (0.5, 0.9, 0.95, 0.99)  # p95: the hedge delay (sidecar.proxy.hedge)
 QUEUE_QUANTILES = (0.5, 0.99)
 
 
@@ -68,6 +68,8 @@ class _Slice:
 
     __slots__ = (
         "errors",
+        "hedges",
+        "hedges_won",
         "integrity",
         "masked",
         "not_found",
@@ -91,6 +93,8 @@ class _Slice:
         self.timeouts = 0
         self.masked = 0
         self.integrity = 0
+        self.hedges = 0
+        self.hedges_won = 0
         self.overflows = 0
         self.saturation = 0.0
         self.ttfb.reset()
@@ -110,6 +114,7 @@ class SliceSnapshot:
     queue_wait_p99_ms: float
     overflows: int
     masked_failures: int = 0
+    hedges: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,11 @@ class WindowSnapshot:
     series: tuple[SliceSnapshot, ...]
     # Bodies that did not match the checksum database (already counted in errors).
     integrity_failures: int = 0
+    # Requests hedged away from this upstream (no headers within the hedge
+    # delay), and those of them the hedge's answer served (sidecar.proxy.hedge).
+    hedges: int = 0
+    hedges_won: int = 0
+    ttfb_p95_ms: float = 0.0  # the automatic hedge delay; not in the policy input
 
     def as_policy_input(self, admission: bool) -> dict[str, Any]:
         """This upstream's stats in the policy input shape of the README.
@@ -170,6 +180,8 @@ class WindowSnapshot:
             "not_found_rate": _ratio(self.not_found_rate),
             "masked_failures": self.masked_failures,
             "integrity_failures": self.integrity_failures,
+            "hedges": self.hedges,
+            "hedges_won": self.hedges_won,
             "ttfb_ms": {
                 "p50": _ms(self.ttfb_p50_ms),
                 "p90": _ms(self.ttfb_p90_ms),
@@ -203,6 +215,7 @@ def _slice_input(s: SliceSnapshot, admission: bool) -> dict[str, Any]:
         doc["queue_wait_ms"] = {"p50": _ms(s.queue_wait_p50_ms), "p99": _ms(s.queue_wait_p99_ms)}
         doc["overflows"] = s.overflows
         doc["masked_failures"] = s.masked_failures  # module kinds only, like the pool's
+        doc["hedges"] = s.hedges
     return doc
 
 
@@ -350,6 +363,24 @@ class UpstreamWindow:
             self._advance(now)
         self._current.integrity += 1
 
+    def record_hedge(self, won: bool) -> None:
+        """One request to this upstream was hedged: it had no headers within the
+        hedge delay, and the same request went to the next upstream. ``won``: the
+        hedge's answer was served (this upstream's attempt was cancelled, or it
+        failed or answered 404 meanwhile).
+
+        Neither a request, an error nor a TTFB sample: what this upstream did is
+        recorded when it answers, and a cancelled wait ends in the in-flight
+        registry as abandoned.
+        """
+        now = self._clock()
+        if now >= self._next_edge:
+            self._advance(now)
+        s = self._current
+        s.hedges += 1
+        if won:
+            s.hedges_won += 1
+
     def record_queue_wait(self, seconds: float) -> None:
         """How long one request waited for a pooled connection (0 if it did not).
 
@@ -390,6 +421,7 @@ class UpstreamWindow:
         live = min(self._epoch + 1, self._n)
         newest_first = [self._slices[(self._epoch - age) % self._n] for age in range(live)]
         requests = errors = not_found = timeouts = masked = overflows = integrity = 0
+        hedges = hedges_won = 0
         merged = self._scratch
         merged.reset()
         queued = self._queue_scratch
@@ -402,6 +434,8 @@ class UpstreamWindow:
             timeouts += s.timeouts
             masked += s.masked
             integrity += s.integrity
+            hedges += s.hedges
+            hedges_won += s.hedges_won
             overflows += s.overflows
             s.ttfb.merge_into(merged)
             s.queue.merge_into(queued)
@@ -417,11 +451,12 @@ class UpstreamWindow:
                     queue_wait_p99_ms=q99,
                     overflows=s.overflows,
                     masked_failures=s.masked,
+                    hedges=s.hedges,
                 )
             )
         for wait in waiting:
             merged.record(wait)
-        p50, p90, p99 = merged.quantiles(QUANTILES)
+        p50, p90, p95, p99 = merged.quantiles(QUANTILES)
         q50, q99 = queued.quantiles(QUEUE_QUANTILES)
         return WindowSnapshot(
             window_s=self._window_s,
@@ -442,6 +477,9 @@ class UpstreamWindow:
             inflight=self._inflight.snapshot(),
             series=tuple(series),
             integrity_failures=integrity,
+            hedges=hedges,
+            hedges_won=hedges_won,
+            ttfb_p95_ms=p95,
         )
 
     def _p99_with(self, ttfb: Histogram, waiting: list[float]) -> float:

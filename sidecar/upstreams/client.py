@@ -31,6 +31,7 @@ a refused hop is the upstream's failure, and nothing from it is kept.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import monotonic
 from typing import Final
 from urllib.parse import urljoin, urlsplit
@@ -123,7 +124,9 @@ class Upstream:
         self.active -= 1
         self.admission.release()
 
-    async def open(self, path: str, method: str = "GET") -> UpstreamResponse:
+    async def open(
+        self, path: str, method: str = "GET", admitted: Callable[[], object] | None = None
+    ) -> UpstreamResponse:
         """Send the request; return at response headers or raise UpstreamError.
 
         200, 404 and 410 come back as responses; every other status is a
@@ -136,7 +139,7 @@ class Upstream:
         sidecar's own queue nor connecting reads as a slow upstream (a slow
         connect is bounded by ``timeouts.connect``). A redirect chain's TTFB
         starts at its first request. The first-byte deadline starts at
-        admission.
+        admission; so does ``admitted``, called then (a hedge's delay).
         """
         active = self.active = self.active + 1
         if active > self.peak:
@@ -148,6 +151,8 @@ class Upstream:
             except BaseException:
                 self.active -= 1
                 raise
+        if admitted is not None:
+            admitted()
         started = monotonic()
         deadline = started + self._first_byte
         waits = self.sumdb_inflight if path.startswith("sumdb/") else self.inflight

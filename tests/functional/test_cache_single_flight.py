@@ -9,6 +9,7 @@ import time
 import aiohttp
 import pytest
 
+from sidecar.config import HedgeConfig
 from tests.functional import test_cache_support
 from tests.functional.test_cache_support import (
     INFO,
@@ -157,7 +158,8 @@ async def test_small_truncated_answer_falls_through_once_for_every_joiner(
     (a, url_a), (b, url_b) = await fake_upstreams(2)
     a.set(INFO, Reply(body=b"x" * 1000, truncate_at=100, delay=0.2))
     b.set(INFO, b'{"Version":"v1.0.0"}')
-    client, sc = await cached_sidecar([url_a, url_b])
+    # Not hedged: the primary's 0.2 s would race a hedge to the backup.
+    client, sc = await cached_sidecar([url_a, url_b], hedge=HedgeConfig(enabled=False))
     results = await asyncio.gather(*(fetch(client, INFO) for _ in range(5)))
     assert results == [(200, b'{"Version":"v1.0.0"}', "up1")] * 5
     assert metric(sc, JOINS) == 4
