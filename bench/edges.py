@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import shutil
 import socket
@@ -298,7 +299,8 @@ async def readers_client(port: int, settle_s: float) -> tuple[str, int]:
     all_dropped = loop.time() - started
     for sock in socks:
         sock.close()
-    tried = ", ".join(str(s) for s in statuses[:-1]) or "none"
+    refused = collections.Counter(statuses if served_after is None else statuses[:-1])
+    tried = ", ".join(f"{n} x {status}" for status, n in sorted(refused.items())) or "none"
     when = f"{served_after:.1f} s" if served_after is not None else "never"
     gone = f"all by {all_dropped:.1f} s" if dropped == READERS else f"{dropped}/{READERS}"
     return f"probe served after {when} (answers before: {tried}); non-readers dropped: {gone}", 0

@@ -41,10 +41,11 @@ MAX_HEADER_COUNT: Final = 100
 # measured between slices: an unterminated line costs one slice past the limit,
 # not the whole line (httptools joins a field's pieces, quadratic in its size).
 SLICE: Final = 2048
-# The header section as it arrives, raw: the fields' own bytes plus ": " and
-# CRLF per line, the request line's method and version, and the part of the
-# slice the head began in that came before it. A head within the limits above
-# always fits.
+# A message's bytes other than its body, raw, as they arrive (less the
+# request-target, limited apart): the fields' own bytes plus ": " and CRLF
+# per line, the request line's method and version, chunk framing and
+# trailers, and the part of the slice the message began in that came before
+# it. A head within the limits above always fits.
 MAX_HEADER_SECTION: Final = MAX_HEADERS + 4 * MAX_HEADER_COUNT + 64 + SLICE
 PIPELINE_DEPTH: Final = 16
 FILE_CHUNK: Final = 256 * 1024  # read size when the loop has no sendfile (uvloop)
@@ -57,6 +58,7 @@ CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [":" port]; empty is allowed.
 _HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 _ABSOLUTE: Final = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(.*)", re.DOTALL)
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD")}  # decoded once
 _TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
 _BYTES_ACKED: Final = slice(120, 128)  # tcpi_bytes_acked in Linux's struct tcp_info
 _RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
@@ -73,18 +75,16 @@ class _Refused(Exception):
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "_continue",
         "_current",
         "_drain",
         "_dropped",
-        "_expect",
         "_halted",
         "_head_seen",
         "_header_bytes",
         "_headers",
         "_held",
         "_host",
-        "_http11",
-        "_in_head",
         "_linger",
         "_loop",
         "_parser",
@@ -99,7 +99,7 @@ class Connection(asyncio.Protocol):
         "_target_bytes",
         "_task",
         "_transport",
-        "_url",
+        "_valid_host",
         "closed",
         "closing",
         "idle_since",
@@ -114,14 +114,16 @@ class Connection(asyncio.Protocol):
         # The message being parsed.
         self._target: list[bytes] = []
         self._target_bytes = 0
-        self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._host: bytes | None = None
-        self._expect: bytes | None = None  # a 100 Continue still owed when not None
-        self._http11 = True
-        self._in_head = False  # begun, headers not complete
-        self._head_seen = 0  # bytes fed while in the head (over by at most one slice)
+        self._valid_host = b""  # the last Host value that passed the check
+        # Expect: 100-continue: None (not asked), False (sent), True (owed).
+        self._continue: bool | None = None
+        # Bytes of the message being parsed that are not body bytes (request
+        # line, headers, chunk framing, trailers; over by at most one slice);
+        # None between messages.
+        self._head_seen: int | None = None
         self._held = b""  # bytes not parsed yet because the queue is full
         # Exchanges waiting their turn; a _Refused one is answered, then the connection closes.
         self._queue: deque[Exchange | _Refused] = deque()
@@ -170,7 +172,16 @@ class Connection(asyncio.Protocol):
         if self._halted:
             self._drop(data)
             return
-        self._parse(data)
+        if len(data) > SLICE:
+            self._parse(data)
+        else:  # _feed, inline: this is every small request
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                self._parse_failed(exc)
+            else:
+                if self._head_seen is not None:
+                    self._head_arrived(len(data))
         self._pump()
 
     def pause_writing(self) -> None:
@@ -189,9 +200,6 @@ class Connection(asyncio.Protocol):
 
     # -- parsing ----------------------------------------------------------
     def _parse(self, data: bytes) -> None:
-        if len(data) <= SLICE:
-            self._feed(data)
-            return
         view = memoryview(data)
         for start in range(0, len(data), SLICE):
             if self._halted:
@@ -205,20 +213,25 @@ class Connection(asyncio.Protocol):
     def _feed(self, piece: bytes | memoryview) -> None:
         try:
             self._parser.feed_data(piece)
-        except httptools.HttpParserCallbackError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parse_failed(exc)
+        else:
+            if self._head_seen is not None:
+                self._head_arrived(len(piece))
+
+    def _head_arrived(self, size: int) -> None:
+        seen = self._head_seen = cast(int, self._head_seen) + size
+        if seen - self._target_bytes > MAX_HEADER_SECTION:
+            self._refuse(_Refused(431, "request headers too large"))
+
+    def _parse_failed(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):
+            self._no_upgrade()
+        elif isinstance(exc, httptools.HttpParserCallbackError):
             refused = exc.__context__
             self._refuse(refused if isinstance(refused, _Refused) else _Refused(400, "bad request"))
-            return
-        except httptools.HttpParserUpgrade:
-            self._no_upgrade()
-            return
-        except httptools.HttpParserError as exc:
+        else:
             self._refuse(_Refused(400, f"bad request: {exc}"))
-            return
-        if self._in_head:
-            self._head_seen += len(piece)
-            if self._head_seen - self._target_bytes > MAX_HEADER_SECTION:
-                self._refuse(_Refused(431, "request headers too large"))
 
     # -- httptools callbacks ----------------------------------------------
     def on_message_begin(self) -> None:
@@ -227,8 +240,7 @@ class Connection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._host = None
-        self._expect = None
-        self._in_head = True
+        self._continue = None
         self._head_seen = 0
 
     def on_url(self, url: bytes) -> None:
@@ -243,34 +255,71 @@ class Connection(asyncio.Protocol):
         if self._header_bytes > MAX_HEADERS or len(self._headers) > MAX_HEADER_COUNT:
             raise _Refused(431, "request headers too large")
         size = len(name)
-        if size == 4 and name.lower() == b"host":
+        if size == 4 and (name == b"Host" or name.lower() == b"host"):
             if self._host is not None:
                 raise _Refused(400, "more than one Host header")
             self._host = value
         elif size == 6 and name.lower() == b"expect":
-            self._expect = value
+            self._expectation(value)
 
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        version = self._parser.get_http_version()
-        http11 = self._http11 = version == "1.1"
-        if not http11 and version != "1.0":
-            raise _Refused(505, f"HTTP/{version} is not supported")
+    def on_body(self, body: bytes) -> None:
+        # Body bytes are not head bytes; chunk framing and trailers are.
+        if self._head_seen is not None:
+            self._head_seen -= len(body)
+
+    def _expectation(self, value: bytes) -> None:
+        """Decided as the header arrives (the head's end is not reported: one
+        callback less per request): with nothing ahead of it on the connection,
+        a client holding a body back until the 100 must not wait for its timeout."""
+        if value.strip().lower() != b"100-continue":
+            raise _Refused(417, "only 'Expect: 100-continue' is supported")
+        if self._continue is not None or self._parser.get_http_version() != "1.1":
+            return  # RFC 9110 10.1.1: ignored in an HTTP/1.0 request
+        if self._task is None and self._current is None and not self._queue:
+            self._continue = False
+            self._write_continue()
+        else:
+            self._continue = True  # sent when its turn comes
+
+    def on_message_complete(self) -> None:
+        self._head_seen = None
+        parser = self._parser
+        http11 = parser.get_http_version() == "1.1"
+        if not http11:
+            self._check_http10()
         host = self._host
         if host is None:
             if http11:  # RFC 9112 3.2; HTTP/1.0 had no Host
                 raise _Refused(400, "missing Host header")
-        elif not _HOST.fullmatch(host):
-            raise _Refused(400, "invalid Host header")
-        if not http11 and any(n.lower() == b"transfer-encoding" for n, _ in self._headers):
+        elif host != self._valid_host:  # a client sends the same Host every time
+            if not _HOST.fullmatch(host):
+                raise _Refused(400, "invalid Host header")
+            self._valid_host = host
+        url = b"".join(self._target)
+        if url[0] != 0x2F:  # not "/..."
+            url = self._origin_form(url)
+        method = parser.get_method()
+        exchange = Exchange(
+            self,
+            _METHODS.get(method) or method.decode("ascii"),
+            url.decode("latin-1"),
+            self._headers,
+            parser.should_keep_alive(),
+            http11,
+        )
+        if self._continue:
+            exchange.expects_continue = True
+        self._queue.append(exchange)
+        if len(self._queue) >= PIPELINE_DEPTH:
+            self._pause_reading()
+
+    def _check_http10(self) -> None:
+        version = self._parser.get_http_version()
+        if version != "1.0":
+            raise _Refused(505, f"HTTP/{version} is not supported")
+        if any(name.lower() == b"transfer-encoding" for name, _ in self._headers):
             # RFC 9112 6.1: framing an HTTP/1.0 peer cannot mean is faulty framing.
             raise _Refused(400, "Transfer-Encoding in an HTTP/1.0 request")
-        url = b"".join(self._target)
-        if url[:1] != b"/":
-            url = self._origin_form(url)
-        self._url = url
-        if self._expect is not None:
-            self._expectation(self._expect)
 
     def _origin_form(self, url: bytes) -> bytes:
         """An absolute-form target (RFC 9112 3.2.2) for this very host, as origin-form.
@@ -282,33 +331,6 @@ class Connection(asyncio.Protocol):
         if self._host is None or authority.lower() != self._host.lower():
             raise _Refused(400, "absolute-form target for another host: not a forward proxy")
         return rest if rest[:1] == b"/" else b"/" + rest
-
-    def _expectation(self, expect: bytes) -> None:
-        if expect.strip().lower() != b"100-continue":
-            raise _Refused(417, "only 'Expect: 100-continue' is supported")
-        if not self._http11:
-            self._expect = None  # RFC 9110 10.1.1: ignored in an HTTP/1.0 request
-        elif self._task is None and self._current is None and not self._queue:
-            # Nothing ahead of it: it is answered now, and a client holding a
-            # body back until the 100 must not wait for its own timeout.
-            self._expect = None
-            self._write_continue()
-
-    def on_message_complete(self) -> None:
-        parser = self._parser
-        exchange = Exchange(
-            self,
-            parser.get_method().decode("ascii"),
-            self._url.decode("latin-1"),
-            self._headers,
-            parser.should_keep_alive(),
-            self._http11,
-        )
-        if self._expect is not None:
-            exchange.expects_continue = True
-        self._queue.append(exchange)
-        if len(self._queue) >= PIPELINE_DEPTH:
-            self._pause_reading()
 
     # -- answering, in order ----------------------------------------------
     def _no_upgrade(self) -> None:
@@ -331,42 +353,41 @@ class Connection(asyncio.Protocol):
         self._pause_reading()
 
     def _pump(self) -> None:
-        """Answer what is queued, parse what was held back, read again when all is answered."""
-        self._answer()
-        while self._held and len(self._queue) < PIPELINE_DEPTH and not self.closed:
+        """Answer queued requests in order until one needs a task, the client
+        stops taking bytes, or the connection ends; parse what was held back
+        as the queue empties; read again once everything is answered."""
+        answer_now = self._server.answer_now
+        queue = self._queue
+        while True:
+            while (
+                self._task is None
+                and self._current is None
+                and queue
+                and not self._paused
+                and not self.closed
+            ):
+                item = queue.popleft()
+                if isinstance(item, _Refused):
+                    self._write_refusal(item)
+                    return
+                self._current = item
+                self.idle_since = 0.0
+                if item.expects_continue:
+                    self._write_continue()
+                if answer_now is not None and self._answered_now(answer_now, item):
+                    if not self._finished(item):
+                        return
+                    continue
+                self._task = self._loop.create_task(self._run(item))
+                break
+            if not self._held or len(queue) >= PIPELINE_DEPTH or self.closed:
+                break
             held, self._held = self._held, b""
             self._parse(held)
-            self._answer()
-        if not (self._reading or self._queue or self._halted or self._paused or self.closed):
+        if not (self._reading or queue or self._halted or self._paused or self.closed):
             self._reading = True
             if self._transport is not None:
                 self._transport.resume_reading()
-
-    def _answer(self) -> None:
-        """Answer queued requests until one needs a task, the client stops
-        taking bytes, or the connection ends."""
-        answer_now = self._server.answer_now
-        while (
-            self._task is None
-            and self._current is None
-            and self._queue
-            and not self._paused
-            and not self.closed
-        ):
-            item = self._queue.popleft()
-            if isinstance(item, _Refused):
-                self._write_refusal(item)
-                return
-            self._current = item
-            self.idle_since = 0.0
-            if item.expects_continue:
-                self._write_continue()
-            if answer_now is not None and self._answered_now(answer_now, item):
-                if not self._finished(item):
-                    return
-                continue
-            self._task = self._loop.create_task(self._run(item))
-            return
 
     def _answered_now(self, answer_now: AnswerNow, exchange: Exchange) -> bool:
         try:
@@ -495,7 +516,13 @@ class Connection(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        self.abort()
+        if self._sending_file and self._task is not None:
+            # asyncio's sendfile must unwind before its transport closes (3.11
+            # fails on the transport's spent "empty" waiter otherwise).
+            self._task.cancel()
+            self._loop.call_soon(self.abort)
+        else:
+            self.abort()
 
     def _taken(self) -> int:
         """Grows while the client takes bytes: what it acknowledged (Linux's
