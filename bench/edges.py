@@ -112,6 +112,8 @@ cache: {{dir: "{home / "cache"}", max_bytes: 20GiB}}
 routing:
   rules:
     - {{match: "{ZIP50M.module}", cache: false}}
+# Made-up modules and no checksum database: these cases measure the HTTP server.
+verify: {{mode: off}}
 {timeout}"""
 
 

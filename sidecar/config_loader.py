@@ -851,7 +851,7 @@ def _routing(section: _Section, names: Sequence[str], env: Mapping[str, str]) ->
 def _verify(section: _Section, env: Mapping[str, str]) -> VerifyConfig:
     """verify.key (else GOSUMDB, as the go command reads it; ``off`` turns checking
     off), verify.url, and verify.skip plus GONOSUMDB."""
-    mode = section.get("mode", _choice(VerifyMode), DEFAULT_VERIFY_MODE)
+    mode = section.get("mode", _verify_mode, DEFAULT_VERIFY_MODE)
     url = section.get("url", _http_url, "") or None
     key_value = section.get("key", _string, "")
     where, value = ("verify.key", key_value) if key_value else ("GOSUMDB", env.get("GOSUMDB", ""))
@@ -879,6 +879,11 @@ def _verify(section: _Section, env: Mapping[str, str]) -> VerifyConfig:
         skip=tuple(dict.fromkeys((*skip, *(g for g in from_env if g)))),
         unavailable=section.get("unavailable", _choice(WhenUnavailable), DEFAULT_WHEN_UNAVAILABLE),
     )
+
+
+def _verify_mode(value: object) -> VerifyMode:
+    # YAML 1.1 reads an unquoted `mode: off` as false: that is what the user wrote.
+    return VerifyMode.OFF if value is False else _choice(VerifyMode)(value)
 
 
 def _check_glob(pattern: str, key: str, errors: list[ConfigError]) -> None:

@@ -39,6 +39,7 @@ from sidecar.errors import (
     ZipHashError,
 )
 from sidecar.goproxy import GoproxyRequest, Kind
+from sidecar.proxy.lograte import LogRate
 from sidecar.proxy.recorder import Recorder
 from sidecar.routing import Glob, compile_glob
 from sidecar.sumdb.dirhash import hash_gomod, hash_zip
@@ -74,6 +75,9 @@ class IntegrityChecker:
         ]
         self._skip: tuple[Glob, ...] = (*skip, *private)
         self._skip_memo: dict[str, bool] = {}
+        # With the database out of reach every miss cannot be vouched for: one line
+        # per reason now and then, with the count, instead of one per request.
+        self._unavailable_log = LogRate()
 
     def wants(self, req: GoproxyRequest) -> bool:
         """True if ``req``'s body must be checked before it is served."""
@@ -154,18 +158,23 @@ class IntegrityChecker:
     ) -> None:
         action = "refused" if self._refuse else "served"
         self._recorder.counter(self._recorder.metrics.verify_unavailable, kind, action)()
-        log.warning(
-            "checksum database cannot vouch",
-            extra={
-                "artifact": subject,
-                "kind": kind,
-                "upstream": upstream,
-                "sumdb": self.name,
-                "hostile": isinstance(why, SumdbVerifyError),
-                "error": str(why),
-                "action": action,
-            },
-        )
+        reason = "not_kept_whole" if isinstance(why, str) else type(why).__name__
+        unlogged = self._unavailable_log.admit((reason, action))
+        if unlogged is not None:
+            log.warning(
+                "checksum database cannot vouch",
+                extra={
+                    "artifact": subject,
+                    "kind": kind,
+                    "upstream": upstream,
+                    "sumdb": self.name,
+                    "reason": reason,
+                    "hostile": isinstance(why, SumdbVerifyError),
+                    "error": str(why),
+                    "action": action,
+                    "unlogged_before": unlogged,
+                },
+            )
         if self._refuse:
             raise UpstreamUnverified(
                 upstream, f"{subject} .{kind} not served: {self.name} cannot vouch for it: {why}"

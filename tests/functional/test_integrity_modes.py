@@ -113,16 +113,21 @@ async def test_unavailable_serve_serves_unchecked_counts_and_logs(
         cache=CacheConfig(dir=str(tmp_path / "cache")),
         verify=VerifyConfig(key=db.verifier_key),
     )
-    zip_path = artifact(*BIG, "zip")
+    paths = [artifact(*m, ext) for m in (BIG, SMALL) for ext in ("zip", "mod")]
     with caplog.at_level(logging.WARNING, "sidecar.integrity"):
-        status, body = await get(client, zip_path)
-    assert (status, body) == (200, (proxy / zip_path).read_bytes())
+        for path in paths:
+            assert await get(client, path) == (200, (proxy / path).read_bytes())
     metrics = await (await client.get("/metrics")).text()
-    assert metric(metrics, UNAVAILABLE, kind="zip", action="served") == 1
+    assert metric(metrics, UNAVAILABLE, kind="zip", action="served") == 2
+    assert metric(metrics, UNAVAILABLE, kind="mod", action="served") == 2
     assert metric(metrics, UNAVAILABLE, action="refused") == 0
     assert sumdb_asked(only)  # it did ask, and got 404
+    # Never silent, never a flood: the first at once, the rest within the interval
+    # (10 s) only counted, and summed up in the next line after it.
     warned = [r for r in caplog.records if "cannot vouch" in r.getMessage()]
-    assert warned and warned[0].action == "served"
+    assert len(warned) == 1, [r.__dict__ for r in warned]
+    line = warned[0]
+    assert (line.action, line.reason, line.unlogged_before) == ("served", "SumdbUnavailable", 0)
 
 
 async def test_unavailable_refuse_answers_502_and_caches_nothing(
