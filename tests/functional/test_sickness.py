@@ -239,6 +239,33 @@ async def test_hung_primary_trips_with_the_loop_running(
         await waiting
 
 
+async def test_hung_primary_trips_while_its_requests_are_hedged(
+    hung_upstream, fake_upstreams, start_sidecar
+):
+    """Hedging gives up on each request to the hung primary after its delay
+    (200 ms at first), so no request waits long there; the silence goes on
+    across them, and the breaker opens on it."""
+    url_a, accepted = hung_upstream
+    [(b, url_b)] = await fake_upstreams(1)
+    b.set(INFO, b"{}")
+    client, sc = await start_sidecar(
+        [url_a, url_b],
+        thresholds={"stall_ms": 600, "ttfb_p99_ms": 60000},
+        first_byte=30.0,
+        run_control=True,
+    )
+    statuses: list[int] = []
+    for _ in range(100):  # a go command: the next requests as the last ones are answered
+        statuses += await get_all(client, 2)
+        if sc.breakers["up0"].state.value == "open":
+            break
+    assert sc.breakers["up0"].state.value == "open", sc.breakers["up0"].reason
+    assert sc.breakers["up0"].reason.startswith("stalled: no answer for ")
+    assert set(statuses) == {200}  # every one answered by the backup meanwhile
+    assert accepted[0] >= 2
+    assert sc.windows["up0"].snapshot().timeouts == 0
+
+
 async def test_a_slow_answer_among_fast_ones_is_no_stall(fake_upstreams, start_sidecar, clock):
     slow = "example.com/slow/@v/v1.0.0.info"
     [(a, url_a)] = await fake_upstreams(1)
