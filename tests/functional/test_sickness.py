@@ -239,6 +239,39 @@ async def test_hung_primary_trips_with_the_loop_running(
         await waiting
 
 
+async def test_hung_primary_trips_with_the_embedded_default_policy(
+    hung_upstream, fake_upstreams, tmp_path
+):
+    """Nothing tuned: the shipped policy and thresholds, policy.interval 1 s,
+    stats 2 min / 10 s, timeouts.first_byte 15 s. At two requests in flight
+    the breaker opens on the silence (stall_ms 3000), before any request
+    could time out."""
+    url_a, _ = hung_upstream
+    [(b, url_b)] = await fake_upstreams(1)
+    b.set(OTHER, b"{}")
+    config = make_config(
+        [url_a, url_b],
+        tmp_path,
+        upstreams=(UpstreamConfig(name="up0", url=url_a), UpstreamConfig(name="up1", url=url_b)),
+        routing=RoutingConfig(rules=(RouteRule(match="example.com/mod", upstreams=("up0",)),)),
+    )
+    assert config.policy.paths == () and config.upstreams[0].timeouts.first_byte == 15.0
+    client = TestClient(SidecarTestServer(SidecarService(build_sidecar(config), True)))
+    await client.start_server()
+    try:
+        sc = client.server.service.sidecar
+        waiting = asyncio.ensure_future(get_all(client, 2))
+        await until(lambda: sc.breakers["up0"].state.value == "open", "the breaker to open")
+        assert sc.breakers["up0"].reason.startswith("stalled: no answer for ")
+        assert not waiting.done() and sc.windows["up0"].snapshot().timeouts == 0
+        assert await get_all(client, 1, OTHER) == [200]
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+    finally:
+        await client.close()
+
+
 async def test_hung_primary_trips_while_its_requests_are_hedged(
     hung_upstream, fake_upstreams, start_sidecar
 ):
