@@ -42,6 +42,7 @@ def slices(
     error_rate: float = 0.0,
     wait_ms: float = 0.0,
     overflows: int = 0,
+    masked: int = 0,
 ) -> list[dict[str, Any]]:
     """One 10 s slice per p99, newest first."""
     return [
@@ -53,6 +54,7 @@ def slices(
             "saturation": 0.3,
             "queue_wait_ms": {"p50": wait_ms / 2, "p99": wait_ms},
             "overflows": overflows,
+            "masked_failures": masked,
         }
         for i, p99 in enumerate(p99s)
     ]
@@ -64,6 +66,16 @@ def checksum_slices(p99s: list[float], requests: int, error_rate: float = 0.0) -
         {k: v for k, v in s.items() if k in ("age_s", "requests", "error_rate", "p99_ms")}
         for s in slices(p99s, requests, error_rate)
     ]
+
+
+def waiting(count: int, silent_ms: float, asked: int, oldest_ms: float = 0.0) -> dict[str, Any]:
+    """The ``inflight`` object: ``count`` waiting, silent for ``silent_ms`` with ``asked`` asked."""
+    return {
+        "count": count,
+        "oldest_ms": max(oldest_ms, silent_ms),
+        "silent_ms": silent_ms,
+        "unanswered": asked,
+    }
 
 
 def stats(**overrides: Any) -> dict[str, Any]:
@@ -79,6 +91,8 @@ def stats(**overrides: Any) -> dict[str, Any]:
         "not_found_rate": 0.049,
         "masked_failures": 0,
         "ttfb_ms": {"p50": 12.1, "p90": 40.3, "p99": 790.0},
+        "consecutive_failures": 0,
+        "inflight": waiting(2, 12.0, 1),
         "series": slices([700.0] * 12),
     }
     doc.update(overrides)
@@ -222,6 +236,46 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, tuple[str, bool]]]] = {
             )
         },
         {"athens": ("reject", True)},
+    ),
+    "5 failures in a row at low volume": (
+        {"athens": upstream(requests=5, errors=5, error_rate=1.0, consecutive_failures=5)},
+        {"athens": ("cache", False)},
+    ),
+    "4 failures in a row": (
+        {"athens": upstream(consecutive_failures=4)},
+        {"athens": ("allow", False)},
+    ),
+    "hung: silent for 4 s, 3 asked": (
+        {"athens": upstream(inflight=waiting(3, 4000.0, 3))},
+        {"athens": ("reroute", False)},
+    ),
+    "a slow request while others are answered": (
+        {"athens": upstream(inflight=waiting(3, 20.0, 2, oldest_ms=9000.0))},
+        {"athens": ("allow", False)},
+    ),
+    "masking everything": (
+        {
+            "athens": upstream(
+                masked_failures=600, requests=600, series=slices([5.0] * 12, masked=50)
+            )
+        },
+        {"athens": ("reroute", False)},
+    ),
+    "hung checksum endpoint, modules fine": (
+        {"athens": upstream(sumdb=stats(requests=145, inflight=waiting(2, 3500.0, 4)))},
+        {"athens": ("allow", False), "athens.sumdb": ("reroute", False)},
+    ),
+    "current slice slow from waits alone, one older slice fast": (
+        {
+            "athens": upstream(
+                series=slices([5000.0], requests=0) + slices([912.0] * 11 + [500.0])[1:]
+            )
+        },
+        {"athens": ("allow", False)},
+    ),
+    "hung, then timeouts in a row": (
+        {"athens": upstream(inflight=waiting(3, 16000.0, 9), consecutive_failures=6)},
+        {"athens": ("cache", False)},
     ),
     "sparse upstream document": ({"new": {"role": "primary"}}, {"new": ("allow", False)}),
     "empty upstreams": ({}, {}),
@@ -377,11 +431,18 @@ async def test_reasons_carry_the_figures(embedded: EmbeddedEngine) -> None:
     assert mixed["athens"].reason == "ttfb p99 912ms > 800ms for 120s"
     assert decisions["quiet"].reason == (
         "ok: ttfb p99 790ms, error rate 100.0% over 3 requests (< 20: no verdict on rates), "
-        "queue wait p99 2ms, 0 overflows"
+        "queue wait p99 2ms, 0 overflows, 2 waiting (oldest 12ms)"
     )
     sumdb = decisions["quiet"].sumdb
     assert sumdb is not None
-    assert sumdb.reason == "ok: ttfb p99 790ms, error rate 0.4% over 145 requests"
+    assert sumdb.reason == (
+        "ok: ttfb p99 790ms, error rate 0.4% over 145 requests, 2 waiting (oldest 12ms)"
+    )
+    hung = await embedded.evaluate(document(CASES["hung, then timeouts in a row"][0]))
+    assert hung["athens"].reason == (
+        "6 failures in a row (>= 5); "
+        "also stalled: no answer for 16000ms (> 3000ms), 9 requests asked, 3 waiting"
+    )
 
 
 async def test_breaker_settings_agree(
