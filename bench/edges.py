@@ -14,7 +14,8 @@ The sidecar runs with a config of its own (cache on, the 50 MiB module on a
 ``cache: false`` routing rule, ``send_timeout`` from ``--send-timeout``);
 nginx with proxy_cache, the same send_timeout and reset_timedout_connection
 on (as the sidecar, it resets a client it drops). ``--rev`` measures an
-older revision of the sidecar instead (without send_timeout if it has none).
+older revision of the sidecar instead, one from before send_timeout and
+verify (their keys are left out).
 Servers on core 1, upstream and clients on core 0, loopback only; every loop
 is bounded in time and bytes.
 """
@@ -102,7 +103,9 @@ class Figure:
 
 
 def sidecar_yaml(port: int, upstream: Server, home: Path, send_timeout: float | None) -> str:
-    timeout = f"send_timeout: {send_timeout:g}s\n" if send_timeout is not None else ""
+    """``send_timeout`` None: an older revision, without send_timeout or verify."""
+    # Made-up modules and no checksum database: these cases measure the HTTP server.
+    newer = f"send_timeout: {send_timeout:g}s\nverify: {{mode: off}}\n" if send_timeout else ""
     return f"""listen: "127.0.0.1:{port}"
 upstreams:
   - name: origin
@@ -112,9 +115,7 @@ cache: {{dir: "{home / "cache"}", max_bytes: 20GiB}}
 routing:
   rules:
     - {{match: "{ZIP50M.module}", cache: false}}
-# Made-up modules and no checksum database: these cases measure the HTTP server.
-verify: {{mode: off}}
-{timeout}"""
+{newer}"""
 
 
 def nginx_body(port: int, upstream: Server, prefix: Path, send_timeout: float) -> str:

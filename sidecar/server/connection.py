@@ -48,6 +48,7 @@ SLICE: Final = 2048
 # it. A head within the limits above always fits.
 MAX_HEADER_SECTION: Final = MAX_HEADERS + 4 * MAX_HEADER_COUNT + 64 + SLICE
 PIPELINE_DEPTH: Final = 16
+SEND_CHECKS: Final = 4  # progress checks per send timeout while the client takes nothing
 FILE_CHUNK: Final = 256 * 1024  # read size when the loop has no sendfile (uvloop)
 # After a refusal, what the client still sends is read and dropped for a
 # moment: closing with unread input resets the connection, and a client still
@@ -92,6 +93,7 @@ class Connection(asyncio.Protocol):
         "_queue",
         "_reading",
         "_send_mark",
+        "_send_progress_at",
         "_send_timer",
         "_sending_file",
         "_server",
@@ -133,6 +135,7 @@ class Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._send_mark = 0
+        self._send_progress_at = 0.0
         self._sending_file = False
         self._reading = True
         self._halted = False  # nothing more is parsed: a broken request or an upgrade came
@@ -487,9 +490,15 @@ class Connection(asyncio.Protocol):
     def _watch_sending(self) -> None:
         if self._send_timer is None and not self.closed:
             self._send_mark = self._taken()
-            self._send_timer = self._loop.call_later(
-                self._server.send_timeout_s, self._check_sending
-            )
+            self._send_progress_at = self._loop.time()
+            self._arm_send_check()
+
+    def _arm_send_check(self) -> None:
+        # Checked four times per timeout: a client is dropped within 1.25
+        # send timeouts of the last byte it took.
+        self._send_timer = self._loop.call_later(
+            self._server.send_timeout_s / SEND_CHECKS, self._check_sending
+        )
 
     def _unwatch_sending(self) -> None:
         timer, self._send_timer = self._send_timer, None
@@ -498,8 +507,12 @@ class Connection(asyncio.Protocol):
 
     def _check_sending(self) -> None:
         self._send_timer = None
-        if self._taken() > self._send_mark:
-            self._watch_sending()  # slow, but taking bytes
+        taken, now = self._taken(), self._loop.time()
+        if taken > self._send_mark:
+            self._send_mark, self._send_progress_at = taken, now  # slow, but taking bytes
+        # (uvloop's timers have millisecond steps and may fire a little early)
+        if now - self._send_progress_at < self._server.send_timeout_s - 0.002:
+            self._arm_send_check()
             return
         current = self._current
         log.info(
