@@ -94,7 +94,10 @@ def cache_purge(config_path: str | None, target: str, out: TextIO = sys.stdout) 
 
 
 def cache_verify(
-    config_path: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    config_path: str | None,
+    sumdb: bool = False,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
 ) -> int:
     config = load_config(config_path)
     bar = Progress("verify", err)
@@ -106,7 +109,32 @@ def cache_verify(
         f"verified {report.checked} entries ({format_size(report.bytes)}): {len(report.bad)} bad",
         file=out,
     )
-    return EXIT_FAILED if report.bad else EXIT_OK
+    failed = bool(report.bad)
+    if sumdb:
+        failed = _verify_sumdb(config, out, err) or failed
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _verify_sumdb(config: Config, out: TextIO, err: TextIO) -> bool:
+    """The checksum-database pass; True if an entry mismatched or could not be vouched for."""
+    import asyncio
+
+    from sidecar.cache_sumdb import verify_sumdb
+
+    bar = Progress("sumdb", err)
+    report = asyncio.run(verify_sumdb(config, lambda n, total: bar.update(n, total)))
+    bar.close()
+    for key, reason in report.bad:
+        print(f"MISMATCH {key}: {reason}", file=out)
+    for key, reason in report.unvouched:
+        print(f"UNVOUCHED {key}: {report.database} cannot vouch: {reason}", file=out)
+    print(
+        f"checked {report.checked} .mod/.zip entries against {report.database}: "
+        f"{len(report.bad)} mismatched, {len(report.unvouched)} cannot vouch, "
+        f"{report.skipped} skipped (never looked up)",
+        file=out,
+    )
+    return bool(report.bad or report.unvouched)
 
 
 def warm(

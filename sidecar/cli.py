@@ -123,10 +123,15 @@ def _cache_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     ls.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     purge = ops.add_parser("purge", parents=[common], help="remove a module or one version")
     purge.add_argument("target", metavar="MODULE[@VERSION]")
-    ops.add_parser(
+    verify = ops.add_parser(
         "verify",
         parents=[common],
         help="hash every entry; evict and report mismatches (exit 1 if any)",
+    )
+    verify.add_argument(
+        "--sumdb",
+        action="store_true",
+        help="also check every cached .mod/.zip against the checksum database",
     )
     warm = sub.add_parser(
         "warm", parents=[common], help="prefetch every module version of a go.sum into the cache"
@@ -269,7 +274,7 @@ def _cache(args: argparse.Namespace) -> int:
         return cache_cli.cache_ls(args.config, args.json)
     if args.cache_command == "purge":
         return cache_cli.cache_purge(args.config, args.target)
-    return cache_cli.cache_verify(args.config)
+    return cache_cli.cache_verify(args.config, args.sumdb)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -103,14 +103,20 @@ class UpstreamIntegrityError(UpstreamError):
 
     failure = "integrity"
 
-    def __init__(self, upstream: str, subject: str, kind: str, want: str, got: str) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        subject: str,
+        kind: str,
+        want: str,
+        got: str,
+        against: str = "the checksum database",  # or go.sum (warm)
+    ) -> None:
         self.subject = subject  # module@version
         self.kind = kind  # mod | zip
         self.want = want
         self.got = got
-        super().__init__(
-            upstream, f"{subject} .{kind} does not match the checksum database: {got} != {want}"
-        )
+        super().__init__(upstream, f"{subject} .{kind} does not match {against}: {got} != {want}")
 
 
 class UpstreamUnverified(UpstreamError):

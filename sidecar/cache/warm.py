@@ -8,6 +8,9 @@ a comma-separated GOPROXY: 404/410 and failures fall through to the next.
 What the routing rules keep out of the cache (``deny``, ``cache: false``, a
 private module no upstream may serve) is skipped, not failed: the running
 sidecar would not cache it either.
+A ``.zip`` or ``.mod`` is checked against its go.sum ``h1:`` line before it is
+kept (the fill's gate): one that does not match is not cached, and the next
+upstream is tried, as the sidecar does with the checksum database.
 No sidecar needs to run: this uses the same store, in this process.
 """
 
@@ -30,10 +33,14 @@ from sidecar.errors import (
     RequestError,
     UpstreamBusy,
     UpstreamError,
+    UpstreamIntegrityError,
+    UpstreamUnverified,
+    ZipHashError,
 )
 from sidecar.goproxy import GoproxyRequest, escape_path, escape_version, parse_request_path
 from sidecar.metrics import Metrics
 from sidecar.routing import Route, Router
+from sidecar.sumdb.dirhash import hash_gomod, hash_zip
 from sidecar.upstreams import Upstream
 
 DEFAULT_JOBS: Final = 8
@@ -45,6 +52,7 @@ class Artifact:
     version: str
     ext: str
     req: GoproxyRequest
+    h1: str | None = None  # what go.sum says the body hashes to (zip and mod)
 
     @property
     def name(self) -> str:
@@ -69,7 +77,7 @@ class Plan:
 def parse_go_sum(text: str) -> Plan:
     """The artifacts a go.sum asks for, in file order, without duplicates."""
     plan = Plan()
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # cache key: index in plan.artifacts
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
@@ -77,24 +85,59 @@ def parse_go_sum(text: str) -> Plan:
         if len(fields) != 3 or not fields[2].startswith("h1:"):
             plan.problems.append(f"line {number}: not a go.sum line: {line.strip()[:120]}")
             continue
-        module, version = fields[0], fields[1]
-        exts = ("mod",) if version.endswith("/go.mod") else ("zip", "info", "mod")
+        module, version, h1 = fields
+        gomod_line = version.endswith("/go.mod")
+        exts = ("mod",) if gomod_line else ("zip", "info", "mod")
         version = version.removesuffix("/go.mod")
         for ext in exts:
+            # The zip line's hash is the zip's; the /go.mod line's the .mod's.
+            line_h1 = h1 if (ext == "mod") == gomod_line and ext != "info" else None
             try:
-                artifact = _artifact(module, version, ext)
+                artifact = _artifact(module, version, ext, line_h1)
             except RequestError as exc:
                 plan.problems.append(f"line {number}: {module} {version}: {exc.message}")
                 break
-            if artifact.req.cache_key not in seen:
-                seen.add(artifact.req.cache_key)
+            key = artifact.req.cache_key
+            if key not in seen:
+                seen[key] = len(plan.artifacts)
                 plan.artifacts.append(artifact)
+            elif line_h1 is not None and plan.artifacts[seen[key]].h1 is None:
+                plan.artifacts[seen[key]] = artifact  # the .mod of a zip line, now with its hash
     return plan
 
 
-def _artifact(module: str, version: str, ext: str) -> Artifact:
+def _artifact(module: str, version: str, ext: str, h1: str | None = None) -> Artifact:
     path = f"/{escape_path(module)}/@v/{quote(escape_version(version), safe='')}.{ext}"
-    return Artifact(module, version, ext, parse_request_path(path))
+    return Artifact(module, version, ext, parse_request_path(path), h1)
+
+
+class GoSumGate:
+    """A fill's gate (``sidecar.cache.fill.Gate``): the body must hash to go.sum's line."""
+
+    def __init__(self, artifact: Artifact, upstream: str) -> None:
+        self._artifact, self._upstream = artifact, upstream
+
+    async def check(self, path: str) -> None:
+        a = self._artifact
+        assert a.h1 is not None
+        got = await asyncio.to_thread(_h1_of, path, a.ext)
+        if got != a.h1:
+            subject = f"{a.module}@{a.version}"
+            raise UpstreamIntegrityError(self._upstream, subject, a.ext, a.h1, got, "go.sum")
+
+    def unchecked(self, reason: str) -> None:
+        raise UpstreamUnverified(self._upstream, f"cannot be checked against go.sum: {reason}")
+
+
+def _h1_of(path: str, ext: str) -> str:
+    """Worker thread: the h1: of a stored body, or a marker that never equals one."""
+    try:
+        if ext == "zip":
+            return hash_zip(path)
+        with open(path, "rb") as f:
+            return hash_gomod(f.read())
+    except (ZipHashError, OSError) as exc:
+        return f"unreadable ({exc})"
 
 
 async def warm(
@@ -183,7 +226,8 @@ async def _fetch(cache: DiskCache, upstreams: list[Upstream], artifact: Artifact
             resp.release()
             errors.append(f"{upstream.name}: {resp.status} {text}".strip())
             continue
-        fill = await cache.prefetch(artifact.req, resp)
+        gate = GoSumGate(artifact, upstream.name) if artifact.h1 is not None else None
+        fill = await cache.prefetch(artifact.req, resp, gate)
         if fill.task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await fill.task

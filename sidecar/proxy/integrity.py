@@ -69,11 +69,7 @@ class IntegrityChecker:
         self._refuse = verify.unavailable is WhenUnavailable.REFUSE
         self._recorder = recorder
         self._verifier = SumdbVerifier(parse_verifier_key(verify.key), fetch)
-        skip = [compile_glob(p, f"verify.skip[{i}]") for i, p in enumerate(verify.skip)]
-        private = [
-            compile_glob(p, f"routing.private[{i}]") for i, p in enumerate(config.routing.private)
-        ]
-        self._skip: tuple[Glob, ...] = (*skip, *private)
+        self._skip = skip_globs(config)
         self._skip_memo: dict[str, bool] = {}
         # With the database out of reach every miss cannot be vouched for: one line
         # per reason now and then, with the count, instead of one per request.
@@ -179,6 +175,16 @@ class IntegrityChecker:
             raise UpstreamUnverified(
                 upstream, f"{subject} .{kind} not served: {self.name} cannot vouch for it: {why}"
             )
+
+
+def skip_globs(config: Config) -> tuple[Glob, ...]:
+    """The modules never checked nor looked up: verify.skip (GONOSUMDB included)
+    and routing.private (GOPRIVATE included)."""
+    skip = [compile_glob(p, f"verify.skip[{i}]") for i, p in enumerate(config.verify.skip)]
+    private = [
+        compile_glob(p, f"routing.private[{i}]") for i, p in enumerate(config.routing.private)
+    ]
+    return (*skip, *private)
 
 
 class BodyGate:

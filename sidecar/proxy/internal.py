@@ -8,7 +8,9 @@ socket collects the response, which is then parsed back.
 
 With ``verify.url`` set, the database is asked directly (``direct_fetch``),
 through an ``Upstream`` of its own: no routing, no breaker, no cache (the
-verifier keeps what it authenticated in memory).
+verifier keeps what it authenticated in memory). ``walk_fetch`` asks the
+upstreams in order, for the CLI (``cache verify --sumdb``), which runs
+without a sidecar.
 """
 
 from __future__ import annotations
@@ -90,27 +92,48 @@ def direct_fetch(url: str, name: str) -> tuple[Fetch, Upstream]:
     prefix = f"sumdb/{name}/"
 
     async def fetch(path: str) -> bytes:
-        path = path.removeprefix(prefix)
-        try:
-            resp = await upstream.open(path)
-        except (UpstreamError, UpstreamBusy) as exc:
-            raise SumdbUnavailable(f"{url}/{path}: {exc}") from exc
-        try:
-            if resp.status != 200:
-                raise SumdbUnavailable(f"{url}/{path}: {resp.status} {await resp.read_text(200)}")
-            parts, size = [], 0
-            async for chunk in resp.chunks():
-                size += len(chunk)
-                if size > ANSWER_MAX:
-                    raise SumdbUnavailable(f"{url}/{path}: answer too large")
-                parts.append(bytes(chunk))
-        except UpstreamError as exc:
-            raise SumdbUnavailable(f"{url}/{path}: {exc}") from exc
-        finally:
-            resp.release()
-        return b"".join(parts)
+        return await read_answer(upstream, path.removeprefix(prefix))
 
     return fetch, upstream
+
+
+def walk_fetch(upstreams: list[Upstream]) -> Fetch:
+    """A verifier's ``fetch`` through the upstreams' own ``sumdb/<name>/`` paths, in
+    order, as a comma-separated GOPROXY (for tools that run without a sidecar)."""
+
+    async def fetch(path: str) -> bytes:
+        problems = []
+        for upstream in upstreams:
+            try:
+                return await read_answer(upstream, path)
+            except SumdbUnavailable as exc:
+                problems.append(str(exc))
+        raise SumdbUnavailable("; ".join(problems) or f"{path}: no upstream")
+
+    return fetch
+
+
+async def read_answer(upstream: Upstream, path: str) -> bytes:
+    """The 200 body of ``path`` from ``upstream``; SumdbUnavailable otherwise."""
+    where = f"{upstream.name}: {path}"
+    try:
+        resp = await upstream.open(path)
+    except (UpstreamError, UpstreamBusy) as exc:
+        raise SumdbUnavailable(f"{where}: {exc}") from exc
+    try:
+        if resp.status != 200:
+            raise SumdbUnavailable(f"{where}: {resp.status} {await resp.read_text(200)}")
+        parts, size = [], 0
+        async for chunk in resp.chunks():
+            size += len(chunk)
+            if size > ANSWER_MAX:
+                raise SumdbUnavailable(f"{where}: answer too large")
+            parts.append(bytes(chunk))
+    except UpstreamError as exc:
+        raise SumdbUnavailable(f"{where}: {exc}") from exc
+    finally:
+        resp.release()
+    return b"".join(parts)
 
 
 def parse_response(raw: bytes) -> tuple[int, bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import signal
@@ -11,12 +12,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from sidecar.cache.layout import Layout, Record, new_blob_id, prepare
 from sidecar.cache.pack import Pack
+from sidecar.sumdb.dirhash import hash_gomod, hash_zip
 from tests.functional.test_cache_support import (
     ZIP,
     cache_config,
@@ -148,10 +151,24 @@ async def test_verify_reports_and_evicts_mismatches(fake_upstreams, sidecar_clie
     assert (await cli("cache", "verify", "--config", str(cfg)))[0] == 0
 
 
-GO_SUM = """\
-github.com/Azure/go-autorest v1.0.0 h1:aaaa=
-github.com/Azure/go-autorest v1.0.0/go.mod h1:bbbb=
-golang.org/x/text v0.3.0/go.mod h1:cccc=
+def module_zip(prefix: str, files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(f"{prefix}/{name}", data)
+    return out.getvalue()
+
+
+AUTOREST_ZIP = module_zip(
+    "github.com/!azure/go-autorest@v1.0.0", {"go.mod": b"module x\n", "noise": os.urandom(300_000)}
+)
+AUTOREST_MOD = b"module github.com/Azure/go-autorest\n"
+TEXT_MOD = b"module golang.org/x/text\n"
+# go.sum lines carry the real h1: of what the upstreams serve: warm checks them.
+GO_SUM = f"""\
+github.com/Azure/go-autorest v1.0.0 {hash_zip(io.BytesIO(AUTOREST_ZIP))}
+github.com/Azure/go-autorest v1.0.0/go.mod {hash_gomod(AUTOREST_MOD)}
+golang.org/x/text v0.3.0/go.mod {hash_gomod(TEXT_MOD)}
 example.com/missing v0.1.0 h1:dddd=
 
 this line is not go.sum
@@ -161,10 +178,10 @@ this line is not go.sum
 async def test_warm_prefetches_a_go_sum_through_the_chain(fake_upstreams, tmp_path):
     (a, url_a), (b, url_b) = await fake_upstreams(2)
     a.set(f"{A}/@v/v1.0.0.zip", Reply(status=500))  # failure: falls through
-    a.set(f"{A}/@v/v1.0.0.mod", b"module github.com/Azure/go-autorest\n")
-    b.set(f"{A}/@v/v1.0.0.zip", os.urandom(300_000))
+    a.set(f"{A}/@v/v1.0.0.mod", AUTOREST_MOD)
+    b.set(f"{A}/@v/v1.0.0.zip", AUTOREST_ZIP)
     b.set(f"{A}/@v/v1.0.0.info", b'{"Version":"v1.0.0"}')
-    b.set("golang.org/x/text/@v/v0.3.0.mod", b"module golang.org/x/text\n")
+    b.set("golang.org/x/text/@v/v0.3.0.mod", TEXT_MOD)
     go_sum = tmp_path / "go.sum"
     go_sum.write_text(GO_SUM)
     cache_dir = tmp_path / "cache"
@@ -222,19 +239,19 @@ def write_routed_config(tmp_path: Path, url: str, cache_dir: Path) -> Path:
     return cfg
 
 
-ROUTED_GO_SUM = """\
+ROUTED_GO_SUM = f"""\
 example.com/volatile v1.0.0 h1:aaaa=
 example.com/volatile v1.0.0/go.mod h1:bbbb=
 example.com/banned v0.1.0/go.mod h1:cccc=
 corp.example/lib v1.2.0/go.mod h1:dddd=
-golang.org/x/text v0.3.0/go.mod h1:eeee=
+golang.org/x/text v0.3.0/go.mod {hash_gomod(TEXT_MOD)}
 not a go.sum line
 """
 
 
 async def test_warm_skips_what_routing_keeps_out_of_the_cache_and_exits_0(fake_upstreams, tmp_path):
     [(up, url)] = await fake_upstreams(1)
-    up.set("golang.org/x/text/@v/v0.3.0.mod", b"module golang.org/x/text\n")
+    up.set("golang.org/x/text/@v/v0.3.0.mod", TEXT_MOD)
     go_sum = tmp_path / "go.sum"
     go_sum.write_text(ROUTED_GO_SUM)
     cfg = write_routed_config(tmp_path, url, tmp_path / "cache")
@@ -371,3 +388,34 @@ async def test_ctrl_c_during_warm_ends_it_quietly_with_130(fake_upstreams, tmp_p
     assert proc.returncode == 130
     assert out == b"" and err == b"", err
     assert temp_files(tmp_path / "cache") == []
+
+
+async def test_warm_checks_go_sum_hashes_and_keeps_no_mismatch(fake_upstreams, tmp_path):
+    """A zip or go.mod that does not hash to its go.sum line is a FAILED line
+    naming both hashes and is not cached; the next upstream's genuine one is."""
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    wrong_zip = module_zip("github.com/!azure/go-autorest@v1.0.0", {"go.mod": b"module evil\n"})
+    a.set(f"{A}/@v/v1.0.0.zip", wrong_zip)
+    a.set(f"{A}/@v/v1.0.0.mod", AUTOREST_MOD + b"// evil\n")
+    a.set(f"{A}/@v/v1.0.0.info", b'{"Version":"v1.0.0"}')
+    a.set("golang.org/x/text/@v/v0.3.0.mod", TEXT_MOD + b"// evil\n")
+    b.set(f"{A}/@v/v1.0.0.zip", AUTOREST_ZIP)
+    b.set(f"{A}/@v/v1.0.0.mod", AUTOREST_MOD)
+    go_sum = tmp_path / "go.sum"
+    go_sum.write_text("\n".join(GO_SUM.splitlines()[:3]) + "\n")
+    cache_dir = tmp_path / "cache"
+    cfg = write_config(tmp_path, [url_a, url_b], cache_dir)
+    code, out, err = await cli("warm", str(go_sum), "--config", str(cfg))
+    assert code == 1, out + err
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1, out  # x/text: only a has it, and a's is wrong
+    want, got = hash_gomod(TEXT_MOD), hash_gomod(TEXT_MOD + b"// evil\n")
+    assert failed[0].startswith("FAILED golang.org/x/text@v0.3.0.mod: up0: ")
+    assert want in failed[0] and got in failed[0] and "go.sum" in failed[0]
+    assert "3 fetched" in out and "1 failed" in out
+    assert keys_on_disk(cache_dir) == sorted(
+        [f"{A}/@v/v1.0.0.zip", f"{A}/@v/v1.0.0.mod", f"{A}/@v/v1.0.0.info"]
+    )
+    kept = [p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()]
+    assert not any(b"evil" in blob for blob in kept)
+    assert AUTOREST_ZIP in kept and any(AUTOREST_MOD in blob for blob in kept)
