@@ -43,19 +43,25 @@ once (``Hedging.plan_changed``, called with every new plan): each is hedged
 now, without a token. The policy has judged the upstream sick, so these are
 reroutes of requests already in flight, not speculative copies.
 
-Mechanics, chosen for the hot path. A miss on a healthy upstream pays one
-timer and a set insertion: the first attempt is awaited in the request's
-own task, with no extra task. When the delay passes, the hedge starts as a
-task; if its 200 arrives while the first attempt still waits, it cancels
-the request's task, which stops the first attempt where it waits (its
-connection is closed, its admission slot freed) and ``Race.took_over``
-tells that cancellation apart from a client leaving (``Task.uncancel``, as
+Mechanics, chosen for the hot path. A miss on a healthy upstream pays no
+task and, while requests keep coming, no timer of its own: the first
+attempt is awaited in the request's own task, and each lane keeps its
+armed requests in arrival order behind one timer, set for the oldest
+deadline (``Lane.schedule``); a request that got its headers is only
+flagged, and dropped when its deadline comes by. A loop timer costs 2.5 to
+4 µs here, about 2 % of a proxied miss; the queue entry costs a tenth of
+that. When the delay passes, the hedge starts as a task; if its 200
+arrives while the first attempt still waits, it cancels the request's
+task, which stops the first attempt where it waits (its connection is
+closed, its admission slot freed) and ``Race.took_over`` tells that
+cancellation apart from a client leaving (``Task.uncancel``, as
 ``asyncio.timeout`` does).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -84,8 +90,10 @@ class Lane:
 
     __slots__ = (
         "_delay_gauge",
+        "_due",
         "_exhausted",
         "_lost",
+        "_timer",
         "_window",
         "_won",
         "breaker",
@@ -120,7 +128,11 @@ class Lane:
         self.rate = hedge.budget
         self.burst = float(hedge.burst)
         self.tokens = self.burst if hedge.budget > 0 else 0.0
-        self.waiting: set[Race] = set()
+        self.waiting: set[Race] = set()  # armed and not stopped: a breaker opening moves them
+        # Armed races by deadline, oldest first (stopped ones too, until their
+        # deadline: bounded by the requests of one delay), and the one timer.
+        self._due: deque[tuple[float, Race]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._window = window
         hedges = metrics.hedges
         self._won = hedges.labels(cfg.name, "won").inc
@@ -133,6 +145,27 @@ class Lane:
         """One more request admitted: ``rate`` more tokens, at most ``burst``."""
         tokens = self.tokens + self.rate
         self.tokens = tokens if tokens < self.burst else self.burst
+
+    def schedule(self, race: Race) -> None:
+        """``race`` is due for its hedge one delay from now."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.delay
+        self._due.append((due, race))
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._expire)
+
+    def _expire(self) -> None:
+        """Hedge every race whose deadline passed (stopped ones are skipped).
+        After ``learn`` shortened the delay, a newer race may be due before an
+        older one: it then fires when the older one does, at most the change late."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = self._due
+        while due and due[0][0] <= now:
+            due.popleft()[1].fire(False)
+        if due:
+            self._timer = loop.call_at(due[0][0], self._expire)
 
     def take(self) -> bool:
         """A token for one hedge, if the bucket has one (counted when not)."""
@@ -210,7 +243,6 @@ class Race:
         "_hedging",
         "_taken",
         "_task",
-        "_timer",
         "_waiting",
         "_won",
         "first",
@@ -237,7 +269,6 @@ class Race:
         self.hedge: asyncio.Task[UpstreamResponse] | None = None
         self.hedge_name = ""
         self._task: asyncio.Task[object] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._waiting = False
         self._won = False
         self._baseline = 0
@@ -247,19 +278,16 @@ class Race:
         """The first attempt was admitted: the delay starts now."""
         lane = self.lane
         lane.credit()
-        loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task(loop)
-        self._timer = loop.call_at(loop.time() + lane.delay, self.fire, False)
+        self._task = asyncio.current_task()
         self._waiting = True
         lane.waiting.add(self)
+        lane.schedule(self)
 
     def stop(self) -> None:
         """The first attempt's await is over (headers, failure or cancel): no
         hedge starts after this, and a hedge's answer cancels nothing."""
         if self._waiting:
             self._waiting = False
-            if self._timer is not None:
-                self._timer.cancel()
             self.lane.waiting.discard(self)
 
     def fire(self, forced: bool) -> None:
@@ -319,6 +347,8 @@ class Race:
         record (its response not yet released)."""
         self.stop()
         hedge = self.hedge
+        # The lane's queue may hold this race until its deadline: keep it small.
+        self._task, self.hedge, self.targets = None, None, ()
         if hedge is None:
             return None
         self.lane.resolved(won)
