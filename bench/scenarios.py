@@ -6,7 +6,8 @@ through all of them. With three phases (healthy, fault, healthy) the second
 is the fault and the third the heal: the harness reports the time from the
 fault to the first trip and from the heal to every breaker closed again. A
 build scenario runs the real go command (a cold ``go mod download`` of the
-e2e corpus) and may SIGSTOP the primary before or during it.
+e2e corpus) and may SIGSTOP the primary before it or once it was asked a
+number of requests (mid-build however fast the machine is).
 
 Issue 13 (busy is not sick): healthy bursts, HEAD against a 405, sumdb-only
 failures. Issue 14 (sick is caught fast): the fault matrix and the builds.
@@ -40,7 +41,8 @@ class Scenario:
     mix: str = "info"  # bench.drive.KINDS with weights
     pool: int | None = None  # pool limit (sidecar pool.max_connections, nginx max_conns)
     build: bool = False  # a real `go mod download` instead of the load client
-    freeze_at: float | None = None  # build: SIGSTOP the primary this long into it (0: before)
+    freeze_after: int | None = None  # build: SIGSTOP the primary after this many requests
+    # to it (0: before the build)
 
     @property
     def faulted(self) -> bool:
@@ -77,6 +79,7 @@ BURSTS = tuple(
 )
 
 FAULT_MIX = "info:2,mod:1,list:1"
+MID_BUILD = 10  # requests to the primary before it hangs; a healthy cold build asks ~40
 
 SCENARIOS: tuple[Scenario, ...] = (
     *BURSTS,
@@ -126,14 +129,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         14,
         "cold `go mod download`, primary SIGSTOP'ed (hung) before the build starts",
         build=True,
-        freeze_at=0.0,
+        freeze_after=0,
     ),
     Scenario(
         "build-hung-mid",
         14,
-        "cold `go mod download`, primary SIGSTOP'ed 1 s into the build",
+        f"cold `go mod download`, primary SIGSTOP'ed once it was asked {MID_BUILD} requests "
+        "(of about 40)",
         build=True,
-        freeze_at=1.0,
+        freeze_after=MID_BUILD,
     ),
 )
 

@@ -24,7 +24,8 @@ from bench.procs import BenchError, Procs
 from bench.scenarios import Scenario
 
 SETTLE_S = 1.0  # the load client starts this long after it is spawned (imports)
-DRIVE_GRACE_S = 30.0  # beyond phases + cap, before the load client is declared stuck
+DRIVE_GRACE_S = 30.0
+FREEZE_POLL_S = 0.01  # beyond phases + cap, before the load client is declared stuck
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,15 +167,13 @@ async def _build(
 
     ws = GoWorkspace(Path(opts.go), work / "go", contender.goproxy(), opts.corpus / "gocache")
     row = Row(scenario.name, contender.name)
-    loop = asyncio.get_running_loop()
     started = time.time()
-    fault_at = started
-    timer = None
-    if scenario.freeze_at == 0:
+    frozen_at = [started]
+    freezer = None
+    if scenario.freeze_after == 0:
         primary.freeze()
-    elif scenario.freeze_at is not None:
-        fault_at = started + scenario.freeze_at
-        timer = loop.call_later(scenario.freeze_at, primary.freeze)
+    elif scenario.freeze_after is not None:
+        freezer = asyncio.create_task(_freeze_after(primary, scenario.freeze_after, frozen_at))
     try:
         result = await ws.download(deadline_s=opts.build_deadline_s)
         row.build = "ok" if result.ok else f"failed (exit {result.returncode})"
@@ -183,8 +182,18 @@ async def _build(
     except TimeoutError:
         row.build = f"timeout (> {opts.build_deadline_s:g} s)"
     finally:
-        if timer is not None:
-            timer.cancel()
+        if freezer is not None and not freezer.done():
+            freezer.cancel()
+            row.build += f"; primary never hung: < {scenario.freeze_after} requests"
         primary.thaw()
     row.wall_s = round(time.time() - started, 2)
-    return row, fault_at, None
+    return row, frozen_at[0], None
+
+
+async def _freeze_after(primary: FaultUpstream, requests: int, frozen_at: list[float]) -> None:
+    """SIGSTOP the primary once it has been asked ``requests`` requests: mid-build
+    on any machine, however fast the build."""
+    while primary.stats().get("requests", 0) < requests:
+        await asyncio.sleep(FREEZE_POLL_S)
+    primary.freeze()
+    frozen_at[0] = time.time()
