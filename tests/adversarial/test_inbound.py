@@ -26,14 +26,9 @@ from sidecar.config import (
     load_config,
 )
 from sidecar.errors import ConfigErrors
-from sidecar.server.connection import (
-    LINGER_BYTES,
-    MAX_HEADER_SECTION,
-    PIPELINE_DEPTH,
-    SLICE,
-    Connection,
-)
+from sidecar.server.connection import LINGER_BYTES, PIPELINE_DEPTH, Connection
 from sidecar.server.listener import Server
+from sidecar.server.requests import MAX_HEADER_SECTION, SLICE
 from tests.adversarial.rawhttp import (
     INFO,
     INFO_BODY,
