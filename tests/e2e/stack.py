@@ -41,6 +41,11 @@ class Thresholds:
     queue_wait_p99_ms: int = 100
     queue_for_s: float = 1
     min_span_s: float = 1
+    consecutive_failures: int = 5
+    stall_ms: int = 3000
+    stall_requests: int = 2
+    masked_failure_rate: float = 0.5
+    min_masked_failures: int = 10
     cooldown_s: float = 2
     probes: int = 2
 
@@ -56,6 +61,11 @@ sidecar:
       queue_wait_p99_ms: {self.queue_wait_p99_ms}
       queue_for_s: {self.queue_for_s}
       min_span_s: {self.min_span_s}
+      consecutive_failures: {self.consecutive_failures}
+      stall_ms: {self.stall_ms}
+      stall_requests: {self.stall_requests}
+      masked_failure_rate: {self.masked_failure_rate}
+      min_masked_failures: {self.min_masked_failures}
     breaker:
       cooldown_s: {self.cooldown_s}
       probes: {self.probes}

@@ -15,19 +15,20 @@ pytestmark = pytest.mark.e2e
 
 
 def normalized(reason: str) -> str:
-    """Reasons carry live figures ("error rate 45.0% ... over 11 requests"): keep the words."""
+    """Reasons carry live figures ("6 failures in a row (>= 5)"): keep the words."""
     return re.sub(r"\d+(\.\d+)?", "N", reason)
 
 
 async def reset_then_heal(stack: Any, engine: str) -> dict[str, Any]:
     """reset_peer on the primary, `go mod download`, trip, remove the toxic, heal."""
-    world = await stack(Thresholds(cooldown_s=2), engine=engine)
+    # The cool-down outlasts the download (the run of failures trips early in it).
+    world = await stack(Thresholds(cooldown_s=10), engine=engine)
     toxic = await world.add_toxic("reset_peer", timeout=0)
     download = await world.go.download()
     assert download.ok, download
     tripped = await world.sidecar.wait_breaker("primary", 5, state="open")
     await world.remove_toxic(toxic)
-    healed = await world.sidecar.wait_breaker("primary", 10, state="closed")
+    healed = await world.sidecar.wait_breaker("primary", 20, state="closed")
     metrics = await world.sidecar.metrics()
     assert metrics.value("goproxy_sidecar_policy_evaluations_total", engine=engine) > 0
     assert metrics.value("goproxy_sidecar_policy_failures_total") == 0
@@ -46,7 +47,7 @@ async def test_opa_server_engine_runs_like_the_embedded_engine(stack):
     embedded = await reset_then_heal(stack, "embedded")
     opa = await reset_then_heal(stack, "opa")
     assert embedded["log"] == [
-        ("primary", "closed", "open", "cache", "error rate N% > N% over N requests"),
+        ("primary", "closed", "open", "cache", "N failures in a row (>= N)"),
         ("primary", "open", "half-open", "cache", "cooldown of Ns elapsed"),
         ("primary", "half-open", "closed", "allow", "N probes succeeded"),
     ], embedded["log"]

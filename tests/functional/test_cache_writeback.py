@@ -12,7 +12,15 @@ from pathlib import Path
 
 from sidecar.cache.layout import Layout
 from sidecar.cache.writeback import WriteBehind
-from tests.functional.test_cache_cli import GO_SUM, A, cli, write_config
+from tests.functional.test_cache_cli import (
+    AUTOREST_MOD,
+    AUTOREST_ZIP,
+    GO_SUM,
+    TEXT_MOD,
+    A,
+    cli,
+    write_config,
+)
 from tests.functional.test_cache_support import (
     INFO,
     cache_config,
@@ -86,9 +94,9 @@ async def test_failed_small_write_is_forgotten_and_leaves_nothing(
 
 async def test_running_sidecar_adopts_what_warm_fetched(fake_upstreams, sidecar_client, tmp_path):
     [(up, url)] = await fake_upstreams(1)
-    up.set(f"{A}/@v/v1.0.0.mod", b"module github.com/Azure/go-autorest\n")
-    up.set(f"{A}/@v/v1.0.0.zip", b"zip bytes")
-    up.set("golang.org/x/text/@v/v0.3.0.mod", b"module golang.org/x/text\n")
+    up.set(f"{A}/@v/v1.0.0.mod", AUTOREST_MOD)
+    up.set(f"{A}/@v/v1.0.0.zip", AUTOREST_ZIP)
+    up.set("golang.org/x/text/@v/v0.3.0.mod", TEXT_MOD)
     cache_dir = tmp_path / "cache"
     client, sc = await sidecar_client(
         [url], run_control=False, cache=cache_config(tmp_path, dir=cache_dir)
@@ -102,7 +110,7 @@ async def test_running_sidecar_adopts_what_warm_fetched(fake_upstreams, sidecar_
     await wait_for(lambda: sc.cache.summary()["entries"] == 3, what="warmed entries adopted")
     asked = len(up.received)
     resp = await client.get(f"/{A}/@v/v1.0.0.zip")
-    assert await resp.read() == b"zip bytes" and resp.headers["X-Sidecar-Upstream"] == "cache"
+    assert await resp.read() == AUTOREST_ZIP and resp.headers["X-Sidecar-Upstream"] == "cache"
     assert len(up.received) == asked
 
 
