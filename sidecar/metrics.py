@@ -180,7 +180,8 @@ class Metrics:
             "Requests to this upstream that had no response headers within the hedge "
             "delay, by result: won (the same request sent to the next allowed upstream "
             "was served), lost (it was sent, and this upstream's answer, or none, was "
-            "used), budget_exhausted (not sent: the hedge budget was spent).",
+            "used), budget_exhausted (not sent then: the hedge budget was spent; a breaker "
+            "that opens later still moves the request, counted again as won or lost).",
             ["upstream", "result"],
             registry=r,
         )
