@@ -33,9 +33,12 @@ gone. A body is committed only if it arrived whole and was never degraded.
 A fill with a ``gate`` (a ``.mod`` or ``.zip`` checked against the checksum
 database, ``sidecar.proxy.integrity``) is stored, verified, then served:
 readers get no byte until the whole body is on disk and the gate passed it.
-A body the gate refuses fails the fill like a cut upstream (never served,
-never committed). A gated fill that degrades cannot be checked: the gate
-decides whether its readers are released unchecked or the fill fails.
+A gate may take the bytes as they are written (its ``sink``, fed in the
+same worker-thread step as the file), so that its check after the last byte
+has little left to do. A body the gate refuses fails the fill like a cut
+upstream (never served, never committed). A gated fill that degrades cannot
+be checked: the gate decides whether its readers are released unchecked or
+the fill fails.
 """
 
 from __future__ import annotations
@@ -70,8 +73,17 @@ READ_BYTES: Final = 32 * 1024
 _T = TypeVar("_T")
 
 
+class Sink(Protocol):
+    """Takes a body's bytes in order, in a worker thread; never raises."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+
 class Gate(Protocol):
     """What a gated fill's body must pass before any reader gets a byte."""
+
+    def sink(self) -> Sink | None:
+        """What the body's bytes are fed to as they are written, if anything."""
 
     async def check(self, path: str) -> None:
         """Check the complete body at ``path``; raise UpstreamError to refuse it."""
@@ -142,6 +154,7 @@ class Fill:
         self._io_busy = 0
         self._ended = False
         self._gate = gate
+        self._sink = gate.sink() if gate is not None else None
 
     # -- readers ---------------------------------------------------------------
 
@@ -290,7 +303,7 @@ class Fill:
         assert temp is not None
         chunks, self._pending = self._pending, []
         try:
-            await self.io(write_all, temp.fd, chunks, temp.hasher)
+            await self.io(_write, temp, chunks, self._sink)
         except OSError as exc:
             self._degrade(exc)
             return
@@ -334,7 +347,7 @@ class Fill:
         its readers get it unchecked, as a plain proxy would serve it."""
         assert self._gate is not None
         self._gate.unchecked(reason)
-        self._gate = None
+        self._gate = self._sink = None
         self._wake()
 
     async def _make_room(self) -> None:
@@ -445,6 +458,14 @@ class FillReader:
         if not self._closed:
             self._closed = True
             self.fill._left(self)
+
+
+def _write(temp: TempFile, chunks: list[bytes], sink: Sink | None) -> None:
+    """Worker thread: append to the temp file; the gate's sink takes the same bytes."""
+    write_all(temp.fd, chunks, temp.hasher)
+    if sink is not None:
+        for chunk in chunks:
+            sink.feed(chunk)
 
 
 def _unlink(path: str) -> None:

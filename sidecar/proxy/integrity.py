@@ -13,10 +13,12 @@ leave the host. When the database cannot vouch either way (unreachable, an
 answer that does not verify), ``verify.unavailable`` decides: serve (the go
 command checks again) or refuse; either is counted and logged.
 
-Hashing a zip runs in a worker thread, concurrently with the lookup; the
-lookup's own CPU (signature, a few ms of tile hashing, proof) runs in worker
-threads too (``sidecar.sumdb``), and concurrent checks of one module@version
-share one lookup.
+Hashing a zip runs in worker threads, concurrently with the lookup: a cache
+fill's zip is hashed while it is written (``sidecar.sumdb.zipstream``, the
+gate's sink), and only when that cannot be trusted is the stored file hashed
+again once complete (``hash_zip``). The lookup's own CPU (signature, a few ms
+of tile hashing, proof) runs in worker threads too (``sidecar.sumdb``), and
+concurrent checks of one module@version share one lookup.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from sidecar.routing import Glob, compile_glob
 from sidecar.sumdb.dirhash import hash_gomod, hash_zip
 from sidecar.sumdb.lookup import Fetch, ModuleHashes, SumdbVerifier
 from sidecar.sumdb.note import parse_verifier_key
+from sidecar.sumdb.zipstream import ZipStream
 from sidecar.upstreams import UpstreamResponse
 
 log = logging.getLogger("sidecar.integrity")
@@ -90,15 +93,28 @@ class IntegrityChecker:
         """Raise UpstreamIntegrityError (enforce) if ``body`` is not the vouched go.mod."""
         await self._check(req, upstream, _done(hash_gomod(body)))
 
-    async def check_zip(self, req: GoproxyRequest, upstream: str, source: ZipSource) -> None:
+    async def check_zip(
+        self,
+        req: GoproxyRequest,
+        upstream: str,
+        source: ZipSource,
+        streamed: ZipStream | None = None,
+    ) -> None:
         """Raise UpstreamIntegrityError (enforce) if the zip at ``source`` is not the
-        vouched one. ``source`` is complete and no longer written to."""
-        await self._check(req, upstream, asyncio.to_thread(_hash_zip, source))
+        vouched one. ``source`` is complete and no longer written to; ``streamed``,
+        if given, was fed all of it."""
+        await self._check(req, upstream, asyncio.to_thread(_hash_zip, source, streamed))
 
-    async def check(self, req: GoproxyRequest, upstream: str, source: ZipSource) -> None:
+    async def check(
+        self,
+        req: GoproxyRequest,
+        upstream: str,
+        source: ZipSource,
+        streamed: ZipStream | None = None,
+    ) -> None:
         """``check_mod`` or ``check_zip`` by the request's kind."""
         if req.kind is Kind.ZIP:
-            await self.check_zip(req, upstream, source)
+            await self.check_zip(req, upstream, source, streamed)
         elif isinstance(source, bytes):
             await self.check_mod(req, upstream, source)
         else:
@@ -188,15 +204,20 @@ def skip_globs(config: Config) -> tuple[Glob, ...]:
 
 
 class BodyGate:
-    """One fill's gate: the body of ``req`` from ``upstream``."""
+    """One fill's gate: the body of ``req`` from ``upstream``. A zip is hashed
+    while the fill writes it (its sink), so little is left after the last byte."""
 
-    __slots__ = ("_checker", "_req", "_upstream")
+    __slots__ = ("_checker", "_req", "_stream", "_upstream")
 
     def __init__(self, checker: IntegrityChecker, req: GoproxyRequest, upstream: str) -> None:
         self._checker, self._req, self._upstream = checker, req, upstream
+        self._stream = ZipStream() if req.kind is Kind.ZIP else None
+
+    def sink(self) -> ZipStream | None:
+        return self._stream
 
     async def check(self, path: str) -> None:
-        await self._checker.check(self._req, self._upstream, path)
+        await self._checker.check(self._req, self._upstream, path, self._stream)
 
     def unchecked(self, reason: str) -> None:
         self._checker.unchecked(self._req, self._upstream, reason)
@@ -246,8 +267,13 @@ async def _settle(fut: asyncio.Future[str]) -> None:
         return
 
 
-def _hash_zip(source: ZipSource) -> str:
+def _hash_zip(source: ZipSource, streamed: ZipStream | None) -> str:
     """Worker thread: the zip's h1, or a marker that never equals one."""
+    if streamed is not None and isinstance(source, str):
+        h1 = streamed.finish(source)
+        if h1 is not None:
+            return h1
+        log.debug("zip hashed again: its stream could not be followed", extra={"path": source})
     try:
         if isinstance(source, bytes):
             return hash_zip(io.BytesIO(source))

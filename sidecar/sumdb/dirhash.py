@@ -10,6 +10,8 @@ named ``go.mod``.
 :func:`hash_zip` reads the whole zip and blocks: callers run it in a worker
 thread (``asyncio.to_thread``). It streams each member through SHA-256 in
 fixed pieces, so memory does not grow with the zip (500 MiB at most).
+:func:`hash_entries` is its summary step alone, fed with digests taken some
+other way (``sidecar.sumdb.zipstream``: while the zip is written).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import base64
 import hashlib
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Final
 
 from sidecar.errors import ZipHashError
@@ -60,23 +62,27 @@ def hash_zip(source: str | os.PathLike[str] | IO[bytes]) -> str:
     """
     try:
         with zipfile.ZipFile(source) as archive:
-            return hash1(_member_digests(archive))
+            return hash_entries(archive.infolist(), lambda info: _digest(archive, info))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
         raise ZipHashError(f"not a readable zip: {exc}") from exc
     except (ValueError, RuntimeError) as exc:  # encrypted members, bad names, bad CRC
         raise ZipHashError(f"unreadable zip member: {exc}") from exc
 
 
-def _member_digests(archive: zipfile.ZipFile) -> list[tuple[bytes, str]]:
-    # Go's HashZip opens each name through a map, so every line for a duplicated
-    # name hashes the LAST entry of that name.
-    infos = archive.infolist()
+def hash_entries(infos: list[zipfile.ZipInfo], digest: Callable[[zipfile.ZipInfo], str]) -> str:
+    """The ``h1:`` of a zip whose central directory lists ``infos``, given the hex
+    SHA-256 of a member's content (``digest``, asked only for members Go reads).
+
+    Raises ZipHashError for a zip the go command refuses whatever its content.
+    """
     total = sum(info.file_size for info in infos)
     if total > MAX_CONTENT:
         raise ZipHashError(f"{total} bytes of files: more than a module may hold ({MAX_CONTENT})")
-    last = {_raw_name(info): info for info in infos}
-    digests = {name: _digest(archive, info) for name, info in last.items()}
-    return [(_raw_name(info), digests[_raw_name(info)]) for info in infos]
+    # Go's HashZip opens each name through a map, so every line for a duplicated
+    # name hashes the LAST entry of that name.
+    last = {raw_name(info): info for info in infos}
+    digests = {name: digest(info) for name, info in last.items()}
+    return hash1((raw_name(info), digests[raw_name(info)]) for info in infos)
 
 
 def _digest(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
@@ -91,7 +97,7 @@ def _digest(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
     return content.hexdigest()
 
 
-def _raw_name(info: zipfile.ZipInfo) -> bytes:
+def raw_name(info: zipfile.ZipInfo) -> bytes:
     """The entry's name as the bytes stored in the zip, which is what Go hashes.
 
     zipfile decodes a name as UTF-8 when flag bit 11 is set and as cp437 otherwise;
