@@ -222,6 +222,86 @@ def test_pod_discovery_scrapes_the_annotated_sidecar_port(pod_ip: str, address: 
     assert relabel(target, job["relabel_configs"]) is None
 
 
+# ====================================================================== Grafana
+
+DASHBOARD = DEPLOY / "grafana" / "goproxy-sidecar.json"
+DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+
+
+def dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel that draws something (rows are layout only), nested rows included."""
+    out: list[dict[str, Any]] = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            out += panel.get("panels", [])
+        else:
+            out.append(panel)
+    return out
+
+
+def registry_names() -> set[str]:
+    """Every series name sidecar/metrics.py's registry can export."""
+    from sidecar.metrics import Metrics
+
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+    return names
+
+
+def test_the_grafana_dashboard_imports_and_names_only_exported_metrics() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dashboard["schemaVersion"] >= 36
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"DS_PROMETHEUS", "instance", "upstream"} <= variables
+    panels = dashboard_panels(dashboard)
+    nested = [q for p in dashboard["panels"] for q in p.get("panels", [])]
+    ids = [p["id"] for p in dashboard["panels"] + nested]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    exported = registry_names()
+    used: set[str] = set()
+    for panel in panels:
+        title = panel["title"]
+        assert panel["datasource"] == DATASOURCE, title
+        assert panel["targets"], f"{title}: no target"
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, title
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE, title
+            names = set(METRIC.findall(target["expr"]))
+            assert names, f"{title}: {target['expr']} names no sidecar metric"
+            assert names <= exported, f"{title}: unknown metrics {names - exported}"
+            for name in re.findall(r"(?:rate|increase)\(\s*(goproxy_sidecar_\w+)", target["expr"]):
+                assert name.endswith(("_total", "_bucket")), (title, name)
+            used |= names
+    kinds = {p["type"] for p in panels}
+    assert {"state-timeline", "gauge"} <= kinds
+    for needed in (
+        "goproxy_sidecar_breaker_state",
+        "goproxy_sidecar_upstream_ttfb_p99_seconds",
+        "goproxy_sidecar_request_duration_seconds_bucket",
+        "goproxy_sidecar_upstream_error_rate",
+        "goproxy_sidecar_masked_failures_total",
+        "goproxy_sidecar_upstream_queue_wait_seconds_bucket",
+        "goproxy_sidecar_upstream_overflows_total",
+        "goproxy_sidecar_hedges_total",
+        "goproxy_sidecar_rejected_requests_total",
+        "goproxy_sidecar_integrity_failures_total",
+        "goproxy_sidecar_cache_hits_total",
+        "goproxy_sidecar_cache_bytes",
+        "goproxy_sidecar_policy_evaluations_total",
+        "goproxy_sidecar_policy_failures_total",
+        "goproxy_sidecar_policy_evaluation_duration_seconds_bucket",
+        "goproxy_sidecar_policy_reloads_total",
+    ):
+        assert needed in used, f"the dashboard does not show {needed}"
+
+
 # ====================================================================== Kubernetes
 
 
