@@ -3,6 +3,7 @@
 #   promtool   `promtool check config|rules`, `promtool test rules` on deploy/prometheus/
 #              (Debian package `prometheus`, which also brings the server the
 #              scenario tests run)
+#   chromium   headless Chromium renders /status (tests/functional/test_status.py)
 # Idempotent: checks each command with `command -v` and runs `apt-get update`
 # once, only when something is missing. Needs root (or sudo) for apt-get.
 #   scripts/debian-deps.sh
@@ -19,6 +20,7 @@ WANTED=(
     "promtool|prometheus"
     "nginx|nginx-light"   # static GOPROXY upstreams in e2e tests and bench/
     "wrk|wrk"             # bench/ load generator
+    "chromium|chromium"   # /status rendered headless: DOM and screenshot
 )
 
 have() { command -v "$1" >/dev/null 2>&1; }

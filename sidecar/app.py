@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -16,7 +17,14 @@ from sidecar.breaker.plan import Plan
 from sidecar.breaker.state import Decision, State, TrafficClass
 from sidecar.cache.base import ModuleCache
 from sidecar.config import Config, VerifyMode
-from sidecar.control import ControlLoop, breakers_of, on_transition, windows_of
+from sidecar.control import (
+    RECENT_TRANSITIONS,
+    ControlLoop,
+    RecentTransition,
+    breakers_of,
+    on_transition,
+    windows_of,
+)
 from sidecar.endpoints import endpoints
 from sidecar.metrics import Metrics
 from sidecar.policy import make_engine
@@ -54,6 +62,9 @@ class Sidecar:
     policy: PolicyReloader | None = None
     hedging: Hedging | None = None
     would: dict[str, Decision] = field(default_factory=dict)
+    transitions: deque[RecentTransition] = field(
+        default_factory=lambda: deque(maxlen=RECENT_TRANSITIONS)
+    )
     background: set[asyncio.Task[object]] = field(default_factory=set)
     plan: Plan = field(init=False)
     _plan_version: int = 0

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from sidecar.breaker.machine import Breaker
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.control")
 
+RECENT_TRANSITIONS: Final = 50  # kept for /status; a bounded ring, memory stays flat
 STALE_AFTER_INTERVALS: Final = 10
 STALE_AFTER_MIN_S: Final = 30.0
 # The synthetic probes, one per traffic class. Every GOPROXY server answers
@@ -43,6 +45,16 @@ SELF_PROBE_PATHS: Final = {
     TrafficClass.MODULE: "goproxy-sidecar.invalid/self-probe/@v/list",
     TrafficClass.SUMDB: "sumdb/sum.golang.org/supported",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class RecentTransition:
+    """One breaker transition as /status lists it; ``at`` is wall-clock time
+    (the transition's own ``at`` is the breaker's clock, meaningless to people)."""
+
+    at: float
+    klass: TrafficClass
+    transition: Transition
 
 
 class ControlLoop:
@@ -236,6 +248,7 @@ def on_transition(sc: Sidecar, klass: TrafficClass, transition: Transition) -> N
     metrics, one log line, a new plan."""
     name = transition.upstream
     windows_of(sc, klass)[name].reset()
+    sc.transitions.append(RecentTransition(time.time(), klass, transition))
     m = sc.metrics
     for state in State:
         m.breaker_state.labels(name, klass.value, state.value).set(

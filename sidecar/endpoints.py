@@ -1,4 +1,4 @@
-"""The sidecar's own endpoints: /healthz, /readyz, /metrics, /breakers."""
+"""The sidecar's own endpoints: /healthz, /readyz, /metrics, /breakers, /routes, /status."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar.breaker.machine import Breaker
 from sidecar.breaker.state import Action, TrafficClass
 from sidecar.server.exchange import TEXT_PLAIN as TEXT
+from sidecar.status import HTML, render_status
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -44,7 +45,11 @@ def endpoints(sidecar: Sidecar) -> dict[str, Endpoint]:
         assert sidecar.router is not None
         return 200, JSON, (json.dumps(sidecar.router.describe(), indent=2) + "\n").encode()
 
+    def status() -> Answer:
+        return 200, HTML, render_status(sidecar)
+
     return {
+        "/status": status,
         "/routes": routes,
         "/healthz": healthz,
         "/readyz": readyz,

@@ -27,6 +27,7 @@ ELSEWHERE = {
     "prometheus": "run scripts/debian-deps.sh (Debian package prometheus)",
     "nginx": "run scripts/debian-deps.sh (Debian package nginx-light)",
     "wrk": "run scripts/debian-deps.sh (Debian package wrk)",
+    "chromium": "run scripts/debian-deps.sh (Debian package chromium)",
     "go": "install Go 1.26 (https://go.dev/doc/install)",
     "kustomize": "run scripts/tools.sh (go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0)",
 }
