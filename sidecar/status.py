@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from sidecar.breaker.state import TrafficClass
 from sidecar.config import UpstreamConfig
 from sidecar.status_svg import sparkline
+from sidecar.units import format_size
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -37,7 +38,8 @@ h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.4em 0 .4em}
 table{border-collapse:collapse;background:#fff;width:100%}
 th,td{border:1px solid #d5d9e0;padding:3px 6px;text-align:left;vertical-align:middle}
 th{background:#e8ebf0;font-weight:600}td.num{text-align:right;white-space:nowrap}
-.meta{color:#5a6270}.reason{max-width:32em;word-break:break-word}
+.meta{color:#5a6270}.reason{min-width:16em;max-width:30em;word-break:break-word}
+table{font-size:13px}code{font-size:12px}
 .state{font-weight:700;padding:1px 6px;border-radius:3px;color:#fff}
 .closed{background:#2e8540}.open{background:#c62828}.half-open{background:#d98c00}
 .alert{color:#c62828;font-weight:700}.sub td{background:#fafbfc}
@@ -232,16 +234,17 @@ def _policy(sc: Sidecar, now: float) -> str:
 
 
 def _cache(sc: Sidecar) -> str:
-    summary = sc.cache_summary()
-    if not summary.get("enabled"):
+    if sc.cache is None:
         return "<h2>Cache</h2><p class=meta>disabled</p>"
+    summary = sc.cache.summary()
     hits = _counter_total(sc.metrics.cache_hits)
     misses = _counter_total(sc.metrics.cache_misses)
     ratio = NO_DATA if hits + misses == 0 else f"{100.0 * hits / (hits + misses):.1f}%"
+    max_bytes = sc.config.cache.max_bytes
     items = [
         ("directory", sc.config.cache.dir),
-        ("entries", str(summary.get("entries", 0))),
-        ("bytes", f"{summary.get('bytes', 0)} of {sc.config.cache.max_bytes}"),
+        ("entries", str(summary["entries"])),
+        ("size", f"{format_size(summary['bytes'])} of {format_size(max_bytes)}"),
         ("hit ratio since start", f"{ratio} ({hits:.0f} hits, {misses:.0f} misses)"),
     ]
     return "<h2>Cache</h2>" + _dl(items)

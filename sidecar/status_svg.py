@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from html import escape
 from typing import Final
 
-WIDTH: Final = 120
-HEIGHT: Final = 24
+WIDTH: Final = 100
+HEIGHT: Final = 20
 PAD: Final = 2  # keeps the stroke of a flat line at 0 or at the maximum inside the box
 
 

@@ -3,6 +3,9 @@ tripped by the real policy, and the page rendered by real headless Chromium.
 
 The windows and breakers run on a fake clock (as in test_breakers.py), so
 "held over two slices" does not depend on this machine's speed.
+
+The README's screenshot is this test's: ``SIDECAR_STATUS_SCREENSHOT=docs/status.png
+python3 -m pytest tests/functional/test_status.py -k chromium`` writes it again.
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ async def test_status_shows_auth_by_its_variable_names_only(
     up0 = dataclasses.replace(sc.config.upstreams[0], auth=AuthConfig(basic=basic))
     sc.config = dataclasses.replace(sc.config, upstreams=(up0, *sc.config.upstreams[1:]))
     html = await page(client)
+    assert "<dt>last evaluation</dt><dd>none yet</dd>" in html  # renders before any
     assert "auth: basic from $GOPROXY_USER / $GOPROXY_PASS" in row_of(html, "up0")
     assert "s3cret-pw" not in html and "alice" not in html
     assert f"<code>{url_a}</code>" in row_of(html, "up0")
