@@ -92,7 +92,7 @@ class EmbeddedEngine(PolicyEngine):
                 policy.modules[0][0], None, f"evaluating a sample input failed: {exc}"
             ) from exc
         self._breaker = settings
-        return None
+        return "; ".join(policy.warnings) or None
 
     async def evaluate(self, input: Mapping[str, Any]) -> dict[str, Decision]:
         compiled = self._compiled

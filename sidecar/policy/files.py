@@ -11,7 +11,8 @@ Under each configured path (a folder or a single file):
 Symlinks are followed. Names starting with ``..`` are skipped: they are the
 Kubernetes ConfigMap's internal copies (``..data``, ``..2024_…``), which would
 otherwise be loaded twice. No configured path: the policies shipped inside
-the package (``sidecar/policies``).
+the package (``sidecar/policies``). The merged ``data.sidecar.config`` must
+fit ``schema.SCHEMA``: a typo there is refused like a syntax error.
 
 Everything here is blocking file I/O: call it through a thread.
 """
@@ -19,6 +20,7 @@ Everything here is blocking file I/O: call it through a thread.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,6 +33,7 @@ import yaml
 
 import sidecar
 from sidecar.errors import PolicyLoadError
+from sidecar.policy import schema
 
 PACKAGED_POLICIES = Path(sidecar.__file__).parent / "policies"
 REGO_SUFFIX = ".rego"
@@ -57,6 +60,7 @@ class PolicySet:
     data: dict[str, Any]
     fingerprint: str
     data_files: tuple[tuple[SourceFile, Any], ...]  # for locating a data value
+    warnings: tuple[str, ...] = ()  # accepted but worth telling: a removed key
 
     def source_of(self, keys: Sequence[str]) -> str | None:
         """Name of the data file that defines ``data.<keys>``, if one does."""
@@ -156,8 +160,27 @@ def load_policy_set(paths: Sequence[str]) -> PolicySet:
     if not modules:
         where = ", ".join(display_name(p) for p in resolve_paths(paths))
         raise PolicyLoadError(where, None, "no .rego policy files found")
-    data = _merge_all(data_files)
-    return PolicySet(tuple(modules), data, digest.hexdigest(), tuple(data_files))
+    policy = PolicySet(
+        tuple(modules), _merge_all(data_files), digest.hexdigest(), tuple(data_files)
+    )
+    problems, warnings = schema.validate(policy.data)
+    if problems:
+        raise _data_error(policy, problems)
+    return dataclasses.replace(policy, warnings=tuple(_located(policy, w) for w in warnings))
+
+
+def _located(policy: PolicySet, finding: schema.Finding) -> str:
+    return f"{policy.source_of(finding.keys) or 'data'}: {finding}"
+
+
+def _data_error(policy: PolicySet, problems: Sequence[schema.Finding]) -> PolicyLoadError:
+    """Every problem on one line, at the file of the first (others name theirs)."""
+    file = policy.source_of(problems[0].keys) or "data"
+    parts = [str(problems[0])]
+    for problem in problems[1:]:
+        where = policy.source_of(problem.keys) or "data"
+        parts.append(str(problem) if where == file else f"{where}: {problem}")
+    return PolicyLoadError(file, None, "; ".join(parts))
 
 
 def _read(source: SourceFile) -> bytes:

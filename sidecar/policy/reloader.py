@@ -145,7 +145,7 @@ class PolicyReloader:
     def _set_warning(self, warning: str | None) -> None:
         self.warning = warning
         if warning is not None:
-            log.warning("policy engine degraded: %s", warning)
+            log.warning("policy warning: %s", warning)
 
     async def _report(self, ok: bool, error: str | None) -> None:
         if self._metrics is not None:

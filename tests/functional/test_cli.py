@@ -218,6 +218,60 @@ def test_check_names_the_file_and_line_of_a_broken_policy(tmp_path: Path) -> Non
     assert "breaker.rego:41" in out.stderr, out.stderr
 
 
+def check_thresholds(tmp_path: Path, old: str, new: str) -> subprocess.CompletedProcess[str]:
+    import shutil
+
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    thresholds = policies / "thresholds.yaml"
+    text = thresholds.read_text()
+    assert old in text
+    thresholds.write_text(text.replace(old, new))
+    cfg = write_config(
+        tmp_path, "http://127.0.0.1:3000", 3001, f'policy: {{paths: ["{policies}"]}}\n'
+    )
+    return subprocess.run(
+        sidecar_cmd("check", "--config", str(cfg)), capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "error_rate: 0.05",
+            "error_rat: 0.05",
+            "sidecar.config.thresholds.error_rat: unknown key (did you mean 'error_rate'?)",
+        ),
+        (
+            "min_requests: 20",
+            "min_requests: many",
+            "sidecar.config.thresholds.min_requests: expected an integer >= 1, got 'many'",
+        ),
+        (
+            "error_rate: 0.05",
+            "error_rate: 5",
+            "sidecar.config.thresholds.error_rate: expected a number in [0, 1], got 5",
+        ),
+    ],
+)
+def test_check_refuses_bad_policy_data_naming_the_key(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    out = check_thresholds(tmp_path, old, new)
+    assert out.returncode == 2
+    thresholds = tmp_path / "policies" / "thresholds.yaml"
+    assert out.stderr == f"goproxy-sidecar: {thresholds}: {message}\n"
+
+
+def test_check_warns_of_a_removed_policy_key(tmp_path: Path) -> None:
+    out = check_thresholds(
+        tmp_path, "min_requests: 20", "pool_saturation: 0.9\n      min_requests: 20"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "sidecar.config.thresholds.pool_saturation: removed key, ignored" in out.stderr
+
+
 # ---------------------------------------------------------------- errors: one line, an exit code
 
 

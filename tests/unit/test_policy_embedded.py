@@ -145,7 +145,7 @@ async def test_bad_breaker_settings_name_the_data_file(policy_dir: Path) -> None
     with pytest.raises(PolicyLoadError) as caught:
         await load([str(policy_dir)])
     assert caught.value.file == str(thresholds)
-    assert "probes must be an integer >= 1" in caught.value.message
+    assert "breaker.probes: expected an integer >= 1, got 0" in caught.value.message
 
 
 async def test_policy_that_outputs_a_string_is_refused(tmp_path: Path) -> None:

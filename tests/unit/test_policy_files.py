@@ -46,19 +46,19 @@ def test_discovery_skips_tests_and_kubernetes_copies(tmp_path: Path) -> None:
 
 def test_data_lands_at_its_folder(tmp_path: Path) -> None:
     write(tmp_path / "p.rego", MODULE)
-    write(tmp_path / "root.yaml", "sidecar:\n  config:\n    a: 1\n")
-    write(tmp_path / "more.json", '{"sidecar": {"config": {"b": 2}}}')
-    write(tmp_path / "sidecar" / "config" / "deep.yml", "c: 3\n")
+    write(tmp_path / "root.yaml", "team:\n  config:\n    a: 1\n")
+    write(tmp_path / "more.json", '{"team": {"config": {"b": 2}}}')
+    write(tmp_path / "team" / "config" / "deep.yml", "c: 3\n")
     write(tmp_path / "lists" / "l.json", "[1, 2]")
     policy = files.load_policy_set([str(tmp_path)])
     assert policy.data == {
-        "sidecar": {"config": {"a": 1, "b": 2, "c": 3}},
+        "team": {"config": {"a": 1, "b": 2, "c": 3}},
         "lists": [1, 2],
     }
-    assert policy.source_of(("sidecar", "config", "c")) == str(
-        tmp_path / "sidecar" / "config" / "deep.yml"
+    assert policy.source_of(("team", "config", "c")) == str(
+        tmp_path / "team" / "config" / "deep.yml"
     )
-    assert policy.source_of(("sidecar", "config", "a")) == str(tmp_path / "root.yaml")
+    assert policy.source_of(("team", "config", "a")) == str(tmp_path / "root.yaml")
     assert policy.source_of(("nope",)) is None
 
 
@@ -151,3 +151,115 @@ def test_fingerprint_follows_content_not_mtime(tmp_path: Path) -> None:
 def test_fingerprint_of_a_missing_path_is_stable(tmp_path: Path) -> None:
     paths = [str(tmp_path / "absent")]
     assert files.fingerprint(paths) == files.fingerprint(paths)
+
+
+# ---------------------------------------------------------------- data.sidecar.config
+
+
+def load_thresholds(tmp_path: Path, text: str) -> files.PolicySet:
+    write(tmp_path / "p.rego", MODULE)
+    write(tmp_path / "thresholds.yaml", "sidecar:\n  config:\n" + text)
+    return files.load_policy_set([str(tmp_path)])
+
+
+def refusal(tmp_path: Path, text: str) -> PolicyLoadError:
+    with pytest.raises(PolicyLoadError) as caught:
+        load_thresholds(tmp_path, text)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "    thresholds: {error_rat: 0.05}\n",
+            "sidecar.config.thresholds.error_rat: unknown key (did you mean 'error_rate'?)",
+        ),
+        (
+            "    thresholds: {min_requests: many}\n",
+            "sidecar.config.thresholds.min_requests: expected an integer >= 1, got 'many'",
+        ),
+        (
+            "    thresholds: {error_rate: 5}\n",
+            "sidecar.config.thresholds.error_rate: expected a number in [0, 1], got 5",
+        ),
+        (
+            "    thresholds: {stall_requests: 2.5}\n",
+            "sidecar.config.thresholds.stall_requests: expected an integer >= 1, got 2.5",
+        ),
+        (
+            "    thresholds: {queue_for_s: -1}\n",
+            "sidecar.config.thresholds.queue_for_s: expected a number >= 0, got -1",
+        ),
+        (
+            "    thresholds: {stall_ms: true}\n",
+            "sidecar.config.thresholds.stall_ms: expected a number >= 0, got True",
+        ),
+        (
+            "    thresholds: {ttfb_p99_ms: }\n",
+            "sidecar.config.thresholds.ttfb_p99_ms: expected a number >= 0, got null",
+        ),
+        (
+            "    breaker: {probes: 0}\n",
+            "sidecar.config.breaker.probes: expected an integer >= 1, got 0",
+        ),
+        (
+            "    thresholds: [1]\n",
+            "sidecar.config.thresholds: expected a mapping, got a list",
+        ),
+        (
+            # Forgot the section: the suggestion names the nested key.
+            "    error_rate: 0.05\n",
+            "sidecar.config.error_rate: unknown key (did you mean 'thresholds.error_rate'?)",
+        ),
+    ],
+)
+def test_bad_threshold_data_is_refused_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    error = refusal(tmp_path, text)
+    assert error.file == str(tmp_path / "thresholds.yaml")
+    assert error.message == message
+
+
+def test_every_problem_is_named_at_once(tmp_path: Path) -> None:
+    write(tmp_path / "sidecar" / "config" / "breaker" / "b.json", '{"cooldwn_s": 3}')
+    error = refusal(tmp_path, "    thresholds: {error_rat: 0.05, min_requests: 0}\n")
+    assert error.file == str(tmp_path / "thresholds.yaml")
+    assert error.message == (
+        "sidecar.config.thresholds.error_rat: unknown key (did you mean 'error_rate'?); "
+        "sidecar.config.thresholds.min_requests: expected an integer >= 1, got 0; "
+        f"{tmp_path / 'sidecar' / 'config' / 'breaker' / 'b.json'}: "
+        "sidecar.config.breaker.cooldwn_s: unknown key (did you mean 'cooldown_s'?)"
+    )
+
+
+def test_every_shipped_key_is_accepted(tmp_path: Path) -> None:
+    shipped = (files.PACKAGED_POLICIES / "thresholds.yaml").read_text()
+    write(tmp_path / "p.rego", MODULE)
+    write(tmp_path / "thresholds.yaml", shipped)
+    policy = files.load_policy_set([str(tmp_path)])
+    assert len(policy.data["sidecar"]["config"]["thresholds"]) == 12
+    assert policy.warnings == ()
+
+
+def test_whole_numbers_may_be_written_as_floats(tmp_path: Path) -> None:
+    policy = load_thresholds(tmp_path, "    thresholds: {min_requests: 20.0, error_rate: 1}\n")
+    assert policy.data["sidecar"]["config"]["thresholds"]["min_requests"] == 20.0
+
+
+def test_removed_key_is_accepted_with_a_warning(tmp_path: Path) -> None:
+    policy = load_thresholds(tmp_path, "    thresholds: {pool_saturation: 0.9}\n")
+    [warning] = policy.warnings
+    assert warning.startswith(
+        f"{tmp_path / 'thresholds.yaml'}: "
+        "sidecar.config.thresholds.pool_saturation: removed key, ignored"
+    )
+    assert "queue_wait_p99_ms" in warning
+
+
+def test_data_outside_sidecar_config_is_left_alone(tmp_path: Path) -> None:
+    write(tmp_path / "p.rego", MODULE)
+    write(tmp_path / "mine.yaml", "sidecar:\n  mine: {error_rat: 7}\nteam: {config: {x: 1}}\n")
+    policy = files.load_policy_set([str(tmp_path)])
+    assert policy.data["sidecar"] == {"mine": {"error_rat": 7}}

@@ -231,3 +231,38 @@ async def test_an_engine_crashing_in_load_is_refused_too(harness: Harness) -> No
     assert await harness.reloader.reload_now() is False
     assert harness.calls == [(False, "RuntimeError: boom")]
     assert harness.reloader.engine is good
+
+
+async def test_typo_in_thresholds_is_refused_and_last_good_stays(harness: Harness) -> None:
+    good_engine = harness.reloader.engine
+    thresholds = harness.dir / "thresholds.yaml"
+    # 600 would reroute, were the key spelt right and the file accepted.
+    thresholds.write_text(THRESHOLDS.format(ms=600, cooldown=30).replace("error_rate", "error_rat"))
+    assert await harness.reloader.reload_now() is False
+    assert harness.reloader.engine is good_engine
+    assert await harness.action() is Action.ALLOW  # still the 800 ms policy
+    assert harness.calls == [
+        (
+            False,
+            f"{thresholds}: sidecar.config.thresholds.error_rat: unknown key "
+            "(did you mean 'error_rate'?)",
+        )
+    ]
+    assert harness.reloads("failed") == 1
+
+
+async def test_removed_key_reloads_with_a_warning(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    thresholds = harness.dir / "thresholds.yaml"
+    thresholds.write_text(
+        THRESHOLDS.format(ms=600, cooldown=30).replace(
+            "min_span_s", "pool_saturation: 0.9, min_span_s"
+        )
+    )
+    assert await harness.reloader.reload_now() is True
+    assert await harness.action() is Action.REROUTE
+    warning = harness.reloader.warning
+    assert warning is not None
+    assert "sidecar.config.thresholds.pool_saturation: removed key, ignored" in warning
+    assert any("pool_saturation" in r.getMessage() for r in caplog.records)
