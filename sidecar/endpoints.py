@@ -46,7 +46,7 @@ def endpoints(sidecar: Sidecar) -> dict[str, Endpoint]:
         return 200, JSON, (json.dumps(sidecar.router.describe(), indent=2) + "\n").encode()
 
     def status() -> Answer:
-        return 200, HTML, render_status(sidecar)
+        return 200, HTML, render_status(sidecar, breakers_view(sidecar))
 
     return {
         "/status": status,

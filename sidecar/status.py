@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from sidecar.breaker.state import TrafficClass
-from sidecar.config import UpstreamConfig
+from sidecar.config import PolicyEngineKind, UpstreamConfig
 from sidecar.status_svg import sparkline
 from sidecar.units import format_size
 
@@ -42,7 +42,8 @@ th{background:#e8ebf0;font-weight:600}td.num{text-align:right;white-space:nowrap
 table{font-size:13px}code{font-size:12px}
 .state{font-weight:700;padding:1px 6px;border-radius:3px;color:#fff}
 .closed{background:#2e8540}.open{background:#c62828}.half-open{background:#d98c00}
-.alert{color:#c62828;font-weight:700}.sub td{background:#fafbfc}
+.alert{color:#c62828;font-weight:700}.would{color:#8a4b00;font-style:italic}
+.sub td{background:#fafbfc}
 .spark .line{fill:none;stroke:#2f5fa7;stroke-width:1.5}.spark .area{fill:#dbe6f6}
 .spark .empty{stroke:#c5cad3;stroke-dasharray:3 3}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px;margin:0}
@@ -50,8 +51,9 @@ dt{color:#5a6270}dd{margin:0}code{background:#eef0f3;padding:0 3px}
 """
 
 
-def render_status(sc: Sidecar) -> bytes:
-    """The whole page, UTF-8."""
+def render_status(sc: Sidecar, view: Mapping[str, Any]) -> bytes:
+    """The whole page, UTF-8. ``view`` is what /breakers answers (live breakers,
+    shadow verdicts, and the policy input the last decision saw)."""
     now = time.time()
     parts = [
         "<!DOCTYPE html>",
@@ -63,7 +65,7 @@ def render_status(sc: Sidecar) -> bytes:
         f'<p class="meta">{e(_clock(now))} · refreshes every {REFRESH_S} s · '
         'JSON: <a href="/breakers">/breakers</a> <a href="/routes">/routes</a> '
         '<a href="/metrics">/metrics</a></p>',
-        _upstreams(sc),
+        _upstreams(sc, view),
         _transitions(sc),
         _policy(sc, now),
         _cache(sc),
@@ -87,21 +89,17 @@ _HEAD: Final = (
 )
 
 
-def _upstreams(sc: Sidecar) -> str:
-    seen = sc.control.last_input.get("upstreams", {}) if sc.control else {}
+def _upstreams(sc: Sidecar, view: Mapping[str, Any]) -> str:
     rows = []
     for cfg in sc.config.upstreams:
         name = cfg.name
-        doc = seen.get(name) or {}
-        up = sc.upstreams[name]
+        module = view[name]
         label = (
-            f"<strong>{e(name)}</strong> <span class=meta>({e(up.role)})</span><br>"
-            f"<code>{e(safe_url(cfg.url))}</code><br><span class=meta>{e(_auth(cfg))}</span>"
+            f"<strong>{e(name)}</strong> <span class=meta>({e(sc.upstreams[name].role)})</span>"
+            f"<br><code>{e(safe_url(cfg.url))}</code><br><span class=meta>{e(_auth(cfg))}</span>"
         )
-        module = sc.breakers[name].as_dict()
-        rows.append(_row(label, TrafficClass.MODULE, module, doc, admission=True, span=2))
-        sumdb = sc.sumdb_breakers[name].as_dict()
-        rows.append(_row(None, TrafficClass.SUMDB, sumdb, doc.get("sumdb") or {}, False, 0))
+        rows.append(_row(label, TrafficClass.MODULE, module, admission=True, span=2))
+        rows.append(_row(None, TrafficClass.SUMDB, module["sumdb"], admission=False, span=0))
     return f"<h2>Upstreams</h2><table>{_HEAD}{''.join(rows)}</table>"
 
 
@@ -109,21 +107,22 @@ def _row(
     label: str | None,
     klass: TrafficClass,
     breaker: Mapping[str, Any],
-    stats: Mapping[str, Any],
     admission: bool,
     span: int,
 ) -> str:
+    stats = breaker.get("stats") or {}
     state = str(breaker["state"])
     series = list(reversed(stats.get("series") or []))  # the input is newest first
     name = "module" if klass is TrafficClass.MODULE else "sumdb"
     cells = [
         f'<td rowspan="{span}">{label}</td>' if label is not None else "",
         f"<td>{name}</td>",
-        f'<td><span class="state {e(state)}">{e(state)}</span></td>',
-        f"<td>{e(breaker['action'])}</td>",
-        '<td class="alert">ALERT</td>' if breaker["alert"] else "<td>no</td>",
+        f'<td><span class="state {e(state)}">{e(state)}</span>{_probes(breaker)}</td>',
+        f"<td>{e(breaker['action'])}{_would(breaker, 'would_action')}</td>",
+        _alert(breaker),
         f'<td class="num">{_age(float(breaker["state_age_s"]))}</td>',
-        f'<td class="reason">{e(breaker["reason"]) or "<span class=meta>none</span>"}</td>',
+        f'<td class="reason">{e(breaker["reason"]) or "<span class=meta>none</span>"}'
+        f"{_would(breaker, 'would_reason')}</td>",
         _chart(series, "TTFB p99", "ms", lambda s: float(s["p99_ms"]), _ms(stats, "ttfb_ms")),
         _chart(
             series,
@@ -154,6 +153,31 @@ def _row(
         cells.append('<td colspan="2" class="meta">shares the module pool</td>')
     cls = "" if klass is TrafficClass.MODULE else ' class="sub"'
     return f"<tr{cls}>{''.join(cells)}</tr>"
+
+
+def _probes(breaker: Mapping[str, Any]) -> str:
+    probes = breaker.get("probes")
+    if not probes:
+        return ""
+    return (
+        f"<br><span class=meta>probes {e(probes['succeeded'])}/{e(probes['limit'])} ok, "
+        f"{e(probes['in_flight'])} in flight</span>"
+    )
+
+
+def _would(breaker: Mapping[str, Any], key: str) -> str:
+    """Shadow mode: what the policy would do; the breaker itself never moves."""
+    if key not in breaker:
+        return ""
+    return f"<br><span class=would>shadow: {e(breaker[key]) or 'no reason'}</span>"
+
+
+def _alert(breaker: Mapping[str, Any]) -> str:
+    if breaker["alert"]:
+        return '<td class="alert">ALERT</td>'
+    if breaker.get("would_alert"):
+        return '<td class="alert">ALERT<br><span class=would>(shadow)</span></td>'
+    return "<td>no</td>"
 
 
 def _chart(
@@ -225,9 +249,18 @@ def _policy(sc: Sidecar, now: float) -> str:
         ("mode", cfg.mode.value),
         ("decision", cfg.decision),
         ("files", ", ".join(cfg.paths) or "the policy shipped with the sidecar"),
+        *([("OPA server", safe_url(cfg.opa_url))] if cfg.engine is PolicyEngineKind.OPA else []),
         ("interval", f"{cfg.interval:g} s"),
         ("last evaluation", last),
     ]
+    if control is not None and decided is not None and now - decided > control.stale_after:
+        items.append(
+            (
+                "stale",
+                f"no successful evaluation for over {control.stale_after:g} s: "
+                "no new trips until the engine answers again",
+            )
+        )
     if sc.policy is not None and sc.policy.warning:
         items.append(("warning", sc.policy.warning))
     return "<h2>Policy</h2>" + _dl(items)

@@ -25,7 +25,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from sidecar.app import Sidecar, SidecarService, build_sidecar
-from sidecar.config import AuthConfig, BasicAuth, CacheConfig, PolicyConfig, StatsConfig
+from sidecar.config import AuthConfig, BasicAuth, CacheConfig, PolicyConfig, PolicyMode, StatsConfig
 from sidecar.status import safe_url
 from tests.conftest import make_config
 from tests.serving import SidecarTestServer
@@ -65,7 +65,7 @@ class FakeClock:
         return self.now
 
 
-Start = Callable[[list[str], Path], Awaitable[tuple[TestClient[Any, Any], Sidecar]]]
+Start = Callable[..., Awaitable[tuple[TestClient[Any, Any], Sidecar]]]
 
 
 @pytest.fixture
@@ -73,11 +73,13 @@ async def status_sidecar(tmp_path: Path) -> AsyncIterator[tuple[Start, FakeClock
     clock = FakeClock()
     clients: list[TestClient[Any, Any]] = []
 
-    async def start(urls: list[str], policy_dir: Path) -> tuple[TestClient[Any, Any], Sidecar]:
+    async def start(
+        urls: list[str], policy_dir: Path, mode: PolicyMode = PolicyMode.ENFORCE
+    ) -> tuple[TestClient[Any, Any], Sidecar]:
         config = make_config(
             urls,
             tmp_path,
-            policy=PolicyConfig(paths=(str(policy_dir),), interval=0.1),
+            policy=PolicyConfig(paths=(str(policy_dir),), interval=0.1, mode=mode),
             stats=StatsConfig(window=4 * SLICE_S, slice=SLICE_S),
             cache=CacheConfig(dir=str(tmp_path / "cache")),
         )
@@ -100,7 +102,10 @@ def shipped_policy(tmp_path: Path) -> Path:
 
 
 async def tripped(
-    fake_upstreams: Any, status_sidecar: tuple[Start, FakeClock], tmp_path: Path
+    fake_upstreams: Any,
+    status_sidecar: tuple[Start, FakeClock],
+    tmp_path: Path,
+    mode: PolicyMode = PolicyMode.ENFORCE,
 ) -> tuple[TestClient[Any, Any], Sidecar]:
     """up0 answers 500 to everything and trips; up1 serves and stays closed."""
     start, clock = status_sidecar
@@ -109,7 +114,7 @@ async def tripped(
     paths = [f"example.com/mod/@v/v1.0.{i}.info" for i in range(10)]
     for path in paths:
         b.set(path, b"{}")
-    client, sc = await start([url_a, url_b], shipped_policy(tmp_path))
+    client, sc = await start([url_a, url_b], shipped_policy(tmp_path), mode)
     # Distinct versions: each falls through to up1 and is cached, none is a
     # cache hit that would spare up0. The rate rule needs two slices.
     for n, burst in enumerate((paths[:5], paths[5:])):
@@ -119,7 +124,8 @@ async def tripped(
         for r in statuses:
             r.release()
     await sc.control.step()
-    assert sc.breakers["up0"].state.value == "open"
+    want = "open" if mode is PolicyMode.ENFORCE else "closed"
+    assert sc.breakers["up0"].state.value == want
     return client, sc
 
 
@@ -160,6 +166,38 @@ async def test_status_shows_each_upstream_its_state_and_sparklines(
     assert "<dt>entries</dt><dd>10</dd>" in html
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing external
     assert "<script" not in html.lower()
+
+
+async def test_status_shows_half_open_probes_and_each_transition(
+    fake_upstreams, status_sidecar, tmp_path
+):
+    client, sc = await tripped(fake_upstreams, status_sidecar, tmp_path)
+    _, clock = status_sidecar
+    clock.now += 31  # past the 30 s cool-down
+    sc.breakers["up0"].tick()
+    html = await page(client)
+    up0 = row_of(html, "up0")
+    assert '<span class="state half-open">half-open</span>' in up0
+    assert "probes 0/2 ok, 0 in flight" in up0
+    transitions = html.split("<h2>Recent transitions</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "last 2, newest first" in transitions
+    newest, oldest = transitions.split("<tr>")[2:4]
+    assert '<span class="state open">open</span> → <span class="state half-open">' in newest
+    assert '<span class="state closed">closed</span> → <span class="state open">' in oldest
+
+
+async def test_status_in_shadow_mode_shows_what_the_policy_would_do(
+    fake_upstreams, status_sidecar, tmp_path
+):
+    client, _ = await tripped(fake_upstreams, status_sidecar, tmp_path, PolicyMode.SHADOW)
+    html = await page(client)
+    up0 = row_of(html, "up0")
+    assert '<span class="state closed">closed</span>' in up0  # shadow never moves a breaker
+    assert "<span class=would>shadow: cache</span>" in up0
+    assert "<span class=would>shadow: error rate 100.0% &gt; 5.0%" in up0
+    assert "shadow: allow" in row_of(html, "up1")
+    assert "<dt>mode</dt><dd>shadow</dd>" in html
+    assert "none since start" in html  # no transition happened
 
 
 async def test_status_escapes_a_hostile_reason(fake_upstreams, status_sidecar, tmp_path):
