@@ -15,31 +15,28 @@ auth as the names of its environment variables, never their values.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
-from html import escape
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
 
 from sidecar.breaker.state import TrafficClass
-from sidecar.config import PolicyEngineKind, UpstreamConfig
+from sidecar.config import UpstreamConfig
+from sidecar.status_html import NO_DATA, age, clock, e, safe_url
+from sidecar.status_sections import cache, policy, routing, transitions
 from sidecar.status_svg import sparkline
-from sidecar.units import format_size
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
 
 REFRESH_S: Final = 5
 HTML: Final = "text/html; charset=utf-8"
-NO_DATA: Final = "-"  # no evaluation has seen this figure yet
 
 _CSS: Final = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.2em;color:#1d2330;background:#f6f7f9}
 h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.4em 0 .4em}
-table{border-collapse:collapse;background:#fff;width:100%}
+table{border-collapse:collapse;background:#fff;width:100%;font-size:13px}
 th,td{border:1px solid #d5d9e0;padding:3px 6px;text-align:left;vertical-align:middle}
 th{background:#e8ebf0;font-weight:600}td.num{text-align:right;white-space:nowrap}
 .meta{color:#5a6270}.reason{min-width:16em;max-width:30em;word-break:break-word}
-table{font-size:13px}code{font-size:12px}
 .state{font-weight:700;padding:1px 6px;border-radius:3px;color:#fff}
 .closed{background:#2e8540}.open{background:#c62828}.half-open{background:#d98c00}
 .alert{color:#c62828;font-weight:700}.would{color:#8a4b00;font-style:italic}
@@ -47,7 +44,7 @@ table{font-size:13px}code{font-size:12px}
 .spark .line{fill:none;stroke:#2f5fa7;stroke-width:1.5}.spark .area{fill:#dbe6f6}
 .spark .empty{stroke:#c5cad3;stroke-dasharray:3 3}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px;margin:0}
-dt{color:#5a6270}dd{margin:0}code{background:#eef0f3;padding:0 3px}
+dt{color:#5a6270}dd{margin:0}code{background:#eef0f3;padding:0 3px;font-size:12px}
 """
 
 
@@ -62,22 +59,17 @@ def render_status(sc: Sidecar, view: Mapping[str, Any]) -> bytes:
         "<title>goproxy-sidecar status</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>goproxy-sidecar</h1>",
-        f'<p class="meta">{e(_clock(now))} · refreshes every {REFRESH_S} s · '
+        f'<p class="meta">{e(clock(now))} · refreshes every {REFRESH_S} s · '
         'JSON: <a href="/breakers">/breakers</a> <a href="/routes">/routes</a> '
         '<a href="/metrics">/metrics</a></p>',
         _upstreams(sc, view),
-        _transitions(sc),
-        _policy(sc, now),
-        _cache(sc),
-        _routing(sc),
+        transitions(sc),
+        policy(sc, now),
+        cache(sc),
+        routing(sc),
         "</body></html>",
     ]
     return "\n".join(parts).encode()
-
-
-def e(value: object) -> str:
-    """Escaped for text and attribute values alike."""
-    return escape(str(value), quote=True)
 
 
 # --- upstreams ---------------------------------------------------------------------
@@ -120,7 +112,7 @@ def _row(
         f'<td><span class="state {e(state)}">{e(state)}</span>{_probes(breaker)}</td>',
         f"<td>{e(breaker['action'])}{_would(breaker, 'would_action')}</td>",
         _alert(breaker),
-        f'<td class="num">{_age(float(breaker["state_age_s"]))}</td>',
+        f'<td class="num">{age(float(breaker["state_age_s"]))}</td>',
         f'<td class="reason">{e(breaker["reason"]) or "<span class=meta>none</span>"}'
         f"{_would(breaker, 'would_reason')}</td>",
         _chart(series, "TTFB p99", "ms", lambda s: float(s["p99_ms"]), _ms(stats, "ttfb_ms")),
@@ -201,136 +193,3 @@ def _auth(cfg: UpstreamConfig) -> str:
         basic = cfg.auth.basic
         return f"auth: basic from ${basic.username_env} / ${basic.password_env}"
     return "auth: netrc" if cfg.auth.netrc else "auth: none"
-
-
-def safe_url(url: str) -> str:
-    """``url`` without userinfo, query or fragment: nothing secret can show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-# --- transitions, policy, cache, routing -------------------------------------------
-
-
-def _transitions(sc: Sidecar) -> str:
-    if not sc.transitions:
-        return "<h2>Recent transitions</h2><p class=meta>none since start</p>"
-    rows = []
-    for recent in reversed(sc.transitions):  # newest first
-        t = recent.transition
-        rows.append(
-            f"<tr><td>{e(_clock(recent.at))}</td><td>{e(t.upstream)}</td>"
-            f"<td>{e(recent.klass.value)}</td>"
-            f'<td><span class="state {e(t.from_state.value)}">{e(t.from_state.value)}</span> → '
-            f'<span class="state {e(t.to_state.value)}">{e(t.to_state.value)}</span></td>'
-            f'<td>{e(t.action.value)}</td><td class="reason">{e(t.reason)}</td></tr>'
-        )
-    head = (
-        "<tr><th>At</th><th>Upstream</th><th>Class</th><th>Transition</th>"
-        "<th>Action</th><th>Reason</th></tr>"
-    )
-    return (
-        f"<h2>Recent transitions</h2><p class=meta>last {len(sc.transitions)}, newest first</p>"
-        f"<table>{head}{''.join(rows)}</table>"
-    )
-
-
-def _policy(sc: Sidecar, now: float) -> str:
-    cfg = sc.config.policy
-    control = sc.control
-    decided = control.decided_at if control else None
-    last = "none yet" if decided is None else f"{_clock(decided)} ({_age(now - decided)} ago)"
-    items: list[tuple[str, str]] = [
-        ("engine", cfg.engine.value),
-        ("mode", cfg.mode.value),
-        ("decision", cfg.decision),
-        ("files", ", ".join(cfg.paths) or "the policy shipped with the sidecar"),
-        *([("OPA server", safe_url(cfg.opa_url))] if cfg.engine is PolicyEngineKind.OPA else []),
-        ("interval", f"{cfg.interval:g} s"),
-        ("last evaluation", last),
-    ]
-    if control is not None and decided is not None and now - decided > control.stale_after:
-        items.append(
-            (
-                "stale",
-                f"no successful evaluation for over {control.stale_after:g} s: "
-                "no new trips until the engine answers again",
-            )
-        )
-    if sc.policy is not None and sc.policy.warning:
-        items.append(("warning", sc.policy.warning))
-    return "<h2>Policy</h2>" + _dl(items)
-
-
-def _cache(sc: Sidecar) -> str:
-    if sc.cache is None:
-        return "<h2>Cache</h2><p class=meta>disabled</p>"
-    summary = sc.cache.summary()
-    hits = _counter_total(sc.metrics.cache_hits)
-    misses = _counter_total(sc.metrics.cache_misses)
-    ratio = NO_DATA if hits + misses == 0 else f"{100.0 * hits / (hits + misses):.1f}%"
-    max_bytes = sc.config.cache.max_bytes
-    items = [
-        ("directory", sc.config.cache.dir),
-        ("entries", str(summary["entries"])),
-        ("size", f"{format_size(summary['bytes'])} of {format_size(max_bytes)}"),
-        ("hit ratio since start", f"{ratio} ({hits:.0f} hits, {misses:.0f} misses)"),
-    ]
-    return "<h2>Cache</h2>" + _dl(items)
-
-
-def _counter_total(counter: Any) -> float:
-    return sum(  # prometheus_client is untyped here: a float per sample
-        float(s.value)
-        for metric in counter.collect()
-        for s in metric.samples
-        if s.name.endswith("_total")
-    )
-
-
-def _routing(sc: Sidecar) -> str:
-    if sc.router is None:
-        return ""
-    rules = sc.router.describe()
-    items = [
-        ("private patterns", _codes(rules["private"]) or "none"),
-        ("private may go to", _codes(rules["private_ok"]) or "none"),
-    ]
-    out = "<h2>Routing</h2>" + _dl(items, escaped=True)
-    if not rules["rules"]:
-        return out + "<p class=meta>no rules: every module may use every upstream</p>"
-    rows = "".join(
-        f"<tr><td><code>{e(r['match'])}</code></td><td>{_codes(r['upstreams'])}</td>"
-        f"<td>{'deny' if r['deny'] else ''}</td><td>{'yes' if r['cache'] else 'no'}</td></tr>"
-        for r in rules["rules"]
-    )
-    return (
-        f"{out}<table><tr><th>Rule</th><th>Upstreams</th><th>Deny</th><th>Cache</th></tr>"
-        f"{rows}</table>"
-    )
-
-
-def _codes(values: Iterable[object]) -> str:
-    return " ".join(f"<code>{e(v)}</code>" for v in values)
-
-
-def _dl(items: list[tuple[str, str]], escaped: bool = False) -> str:
-    body = "".join(f"<dt>{e(k)}</dt><dd>{v if escaped else e(v)}</dd>" for k, v in items)
-    return f"<dl>{body}</dl>"
-
-
-def _clock(at: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
-
-
-def _age(seconds: float) -> str:
-    s = int(max(0.0, seconds))
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    return f"{s // 3600} h {s % 3600 // 60} min"

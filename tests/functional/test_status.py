@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 
 from sidecar.app import Sidecar, SidecarService, build_sidecar
 from sidecar.config import AuthConfig, BasicAuth, CacheConfig, PolicyConfig, PolicyMode, StatsConfig
-from sidecar.status import safe_url
+from sidecar.status_html import safe_url
 from tests.conftest import make_config
 from tests.serving import SidecarTestServer
 from tests.tools import require_tool
