@@ -4,8 +4,9 @@ tripped by the real policy, and the page rendered by real headless Chromium.
 The windows and breakers run on a fake clock (as in test_breakers.py), so
 "held over two slices" does not depend on this machine's speed.
 
-The README's screenshot is this test's: ``SIDECAR_STATUS_SCREENSHOT=docs/status.png
-python3 -m pytest tests/functional/test_status.py -k chromium`` writes it again.
+``SIDECAR_STATUS_SCREENSHOT=out.png python3 -m pytest tests/functional/test_status.py
+-k chromium`` keeps the screenshot the Chromium test took. (The README's,
+docs/status.png, is of a real ``goproxy-sidecar run`` with Athens absent.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from sidecar.app import Sidecar, SidecarService, build_sidecar
-from sidecar.config import AuthConfig, BasicAuth, CacheConfig, PolicyConfig, PolicyMode, StatsConfig
+from sidecar.config import (
+    AuthConfig,
+    BasicAuth,
+    CacheConfig,
+    PolicyConfig,
+    PolicyMode,
+    RouteRule,
+    RoutingConfig,
+    StatsConfig,
+)
 from sidecar.status_html import safe_url
 from tests.conftest import make_config
 from tests.serving import SidecarTestServer
@@ -74,7 +84,7 @@ async def status_sidecar(tmp_path: Path) -> AsyncIterator[tuple[Start, FakeClock
     clients: list[TestClient[Any, Any]] = []
 
     async def start(
-        urls: list[str], policy_dir: Path, mode: PolicyMode = PolicyMode.ENFORCE
+        urls: list[str], policy_dir: Path, mode: PolicyMode = PolicyMode.ENFORCE, **overrides: Any
     ) -> tuple[TestClient[Any, Any], Sidecar]:
         config = make_config(
             urls,
@@ -82,6 +92,7 @@ async def status_sidecar(tmp_path: Path) -> AsyncIterator[tuple[Start, FakeClock
             policy=PolicyConfig(paths=(str(policy_dir),), interval=0.1, mode=mode),
             stats=StatsConfig(window=4 * SLICE_S, slice=SLICE_S),
             cache=CacheConfig(dir=str(tmp_path / "cache")),
+            **overrides,
         )
         sc = build_sidecar(config, clock=clock)
         client = TestClient(SidecarTestServer(SidecarService(sc, run_control=False)))
@@ -234,6 +245,30 @@ async def test_status_shows_auth_by_its_variable_names_only(
     assert safe_url("https://user:s3cret@proxy.example:8443/go?token=t0k#f") == (
         "https://proxy.example:8443/go"
     )
+
+
+async def test_status_lists_the_routing_rules_escaped(fake_upstreams, status_sidecar, tmp_path):
+    start, _ = status_sidecar
+    (_, url_a), (_, url_b) = await fake_upstreams(2)
+    routing = RoutingConfig(
+        private=("corp.example/<i>*",),
+        rules=(
+            RouteRule("github.com/acme/*", upstreams=("up1",), cache=False),
+            RouteRule("evil.example/*", deny=True),
+        ),
+    )
+    client, _ = await start([url_a, url_b], shipped_policy(tmp_path), routing=routing)
+    html = await page(client)
+    assert "<dt>private patterns</dt><dd><code>corp.example/&lt;i&gt;*</code></dd>" in html
+    assert "<i>" not in html
+    assert (
+        "<tr><td><code>github.com/acme/*</code></td><td><code>up1</code></td>"
+        "<td></td><td>no</td></tr>"
+    ) in html
+    assert (
+        "<tr><td><code>evil.example/*</code></td><td><code>up0</code> <code>up1</code></td>"
+        "<td>deny</td><td>yes</td></tr>"
+    ) in html
 
 
 # --- real headless Chromium -------------------------------------------------------
