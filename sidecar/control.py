@@ -45,6 +45,14 @@ SELF_PROBE_PATHS: Final = {
     TrafficClass.MODULE: "goproxy-sidecar.invalid/self-probe/@v/list",
     TrafficClass.SUMDB: "sumdb/sum.golang.org/supported",
 }
+# How a probe that reached nothing reads (sidecar/upstreams/connect.py words
+# the failure): nothing listens there, or the name does not resolve. An
+# upstream that is simply absent (a quick start without Athens) repeats the
+# same cycle every cool-down: it is logged at info, its trip at warning.
+ABSENT_PROBE_REASONS: Final = (
+    "probe failed: cannot connect: ",
+    "probe failed: cannot resolve host: ",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +272,8 @@ def on_transition(sc: Sidecar, klass: TrafficClass, transition: Transition) -> N
     figures = sc.control.last_input.get("upstreams", {}).get(name, {}) if sc.control else {}
     if klass is TrafficClass.SUMDB:
         figures = figures.get("sumdb", {})
-    log.warning(
+    log.log(
+        logging.INFO if _absent_cycle(sc, klass, transition) else logging.WARNING,
         "breaker transition",
         extra={
             "upstream": name,
@@ -277,6 +286,29 @@ def on_transition(sc: Sidecar, klass: TrafficClass, transition: Transition) -> N
         },
     )
     sc.swap_plan()
+
+
+def _absent_cycle(sc: Sidecar, klass: TrafficClass, transition: Transition) -> bool:
+    """A probe that found nothing there, or the cool-down that follows one."""
+    if transition.to_state is State.OPEN:
+        return transition.from_state is State.HALF_OPEN and _absent(transition)
+    if transition.to_state is not State.HALF_OPEN:
+        return False
+    # The cool-down's own reason says nothing of why the breaker was open: the
+    # transition before it does (this one is already the ring's last).
+    earlier = (
+        recent.transition
+        for recent in reversed(sc.transitions)
+        if recent.klass is klass
+        and recent.transition.upstream == transition.upstream
+        and recent.transition is not transition
+    )
+    previous = next(earlier, None)
+    return previous is not None and _absent(previous)
+
+
+def _absent(transition: Transition) -> bool:
+    return transition.reason.startswith(ABSENT_PROBE_REASONS)
 
 
 def _reason_label(transition: Transition) -> str:

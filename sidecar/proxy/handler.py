@@ -31,7 +31,7 @@ from functools import partial
 from typing import Final
 
 from sidecar.breaker.plan import Plan, UpstreamPlan
-from sidecar.breaker.state import Action, State
+from sidecar.breaker.state import Action, State, traffic_class
 from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound, Whole
 from sidecar.errors import (
     RequestError,
@@ -44,6 +44,7 @@ from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER, response_headers
 from sidecar.proxy.hedge import Hedging, Race
 from sidecar.proxy.integrity import IntegrityChecker, spool
+from sidecar.proxy.lograte import LogRate
 from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
 from sidecar.proxy.recorder import Recorder
 from sidecar.proxy.stream import CLIENT_GONE, Reply, deliver, is_small, read_small, relay, send_file
@@ -63,9 +64,12 @@ PARSE_MEMO: Final = 8192
 RETRY_AFTER_S: Final = "5"
 # An overflow is a queue that was full a moment ago: worth retrying at once.
 OVERFLOW_RETRY_AFTER_S: Final = "1"
-# At most one "upstream overflow" log line per upstream per this many seconds;
-# the metric counts every one.
-OVERFLOW_LOG_EVERY_S: Final = 10.0
+# Identical failures (upstream, class, failure kind) and overflows (upstream):
+# the first logged at once, then one summary line per this many seconds with
+# the count. An upstream nobody runs fails every request it is asked, and 31
+# lines for one `go mod download` told nothing the first did not; the metrics
+# count every one.
+FAILURE_LOG_EVERY_S: Final = 10.0
 STALE_WARNING: Final = '110 - "Response is Stale"'
 
 Answer = tuple[str, str]  # who answered, outcome; the response is sent by then
@@ -114,7 +118,9 @@ class ProxyHandler:
         self.checker = checker
         self.hedging = hedging  # None: no request is ever hedged
         self._parse = functools.lru_cache(maxsize=PARSE_MEMO)(parse_request_path)
-        self._overflow_logged: dict[str, tuple[float, int]] = {}  # upstream: (last line, since)
+        self._failure_log = LogRate[tuple[str, str, str]](FAILURE_LOG_EVERY_S)
+        self._overflow_log = LogRate[str](FAILURE_LOG_EVERY_S)
+        self._summary_timer: asyncio.TimerHandle | None = None
         # Decided once: the level is set before the server starts (--log-level).
         self._debug = log.isEnabledFor(logging.DEBUG)
 
@@ -646,13 +652,20 @@ class ProxyHandler:
         self.recorder.attempt(
             name, kind, Outcome.TIMEOUT if timeout else Outcome.ERROR, ttfb, exc.failure
         )
+        klass = traffic_class(kind).value
+        unlogged = self._failure_log.admit((name, klass, exc.failure))
+        if unlogged is None:
+            self._summary_due()
+            return
         log.warning(
             "upstream failure",
             extra={
                 "upstream": name,
+                "class": klass,
                 "failure": exc.failure,
                 "status": exc.status,
                 "error": exc.message,
+                "unlogged_before": unlogged,
             },
         )
 
@@ -668,16 +681,47 @@ class ProxyHandler:
         attempts.skipped.append(str(exc))
         name = exc.upstream
         self.recorder.overflowed(name)
-        now = time.monotonic()
-        last, since = self._overflow_logged.get(name, (-OVERFLOW_LOG_EVERY_S, 0))
-        if now - last < OVERFLOW_LOG_EVERY_S:
-            self._overflow_logged[name] = (last, since + 1)
+        unlogged = self._overflow_log.admit(name)
+        if unlogged is None:
+            self._summary_due()
             return
-        self._overflow_logged[name] = (now, 0)
         log.warning(
             "upstream overflow",
-            extra={"upstream": name, "error": exc.message, "unlogged_before": since},
+            extra={"upstream": name, "error": exc.message, "unlogged_before": unlogged},
         )
+
+    def _summary_due(self) -> None:
+        """Occurrences were left out: make sure their summary is written when due,
+        even if none follows (an upstream whose breaker opened is asked no more)."""
+        if self._summary_timer is None:
+            delay = min(
+                d
+                for d in (self._failure_log.next_due(), self._overflow_log.next_due())
+                if d is not None
+            )
+            loop = asyncio.get_running_loop()
+            self._summary_timer = loop.call_later(delay, self._log_summaries)
+
+    def _log_summaries(self) -> None:
+        self._summary_timer = None
+        every = FAILURE_LOG_EVERY_S
+        for (name, klass, failure), count in self._failure_log.summaries():
+            log.warning(
+                "upstream failures",
+                extra={
+                    "upstream": name,
+                    "class": klass,
+                    "failure": failure,
+                    "count": count,
+                    "interval_s": every,
+                },
+            )
+        for name, count in self._overflow_log.summaries():
+            log.warning(
+                "upstream overflows", extra={"upstream": name, "count": count, "interval_s": every}
+            )
+        if self._failure_log.next_due() is not None or self._overflow_log.next_due() is not None:
+            self._summary_due()
 
     async def _cache_action(
         self,
