@@ -62,6 +62,7 @@ from bench.servers import (  # noqa: E402
     start_upstream,
 )
 from bench.tree import ZIP50M, build_tree, static_info_path  # noqa: E402
+from tests.adversarial.rawhttp import push, raw_socket  # noqa: E402
 
 MIB = 1024 * 1024
 CLIENT_CORE = 0
@@ -184,36 +185,6 @@ def get(port: int, path: str) -> int:
 # ---------------------------------------------------------------- clients
 
 
-async def connect(port: int) -> socket.socket:
-    sock = socket.socket()
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return sock
-
-
-async def push(sock: socket.socket, data: bytes, limit: int, deadline: float) -> int:
-    """Send ``data`` repeatedly up to ``limit`` bytes; stop when the server takes
-    nothing for STALL_S, the connection fails, or at ``deadline``: bytes sent."""
-    loop = asyncio.get_running_loop()
-    view = memoryview(data)
-    sent = offset = 0
-    last = loop.time()
-    while sent < limit and loop.time() - last < STALL_S and loop.time() < deadline:
-        try:
-            n = sock.send(view[offset:])
-        except BlockingIOError:
-            await asyncio.sleep(0.005)
-            continue
-        except OSError:
-            break
-        sent += n
-        offset = (offset + n) % len(data)
-        last = loop.time()
-        if offset == 0:
-            await asyncio.sleep(0)  # let the reader run
-    return sent
-
-
 async def read_all(sock: socket.socket, deadline: float) -> tuple[bytes, str]:
     """What the server sends until it closes (or ``deadline``), and how it ended."""
     loop = asyncio.get_running_loop()
@@ -233,9 +204,9 @@ async def read_all(sock: socket.socket, deadline: float) -> tuple[bytes, str]:
 async def header_client(port: int) -> tuple[str, int]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SCENARIO_LIMIT_S
-    sock = await connect(port)
+    sock = await raw_socket(port)
     await loop.sock_sendall(sock, b"GET /example.com/x/@v/list HTTP/1.1\r\nHost: t\r\nX-Long: ")
-    sender = asyncio.create_task(push(sock, b"a" * (256 * 1024), HEADER_BYTES, deadline))
+    sender = asyncio.create_task(push(sock, b"a" * (256 * 1024), HEADER_BYTES, STALL_S, deadline))
     answer, end = await read_all(sock, deadline)
     sent = await sender
     sock.close()
@@ -246,8 +217,8 @@ async def header_client(port: int) -> tuple[str, int]:
 async def pipeline_client(port: int) -> tuple[str, int]:
     loop = asyncio.get_running_loop()
     req = f"GET {static_info_path(0)} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
-    sock = await connect(port)
-    sent = await push(sock, req * (65536 // len(req)), PIPELINE_BYTES, loop.time() + 60)
+    sock = await raw_socket(port)
+    sent = await push(sock, req * (65536 // len(req)), PIPELINE_BYTES, STALL_S, loop.time() + 60)
     sock.close()
     return f"{sent // len(req)} requests sent, none read", sent
 
@@ -276,7 +247,7 @@ async def readers_client(port: int, settle_s: float) -> tuple[str, int]:
     non-readers the server has dropped, waiting up to ``settle_s`` for the rest."""
     loop = asyncio.get_running_loop()
     path = ZIP50M.path()
-    socks = [await connect(port) for _ in range(READERS)]
+    socks = [await raw_socket(port) for _ in range(READERS)]
     for sock in socks:
         await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
     await asyncio.sleep(1.0)  # their answers start and stall

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,42 @@ async def closed(reader: asyncio.StreamReader) -> bool:
         return await asyncio.wait_for(reader.read(), READ_S) == b""
     except ConnectionResetError:
         return True
+
+
+async def raw_socket(port: int, rcvbuf: int = 0) -> socket.socket:
+    """A non-blocking client socket connected to ``port`` on loopback."""
+    sock = socket.socket()
+    if rcvbuf:  # before connecting: it sets the window the client offers
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def push(
+    sock: socket.socket, data: bytes, limit: int, stall_s: float = 1.0, deadline: float = math.inf
+) -> int:
+    """Send ``data`` over and over, up to ``limit`` bytes, until the peer takes
+    nothing for ``stall_s``, the connection fails, or the event loop's clock
+    reaches ``deadline``: the bytes sent."""
+    loop = asyncio.get_running_loop()
+    sent = 0
+    view = memoryview(data)
+    offset = 0
+    idle_since = loop.time()
+    while sent < limit and loop.time() - idle_since < stall_s and loop.time() < deadline:
+        try:
+            n = sock.send(view[offset:])
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+            continue
+        except OSError:
+            break
+        sent += n
+        offset = (offset + n) % len(data)
+        idle_since = loop.time()
+        await asyncio.sleep(0)  # let the reader run
+    return sent
 
 
 def server_of(client: TestClient[Any, Any]) -> Server:

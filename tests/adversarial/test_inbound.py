@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from tests.adversarial.rawhttp import (
     INFO_BODY,
     MODULE,
     closed,
+    push,
+    raw_socket,
     read_head,
     read_response,
     request,
@@ -63,38 +64,6 @@ async def the_connection(server: Server) -> Connection:
             return conn
         await asyncio.sleep(0.01)
     raise AssertionError("the server never accepted the connection")
-
-
-async def push(sock: socket.socket, data: bytes, limit: int, stall_s: float = 1.0) -> int:
-    """Send ``data`` over and over, up to ``limit`` bytes, until the peer takes
-    nothing for ``stall_s`` or the connection fails: the bytes sent."""
-    loop = asyncio.get_running_loop()
-    sent = 0
-    view = memoryview(data)
-    offset = 0
-    idle_since = loop.time()
-    while sent < limit and loop.time() - idle_since < stall_s:
-        try:
-            n = sock.send(view[offset:])
-        except BlockingIOError:
-            await asyncio.sleep(0.005)
-            continue
-        except OSError:
-            break
-        sent += n
-        offset = (offset + n) % len(data)
-        idle_since = loop.time()
-        await asyncio.sleep(0)
-    return sent
-
-
-async def raw_socket(port: int, rcvbuf: int = 0) -> socket.socket:
-    sock = socket.socket()
-    if rcvbuf:  # before connecting: it sets the window the client offers
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return sock
 
 
 # --- limits enforced while the bytes arrive ---------------------------------

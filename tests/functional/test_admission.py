@@ -27,13 +27,12 @@ from sidecar.config import (
     UpstreamConfig,
 )
 from sidecar.goproxy import parse_request_path
+from tests.polling import until
 
 INFO = "example.com/mod/@v/v1.0.0.info"
 LIST = "example.com/mod/@v/list"
 HELD = "example.com/held/@v/v1.0.0.info"  # answered only once the test lets it go
 LONG_WAIT_S = 30.0  # a pool.max_wait no test reaches
-POLL_S = 0.01
-POLL_LIMIT = 500  # polls of POLL_S: 5 s at most for anything the tests wait for
 
 
 class Capacity:
@@ -92,14 +91,6 @@ def upstream(
         pool=PoolConfig(max_connections=connections, max_pending=pending, max_wait=wait),
         timeouts=TimeoutsConfig(),  # generous: a shared machine is slow; TTFB is not judged here
     )
-
-
-async def until(what: str, check: Callable[[], bool]) -> None:
-    for _ in range(POLL_LIMIT):
-        if check():
-            return
-        await asyncio.sleep(POLL_S)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def hold(client: TestClient[Any, Any], up: Capacity) -> asyncio.Task[Any]:

@@ -10,7 +10,6 @@ this machine is. TTFB is still real time, measured by the upstream client.
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import Sidecar, SidecarService, build_sidecar
+from sidecar.app import Sidecar
 from sidecar.config import (
     CacheConfig,
     PolicyConfig,
@@ -31,58 +30,39 @@ from sidecar.config import (
 )
 from sidecar.goproxy import parse_request_path
 from tests.conftest import FAST_TIMEOUTS, make_config
-from tests.serving import SidecarTestServer
+from tests.control_support import (
+    FAST_THRESHOLDS,
+    FakeClock,
+    Sidecars,
+    Start,
+    scaled_policies,
+    thresholds_yaml,
+)
 from tests.upstream import FakeGoproxy, Reply
 
 INFO = "example.com/mod/@v/v1.0.0.info"
 LOOKUP = "sumdb/sum.golang.org/lookup/example.com/mod@v1.0.0"
 TILE = "sumdb/sum.golang.org/tile/8/0/000"
-POLICIES = Path(__file__).resolve().parents[2] / "policies"
 SLICE_S = 0.5
 COOLDOWN_S = 30.0
-
-THRESHOLDS = """\
-sidecar:
-  config:
-    thresholds: {ttfb_p99_ms: 100, ttfb_p99_for_s: 1, error_rate: 0.05, min_requests: 5,
-                 queue_wait_p99_ms: 50, queue_for_s: 1, min_span_s: 1}
-    breaker: {cooldown_s: 30, probes: 2}
-"""
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture
 def policy_dir(tmp_path: Path) -> Path:
     """The shipped policy with thresholds scaled down to test time."""
-    target = tmp_path / "policies"
-    shutil.copytree(POLICIES, target)
-    (target / "thresholds.yaml").write_text(THRESHOLDS)
-    return target
-
-
-Start = Callable[..., Awaitable[tuple[TestClient[Any, Any], Sidecar]]]
+    return scaled_policies(tmp_path / "policies", FAST_THRESHOLDS)
 
 
 @pytest.fixture
 async def breaker_sidecar(
     tmp_path: Path, policy_dir: Path, clock: FakeClock
 ) -> AsyncIterator[Start]:
-    clients: list[TestClient[Any, Any]] = []
+    sidecars = Sidecars()
 
     async def start(
         urls: list[str], mode: PolicyMode = PolicyMode.ENFORCE, run_control: bool = False, **kw: Any
@@ -92,15 +72,17 @@ async def breaker_sidecar(
         )
         stats = StatsConfig(window=4 * SLICE_S, slice=SLICE_S)
         config = make_config(urls, tmp_path, policy=policy, stats=stats, **kw)
-        sc = build_sidecar(config, clock=clock)
-        client = TestClient(SidecarTestServer(SidecarService(sc, run_control)))
-        await client.start_server()
-        clients.append(client)
-        return client, sc
+        return await sidecars.start(config, clock, run_control)
 
     yield start
-    for client in clients:
-        await client.close()
+    await sidecars.close()
+
+
+def pooled(url: str, connections: int, pending: int) -> tuple[UpstreamConfig]:
+    """up0 alone at ``url``: ``connections`` connections, ``pending`` requests
+    queued (waiting up to 5 s) behind them."""
+    pool = PoolConfig(max_connections=connections, max_pending=pending, max_wait=5.0)
+    return (UpstreamConfig("up0", url, pool=pool, timeouts=FAST_TIMEOUTS),)
 
 
 async def burst(client: TestClient[Any, Any], n: int, path: str = INFO) -> list[int]:
@@ -157,7 +139,7 @@ async def test_errors_in_a_single_slice_do_not_trip(
 ):
     # The rate rule alone: a run of failures trips at once, by design (its own tests).
     (policy_dir / "thresholds.yaml").write_text(
-        THRESHOLDS.replace("min_span_s: 1}", "min_span_s: 1, consecutive_failures: 1000}")
+        thresholds_yaml({**FAST_THRESHOLDS, "consecutive_failures": 1000})
     )
     (a, url_a), (b, url_b) = await fake_upstreams(2)
     a.default = Reply(status=500)
@@ -218,15 +200,7 @@ async def test_sustained_queueing_in_front_of_a_slow_upstream_sheds_load(
     app.router.add_get("/{tail:.*}", handle)
     server = await aiohttp_server(app, host="127.0.0.1")
     url = str(server.make_url("")).rstrip("/")
-    ups = (
-        UpstreamConfig(
-            "up0",
-            url,
-            pool=PoolConfig(max_connections=4, max_pending=4, max_wait=5.0),
-            timeouts=FAST_TIMEOUTS,
-        ),
-    )
-    client, sc = await breaker_sidecar([url], upstreams=ups)
+    client, sc = await breaker_sidecar([url], upstreams=pooled(url, 4, 4))
     # 10 at once: 4 connections (each answer waits behind the others upstream),
     # 4 queued, 2 overflow. Twice, one slice apart: sustained.
     first = await burst(client, 10)
@@ -254,15 +228,7 @@ async def test_queueing_in_front_of_a_fast_upstream_is_not_sick(
 ):
     [(a, url_a)] = await fake_upstreams(1)
     a.set(INFO, Reply(body=b"{}", delay=0.02))
-    ups = (
-        UpstreamConfig(
-            "up0",
-            url_a,
-            pool=PoolConfig(max_connections=1, max_pending=2, max_wait=5.0),
-            timeouts=FAST_TIMEOUTS,
-        ),
-    )
-    client, sc = await breaker_sidecar([url_a], upstreams=ups)
+    client, sc = await breaker_sidecar([url_a], upstreams=pooled(url_a, 1, 2))
     for _ in range(4):  # every slice: queueing (up to 40 ms) and overflows, answers in 20 ms
         statuses = await burst(client, 8)
         assert statuses.count(200) >= 3 and statuses.count(503) >= 1, statuses
@@ -280,15 +246,9 @@ async def test_reject_status_is_configurable(aiohttp_server, breaker_sidecar, cl
     app.router.add_get("/{tail:.*}", handle)
     server = await aiohttp_server(app, host="127.0.0.1")
     url = str(server.make_url("")).rstrip("/")
-    ups = (
-        UpstreamConfig(
-            "up0",
-            url,
-            pool=PoolConfig(max_connections=4, max_pending=4, max_wait=5.0),
-            timeouts=FAST_TIMEOUTS,
-        ),
+    client, sc = await breaker_sidecar(
+        [url], upstreams=pooled(url, 4, 4), policy={"reject_status": 404}
     )
-    client, sc = await breaker_sidecar([url], upstreams=ups, policy={"reject_status": 404})
     await sustained(client, clock, 10)
     await sc.control.step()
     assert sc.breakers["up0"].action.value == "reject"

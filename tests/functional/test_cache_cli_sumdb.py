@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sidecar.config import CacheConfig, VerifyConfig, VerifyMode
 from tests.functional import test_integrity as base
 from tests.functional.test_cache_support import keys_on_disk, wait_for
@@ -55,10 +57,20 @@ def config_file(tmp_path: Path, url: str, cache_dir: Path, verify: str) -> Path:
     return cfg
 
 
+# The database, its GOPROXY folder, the cache folder and the keys of the bodies in it.
+Filled = tuple[GoSumdb, Path, Path, list[str]]
+
+
+@pytest.fixture
 async def filled_cache(
-    db: GoSumdb, proxy: Path, serve: Callable[[Upstream], Any], sidecar_client: Any, cache: Path
-) -> list[str]:
-    """BIG tampered and SMALL genuine, .mod and .zip of each, in ``cache``."""
+    database: tuple[GoSumdb, Path],
+    serve: Callable[[Upstream], Any],
+    sidecar_client: Any,
+    tmp_path: Path,
+) -> Filled:
+    """BIG tampered and SMALL genuine, .mod and .zip of each, in a cache."""
+    db, proxy = database
+    cache = tmp_path / "cache"
     primary = Upstream(proxy, db, tamper=tamper_both(proxy, *BIG))
     client, sidecar = await sidecar_client(
         [await serve(primary)],
@@ -74,18 +86,13 @@ async def filled_cache(
     await wait_for(lambda: set(keys) <= set(keys_on_disk(cache)), 30, "the four bodies")
     await sidecar.cache.written()
     await client.close()
-    return keys
+    return db, proxy, cache, keys
 
 
 async def test_cache_verify_sumdb_evicts_mismatches_and_keeps_the_rest(
-    database: tuple[GoSumdb, Path],
-    serve: Callable[[Upstream], Any],
-    sidecar_client: Any,
-    tmp_path: Path,
+    filled_cache: Filled, serve: Callable[[Upstream], Any], tmp_path: Path
 ) -> None:
-    db, proxy = database
-    cache = tmp_path / "cache"
-    await filled_cache(db, proxy, serve, sidecar_client, cache)
+    db, proxy, cache, _ = filled_cache
     genuine = Upstream(proxy, db)
     cfg = config_file(tmp_path, await serve(genuine), cache, f"{{key: {db.verifier_key!r}}}")
 
@@ -110,14 +117,9 @@ async def test_cache_verify_sumdb_evicts_mismatches_and_keeps_the_rest(
 
 
 async def test_cache_verify_sumdb_reports_what_it_cannot_vouch_for_and_skips(
-    database: tuple[GoSumdb, Path],
-    serve: Callable[[Upstream], Any],
-    sidecar_client: Any,
-    tmp_path: Path,
+    filled_cache: Filled, serve: Callable[[Upstream], Any], tmp_path: Path
 ) -> None:
-    db, proxy = database
-    cache = tmp_path / "cache"
-    keys = await filled_cache(db, proxy, serve, sidecar_client, cache)
+    db, proxy, cache, keys = filled_cache
     nothing = Upstream(proxy, db, sumdb=False)  # 404 to every sumdb/ path
     url = await serve(nothing)
     cfg = config_file(tmp_path, url, cache, f"{{key: {db.verifier_key!r}}}")
@@ -140,14 +142,9 @@ async def test_cache_verify_sumdb_reports_what_it_cannot_vouch_for_and_skips(
 
 
 async def test_cache_verify_sumdb_through_a_direct_url(
-    database: tuple[GoSumdb, Path],
-    serve: Callable[[Upstream], Any],
-    sidecar_client: Any,
-    tmp_path: Path,
+    filled_cache: Filled, serve: Callable[[Upstream], Any], tmp_path: Path
 ) -> None:
-    db, proxy = database
-    cache = tmp_path / "cache"
-    await filled_cache(db, proxy, serve, sidecar_client, cache)
+    db, proxy, cache, _ = filled_cache
     nothing = Upstream(proxy, db, sumdb=False)
     verify = f"{{key: {db.verifier_key!r}, url: {db.url!r}}}"
     cfg = config_file(tmp_path, await serve(nothing), cache, verify)

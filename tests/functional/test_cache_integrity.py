@@ -193,6 +193,16 @@ async def _served_twice(up, client, sc, body: bytes, entries: int = 1) -> None:
     assert hit.headers["X-Sidecar-Upstream"] == "cache" and await hit.read() == body
 
 
+async def _trusted_zip(fake_upstreams, sidecar_client, tmp_path, size: int):
+    """A sidecar whose cache holds ZIP, ``size`` random bytes served twice:
+    (upstream, its url, client, sidecar, body)."""
+    [(up, url)] = await fake_upstreams(1)
+    body = os.urandom(size)
+    client, sc = await start(sidecar_client, [url], tmp_path)
+    await _served_twice(up, client, sc, body)
+    return up, url, client, sc, body
+
+
 def _flip_in_place(blob: Path) -> None:
     with open(blob, "r+b") as f:
         f.seek(os.path.getsize(blob) // 2)
@@ -216,10 +226,9 @@ def _flip_and_rename_over(blob: Path) -> None:
 async def test_a_blob_changed_after_a_serve_is_never_served(
     fake_upstreams, sidecar_client, tmp_path, change
 ):
-    [(up, url)] = await fake_upstreams(1)
-    body = os.urandom(1024 * 1024 + 3)
-    client, sc = await start(sidecar_client, [url], tmp_path)
-    await _served_twice(up, client, sc, body)
+    up, _, client, sc, body = await _trusted_zip(
+        fake_upstreams, sidecar_client, tmp_path, 1024 * 1024 + 3
+    )
     blob = blob_of(tmp_path / "cache", ZIP)
     change(blob)
 
@@ -235,10 +244,7 @@ async def test_a_blob_changed_after_a_serve_is_never_served(
 async def test_a_touched_blob_is_hashed_again_kept_and_its_identity_recorded(
     fake_upstreams, sidecar_client, tmp_path
 ):
-    [(up, url)] = await fake_upstreams(1)
-    body = os.urandom(300_000)
-    client, sc = await start(sidecar_client, [url], tmp_path)
-    await _served_twice(up, client, sc, body)
+    up, _, client, sc, body = await _trusted_zip(fake_upstreams, sidecar_client, tmp_path, 300_000)
     blob = blob_of(tmp_path / "cache", ZIP)
     os.utime(blob, ns=(1, 1_234_567_890_123))  # a backup restore, a careless touch
 
@@ -255,10 +261,9 @@ async def test_a_touched_blob_is_hashed_again_kept_and_its_identity_recorded(
 async def test_a_record_without_identity_is_hashed_on_first_serve_then_recorded(
     fake_upstreams, sidecar_client, tmp_path
 ):
-    [(up, url)] = await fake_upstreams(1)
-    body = os.urandom(200_000)
-    client, sc = await start(sidecar_client, [url], tmp_path)
-    await _served_twice(up, client, sc, body)
+    up, url, client, sc, body = await _trusted_zip(
+        fake_upstreams, sidecar_client, tmp_path, 200_000
+    )
     await client.close()
     layout = Layout.at(str(tmp_path / "cache"))
     old = record_of(tmp_path / "cache", ZIP)

@@ -25,6 +25,7 @@ from sidecar.config import (
 from sidecar.config_loader import load_config
 from sidecar.control import build_input
 from sidecar.errors import ConfigErrors
+from tests.polling import until
 from tests.upstream import Reply
 
 INFO = "example.com/mod/@v/v1.0.0.info"
@@ -34,8 +35,6 @@ BODY = b'{"Version":"v1.0.0"}'
 # Far beyond anything a test waits for: a slow upstream here is never a timeout.
 PATIENT = TimeoutsConfig(connect=2.0, first_byte=20.0, idle=20.0)
 QUICK_HEDGE = HedgeConfig(delay=0.05)
-POLL_S = 0.01
-POLL_LIMIT = 1000  # polls of POLL_S: 10 s at most for anything the tests wait for
 ANSWER_DEADLINE_S = 10.0  # a client waiting for the sidecar (never a timed assertion)
 
 
@@ -111,14 +110,6 @@ def upstream(
     name: str, url: str, hedge: HedgeConfig = QUICK_HEDGE, private_ok: bool = False
 ) -> UpstreamConfig:
     return UpstreamConfig(name, url, timeouts=PATIENT, hedge=hedge, private_ok=private_ok)
-
-
-async def until(what: str, check: Callable[[], bool]) -> None:
-    for _ in range(POLL_LIMIT):
-        if check():
-            return
-        await asyncio.sleep(POLL_S)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def get(client: Any, path: str) -> tuple[int, str, bytes]:

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,56 +35,24 @@ from sidecar.config import (
     UpstreamConfig,
 )
 from tests.conftest import make_config
+from tests.control_support import FAST_THRESHOLDS, FakeClock, Sidecars, Start, scaled_policies
 from tests.serving import SidecarTestServer
 from tests.upstream import Reply
 
 INFO = "example.com/mod/@v/v1.0.0.info"
 OTHER = "example.com/other/@v/v1.0.0.info"
 LOOKUP = "sumdb/sum.golang.org/lookup/example.com/mod@v1.0.0"
-POLICIES = Path(__file__).resolve().parents[2] / "policies"
 SLICE_S = 0.5
-
-# Spans scaled to test time; the sequence rules keep their shipped defaults
-# (5 failures in a row; 3000 ms of silence with 2 requests asked) unless a
-# test says otherwise.
-THRESHOLDS = {
-    "ttfb_p99_ms": 100,
-    "ttfb_p99_for_s": 1,
-    "error_rate": 0.05,
-    "min_requests": 5,
-    "queue_wait_p99_ms": 50,
-    "queue_for_s": 1,
-    "min_span_s": 1,
-}
-
-
-def thresholds_yaml(overrides: dict[str, float]) -> str:
-    data = {"thresholds": {**THRESHOLDS, **overrides}, "breaker": {"cooldown_s": 30, "probes": 2}}
-    return json.dumps({"sidecar": {"config": data}})  # JSON is YAML
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-Start = Callable[..., Awaitable[tuple[TestClient[Any, Any], Sidecar]]]
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture
 async def start_sidecar(tmp_path: Path) -> AsyncIterator[Start]:
-    clients: list[TestClient[Any, Any]] = []
+    sidecars = Sidecars()
 
     async def start(
         urls: list[str],
@@ -97,9 +63,9 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[Start]:
         run_control: bool = False,
         pin: bool = False,
     ) -> tuple[TestClient[Any, Any], Sidecar]:
-        policies = tmp_path / f"policies{len(clients)}"
-        shutil.copytree(POLICIES, policies)
-        (policies / "thresholds.yaml").write_text(thresholds_yaml(thresholds or {}))
+        policies = scaled_policies(
+            tmp_path / f"policies{len(sidecars)}", {**FAST_THRESHOLDS, **(thresholds or {})}
+        )
         timeouts = TimeoutsConfig(connect=1.0, first_byte=first_byte, idle=5.0)
         ups = tuple(
             UpstreamConfig(name=f"up{i}", url=url, timeouts=timeouts) for i, url in enumerate(urls)
@@ -114,15 +80,10 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[Start]:
                 rules=(RouteRule(match="example.com/mod", upstreams=("up0",)),) if pin else ()
             ),
         )
-        sc = build_sidecar(config, clock=clock)
-        client = TestClient(SidecarTestServer(SidecarService(sc, run_control)))
-        await client.start_server()
-        clients.append(client)
-        return client, sc
+        return await sidecars.start(config, clock, run_control)
 
     yield start
-    for client in clients:
-        await client.close()
+    await sidecars.close()
 
 
 @pytest.fixture

@@ -177,19 +177,19 @@ async def test_data_tiles_hold_the_records_the_hash_tiles_prove(
 # --- hostile answers ---------------------------------------------------------------
 
 
-async def lookup_answer(
-    remote: Remote, db: GoSumdb, module: str, version: str
-) -> tuple[str, bytes]:
-    path = f"sumdb/{db.name}/lookup/{module}@{version}"
-    return path, await remote.fetch(path)
+async def alpha_lookup(session: aiohttp.ClientSession, db: GoSumdb) -> tuple[Remote, str, bytes]:
+    """A Remote to ``db``, and the path and answer of its lookup of
+    example.com/alpha v1.0.0 (for a test to tamper with)."""
+    remote = Remote(session, db.url)
+    path = f"sumdb/{db.name}/lookup/example.com/alpha@v1.0.0"
+    return remote, path, await remote.fetch(path)
 
 
 async def test_a_tampered_record_line_is_refused(
     database: tuple[GoSumdb, Path], session: aiohttp.ClientSession
 ) -> None:
     db, _ = database
-    remote = Remote(session, db.url)
-    path, answer = await lookup_answer(remote, db, "example.com/alpha", "v1.0.0")
+    remote, path, answer = await alpha_lookup(session, db)
     genuine = db.modules["example.com/alpha@v1.0.0"].zip
     forged = db.modules["example.com/beta/v2@v2.0.1"].zip
     remote.tamper[path] = answer.replace(genuine.encode(), forged.encode())
@@ -201,8 +201,7 @@ async def test_a_wrong_signature_is_refused(
     database: tuple[GoSumdb, Path], session: aiohttp.ClientSession
 ) -> None:
     db, _ = database
-    remote = Remote(session, db.url)
-    path, answer = await lookup_answer(remote, db, "example.com/alpha", "v1.0.0")
+    remote, path, answer = await alpha_lookup(session, db)
     head, _, signature = answer.rpartition(f"— {db.name} ".encode())
     # keep the key hash (first 4 bytes = 6 base64 chars), change the signature bytes
     changed = signature[:10] + (b"A" if signature[10:11] != b"A" else b"B") + signature[11:]

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from multidict import CIMultiDict
@@ -59,6 +60,11 @@ def temp(tmp_path: Path) -> TempFile:
     return TempFile(os.open(path, os.O_RDWR | os.O_CREAT), str(path), "ab" * 16)
 
 
+def new_fill(src: Source, file: TempFile | None, limit: int = 10_000, **hooks: Any) -> Fill:
+    """A fill of REQ with ``src`` standing in for the upstream response."""
+    return Fill(REQ, src, CIMultiDict(), file, limit=limit, **hooks)  # type: ignore[arg-type]
+
+
 def start(fill: Fill) -> asyncio.Task[bool]:
     task = asyncio.ensure_future(fill.run())
     fill.task = task  # type: ignore[assignment]
@@ -76,7 +82,7 @@ async def test_readers_get_every_byte_and_the_file_matches(tmp_path: Path) -> No
     chunks = [bytes([i]) * 6 for i in range(20)]
     body = b"".join(chunks)
     src = Source(chunks)
-    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=10_000)  # type: ignore[arg-type]
+    fill = new_fill(src, temp(tmp_path))
     first = fill.join()
     assert first is not None
     task = start(fill)
@@ -100,14 +106,7 @@ async def test_readers_get_every_byte_and_the_file_matches(tmp_path: Path) -> No
 async def test_failure_reaches_every_reader_and_nothing_is_kept(tmp_path: Path) -> None:
     ended: list[object] = []
     src = Source([b"a" * 8, b"b" * 8, b"c" * 8], fail_after=2)
-    fill = Fill(
-        REQ,
-        src,
-        CIMultiDict(),
-        temp(tmp_path),
-        limit=10_000,  # type: ignore[arg-type]
-        on_end=ended.append,
-    )
+    fill = new_fill(src, temp(tmp_path), on_end=ended.append)
     readers = [fill.join(), fill.join()]
     assert await start(fill) is False
     for reader in readers:
@@ -124,14 +123,7 @@ async def test_failure_reaches_every_reader_and_nothing_is_kept(tmp_path: Path) 
 async def test_the_fetch_goes_on_to_the_end_when_every_reader_left(tmp_path: Path) -> None:
     ended: list[object] = []
     src = Source([b"x" * 5, b"y" * 5])
-    fill = Fill(
-        REQ,
-        src,
-        CIMultiDict(),
-        temp(tmp_path),
-        limit=10_000,  # type: ignore[arg-type]
-        on_end=ended.append,
-    )
+    fill = new_fill(src, temp(tmp_path), on_end=ended.append)
     a, b = fill.join(), fill.join()
     assert a is not None and b is not None
     task = start(fill)
@@ -150,7 +142,7 @@ async def test_a_reader_ends_at_the_announced_length_without_waiting_for_the_fet
     tmp_path: Path,
 ) -> None:
     src = Source([b"a" * 6, b"b" * 6])  # announces 12 bytes; the end is not signalled yet
-    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=10_000)  # type: ignore[arg-type]
+    fill = new_fill(src, temp(tmp_path))
     reader = fill.join()
     assert reader is not None
     task = start(fill)
@@ -166,14 +158,7 @@ async def test_a_fill_that_cannot_be_cached_stops_when_its_last_reader_leaves(
 ) -> None:
     ended: list[object] = []
     src = Source([b"y" * 9] * 3)  # 27 bytes, over the limit: degraded, served only
-    fill = Fill(
-        REQ,
-        src,
-        CIMultiDict(),
-        temp(tmp_path),
-        limit=20,  # type: ignore[arg-type]
-        on_end=ended.append,
-    )
+    fill = new_fill(src, temp(tmp_path), limit=20, on_end=ended.append)
     reader = fill.join()
     assert reader is not None
     task = start(fill)
@@ -192,7 +177,7 @@ async def test_a_fill_that_cannot_be_cached_stops_when_its_last_reader_leaves(
 async def test_a_readerless_fill_stops_once_it_degrades(tmp_path: Path) -> None:
     src = Source([b"z" * 9])
     src.content_length = None  # unannounced: the limit is found on the way
-    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=20)  # type: ignore[arg-type]
+    fill = new_fill(src, temp(tmp_path), limit=20)
     reader = fill.join()
     assert reader is not None
     task = start(fill)
@@ -214,14 +199,7 @@ async def test_write_error_degrades_to_a_bounded_ring_with_backpressure(tmp_path
     chunks = [bytes([i]) * 5 for i in range(30)]
     src = Source(chunks)
     src.finish()
-    fill = Fill(
-        REQ,
-        src,
-        CIMultiDict(),
-        ro,
-        limit=10_000,  # type: ignore[arg-type]
-        on_write_error=lambda key, exc: errors.append(exc),
-    )
+    fill = new_fill(src, ro, on_write_error=lambda key, exc: errors.append(exc))
     slow = fill.join()
     assert slow is not None
     task = start(fill)
@@ -242,7 +220,7 @@ async def test_write_error_degrades_to_a_bounded_ring_with_backpressure(tmp_path
 async def test_larger_than_the_limit_is_served_but_not_cached(tmp_path: Path) -> None:
     src = Source([b"y" * 9] * 4)
     src.finish()
-    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=20)  # type: ignore[arg-type]
+    fill = new_fill(src, temp(tmp_path), limit=20)
     reader = fill.join()
     assert reader is not None
     task = start(fill)
@@ -261,7 +239,7 @@ async def test_joiners_waiting_on_a_flight_get_readers_at_publish(tmp_path: Path
     await asyncio.sleep(0)
     src = Source([b"z" * 50])
     src.finish()
-    fill = Fill(REQ, src, CIMultiDict(), None, limit=10_000)  # type: ignore[arg-type]
+    fill = new_fill(src, None)
     first = fill.join()
     flight.publish(fill)
     readers = [await w for w in waiting]

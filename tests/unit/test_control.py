@@ -10,7 +10,6 @@ breaker only; the policy input has the documented shape.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,41 +24,30 @@ from sidecar.policy import EmbeddedEngine
 from sidecar.stats.inflight import Ending
 from sidecar.stats.window import Outcome
 from tests.conftest import make_config
+from tests.control_support import FakeClock, scaled_policies
 
-POLICIES = Path(__file__).resolve().parents[2] / "policies"
 SLICE_S = 1.0
 TICKS_PER_SLICE = 5  # policy.interval 0.2 s: many evaluations see the same slice
 
-THRESHOLDS = """\
-sidecar:
-  config:
-    thresholds: {ttfb_p99_ms: 800, ttfb_p99_for_s: 60, error_rate: 0.05, min_requests: 20,
-                 queue_wait_p99_ms: 250, queue_for_s: 2, min_span_s: 2}
-    breaker: {cooldown_s: 30, probes: 2}
-"""
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+THRESHOLDS = {
+    "ttfb_p99_ms": 800,
+    "ttfb_p99_for_s": 60,
+    "error_rate": 0.05,
+    "min_requests": 20,
+    "queue_wait_p99_ms": 250,
+    "queue_for_s": 2,
+    "min_span_s": 2,
+}
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(5000.0)
 
 
 @pytest.fixture
 async def loop(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ControlLoop]:
-    policies = tmp_path / "policies"
-    shutil.copytree(POLICIES, policies)
-    (policies / "thresholds.yaml").write_text(THRESHOLDS)
+    policies = scaled_policies(tmp_path / "policies", THRESHOLDS)
     config = make_config(
         ["http://127.0.0.1:9", "http://127.0.0.1:9"],
         tmp_path,

@@ -6,22 +6,12 @@ from __future__ import annotations
 import pytest
 
 from sidecar.stats.inflight import IDLE, Ending, InFlight
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.control_support import FakeClock
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(100.0)
 
 
 def test_nothing_waiting_is_idle(clock: FakeClock) -> None:

@@ -12,26 +12,16 @@ from hypothesis import strategies as st
 from sidecar.stats.histogram import BUCKETS
 from sidecar.stats.inflight import IDLE, Ending
 from sidecar.stats.window import Outcome, UpstreamWindow, WindowSnapshot
+from tests.control_support import FakeClock
 
 WINDOW_S = 120.0
 SLICE_S = 10.0
 START = 1000.0
 
 
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture
