@@ -39,6 +39,11 @@ has little left to do. A body the gate refuses fails the fill like a cut
 upstream (never served, never committed). A gated fill that degrades cannot
 be checked: the gate decides whether its readers are released unchecked or
 the fill fails.
+
+A reader that starts once the whole body is on disk (released by its gate,
+or joining a fill that already completed) is handed the stored file whole
+(``FillReader.whole_file``) and sent like a hit, with sendfile; only readers
+that follow a fill as it arrives read it chunk by chunk.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import enum
 import hashlib
 import logging
 import os
+import threading
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,6 +161,7 @@ class Fill:
         self._ended = False
         self._gate = gate
         self._sink = gate.sink() if gate is not None else None
+        self.file_reads = 0  # readers handed the whole stored file (FillReader.whole_file)
 
     # -- readers ---------------------------------------------------------------
 
@@ -448,6 +455,25 @@ class FillReader:
                 return None
             await fill._changed()
 
+    async def whole_file(self) -> BodyFile | None:
+        """The whole body as one stored file to send, once this reader may have
+        it, if every byte of it is on disk and none was read yet; None: read it
+        with ``next_chunk``. Raises the fill's UpstreamError if the fetch failed.
+
+        A gated fill's readers all start here, at once: read in 32 KiB steps
+        through worker threads, a 50 MiB zip took 0.2-0.3 s more than the
+        sendfile of a hit."""
+        fill = self.fill
+        while fill.held:
+            await fill._changed()
+        if fill.error is not None:
+            raise fill.error
+        fd = fill._fd
+        if self.offset or fill.state is not FillState.COMPLETE or not fill.cacheable or fd is None:
+            return None
+        fill.file_reads += 1
+        return BodyFile(self, fd, fill.received)
+
     async def read_all(self) -> bytes:
         parts = []
         while (chunk := await self.next_chunk()) is not None:
@@ -458,6 +484,54 @@ class FillReader:
         if not self._closed:
             self._closed = True
             self.fill._left(self)
+
+
+class BodyFile:
+    """A fill's complete stored body, for one reader to send whole (sendfile,
+    or reads where the loop has none); closing it is that reader leaving.
+
+    It shares the fill's descriptor, which stays open while the fill has
+    readers: the commit's rename and an eviction's unlink do not touch it.
+    Reads are positional, so concurrent readers never move one another's
+    offset (a ``dup`` would share it); nothing writes to a complete fill.
+    """
+
+    __slots__ = ("_closed", "_fd", "_lock", "_pos", "_reader", "size")
+
+    mode = "rb"  # asyncio's sendfile takes binary files only
+
+    def __init__(self, reader: FillReader, fd: int, size: int) -> None:
+        self._reader = reader
+        self._fd = fd
+        self.size = size
+        self._pos = 0
+        self._closed = False
+        # A read runs in a worker thread (the copy without sendfile): a close
+        # waits for it, so the fill cannot close the fd under it.
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET:
+            raise ValueError("a body file seeks from its start only")
+        self._pos = offset
+        return offset
+
+    def read(self, size: int = -1) -> bytes:
+        with self._lock:
+            if self._closed:
+                raise ValueError("read of a closed body file")
+            want = max(0, self.size - self._pos) if size < 0 else size
+            data = os.pread(self._fd, want, self._pos)
+            self._pos += len(data)
+            return data
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._reader.close()
 
 
 def _write(temp: TempFile, chunks: list[bytes], sink: Sink | None) -> None:

@@ -16,9 +16,11 @@ command checks again) or refuse; either is counted and logged.
 Hashing a zip runs in worker threads, concurrently with the lookup: a cache
 fill's zip is hashed while it is written (``sidecar.sumdb.zipstream``, the
 gate's sink), and only when that cannot be trusted is the stored file hashed
-again once complete (``hash_zip``). The lookup's own CPU (signature, a few ms
-of tile hashing, proof) runs in worker threads too (``sidecar.sumdb``), and
-concurrent checks of one module@version share one lookup.
+again once complete (``hash_zip``). A fill's gate starts the lookup as the
+fill starts, so that it runs during the download. The lookup's own CPU
+(signature, a few ms of tile hashing, proof) runs in worker threads too
+(``sidecar.sumdb``), and concurrent checks of one module@version share one
+lookup.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class IntegrityChecker:
         self._skip_memo: dict[str, bool] = {}
         # With the database out of reach every miss cannot be vouched for: one line
         # per reason now and then, with the count, instead of one per request.
-        self._unavailable_log = LogRate[tuple[str, str]]()
+        self._unavailable_log = LogRate()
 
     def wants(self, req: GoproxyRequest) -> bool:
         """True if ``req``'s body must be checked before it is served."""
@@ -91,7 +93,7 @@ class IntegrityChecker:
 
     async def check_mod(self, req: GoproxyRequest, upstream: str, body: bytes) -> None:
         """Raise UpstreamIntegrityError (enforce) if ``body`` is not the vouched go.mod."""
-        await self._check(req, upstream, _done(hash_gomod(body)))
+        await self._check(req, upstream, _done(hash_gomod(body)), self._lookup(req))
 
     async def check_zip(
         self,
@@ -99,11 +101,14 @@ class IntegrityChecker:
         upstream: str,
         source: ZipSource,
         streamed: ZipStream | None = None,
+        lookup: Awaitable[ModuleHashes] | None = None,
     ) -> None:
         """Raise UpstreamIntegrityError (enforce) if the zip at ``source`` is not the
         vouched one. ``source`` is complete and no longer written to; ``streamed``,
-        if given, was fed all of it."""
-        await self._check(req, upstream, asyncio.to_thread(_hash_zip, source, streamed))
+        if given, was fed all of it; ``lookup``, if given, is its record's lookup,
+        started earlier."""
+        hashing = asyncio.to_thread(_hash_zip, source, streamed)
+        await self._check(req, upstream, hashing, lookup or self._lookup(req))
 
     async def check(
         self,
@@ -111,14 +116,14 @@ class IntegrityChecker:
         upstream: str,
         source: ZipSource,
         streamed: ZipStream | None = None,
+        lookup: Awaitable[ModuleHashes] | None = None,
     ) -> None:
         """``check_mod`` or ``check_zip`` by the request's kind."""
         if req.kind is Kind.ZIP:
-            await self.check_zip(req, upstream, source, streamed)
-        elif isinstance(source, bytes):
-            await self.check_mod(req, upstream, source)
-        else:
-            await self.check_mod(req, upstream, await asyncio.to_thread(_read, source))
+            await self.check_zip(req, upstream, source, streamed, lookup)
+            return
+        body = source if isinstance(source, bytes) else await asyncio.to_thread(_read, source)
+        await self._check(req, upstream, _done(hash_gomod(body)), lookup or self._lookup(req))
 
     def gate(self, req: GoproxyRequest, upstream: str) -> BodyGate:
         """The gate a cache fill of ``req``'s body passes (``sidecar.cache.fill.Gate``)."""
@@ -128,12 +133,28 @@ class IntegrityChecker:
         """The verified record of module@version (raises SumdbError, RequestError)."""
         return await self._verifier.lookup(module, version)
 
-    async def _check(self, req: GoproxyRequest, upstream: str, hashing: Awaitable[str]) -> None:
+    def start_lookup(self, req: GoproxyRequest) -> asyncio.Future[ModuleHashes]:
+        """``req``'s lookup, running from now on; its failure is the awaiter's to
+        judge (none if nobody awaits it: a fill that failed first)."""
+        started = asyncio.ensure_future(self._lookup(req))
+        started.add_done_callback(_retrieve)
+        return started
+
+    def _lookup(self, req: GoproxyRequest) -> Awaitable[ModuleHashes]:
+        return self._verifier.lookup(req.module, req.version or "")
+
+    async def _check(
+        self,
+        req: GoproxyRequest,
+        upstream: str,
+        hashing: Awaitable[str],
+        lookup: Awaitable[ModuleHashes],
+    ) -> None:
         kind = req.kind.value
         subject = f"{req.module}@{req.version}"
         hashed = asyncio.ensure_future(hashing)  # the zip hashes while the lookup runs
         try:
-            hashes = await self._verifier.lookup(req.module, req.version or "")
+            hashes = await lookup
         except (SumdbError, RequestError) as exc:
             await _settle(hashed)
             self._unavailable(subject, kind, upstream, exc)
@@ -207,17 +228,20 @@ class BodyGate:
     """One fill's gate: the body of ``req`` from ``upstream``. A zip is hashed
     while the fill writes it (its sink), so little is left after the last byte."""
 
-    __slots__ = ("_checker", "_req", "_stream", "_upstream")
+    __slots__ = ("_checker", "_lookup", "_req", "_stream", "_upstream")
 
     def __init__(self, checker: IntegrityChecker, req: GoproxyRequest, upstream: str) -> None:
         self._checker, self._req, self._upstream = checker, req, upstream
         self._stream = ZipStream() if req.kind is Kind.ZIP else None
+        # Made as the fill starts: the lookup (7-25 ms) runs during the download,
+        # not after its last byte. Concurrent fills of one version share it.
+        self._lookup = checker.start_lookup(req)
 
     def sink(self) -> ZipStream | None:
         return self._stream
 
     async def check(self, path: str) -> None:
-        await self._checker.check(self._req, self._upstream, path, self._stream)
+        await self._checker.check(self._req, self._upstream, path, self._stream, self._lookup)
 
     def unchecked(self, reason: str) -> None:
         self._checker.unchecked(self._req, self._upstream, reason)
@@ -251,6 +275,11 @@ def _finish_spool(out: BinaryIO, pending: list[bytes]) -> None:
     out.writelines(pending)
     out.flush()
     out.seek(0)
+
+
+def _retrieve(fut: asyncio.Future[ModuleHashes]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _done(value: str) -> Awaitable[str]:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import BinaryIO
 
 from sidecar.cache.base import FillReader
+from sidecar.cache.fill import BodyFile
 from sidecar.errors import UpstreamError
 from sidecar.proxy.headers import response_headers
 from sidecar.proxy.ranges import content_range
@@ -103,11 +104,18 @@ async def deliver(
     content_length: int | None,
     reply: Reply,
 ) -> tuple[str, UpstreamError | None]:
-    """Stream a fill to one client as its bytes arrive: (outcome, failure).
+    """Send a fill to one client: (outcome, failure). A body already whole on
+    disk when this client may start (a gated fill released, a complete fill
+    joined) goes out as a hit does, from its file; else it is streamed as its
+    bytes arrive.
 
     Raises UpstreamError when the fill fails before its first byte (a body its
     gate refused, sidecar.cache.fill): no header is sent, the caller may go on."""
     reply.answering(reader.fill.upstream)
+    body = await reader.whole_file()
+    if body is not None:
+        reply.length = body.size
+        return await send_file(ex, body, body.size, dict(headers), reply), None
     chunk = await reader.next_chunk()
     reply.length = content_length  # from the headers on: an empty body is whole once they are
     try:
@@ -128,16 +136,17 @@ async def deliver(
 
 async def send_file(
     ex: Exchange,
-    fobj: BinaryIO,
+    fobj: BinaryIO | BodyFile,
     size: int,
     headers: dict[str, str],
     reply: Reply,
     part: tuple[int, int] | None = None,
 ) -> str:
-    """A cache hit from its blob (sendfile where the loop has it), whole or
-    ``part`` (first, last byte): an outcome label. ``fobj`` is the blob as
-    ``ModuleCache.open_blob`` opened and checked it; it is closed here. A file
-    that shrinks while it is sent cuts the connection.
+    """A body from a complete file (sendfile where the loop has it), whole or
+    ``part`` (first, last byte): an outcome label. ``fobj`` is a hit's blob as
+    ``ModuleCache.open_blob`` opened and checked it, a spooled body, or a
+    fill's stored body; it is closed here. A file that shrinks while it is
+    sent cuts the connection.
     """
     try:
         first, last = (0, size - 1) if part is None else part
@@ -145,6 +154,7 @@ async def send_file(
             headers["Content-Range"] = content_range(part, size)
         await ex.start(200 if part is None else 206, headers, last - first + 1)
         await ex.sendfile(fobj, first, last - first + 1)
+        reply.sent += last - first + 1
         reply.whole = True
         await ex.end()
     except CLIENT_GONE:
