@@ -78,7 +78,7 @@ class IntegrityChecker:
         self._skip_memo: dict[str, bool] = {}
         # With the database out of reach every miss cannot be vouched for: one line
         # per reason now and then, with the count, instead of one per request.
-        self._unavailable_log = LogRate()
+        self._unavailable_log = LogRate[tuple[str, str]]()
 
     def wants(self, req: GoproxyRequest) -> bool:
         """True if ``req``'s body must be checked before it is served."""
