@@ -208,7 +208,7 @@ async def test_the_go_command_builds_through_the_backup_and_nothing_tampered_is_
     backup = Upstream(proxy, db)
     urls = [await serve(primary), await serve(backup)]
     cache_dir = tmp_path / "cache"
-    client, _ = await sidecar_client(
+    client, sidecar = await sidecar_client(
         urls,
         cache=CacheConfig(dir=str(cache_dir)),
         verify=VerifyConfig(key=db.verifier_key),
@@ -228,6 +228,14 @@ async def test_the_go_command_builds_through_the_backup_and_nothing_tampered_is_
     assert metric(metrics, name, upstream="up0", kind="mod") == 1
     assert metric(metrics, name) == 2
     assert metric(metrics, name, upstream="up1") == 0
+
+    # The breaker reroutes around the primary, with its reason, and alerts.
+    await sidecar.control.step()  # one policy tick: one integrity failure is enough
+    breakers = await (await client.get("/breakers")).json()
+    reason = breakers["up0"]["reason"]
+    assert "integrity: 2 bodies did not match the checksum database" in reason, breakers
+    assert (breakers["up0"]["action"], breakers["up0"]["alert"]) == ("reroute", True)
+    assert breakers["up1"]["action"] == "allow"
 
     # Nothing tampered is in the cache: every cached body is one of the genuine ones.
     tampered = set(primary.tamper.values())
