@@ -43,6 +43,16 @@ class Ending(enum.Enum):
     ABANDONED = "abandoned"  # the caller gave up (client left, a hedge won): no verdict
 
 
+# A pause between two requests shorter than this never starts the silence
+# afresh, however short the silence before it. A go command's module requests
+# are interleaved with its checksum lookups (another class, another registry),
+# so a class of a hung upstream whose requests are hedged away after 200 ms is
+# left alone for a few hundred ms between two of them: measured in
+# `bench/resilience.py --scenarios build-hung`, where without this floor the
+# silence restarted at every request and the breaker tripped only once the
+# hedge budget ran out and a request waited out its 15 s first-byte timeout.
+RESUME_GAP_S = 1.0
+
 # Module constants: identity checks against these are cheaper than Ending.X lookups.
 _ANSWERED = Ending.ANSWERED
 _TIMED_OUT = Ending.TIMED_OUT
@@ -180,9 +190,10 @@ class InFlight:
         """The first request after none waited. Requests a moment apart (a
         client's next request after its last was given up on) keep the
         silence going; an upstream left alone for longer than it had been
-        silent starts afresh, so one abandoned request long ago does not make
-        the next one look like part of an outage."""
+        silent (and than ``RESUME_GAP_S``) starts afresh, so one abandoned
+        request long ago does not make the next one look like part of an
+        outage."""
         since = self._silent_since
-        if since is None or now - self._empty_since > self._empty_since - since:
+        if since is None or now - self._empty_since > max(self._empty_since - since, RESUME_GAP_S):
             self._silent_since = now
             self._unanswered = 0

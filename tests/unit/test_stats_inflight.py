@@ -78,6 +78,23 @@ def test_silence_goes_on_across_requests_given_up_on(clock: FakeClock) -> None:
     assert snap.unanswered == 5
 
 
+def test_short_hedged_waits_a_moment_apart_keep_the_silence(clock: FakeClock) -> None:
+    """A go command against a hung upstream: each module request is hedged
+    away after 200 ms, and the next one comes 400 ms later (a checksum lookup
+    of the other class went in between): pauses longer than the silence of
+    each wait, but a moment apart all the same."""
+    waits = InFlight(clock)
+    for _ in range(8):
+        token = waits.begin()
+        clock.advance(0.2)
+        waits.end(token, Ending.ABANDONED)
+        clock.advance(0.4)
+    waits.begin()
+    snap = waits.snapshot()
+    assert snap.silent_s == pytest.approx(8 * 0.6)
+    assert snap.unanswered == 9
+
+
 def test_an_upstream_left_alone_starts_afresh(clock: FakeClock) -> None:
     """One request given up on long ago does not make the next one part of an outage."""
     waits = InFlight(clock)
