@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -59,6 +60,12 @@ def require_tool(name: str) -> Path:
         message += f" (go install {how})"
     if name in ELSEWHERE:
         message = f"{name} not found: {ELSEWHERE[name]}"
+    missing(message)
+
+
+def missing(message: str) -> NoReturn:
+    """A prerequisite is missing: skip on a developer's machine, fail in CI
+    (``CI=true``), where a skipped test would hide a broken set-up."""
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

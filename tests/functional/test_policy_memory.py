@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
+from tests.tools import missing
 
 EVALUATIONS = 300
 # Evaluated like the control loop does: a fresh build_input() every time.
@@ -65,8 +65,9 @@ def _grow(first: str) -> dict[str, object]:
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_embedded_engine_keeps_no_memory_per_evaluation() -> None:
+    if not sys.platform.startswith("linux"):
+        missing("reads /proc/self: Linux only")
     fixed = _grow("")
     # The reference: aiohttp (and with it the C++ runtime) loaded first, the
     # order that leaked. It shows the measurement can see the leak.

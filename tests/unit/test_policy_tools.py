@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -52,9 +51,15 @@ def test_missing_tool_fails_in_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 def test_tools_script_without_go_only_warns(tmp_path: Path) -> None:
-    if shutil.which("go", path="/usr/bin:/bin"):
-        pytest.skip("go is in /usr/bin or /bin: cannot hide it")
-    env = {**os.environ, "PATH": "/usr/bin:/bin", "SIDECAR_TOOLS_DIR": str(tmp_path)}
+    # A PATH holding every command of /usr/bin and /bin except go, wherever go lives.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in (Path("/usr/bin"), Path("/bin")):
+        for command in folder.iterdir():
+            link = bin_dir / command.name
+            if command.name != "go" and not link.exists():
+                link.symlink_to(command)
+    env = {**os.environ, "PATH": str(bin_dir), "SIDECAR_TOOLS_DIR": str(tmp_path / "tools")}
     result = subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, check=False
     )
