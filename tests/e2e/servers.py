@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from tests.e2e.processes import Proc, Procs, free_port, wait_http
+from tests.polling import until
 
 REPO = Path(__file__).resolve().parents[2]
 START_DEADLINE_S = 20.0
@@ -97,7 +98,11 @@ async def start_nginx(procs: Procs, nginx: Path, name: str, tree: Path) -> Stati
     url = f"http://127.0.0.1:{port}"
     # Any GOPROXY answer proves it serves; the sidecar's probe path is a 404 here.
     await wait_http(f"{url}/sumdb/sum.golang.org/supported", START_DEADLINE_S, proc, ok=(404,))
-    access_log.write_text("")  # the readiness poll is not traffic
+    # The readiness poll is not traffic. nginx logs a request after its answer
+    # is sent, so the poll's line may land after the client has read the 404:
+    # wait for it, then truncate (the log is opened O_APPEND, nothing is lost).
+    await until("nginx to log the readiness poll", lambda: bool(access_log.read_bytes()))
+    access_log.write_text("")
     return StaticGoproxy(name, url, port, proc, access_log)
 
 

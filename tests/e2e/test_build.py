@@ -30,7 +30,11 @@ async def test_build_through_the_sidecar_then_again_from_its_cache(stack):
     )
     assert hits == zips
     assert after.value("goproxy_sidecar_requests_total", upstream="cache", kind="mod") == mods
-    assert after.value("goproxy_sidecar_requests_total", upstream="primary") == served
+    answered = after.value("goproxy_sidecar_requests_total", upstream="primary")
+    assert answered == served, (
+        {tuple(sorted(k)): v for k, v in after.samples["goproxy_sidecar_requests_total"].items()},
+        world.primary.requests(),
+    )
     view = (await world.sidecar.breakers())["primary"]
     assert view["state"] == "closed" and view["action"] == "allow", view
     assert after.transitions("primary") == {}
