@@ -14,9 +14,10 @@ with ~100 B from its config (``return 200``: no file per request):
 - ``sidecar``: ``python -m sidecar run``.
 
 Sidecar config: one upstream, ``pool.max_connections: 256``,
-``cache: {enabled: false}``, log level warning, the MALLOC_* environment of
-bench/servers.py. Load: ``wrk -t1 -c64`` with a Lua script that asks a new,
-valid module path per request (``example.com/bench/u/t0m<N>/@v/v1.0.0.info``).
+``cache: {enabled: false}``, log level warning; it tunes malloc itself
+(sidecar/heap.py), and the bare proxy is given the same values as ``MALLOC_*``.
+Load: ``wrk -t1 -c64`` with a Lua script that asks a new, valid module path
+per request (``example.com/bench/u/t0m<N>/@v/v1.0.0.info``).
 
 Placement (2 cores): wrk on core 0; every proxy and, by default, the
 upstream nginx on core 1 (``--upstream-core 0`` puts nginx with wrk as
@@ -53,7 +54,6 @@ from bench.procs import BenchError, Procs, free_port, stopping, wait_http  # noq
 from bench.sampler import UsageMeter  # noqa: E402
 from bench.servers import (  # noqa: E402
     HEALTH_PATH,
-    MALLOC_ENV,
     Server,
     start_nginx,
     start_sidecar,
@@ -61,6 +61,7 @@ from bench.servers import (  # noqa: E402
 )
 from bench.tree import UNIQUE_PREFIX  # noqa: E402
 from bench.wrk import run_wrk, write_script  # noqa: E402
+from sidecar.heap import SETTINGS  # noqa: E402
 
 LOAD_CORE = 0
 PROXY_CORE = 1
@@ -110,13 +111,16 @@ def start_bare(procs: Procs, work: Path, upstream: Server) -> Server:
     port = free_port()
     script = work / "bare_proxy.py"
     script.write_text(BARE_PROXY)
-    env = {**os.environ, **MALLOC_ENV}
+    # The sidecar's own malloc tuning (sidecar.heap), given to the bare proxy too:
+    # the comparison is of the proxy code, not of glibc's settings.
+    tuning = {s.env: str(s.value) for s in SETTINGS}
+    env = {**os.environ, **tuning}
     proc = procs.start(
         "bare",
         [sys.executable, str(script), str(port), upstream.url],
         PROXY_CORE,
         env=env,
-        env_note=MALLOC_ENV,
+        env_note=tuning,
     )
     wait_http(proc, f"http://127.0.0.1:{port}{HEALTH_PATH}")
     return Server("bare", f"http://127.0.0.1:{port}", proc)

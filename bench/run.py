@@ -43,7 +43,6 @@ from bench.procs import (  # noqa: E402
 )
 from bench.sampler import UsageMeter  # noqa: E402
 from bench.servers import (  # noqa: E402
-    MALLOC_ENV,
     Server,
     Toxiproxy,
     nginx_binary,
@@ -63,11 +62,8 @@ Record = dict[str, Any]
 class Bench:
     """One harness run: the upstream, the contenders of the current case, the records."""
 
-    def __init__(
-        self, procs: Procs, work: Path, timing: Timing, upstream_core: int, malloc_env: bool = True
-    ) -> None:
+    def __init__(self, procs: Procs, work: Path, timing: Timing, upstream_core: int) -> None:
         self.procs = procs
-        self.malloc_env = malloc_env
         self.work = work
         self.timing = timing
         self.upstream_core = upstream_core
@@ -122,7 +118,6 @@ class Bench:
                 upstream,
                 name != "sidecar-nocache",
                 PROXY_CORE,
-                self.malloc_env,
             )
         else:
             raise BenchError(f"unknown contender {name}")
@@ -517,11 +512,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="core of the upstream nginx while a proxy is measured (default 0, "
         "with the load generator; for 'direct' it moves to core 1)",
     )
-    p.add_argument(
-        "--no-malloc-env",
-        action="store_true",
-        help="start the sidecar with glibc's default malloc tuning (for comparison)",
-    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
@@ -552,9 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)
     (work / "logs").mkdir()
     started = time.time()
-    bench = Bench(
-        Procs(work / "logs"), work, timing, args.upstream_core, malloc_env=not args.no_malloc_env
-    )
+    bench = Bench(Procs(work / "logs"), work, timing, args.upstream_core)
     micro: dict[str, Any] | None = None
     try:
         with stopping(bench.procs):
@@ -590,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             "upstream_while_direct_measured": PROXY_CORE,
             "harness": LOADGEN_CORE,
         },
-        "sidecar_env": {} if args.no_malloc_env else MALLOC_ENV,
+        "sidecar_env": "as a user starts it (it tunes malloc itself: sidecar/heap.py)",
         "loadavg_at_end": os.getloadavg(),
         "cases": {
             c.name: {

@@ -21,14 +21,10 @@ from bench.tree import UNIQUE_PREFIX, ZIPS, info_body
 REPO = Path(__file__).resolve().parent.parent
 HEALTH_PATH = "/bench-health"
 
-# PERF-NOTES: glibc heap trimming is the large-body bottleneck; these made zip
-# throughput roughly double. The sidecar is always started with them.
-MALLOC_ENV = {
-    "MALLOC_TOP_PAD_": "16777216",
-    "MALLOC_TRIM_THRESHOLD_": "67108864",
-    "MALLOC_MMAP_THRESHOLD_": "4194304",
-    "MALLOC_ARENA_MAX": "2",
-}
+# The sidecar tunes glibc's malloc itself (sidecar.heap); a MALLOC_* or
+# GLIBC_TUNABLES in the caller's shell would override it, so they are removed:
+# the sidecar measured is the one a user starts.
+CALLER_TUNING = ("MALLOC_", "GLIBC_TUNABLES")
 # PERF-NOTES' best nginx proxy buffers (46 k vs 43 k req/s small, 1.7 vs 0.64 GB/s 50 MiB).
 PROXY_BUFFERS = "proxy_buffer_size 64k;\n        proxy_buffers 8 64k;"
 # Every server keeps a connection for the whole run (nginx's default is 1000 requests).
@@ -290,7 +286,6 @@ def launch_sidecar(
     config_text: str,
     port: int,
     core: int,
-    malloc_env: bool = True,
     extra_env: dict[str, str] | None = None,
     source: Path = REPO,
 ) -> tuple[Proc, dict[str, str]]:
@@ -302,15 +297,11 @@ def launch_sidecar(
     config.write_text(config_text)
     env = dict(os.environ)
     # A SIDECAR_* variable in the caller's shell would silently change the config.
-    for key in [k for k in env if k.startswith("SIDECAR_")]:
+    for key in [k for k in env if k.startswith(("SIDECAR_", *CALLER_TUNING))]:
         del env[key]
-    for key in MALLOC_ENV:
-        env.pop(key, None)
-    if malloc_env:
-        env.update(MALLOC_ENV)
     env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
-    used = {**(MALLOC_ENV if malloc_env else {}), **(extra_env or {})}
+    used = dict(extra_env or {})
     proc = procs.start(name, sidecar_argv(config), core, env=env, cwd=str(home), env_note=used)
     wait_http(proc, f"http://127.0.0.1:{port}/healthz", timeout_s=60)
     return proc, used
@@ -323,7 +314,6 @@ def start_sidecar(
     upstream: Server,
     cache: bool,
     core: int,
-    malloc_env: bool = True,
     max_bytes: str = "20GiB",
     extra_env: dict[str, str] | None = None,
 ) -> Server:
@@ -331,10 +321,10 @@ def start_sidecar(
     home = work / name
     home.mkdir(parents=True, exist_ok=True)
     conf = sidecar_conf(port, upstream, home / "cache", cache, max_bytes)
-    proc, used = launch_sidecar(procs, home, name, conf, port, core, malloc_env, extra_env)
+    proc, used = launch_sidecar(procs, home, name, conf, port, core, extra_env)
     notes = {
         "cache": f"enabled ({max_bytes})" if cache else "disabled (cache.enabled: false)",
         "pool": "max_connections 256",
-        "env": " ".join(f"{k}={v}" for k, v in used.items()) or "glibc defaults",
+        "env": " ".join(f"{k}={v}" for k, v in used.items()) or "as a user starts it",
     }
     return Server(name, f"http://127.0.0.1:{port}", proc, "X-Sidecar-Upstream", "cache", notes)

@@ -56,7 +56,7 @@ from bench.run import (  # noqa: E402
     log_findings,
     tool_versions,
 )
-from bench.servers import MALLOC_ENV, Server, start_sidecar, start_upstream  # noqa: E402
+from bench.servers import Server, start_sidecar, start_upstream  # noqa: E402
 from bench.tree import (  # noqa: E402
     ZIP1M,
     build_tree,
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache_max_bytes": CACHE_MAX,
         "mix": [asdict(g) for g in MIX if g.name in args.legs],
         "pinning": {"sidecar": PROXY_CORE, "wrk": LOADGEN_CORE, "upstream": LOADGEN_CORE},
-        "sidecar_env": MALLOC_ENV,
+        "sidecar_env": "as a user starts it (it tunes malloc itself: sidecar/heap.py)",
     }
     try:
         soak_run(args, work, soak, meta)

@@ -12,6 +12,7 @@ import gc
 
 from sidecar.app import serve
 from sidecar.config import Config
+from sidecar.heap import tune_malloc
 from sidecar.logs import setup_logging
 
 GC_THRESHOLD = (10_000, 10, 10)
@@ -22,6 +23,7 @@ def run_forever(config: Config, log_level: str = "info", loop: str = "auto") -> 
     importable). asyncio's loop has ``sendfile`` for cache hits; uvloop does not
     (the server then copies file chunks through Python), but is faster on small requests."""
     setup_logging(log_level)
+    tune_malloc()  # before the worker threads: the arena limit applies to new ones
     runner = asyncio.run
     if loop != "asyncio":
         try:
