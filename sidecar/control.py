@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from sidecar.breaker.machine import Breaker
-from sidecar.breaker.state import ALLOW, Decision, State, TrafficClass, Transition
+from sidecar.breaker.state import ALLOW, Action, Decision, State, TrafficClass, Transition
 from sidecar.errors import PolicyError, UpstreamBusy, UpstreamError
 from sidecar.policy.base import PolicyEngine
 from sidecar.stats.window import UpstreamWindow, WindowSnapshot
@@ -156,8 +156,13 @@ class ControlLoop:
         sc = self.sidecar
         breaker = breakers_of(sc, klass)[name]
         sc.metrics.decisions.labels(name, klass.value, decision.action.value).inc()
-        if not self.shadow:
-            breaker.apply(decision, cooldown_s, probes)
+        applied = decision
+        if self.shadow and decision.action is not Action.ALLOW:
+            # The breaker never moves in shadow mode, but its reason still says
+            # why (the would_* fields of /breakers carry the verdict itself).
+            reason = f"shadow mode, would {decision.action.value}: {decision.reason}"
+            applied = Decision(Action.ALLOW, reason)
+        breaker.apply(applied, cooldown_s, probes)
         # A breaker that sheds load stays open for its cool-down, but the policy
         # says "allow" again as soon as the rejects have emptied the pool: the
         # alert follows what the breaker does, not the latest verdict.

@@ -327,7 +327,10 @@ async def test_shadow_mode_reports_without_acting(fake_upstreams, breaker_sideca
     view = (await breakers(client))["up0"]
     assert view["state"] == "closed" and view["action"] == "allow"
     assert view["would_action"] == "cache"
+    assert view["reason"].startswith("shadow mode, would cache: "), view
+    assert view["reason"].endswith(view["would_reason"]), view
     assert view["sumdb"]["would_action"] == "allow"
+    assert view["sumdb"]["reason"] == view["sumdb"]["would_reason"] != "", view
     seen = len(a.received)
     await burst(client, 3)
     assert len(a.received) == seen + 3  # still sent to the primary
