@@ -9,6 +9,7 @@
 #     errors       error rate > error_rate (>= min_requests)       -> cache
 #     consecutive  consecutive_failures failures in a row          -> cache
 #     stalled      no answer for stall_ms, stall_requests asked    -> reroute
+#                  (stall_hedged_ms once stall_hedges hedges won)
 #     masked       masked failures > masked_failure_rate           -> reroute
 #     latency      TTFB P99 > ttfb_p99_ms for ttfb_p99_for_s       -> reroute
 #   Every rule over rates and percentiles must hold in every slice of its
@@ -41,6 +42,8 @@ default_thresholds := {
 	"consecutive_failures": 5,
 	"stall_ms": 3000,
 	"stall_requests": 2,
+	"stall_hedged_ms": 1000,
+	"stall_hedges": 3,
 	"masked_failure_rate": 0.5,
 	"min_masked_failures": 10,
 }
@@ -159,15 +162,30 @@ finding(u, "consecutive") := msg if {
 # nothing while requests waited, counted by the sidecar over time, and every
 # one of the stall_requests requests asked meanwhile is evidence. One slow
 # request among answered ones is not a stall: any answer ends the silence.
+# Hedged requests end their wait here early, so the silence is also proven by
+# the next upstream: once stall_hedges requests of it were answered there
+# while this one said nothing, stall_hedged_ms of silence is enough (a go
+# command at 2-4 requests in flight then stops paying a hedge delay per
+# request within about a second of a hang, not three).
 finding(u, "stalled") := msg if {
 	waits := u.inflight
-	waits.silent_ms > thresholds.stall_ms
+	limit := stall_limit_ms(waits)
+	waits.silent_ms > limit
 	waits.unanswered >= thresholds.stall_requests
-	msg := sprintf("stalled: no answer for %s (> %s), %d requests asked, %d waiting", [
-		millis(waits.silent_ms), millis(thresholds.stall_ms),
-		round(waits.unanswered), round(waits.count),
+	msg := sprintf("stalled: no answer for %s (> %s), %d requests asked, %d waiting%s", [
+		millis(waits.silent_ms), millis(limit),
+		round(waits.unanswered), round(waits.count), overtaken_note(waits),
 	])
 }
+
+stall_limit_ms(waits) := thresholds.stall_hedged_ms if {
+	object.get(waits, "overtaken", 0) >= thresholds.stall_hedges
+	thresholds.stall_hedged_ms < thresholds.stall_ms
+} else := thresholds.stall_ms
+
+overtaken_note(waits) := sprintf(", %d answered by the next upstream", [round(waits.overtaken)]) if {
+	object.get(waits, "overtaken", 0) > 0
+} else := ""
 
 # Athens answers 404 when its own fetch failed, so a later upstream serving
 # what this one "does not have" is a failure in disguise; every request of it

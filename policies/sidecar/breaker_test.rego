@@ -196,6 +196,23 @@ cases := {
 		"reroute", false,
 	],
 	"silent exactly stall_ms": [upstream({"inflight": waiting(3, 3000, 3)}), "allow", false],
+	# hedges answered while silent: stall_hedged_ms is enough
+	"hung: 3 requests answered by their hedges in 1.2 s of silence": [
+		upstream({"inflight": {"count": 1, "oldest_ms": 150, "silent_ms": 1200, "unanswered": 4, "overtaken": 3}}),
+		"reroute", false,
+	],
+	"2 answered by their hedges in 1.2 s of silence": [
+		upstream({"inflight": {"count": 1, "oldest_ms": 150, "silent_ms": 1200, "unanswered": 4, "overtaken": 2}}),
+		"allow", false,
+	],
+	"3 answered by their hedges, silent exactly stall_hedged_ms": [
+		upstream({"inflight": {"count": 1, "oldest_ms": 150, "silent_ms": 1000, "unanswered": 4, "overtaken": 3}}),
+		"allow", false,
+	],
+	"hedges winning, answers flowing (busy on one cold module)": [
+		upstream({"inflight": {"count": 2, "oldest_ms": 2500, "silent_ms": 80, "unanswered": 1, "overtaken": 0}}),
+		"allow", false,
+	],
 	"one slow request alone": [upstream({"inflight": waiting(1, 9000, 1)}), "allow", false],
 	"requests waiting, answers flowing": [
 		upstream({"inflight": {"count": 4, "oldest_ms": 5000, "silent_ms": 20, "unanswered": 3}}),
@@ -348,11 +365,13 @@ test_reasons_of_the_sequence_rules if {
 	decisions := breaker.decisions with input as {"upstreams": {
 		"dead": upstream({"consecutive_failures": 7}),
 		"hung": upstream({"inflight": {"count": 3, "oldest_ms": 4210.4, "silent_ms": 4210.4, "unanswered": 5}}),
+		"hedged": upstream({"inflight": {"count": 0, "oldest_ms": 0, "silent_ms": 1250.2, "unanswered": 6, "overtaken": 4.0}}),
 		"masking": upstream({"masked_failures": 87.0, "requests": 100.0, "series": masking(2, 44)}),
 		"all": upstream({"consecutive_failures": 5, "inflight": waiting(2, 3001, 2), "masked_failures": 100, "requests": 100, "series": masking(12, 50)}),
 	}}
 	decisions.dead.reason == "7 failures in a row (>= 5)"
 	decisions.hung.reason == "stalled: no answer for 4210ms (> 3000ms), 5 requests asked, 3 waiting"
+	decisions.hedged.reason == "stalled: no answer for 1250ms (> 1000ms), 6 requests asked, 0 waiting, 4 answered by the next upstream"
 	decisions.masking.reason == "masked failures: 87.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
 	decisions.all.action == "cache"
 	decisions.all.reason == "5 failures in a row (>= 5); also stalled: no answer for 3001ms (> 3000ms), 2 requests asked, 2 waiting; also masked failures: 100.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
@@ -368,14 +387,17 @@ test_sequence_thresholds_come_from_data if {
 	decisions := breaker.decisions with input as {"upstreams": {
 		"dead": upstream({"consecutive_failures": 2}),
 		"hung": upstream({"inflight": waiting(1, 1500, 1)}),
+		"hedged": upstream({"inflight": {"count": 0, "oldest_ms": 0, "silent_ms": 600, "unanswered": 1, "overtaken": 1}}),
 		"masking": upstream({"masked_failures": 3, "requests": 100, "series": masking(2, 2)}),
 	}}
 		with data.sidecar.config.thresholds as {
 			"consecutive_failures": 2, "stall_ms": 1000, "stall_requests": 1,
+			"stall_hedged_ms": 500, "stall_hedges": 1,
 			"masked_failure_rate": 0.02, "min_masked_failures": 3,
 		}
 	decisions.dead.action == "cache"
 	decisions.hung.action == "reroute"
+	decisions.hedged.action == "reroute"
 	decisions.masking.action == "reroute"
 }
 
@@ -428,6 +450,7 @@ test_shipped_thresholds if {
 		"ttfb_p99_ms": 800, "ttfb_p99_for_s": 120, "error_rate": 0.05, "min_requests": 20,
 		"queue_wait_p99_ms": 250, "queue_for_s": 20, "min_span_s": 10,
 		"consecutive_failures": 5, "stall_ms": 3000, "stall_requests": 2,
+		"stall_hedged_ms": 1000, "stall_hedges": 3,
 		"masked_failure_rate": 0.5, "min_masked_failures": 10,
 	}
 	breaker.thresholds == breaker.default_thresholds

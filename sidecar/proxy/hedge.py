@@ -27,7 +27,12 @@ Delay (``hedge.delay``, per upstream and traffic class): a fixed duration,
 or ``auto``: the upstream's own TTFB p95 over the statistics window, at least
 ``hedge.floor`` and at most ``timeouts.first_byte / CAP_DIVISOR``; with fewer
 than ``MIN_REQUESTS`` requests in the window (a fresh start, or a breaker
-transition that restarted the window) the floor. The clock starts when the
+transition that restarted the window) the floor. Once learned, the delay
+follows a falling p95 at once but a rising one by at most ``RISE`` per
+control tick: an upstream turning slow (every answer 1.5 s late) would
+otherwise teach the delay its own sickness within seconds, and its hedges
+would fire when its answers come anyway, while the policy still needs its
+span to judge it. The clock starts when the
 request is admitted (``Upstream.open``'s ``admitted``): the sidecar's own
 queue is admission's business (overflow), never a reason to hedge.
 
@@ -82,6 +87,9 @@ CAP_DIVISOR: Final = 5.0
 # A p95 of fewer requests is the largest of a handful: noise. 20 is also the
 # default policy's min_requests.
 MIN_REQUESTS: Final = 20
+# How fast a learned delay may grow, per control tick (1 s by default): about
+# doubling in 7 s, so a lasting change is followed within half a minute.
+RISE: Final = 1.1
 
 
 class Lane:
@@ -103,6 +111,7 @@ class Lane:
         "enabled",
         "fixed",
         "floor",
+        "learned",
         "name",
         "rate",
         "tokens",
@@ -125,6 +134,7 @@ class Lane:
         self.floor = hedge.floor
         self.cap = max(hedge.floor, cfg.timeouts.first_byte / CAP_DIVISOR)
         self.delay = hedge.floor if hedge.delay is None else hedge.delay
+        self.learned = False  # the delay is a p95 (not the floor of no statistics)
         self.rate = hedge.budget
         self.burst = float(hedge.burst)
         self.tokens = self.burst if hedge.budget > 0 else 0.0
@@ -179,14 +189,20 @@ class Lane:
         """A new statistics snapshot of this upstream and class (every control tick)."""
         if self.fixed is not None:
             return
-        p95 = ttfb_p95_ms / 1000.0 if requests >= MIN_REQUESTS else 0.0
-        self.delay = min(self.cap, max(self.floor, p95))
+        if requests < MIN_REQUESTS:
+            self.delay, self.learned = self.floor, False
+        else:
+            delay = min(self.cap, max(self.floor, ttfb_p95_ms / 1000.0))
+            if self.learned and delay > self.delay * RISE:
+                delay = self.delay * RISE
+            self.delay, self.learned = delay, True
         self._delay_gauge.set(self.delay)
 
-    def resolved(self, won: bool) -> None:
-        """A hedge sent away from this upstream is over."""
+    def resolved(self, won: bool, overtaken: bool) -> None:
+        """A hedge sent away from this upstream is over (``overtaken``: its 200
+        cancelled the attempt still waiting here)."""
         (self._won if won else self._lost)()
-        self._window.record_hedge(won)
+        self._window.record_hedge(won, overtaken)
 
 
 class Hedging:
@@ -351,7 +367,7 @@ class Race:
         self._task, self.hedge, self.targets = None, None, ()
         if hedge is None:
             return None
-        self.lane.resolved(won)
+        self.lane.resolved(won, self._won)
         if self._taken:
             return None
         self._taken = True

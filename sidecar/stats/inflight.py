@@ -13,7 +13,10 @@ response headers, its failure or its caller giving up, and reports:
   answers nothing, whatever the number of requests; a slow one still answers
   some. Requests given up on (a client that left, a hedge that lost its
   race) end their wait without an answer, so the silence goes on even when
-  no single request waits long.
+  no single request waits long, and
+- the requests of the silence that the next upstream answered instead
+  (``overtaken``: their hedge won): evidence that the silence is this
+  upstream's, not a lull in what the clients ask.
 
 Cost per request: ``begin`` is one clock read and one dict insertion,
 ``end`` one dict pop (plus a clock read unless it was answered with nothing
@@ -70,13 +73,15 @@ class InFlightSnapshot:
     ``silent_s``: how long the upstream has been asked without answering
     anything (while nobody waits, the silence stands still: being left
     alone is not being silent); ``unanswered``: how many requests it was
-    asked in that time, those waiting now included. All 0 after an answer.
+    asked in that time, those waiting now included; ``overtaken``: how many
+    of them a hedge to the next upstream answered. All 0 after an answer.
     """
 
     count: int
     oldest_s: float
     silent_s: float
     unanswered: int
+    overtaken: int = 0
 
     def as_policy_input(self) -> dict[str, Any]:
         return {
@@ -84,6 +89,7 @@ class InFlightSnapshot:
             "oldest_ms": round(self.oldest_s * 1000.0, 2),
             "silent_ms": round(self.silent_s * 1000.0, 2),
             "unanswered": self.unanswered,
+            "overtaken": self.overtaken,
         }
 
 
@@ -102,6 +108,7 @@ class InFlight:
         "_empty_since",
         "_next",
         "_on_timeout",
+        "_overtaken",
         "_silent_since",
         "_started",
         "_unanswered",
@@ -117,6 +124,7 @@ class InFlight:
         self._silent_since: float | None = None
         self._empty_since = 0.0
         self._unanswered = 0
+        self._overtaken = 0
 
     @property
     def count(self) -> int:
@@ -149,6 +157,7 @@ class InFlight:
             return
         if how is _ANSWERED:
             # The requests still waiting now wait on an upstream that just spoke.
+            self._overtaken = 0
             if started:
                 self._silent_since = self._clock()
                 self._unanswered = len(started)
@@ -159,9 +168,17 @@ class InFlight:
         if not started:
             self._empty_since = self._clock()
 
+    def overtake(self) -> None:
+        """A request of this upstream, given up on, was answered by its hedge
+        (called after its ``end``). Counts only within a silence: after an
+        answer of this upstream it is no evidence of one."""
+        if self._silent_since is not None:
+            self._overtaken += 1
+
     def restart_silence(self) -> None:
         """Forget the silence so far (a breaker transition: fresh evidence),
         keeping the requests that still wait."""
+        self._overtaken = 0
         if self._started:
             self._silent_since = self._clock()
             self._unanswered = len(self._started)
@@ -177,13 +194,16 @@ class InFlight:
         if not started:
             # Every request was given up on: the silence stands still until
             # the next one (a hedged client's next request is a moment away).
-            return InFlightSnapshot(0, 0.0, self._empty_since - since, self._unanswered)
+            return InFlightSnapshot(
+                0, 0.0, self._empty_since - since, self._unanswered, self._overtaken
+            )
         now = self._clock()
         return InFlightSnapshot(
             count=len(started),
             oldest_s=now - next(iter(started.values())),
             silent_s=now - since,
             unanswered=self._unanswered,
+            overtaken=self._overtaken,
         )
 
     def _resume(self, now: float) -> None:
@@ -197,3 +217,4 @@ class InFlight:
         if since is None or now - self._empty_since > max(self._empty_since - since, RESUME_GAP_S):
             self._silent_since = now
             self._unanswered = 0
+            self._overtaken = 0

@@ -363,11 +363,12 @@ class UpstreamWindow:
             self._advance(now)
         self._current.integrity += 1
 
-    def record_hedge(self, won: bool) -> None:
+    def record_hedge(self, won: bool, overtaken: bool = False) -> None:
         """One request to this upstream was hedged: it had no headers within the
         hedge delay, and the same request went to the next upstream. ``won``: the
         hedge's answer was served (this upstream's attempt was cancelled, or it
-        failed or answered 404 meanwhile).
+        failed or answered 404 meanwhile); ``overtaken``: it was served while
+        this upstream's attempt still waited (the in-flight silence counts it).
 
         Neither a request, an error nor a TTFB sample: what this upstream did is
         recorded when it answers, and a cancelled wait ends in the in-flight
@@ -380,6 +381,8 @@ class UpstreamWindow:
         s.hedges += 1
         if won:
             s.hedges_won += 1
+        if overtaken:
+            self._inflight.overtake()
 
     def record_queue_wait(self, seconds: float) -> None:
         """How long one request waited for a pooled connection (0 if it did not).

@@ -25,6 +25,7 @@ from sidecar.config import (
 from sidecar.config_loader import load_config
 from sidecar.control import build_input
 from sidecar.errors import ConfigErrors
+from sidecar.proxy.hedge import RISE
 from tests.polling import until
 from tests.upstream import Reply
 
@@ -405,6 +406,14 @@ async def test_the_automatic_delay_follows_the_upstreams_own_p95(
     await asyncio.gather(*(get(client, f"example.com/p{i}/@v/v1.0.0.info") for i in range(20)))
     build_input(sc)  # a control tick: the delay learns from the window
     assert 0.25 <= lane.delay <= PATIENT.first_byte / 5  # a histogram bucket's midpoint
+    learned = lane.delay
+    # The primary turns slow: the delay follows by RISE a tick, not at once.
+    primary.default = Reply(body=BODY, delay=0.9)
+    await asyncio.gather(*(get(client, f"example.com/q{i}/@v/v1.0.0.info") for i in range(20)))
+    build_input(sc)
+    assert lane.delay == pytest.approx(learned * RISE)
+    build_input(sc)
+    assert lane.delay == pytest.approx(learned * RISE * RISE)
 
 
 def test_hedge_keys_are_validated_naming_the_key(tmp_path: Path) -> None:

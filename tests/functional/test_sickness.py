@@ -260,6 +260,73 @@ async def test_hung_primary_trips_while_its_requests_are_hedged(
     assert sc.windows["up0"].snapshot().timeouts == 0
 
 
+async def test_hedges_answered_during_the_silence_trip_it_after_stall_hedged_ms(
+    hung_upstream, fake_upstreams, start_sidecar, clock
+):
+    """Each request hedged away from the hung primary and answered by the
+    backup is evidence: stall_hedges (3) of them make stall_hedged_ms (1 s)
+    of silence enough, where stall_ms (3 s) would be needed without them.
+    One request pinned to the primary keeps the silence running on the test
+    clock; the others are hedged after the real 200 ms floor."""
+    url_a, _ = hung_upstream
+    [(b, url_b)] = await fake_upstreams(1)
+    b.set(OTHER, b"{}")
+    client, sc = await start_sidecar(
+        [url_a, url_b], clock=clock, thresholds={"ttfb_p99_ms": 60000}, pin=True
+    )
+    pinned = asyncio.ensure_future(get_all(client, 1))
+    waits = sc.windows["up0"].inflight
+    await until(lambda: waits.count == 1, "the pinned request waiting on the primary")
+    for _ in range(2):
+        assert await get_all(client, 1, OTHER) == [200]  # hedged, the backup's answer
+    assert waits.snapshot().overtaken == 2
+    clock.advance(1.1)
+    await sc.control.step()
+    assert sc.breakers["up0"].state.value == "closed", sc.breakers["up0"].reason
+    assert await get_all(client, 1, OTHER) == [200]
+    assert waits.snapshot().overtaken == 3
+    await sc.control.step()
+    view = (await breakers(client))["up0"]
+    assert (view["state"], view["action"]) == ("open", "reroute"), view
+    assert view["reason"].startswith(
+        "stalled: no answer for 1100ms (> 1000ms), 4 requests asked, 1 waiting, "
+        "3 answered by the next upstream"
+    )
+    assert view["stats"]["inflight"]["overtaken"] == 3
+    assert b.received.count(OTHER) == 3
+    pinned.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pinned
+
+
+async def test_hedges_won_on_cold_modules_while_others_are_answered_are_no_stall(
+    fake_upstreams, start_sidecar, clock
+):
+    """Busy is not sick: an Athens fetching cold modules (seconds each) loses
+    their races to the backup, but it answers what it has, and any answer
+    ends the silence and its count of hedges won."""
+    [(a, url_a), (b, url_b)] = await fake_upstreams(2)
+    cold = [f"example.com/cold{i}/@v/v1.0.0.info" for i in range(4)]
+    for path in cold:
+        a.set(path, Reply(body=b"{}", delay=2.0))
+        b.set(path, b"{}")
+    a.set(OTHER, b"{}")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock, thresholds={"ttfb_p99_ms": 60000})
+    waits = sc.windows["up0"].inflight
+    for path in cold[:3]:
+        assert await get_all(client, 1, path) == [200]  # the backup's, after the delay
+    assert waits.snapshot().overtaken == 3
+    assert await get_all(client, 1, OTHER) == [200]  # the primary answers what it has
+    assert waits.snapshot().overtaken == 0
+    pending = asyncio.ensure_future(get_all(client, 1, cold[3]))
+    await until(lambda: waits.count == 1, "a cold request waiting on the primary")
+    clock.advance(1.1)
+    await sc.control.step()
+    assert sc.breakers["up0"].state.value == "closed", sc.breakers["up0"].reason
+    assert await pending == [200]
+    assert [b.received.count(path) for path in cold] == [1, 1, 1, 1]
+
+
 async def test_a_slow_answer_among_fast_ones_is_no_stall(fake_upstreams, start_sidecar, clock):
     slow = "example.com/slow/@v/v1.0.0.info"
     [(a, url_a)] = await fake_upstreams(1)
@@ -426,4 +493,5 @@ async def test_a_closed_breaker_shows_the_policy_reason(fake_upstreams, start_si
         "oldest_ms": 0.0,
         "silent_ms": 0.0,
         "unanswered": 0,
+        "overtaken": 0,
     }

@@ -256,7 +256,7 @@ async def test_policy_input_shape(loop: ControlLoop) -> None:
         "overflows",
         "masked_failures",
     }
-    assert set(doc["inflight"]) == {"count", "oldest_ms", "silent_ms", "unanswered"}
+    assert set(doc["inflight"]) == {"count", "oldest_ms", "silent_ms", "unanswered", "overtaken"}
     assert doc["consecutive_failures"] == 0
     sumdb = doc["sumdb"]
     module_keys = set(doc) - {"role", "pool", "sumdb"}

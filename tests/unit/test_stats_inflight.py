@@ -160,12 +160,14 @@ def test_policy_input_shape(clock: FakeClock) -> None:
         "oldest_ms": 12.35,
         "silent_ms": 12.35,
         "unanswered": 1,
+        "overtaken": 0,
     }
     assert IDLE.as_policy_input() == {
         "count": 0,
         "oldest_ms": 0.0,
         "silent_ms": 0.0,
         "unanswered": 0,
+        "overtaken": 0,
     }
 
 
@@ -182,3 +184,25 @@ def test_the_silence_stands_still_while_nobody_waits(clock: FakeClock) -> None:
     assert (snap.count, snap.silent_s, snap.unanswered) == (0, 1.5, 2)
     clock.advance(60.0)
     assert waits.snapshot().silent_s == 1.5
+
+
+def test_requests_overtaken_by_their_hedge_count_within_the_silence(clock: FakeClock) -> None:
+    """A hedge's answer while this upstream said nothing is evidence of the
+    silence; an answer here ends the silence and the count with it."""
+    waits = InFlight(clock)
+    waits.overtake()  # no silence yet: nothing to count
+    assert waits.snapshot().overtaken == 0
+    for _ in range(3):
+        token = waits.begin()
+        clock.advance(0.2)
+        waits.end(token, Ending.ABANDONED)
+        waits.overtake()
+    assert waits.snapshot().overtaken == 3
+    assert waits.snapshot().as_policy_input()["overtaken"] == 3
+    waits.end(waits.begin(), Ending.ANSWERED)
+    assert waits.snapshot().overtaken == 0
+    token = waits.begin()
+    waits.overtake()
+    waits.restart_silence()  # a breaker transition: fresh evidence
+    assert waits.snapshot().overtaken == 0
+    waits.end(token, Ending.ANSWERED)

@@ -318,7 +318,13 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
     assert doc["error_rate"] == 0.2857
     assert doc["not_found_rate"] == 0.2857
     assert doc["consecutive_failures"] == 1
-    assert doc["inflight"] == {"count": 0, "oldest_ms": 0.0, "silent_ms": 0.0, "unanswered": 0}
+    assert doc["inflight"] == {
+        "count": 0,
+        "oldest_ms": 0.0,
+        "silent_ms": 0.0,
+        "unanswered": 0,
+        "overtaken": 0,
+    }
     assert set(doc["ttfb_ms"]) == {"p50", "p90", "p99"}
     assert doc["ttfb_ms"]["p50"] == pytest.approx(12.1, rel=0.02)
     assert doc["ttfb_ms"]["p99"] == round(doc["ttfb_ms"]["p99"], 2)
