@@ -36,6 +36,12 @@ span to judge it. The clock starts when the
 request is admitted (``Upstream.open``'s ``admitted``): the sidecar's own
 queue is admission's business (overflow), never a reason to hedge.
 
+An upstream that has said nothing since one of its requests lost its race
+(a hedge answered it while it waited) is hedged at once, within the budget:
+a hung upstream then costs one delay per silence, not one per request, in
+the second or so the policy needs to see it stalled (``stall_hedged_ms``).
+Its first answer ends the silence, and with it the haste.
+
 Budget (``hedge.budget``, ``hedge.burst``): a token bucket per upstream and
 traffic class, so a slow upstream cannot double the load on the next one.
 Each admitted request adds ``budget`` tokens (at most ``burst``), a hedge
@@ -157,8 +163,13 @@ class Lane:
         self.tokens = tokens if tokens < self.burst else self.burst
 
     def schedule(self, race: Race) -> None:
-        """``race`` is due for its hedge one delay from now."""
+        """``race`` is due for its hedge one delay from now, or at once while
+        this upstream is silent and has already lost a race of that silence:
+        see the module docstring."""
         loop = asyncio.get_running_loop()
+        if self._window.inflight.overtaken:
+            loop.call_soon(race.fire, False)
+            return
         due = loop.time() + self.delay
         self._due.append((due, race))
         if self._timer is None:

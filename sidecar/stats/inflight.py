@@ -130,6 +130,11 @@ class InFlight:
     def count(self) -> int:
         return len(self._started)
 
+    @property
+    def overtaken(self) -> int:
+        """Requests of the current silence that a hedge answered (0 when none)."""
+        return self._overtaken
+
     def starts(self) -> Collection[float]:
         """Start times of the requests waiting now, oldest first (a live view)."""
         return self._started.values()

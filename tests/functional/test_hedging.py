@@ -161,6 +161,29 @@ async def test_a_silent_primary_is_hedged_and_its_attempt_cancelled(
     assert sc.windows["up1"].snapshot().requests == 1  # the winner's answer is recorded
 
 
+async def test_once_a_silent_primary_lost_a_race_its_next_requests_are_hedged_at_once(
+    holding: Start, fake_upstreams: Start, sidecar_client: Start
+) -> None:
+    """A hung primary costs one hedge delay per silence, not one per request:
+    after its first request was answered by the hedge, the next is hedged
+    without waiting for the delay (here an hour, so only "at once" answers)."""
+    primary, url_a = await holding()
+    [(backup, url_b)] = await fake_upstreams(1)
+    other = "example.com/other/@v/v1.0.0.info"
+    backup.set(INFO, BODY)
+    backup.set(other, BODY)
+    client, sc = await sidecar_client(
+        [url_a, url_b], upstreams=(upstream("up0", url_a), upstream("up1", url_b))
+    )
+    assert await get(client, INFO) == (200, "up1", BODY)  # after the 50 ms delay
+    assert sc.windows["up0"].inflight.overtaken == 1
+    sc.hedging.lane(sc.breakers["up0"]).delay = 3600.0
+    assert await get(client, other) == (200, "up1", BODY)  # within ANSWER_DEADLINE_S
+    assert primary.received[0] == INFO
+    assert sc.windows["up0"].inflight.overtaken == 2
+    assert hedges(sc, "up0") == {"won": 2, "lost": 0, "budget_exhausted": 0}
+
+
 async def test_a_fast_primary_is_never_hedged(fake_upstreams: Start, sidecar_client: Start) -> None:
     (primary, url_a), (backup, url_b) = await fake_upstreams(2)
     primary.default = Reply(body=BODY)
