@@ -4,6 +4,8 @@
 #              (Debian package `prometheus`, which also brings the server the
 #              scenario tests run)
 #   chromium   headless Chromium renders /status (tests/functional/test_status.py)
+#   htpasswd   bcrypt htpasswd files for client_auth (tests/*/test_client_auth*.py,
+#              tests/unit/test_auth.py; Debian package `apache2-utils`)
 # Idempotent: checks each command with `command -v` and runs `apt-get update`
 # once, only when something is missing. Needs root (or sudo) for apt-get.
 #   scripts/debian-deps.sh
@@ -21,6 +23,7 @@ WANTED=(
     "nginx|nginx-light"   # static GOPROXY upstreams in e2e tests and bench/
     "wrk|wrk"             # bench/ load generator
     "chromium|chromium"   # /status rendered headless: DOM and screenshot
+    "htpasswd|apache2-utils"  # client_auth tests: htpasswd files made by Apache's own tool
 )
 
 have() { command -v "$1" >/dev/null 2>&1; }

@@ -16,6 +16,8 @@
     │                          overflow): the sidecar's own load, never a failure
     ├── ListenError            the listen address cannot be bound (in use, not
     │                          permitted, not an address of this host)
+    ├── AuthFileError          an htpasswd or token file is refused (file, line); never
+    │                          quotes a credential
     ├── PolicyError
     │   ├── PolicyLoadError        a policy or data file is refused (file, line)
     │   └── PolicyEvalError        evaluation failed or returned garbage
@@ -148,6 +150,18 @@ class ListenError(SidecarError):
         self.address = address
         self.reason = reason
         super().__init__(f"listen {address}: {reason}")
+
+
+class AuthFileError(SidecarError):
+    """A client credential file was refused; ``file`` and ``line`` locate it.
+    The message names the problem, never the hash or token on that line."""
+
+    def __init__(self, file: str, line: int | None, message: str) -> None:
+        self.file = file
+        self.line = line
+        self.message = message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {message}")
 
 
 class PolicyError(SidecarError):

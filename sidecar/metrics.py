@@ -338,6 +338,24 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # --- client authentication (client_auth)
+        self.client_auth_failures = Counter(
+            f"{p}_client_auth_failures",
+            "Client requests refused by the front door, by reason: missing (no credential, "
+            "401), malformed (401), bad_credentials (wrong user, password or token, 401), "
+            "throttled (too many failures from the address, 429), forbidden (an identity a "
+            "module rule does not allow, 403), admin_required (an endpoint for the admin "
+            "credential, 403). Never labelled by user or address.",
+            ["reason"],
+            registry=r,
+        )
+        self.client_auth_reloads = Counter(
+            f"{p}_client_auth_reloads",
+            "Reloads of the client credential files (htpasswd, tokens) by result: ok, or "
+            "failed (the file was refused and the previous credentials stay in service).",
+            ["result"],
+            registry=r,
+        )
 
 
 class QueueWait:

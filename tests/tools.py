@@ -29,6 +29,7 @@ ELSEWHERE = {
     "nginx": "run scripts/debian-deps.sh (Debian package nginx-light)",
     "wrk": "run scripts/debian-deps.sh (Debian package wrk)",
     "chromium": "run scripts/debian-deps.sh (Debian package chromium)",
+    "htpasswd": "run scripts/debian-deps.sh (Debian package apache2-utils)",
     "go": "install Go 1.26 (https://go.dev/doc/install)",
     "kustomize": "run scripts/tools.sh (go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0)",
 }

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Final
 
+from sidecar.auth.gate import FrontDoor
 from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State, traffic_class
 from sidecar.cache.base import CachedEntry, FillReader, Flight, ModuleCache, NotFound, Whole
@@ -117,6 +118,9 @@ class ProxyHandler:
         # app (it fetches the database's answers through this handler).
         self.checker = checker
         self.hedging = hedging  # None: no request is ever hedged
+        # Client authentication (set by the app when client_auth is on): who may
+        # fetch which module, asked before the cache so a hit is no way around it.
+        self.door: FrontDoor | None = None
         self._parse = functools.lru_cache(maxsize=PARSE_MEMO)(parse_request_path)
         self._failure_log = LogRate[tuple[str, str, str]](FAILURE_LOG_EVERY_S)
         self._overflow_log = LogRate[str](FAILURE_LOG_EVERY_S)
@@ -195,6 +199,9 @@ class ProxyHandler:
             return None
         route = self.router.route(req.module)
         if self._refused(ex, req, route):
+            return None
+        door = self.door
+        if door is not None and door.module_refused(ex, req.module, route.private):
             return None
         return req, route
 

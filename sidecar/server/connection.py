@@ -62,6 +62,7 @@ class Connection(asyncio.Protocol):
         "closed",
         "closing",
         "idle_since",
+        "peer",
         "received",
     )
 
@@ -84,6 +85,7 @@ class Connection(asyncio.Protocol):
         self._linger: asyncio.TimerHandle | None = None
         self._dropped = 0  # bytes read and dropped while lingering
         self.received = 0  # bytes read from the client
+        self.peer = ""  # the client's IP address, for the front door's throttle
         self.closed = False
         self.closing = False  # answer what is in progress, then close
         # When the last answer ended (or the connection opened); 0.0 while a
@@ -95,6 +97,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self._transport = cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple):
+            self.peer = str(peername[0])
         self._send = SendWatch(self._transport, self._server.send_timeout_s, self._send_expired)
         self._server.connections.add(self)
         if self._server.closing:

@@ -25,6 +25,7 @@ REASONS: Final = {
     206: "Partial Content",
     304: "Not Modified",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -91,6 +92,7 @@ class Exchange:
         "finished",
         "headers",
         "http11",
+        "identity",
         "keep_alive",
         "method",
         "scratch",
@@ -124,6 +126,13 @@ class Exchange:
         # The handler's own note on this request: what ``answer_now`` worked
         # out (the parsed path) is not worked out again by the handler.
         self.scratch: Any = None
+        # Who sent it, once the front door (sidecar.auth.gate) has decided.
+        self.identity: Any = None
+
+    @property
+    def peer(self) -> str:
+        """The client's IP address ('' if the connection is no IP socket)."""
+        return self._conn.peer
 
     def header(self, name: str) -> str | None:
         """The first request header called ``name`` (case-insensitive)."""

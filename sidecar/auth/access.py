@@ -1,0 +1,132 @@
+"""Who may fetch which modules: identities and groups -> module globs.
+
+Rules are tried in order; the first whose ``modules`` match the module path
+decides: allowed if the identity is in its ``allow`` list (a name, ``@group``
+or ``*``), forbidden otherwise. A module no rule matches is open to every
+identity, unless routing marks it private: a private module needs a rule that
+allows the identity (the safe default for a module that must not leak).
+
+Globs are routing's (``sidecar.routing.compile_glob``, GOPRIVATE semantics).
+Decisions are memoised per (identity name, module), bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from sidecar.auth.settings import NETWORKS_GROUP, AccessRule
+from sidecar.errors import ConfigError
+from sidecar.routing import Glob, compile_glob
+
+MEMO_LIMIT: Final = 8192
+ANY: Final = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a request comes from. ``name`` is empty for a trusted network;
+    ``via`` is how it was established (basic, bearer, network, internal)."""
+
+    name: str
+    groups: frozenset[str]
+    admin: bool = False
+    via: str = "basic"
+
+    def describe(self) -> str:
+        return self.name or f"@{NETWORKS_GROUP}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    why: str  # which rule decided, for 403 bodies and `check --auth`
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    key: str
+    globs: tuple[Glob, ...]
+    names: frozenset[str]
+    groups: frozenset[str]
+    anyone: bool
+
+    def admits(self, identity: Identity) -> bool:
+        return (
+            self.anyone
+            or (bool(identity.name) and identity.name in self.names)
+            or not self.groups.isdisjoint(identity.groups)
+        )
+
+
+class Access:
+    def __init__(
+        self,
+        rules: Sequence[AccessRule],
+        groups: Sequence[tuple[str, Sequence[str]]],
+        key: str = "client_auth",
+    ) -> None:
+        self._groups = _check_groups(groups, f"{key}.groups")
+        known = frozenset(self._groups) | {NETWORKS_GROUP}
+        self._rules = tuple(
+            _compile(rule, f"{key}.access[{i}]", known) for i, rule in enumerate(rules)
+        )
+        self._memo: dict[tuple[str, str], Decision] = {}
+
+    @property
+    def has_rules(self) -> bool:
+        return bool(self._rules)
+
+    def groups_of(self, name: str) -> frozenset[str]:
+        return frozenset(g for g, members in self._groups.items() if name in members)
+
+    def decide(self, identity: Identity, module: str, private: bool) -> Decision:
+        key = (identity.name, module)
+        decision = self._memo.get(key)
+        if decision is None:
+            if len(self._memo) >= MEMO_LIMIT:
+                self._memo.clear()  # bounded: a scan of random paths cannot grow it
+            decision = self._memo[key] = self._compute(identity, module, private)
+        return decision
+
+    def _compute(self, identity: Identity, module: str, private: bool) -> Decision:
+        if module:
+            for rule in self._rules:
+                matched = next((g for g in rule.globs if g.matches(module)), None)
+                if matched is None:
+                    continue
+                verdict = "allowed" if rule.admits(identity) else "denied"
+                return Decision(
+                    verdict == "allowed", f"{verdict} by {rule.key} ({matched.pattern})"
+                )
+        if private:
+            return Decision(False, "denied: a private module no client_auth.access rule covers")
+        return Decision(True, "allowed: no client_auth.access rule covers it (any identity)")
+
+
+def _check_groups(
+    groups: Sequence[tuple[str, Sequence[str]]], key: str
+) -> dict[str, frozenset[str]]:
+    out: dict[str, frozenset[str]] = {}
+    for group, members in groups:
+        if group == NETWORKS_GROUP:
+            raise ConfigError(
+                f"{key}.{group}", "is built in (clients of trusted_networks): choose another name"
+            )
+        out[group] = frozenset(members)
+    return out
+
+
+def _compile(rule: AccessRule, key: str, known: frozenset[str]) -> _Rule:
+    if not rule.modules:
+        raise ConfigError(f"{key}.modules", "needs at least one module pattern")
+    if not rule.allow:
+        raise ConfigError(f"{key}.allow", "needs at least one name, @group or *")
+    globs = tuple(compile_glob(p, f"{key}.modules[{i}]") for i, p in enumerate(rule.modules))
+    groups = frozenset(a[1:] for a in rule.allow if a.startswith("@"))
+    unknown = sorted(groups - known)
+    if unknown:
+        raise ConfigError(f"{key}.allow", f"no such group: @{unknown[0]} (see client_auth.groups)")
+    names = frozenset(a for a in rule.allow if a != ANY and not a.startswith("@"))
+    return _Rule(key, globs, names, groups, ANY in rule.allow)
