@@ -37,10 +37,13 @@ request is admitted (``Upstream.open``'s ``admitted``): the sidecar's own
 queue is admission's business (overflow), never a reason to hedge.
 
 An upstream that has said nothing since one of its requests lost its race
-(a hedge answered it while it waited) is hedged at once, within the budget:
+(a hedge answered it while it waited) is hedged at once, without a token:
 a hung upstream then costs one delay per silence, not one per request, in
 the second or so the policy needs to see it stalled (``stall_hedged_ms``).
-Its first answer ends the silence, and with it the haste.
+Such a hedge is a reroute that keeps a chance for the first answer, not a
+speculative copy: the next upstream gets each request once, as it will
+when the breaker opens, and the budget stays for the next silence. Its
+first answer ends the silence, and with it the haste.
 
 Budget (``hedge.budget``, ``hedge.burst``): a token bucket per upstream and
 traffic class, so a slow upstream cannot double the load on the next one.
@@ -168,7 +171,7 @@ class Lane:
         see the module docstring."""
         loop = asyncio.get_running_loop()
         if self._window.inflight.overtaken:
-            loop.call_soon(race.fire, False)
+            loop.call_soon(race.fire, True)
             return
         due = loop.time() + self.delay
         self._due.append((due, race))
@@ -318,7 +321,8 @@ class Race:
             self.lane.waiting.discard(self)
 
     def fire(self, forced: bool) -> None:
-        """Start the hedge (the delay passed, or ``forced``: the breaker opened)."""
+        """Start the hedge (the delay passed, or ``forced``: the breaker opened,
+        or the upstream is silent and lost a race already; no token then)."""
         if not self._waiting or self.hedge is not None:
             return
         target = self._target()

@@ -173,7 +173,11 @@ async def test_once_a_silent_primary_lost_a_race_its_next_requests_are_hedged_at
     backup.set(INFO, BODY)
     backup.set(other, BODY)
     client, sc = await sidecar_client(
-        [url_a, url_b], upstreams=(upstream("up0", url_a), upstream("up1", url_b))
+        [url_a, url_b],
+        upstreams=(
+            upstream("up0", url_a, HedgeConfig(delay=0.05, budget=1.0, burst=1)),
+            upstream("up1", url_b),
+        ),
     )
     assert await get(client, INFO) == (200, "up1", BODY)  # after the 50 ms delay
     assert sc.windows["up0"].inflight.overtaken == 1
@@ -182,6 +186,8 @@ async def test_once_a_silent_primary_lost_a_race_its_next_requests_are_hedged_at
     assert primary.received[0] == INFO
     assert sc.windows["up0"].inflight.overtaken == 2
     assert hedges(sc, "up0") == {"won": 2, "lost": 0, "budget_exhausted": 0}
+    # Without a token: the budget (burst 1 here) is left for the next silence.
+    assert sc.hedging.lane(sc.breakers["up0"]).tokens >= 1.0
 
 
 async def test_a_fast_primary_is_never_hedged(fake_upstreams: Start, sidecar_client: Start) -> None:
