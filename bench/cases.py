@@ -37,6 +37,12 @@ class Case:
     rate: float = 0.0  # RATE: requests per second
     fresh_per_rep: bool = False  # restart servers each repetition (clean VmHWM, cold cache)
     rtt_ms: float = 0.0  # added upstream round-trip time (toxiproxy latency toxic)
+    urls: int = 0  # WRK: cycle over this many static .info paths instead of ``path``
+    timeout_s: float = 10.0  # wrk's per-request timeout
+    # Bytes, not requests, for many large bodies: a run ends with downloads
+    # half done, and wrk counts their bytes but not them.
+    ratio_key: str = "rps"
+    min_duration_s: float = 0.0  # at least this long, whatever --duration says
 
     @property
     def unique(self) -> bool:
@@ -44,6 +50,59 @@ class Case:
 
 
 INFO_SIZE = len(info_body())
+SMALL_HIT_URLS = 1000
+
+
+def _zip50m(hit: bool, connections: int) -> Case:
+    suffix = "" if connections == 4 else f"-c{connections}"
+    if hit:
+        return Case(
+            f"zip50m-hit{suffix}",
+            WRK,
+            ("direct", "nginx-cache", "sidecar"),
+            ZIP50M.size,
+            f"50 MiB zip served from the proxy's cache, {connections} connections",
+            path=ZIP50M.path(),
+            connections=connections,
+            hit=True,
+            ref_nginx="nginx-cache",
+            timeout_s=120.0,
+            ratio_key="mbps",
+            min_duration_s=10.0 if connections > 4 else 0.0,
+        )
+    return Case(
+        f"zip50m-uncached{suffix}",
+        WRK,
+        ("direct", "nginx", "sidecar-nocache"),
+        ZIP50M.size,
+        f"50 MiB zip relayed from the upstream (no cache), {connections} connections",
+        path=ZIP50M.path(),
+        connections=connections,
+        timeout_s=120.0,
+        ratio_key="mbps",
+        min_duration_s=10.0 if connections > 4 else 0.0,
+    )
+
+
+def _rss(count: int, hit: bool) -> Case:
+    what = (
+        "served from the proxy's cache (warmed by the probe)"
+        if hit
+        else "a version never asked before (a cold cache: one fill, every client its reader)"
+    )
+    return Case(
+        f"rss-{count}x50m-{'hit' if hit else 'miss'}",
+        PARALLEL,
+        ("nginx-cache", "sidecar"),
+        ZIP50M.size,
+        f"{count} concurrent downloads of one 50 MiB zip, {what}; peak RSS of the proxy",
+        path=ZIP50M.path(),
+        count=count,
+        hit=hit,
+        ref_nginx="nginx-cache",
+        fresh_per_rep=True,
+    )
+
 
 CASES: tuple[Case, ...] = (
     Case(
@@ -51,7 +110,8 @@ CASES: tuple[Case, ...] = (
         WRK,
         ("direct", "nginx", "nginx-cache", "sidecar", "sidecar-nocache"),
         INFO_SIZE,
-        "unique .info URL per request (never cached), 64 connections",
+        "unique .info URL per request, 64 connections: misses for the caching proxies "
+        "(each one filled and kept), a plain relay for nginx and sidecar-nocache",
     ),
     *(
         Case(
@@ -71,8 +131,10 @@ CASES: tuple[Case, ...] = (
         WRK,
         ("direct", "nginx-cache", "sidecar"),
         INFO_SIZE,
-        "one .info URL of a canonical version, served from the proxy's cache",
+        f"{SMALL_HIT_URLS:,} static .info URLs cycled, 64 connections, served from the "
+        "proxy's cache (the warm-up run fills it)",
         path=static_info_path(0),
+        urls=SMALL_HIT_URLS,
         hit=True,
         ref_nginx="nginx-cache",
     ),
@@ -94,37 +156,14 @@ CASES: tuple[Case, ...] = (
         hit=True,
         ref_nginx="nginx-cache",
     ),
-    Case(
-        "zip50m-uncached",
-        WRK,
-        ("direct", "nginx", "sidecar-nocache"),
-        ZIP50M.size,
-        "50 MiB zip relayed from the upstream (no cache), 4 connections",
-        path=ZIP50M.path(),
-        connections=4,
-    ),
-    Case(
-        "zip50m-hit",
-        WRK,
-        ("direct", "nginx-cache", "sidecar"),
-        ZIP50M.size,
-        "50 MiB zip served from the proxy's cache, 4 connections",
-        path=ZIP50M.path(),
-        connections=4,
-        hit=True,
-        ref_nginx="nginx-cache",
-    ),
-    Case(
-        "rss-200x50m",
-        PARALLEL,
-        ("sidecar-nocache", "sidecar"),
-        ZIP50M.size,
-        "200 concurrent downloads of one 50 MiB zip; peak RSS of the proxy "
-        "(sidecar: a version never asked before, so a cold cache)",
-        path=ZIP50M.path(),
-        count=200,
-        fresh_per_rep=True,
-    ),
+    _zip50m(hit=False, connections=4),
+    _zip50m(hit=False, connections=100),
+    _zip50m(hit=True, connections=4),
+    _zip50m(hit=True, connections=100),
+    _rss(100, hit=True),
+    _rss(200, hit=True),
+    _rss(100, hit=False),
+    _rss(200, hit=False),
     Case(
         "added-latency",
         RATE,

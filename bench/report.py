@@ -31,18 +31,83 @@ def _median(values: Sequence[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
-def summarize(records: Sequence[Record], cases: Sequence[Case]) -> list[Record]:
+def summarize(
+    records: Sequence[Record], cases: Sequence[Case], layouts: Sequence[str]
+) -> list[Record]:
+    """One row per layout, case and contender; ratios within the layout ("direct"
+    is measured in one layout only: its row is every layout's reference)."""
     out: list[Record] = []
     for case in cases:
-        rows: dict[str, Record] = {}
-        for name in case.contenders:
-            runs = [r for r in records if r["case"] == case.name and r["contender"] == name]
-            if runs:
-                rows[name] = _summarize_runs(case, name, runs)
-        for row in rows.values():
-            _add_ratios(case, row, rows)
-            out.append(row)
+        direct_runs = [r for r in records if r["case"] == case.name and r["contender"] == "direct"]
+        direct = _summarize_runs(case, "direct", direct_runs) if direct_runs else None
+        for layout in layouts:
+            rows: dict[str, Record] = {}
+            if direct is not None and direct_runs[0].get("layout") == layout:
+                rows["direct"] = direct
+            for name in case.contenders:
+                runs = [
+                    r
+                    for r in records
+                    if r["case"] == case.name
+                    and r["contender"] == name
+                    and r.get("layout") == layout
+                    and name != "direct"
+                ]
+                if runs:
+                    rows[name] = _summarize_runs(case, name, runs)
+                    rows[name]["layout"] = layout
+            for row in rows.values():
+                _add_ratios(case, row, {**({"direct": direct} if direct else {}), **rows})
+                out.append(row)
     return out
+
+
+def worst(summary: Sequence[Record], cases: Sequence[Case]) -> list[Record]:
+    """Per case and contender (not "direct", not the reference): the worse layout's
+    ratio to nginx (throughput cases) and the highest peak RSS of any layout."""
+    out: list[Record] = []
+    for case in cases:
+        for name in case.contenders:
+            if name in ("direct", case.ref_nginx):
+                continue
+            rows = [r for r in summary if r["case"] == case.name and r["contender"] == name]
+            if not rows:
+                continue
+            ratios = {r["layout"]: r.get("ratio_nginx") for r in rows}
+            known = {k: v for k, v in ratios.items() if v is not None}
+            refs = [
+                r
+                for r in summary
+                if r["case"] == case.name and r["contender"] == case.ref_nginx and r["peak_rss_mb"]
+            ]
+            rss = [r["peak_rss_mb"]["max"] for r in rows if r["peak_rss_mb"]]
+            out.append(
+                {
+                    "case": case.name,
+                    "contender": name,
+                    "ref": case.ref_nginx,
+                    "ratio_by_layout": ratios,
+                    "worst_ratio": min(known.values()) if known else None,
+                    "worst_layout": min(known, key=lambda k: known[k]) if known else None,
+                    "peak_rss_mb": max(rss) if rss else None,
+                    "ref_peak_rss_mb": max(r["peak_rss_mb"]["max"] for r in refs) if refs else None,
+                }
+            )
+    return out
+
+
+def worst_table(rows: Sequence[Record]) -> str:
+    lines = ["worse layout (ratio to the reference nginx; peak RSS over every layout):"]
+    for r in rows:
+        by = ", ".join(f"{k} {_x(v)}" for k, v in r["ratio_by_layout"].items())
+        ratio = "-" if r["worst_ratio"] is None else f"{r['worst_ratio']:.2f}x {r['ref']}"
+        rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} MB"
+        ref = r["ref_peak_rss_mb"]
+        ref_rss = "" if ref is None else f" ({r['ref']} {ref:.0f})"
+        lines.append(
+            f"  {r['case']:<24} {r['contender']:<16} {ratio:<20} [{by}]  peak RSS {rss}{ref_rss}"
+        )
+    return "\n".join(lines)
 
 
 def _summarize_runs(case: Case, name: str, runs: Sequence[Record]) -> Record:
@@ -97,7 +162,7 @@ def _add_ratios(case: Case, row: Record, rows: dict[str, Record]) -> None:
             if direct and row.get(q) and direct.get(q):
                 row[f"added_{q}"] = round(row[q]["median"] - direct[q]["median"], 3)
         return
-    key = "rps"
+    key = case.ratio_key
     row["ratio_nginx"] = _ratio(row, rows.get(case.ref_nginx), key)
     row["ratio_direct"] = _ratio(row, direct, key)
 
@@ -127,6 +192,7 @@ def _x(r: float | None) -> str:
 
 COLUMNS = (
     "case",
+    "upstream",
     "contender",
     "req/s (min-max)",
     "MB/s",
@@ -164,6 +230,7 @@ def _row_cells(row: Record) -> list[str]:
     rss = row.get("peak_rss_mb")
     return [
         row["case"],
+        "alone" if row["contender"] == "direct" else row.get("layout", "-"),
         row["contender"],
         _spread(row["rps"], runs=n),
         _spread(row["mbps"], _k, 1),
@@ -192,12 +259,13 @@ def table(summary: Sequence[Record], meta: Record) -> str:
     lines.append(
         f"{'quick, ' if meta['quick'] else ''}{t['reps']} rep(s) x {t['duration_s']:g} s "
         f"(fixed-rate {t['rate_duration_s']:g} s), medians, spread min-max. Pinning: proxy core "
-        f"{p['proxy_under_test']}, wrk/clients core {p['load_generator']}, upstream core "
-        f"{p['upstream_while_proxy_measured']} (core {p['upstream_while_direct_measured']} "
-        "when measured directly)."
+        f"{p['proxy_under_test']}, wrk/clients core {p['load_generator']}; upstream: "
+        + ", ".join(
+            f"with the {k} (core {v})" for k, v in p["upstream_while_proxy_measured"].items()
+        )
+        + f", alone on core {p['upstream_while_direct_measured']} when measured directly."
     )
-    env = " ".join(f"{k}={v}" for k, v in meta["sidecar_env"].items()) or "glibc defaults"
-    lines.append(f"sidecar environment: {env}.")
+    lines.append(f"sidecar environment: {meta['sidecar_env']}.")
     lines.append(
         "xnginx: req/s over plain nginx (uncached) or nginx proxy_cache (hit cases). "
         "srv µs/req: CPU of the server under test per request. core busy % includes "

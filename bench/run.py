@@ -50,11 +50,15 @@ from bench.servers import (  # noqa: E402
     start_sidecar,
     start_upstream,
 )
-from bench.tree import build_tree, unique_info_prefix  # noqa: E402
-from bench.wrk import run_wrk, write_script, wrk_binary  # noqa: E402
+from bench.tree import STATIC_INFO_PATTERN, build_tree, unique_info_prefix  # noqa: E402
+from bench.wrk import run_wrk, write_cycle_script, write_script, wrk_binary  # noqa: E402
 
 LOADGEN_CORE = 0
 PROXY_CORE = 1
+# Where the upstream nginx runs while a proxy is measured: with the load
+# generator, or on the proxy's own core (as Athens may share the pod's CPU).
+# Each case runs in every layout; the report keeps the worse ratio.
+LAYOUTS = {"load": LOADGEN_CORE, "proxy": PROXY_CORE}
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
 Record = dict[str, Any]
 
@@ -77,6 +81,17 @@ class Bench:
         self.toxiproxy: Toxiproxy | None = None
         self.delayed: dict[float, Server] = {}
         self.scripts = {u: write_script(work, u) for u in (False, True)}
+        self.cycle_script = write_cycle_script(work)
+        self.layout = next(k for k, v in LAYOUTS.items() if v == upstream_core)
+        self.direct_done: set[str] = set()
+
+    def set_layout(self, layout: str) -> None:
+        """Move the upstream (and toxiproxy) to the layout's core."""
+        self.layout = layout
+        self.upstream_core = LAYOUTS[layout]
+        for server in (self.upstream, self.toxiproxy):
+            if server is not None:
+                pin_pid_tree(server.proc.pid, self.upstream_core)
 
     def nonce(self) -> str:
         self._seq += 1
@@ -151,7 +166,7 @@ class Bench:
     def probe(self, case: Case, server: Server) -> str:
         """One request (two, then a third for hit cases): status, size, hit header."""
         path = case.path or f"{unique_info_prefix(self.nonce())}t9m1/@v/v1.0.0.info"
-        if case.kind == PARALLEL:  # another version: the measured one must stay uncached
+        if case.kind == PARALLEL and not case.hit:  # the measured version must stay uncached
             path = path.replace("/v1.0.0.", f"/v0.0.{self._seq}.")
         url = server.url + path
         status, size, headers = fetch(url)
@@ -200,6 +215,16 @@ class Bench:
 
     def wrk(self, case: Case, server: Server, duration_s: float) -> Any:
         prefix = unique_info_prefix(self.nonce()) if case.unique else None
+        if case.urls:
+            return run_wrk(
+                server.url,
+                case.connections,
+                duration_s,
+                self.cycle_script,
+                LOADGEN_CORE,
+                timeout_s=case.timeout_s,
+                script_args=(STATIC_INFO_PATTERN, str(case.urls)),
+            )
         return run_wrk(
             server.url + case.path if case.path else server.url,
             case.connections,
@@ -207,6 +232,7 @@ class Bench:
             self.scripts[case.unique],
             LOADGEN_CORE,
             prefix,
+            timeout_s=case.timeout_s,
         )
 
     def meter(self, server: Server) -> UsageMeter:
@@ -218,6 +244,7 @@ class Bench:
     def measure(self, case: Case, server: Server, rep: int) -> Record:
         rec: Record = {
             "case": case.name,
+            "layout": self.layout,
             "contender": server.name,
             "rep": rep,
             "check": self.checks.get(case.name, {}).get(server.name, ""),
@@ -228,7 +255,7 @@ class Bench:
             elif case.kind == PARALLEL:
                 rec |= self.parallel(case, server)
             else:
-                r = self.wrk(case, server, self.timing.duration_s)
+                r = self.wrk(case, server, max(self.timing.duration_s, case.min_duration_s))
                 rec |= {
                     "rps": r.rps,
                     "mbps": r.mbps,
@@ -328,18 +355,21 @@ class Bench:
     # ------------------------------------------------------------ a case
 
     def run_case(self, case: Case) -> None:
-        print(f"== {case.name}: {case.what}", flush=True)
+        print(f"== {case.name} [upstream with the {self.layout}]: {case.what}", flush=True)
         servers: dict[str, Server] = {}
+        # "direct" has one layout (the upstream alone on the proxy core): measured once.
+        names = [n for n in case.contenders if n != "direct" or case.name not in self.direct_done]
+        self.direct_done.add(case.name)
         try:
             if not case.fresh_per_rep:
-                for name in case.contenders:
+                for name in names:
                     s = self.try_start(case, name)
                     if s is not None and self.prepare(case, s):
                         servers[name] = s
                     elif s is not None:
                         self.stop(s, case)
             for rep in range(self.timing.reps):
-                for name in case.contenders:  # A B A B: alternate contenders
+                for name in names:  # A B A B: alternate contenders
                     self.run_one(case, name, rep, servers)
         finally:
             for s in servers.values():
@@ -505,12 +535,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions per case (default 3, --quick 1)")
     p.add_argument("--duration", type=float, help="seconds per measured wrk run")
     p.add_argument(
-        "--upstream-core",
-        type=int,
-        choices=(0, 1),
-        default=LOADGEN_CORE,
-        help="core of the upstream nginx while a proxy is measured (default 0, "
-        "with the load generator; for 'direct' it moves to core 1)",
+        "--layouts",
+        nargs="+",
+        choices=tuple(LAYOUTS),
+        default=list(LAYOUTS),
+        help="where the upstream runs while a proxy is measured: 'load' (core 0, with "
+        "the load generator) and/or 'proxy' (core 1, with the proxy); default both, "
+        "the report keeps the worse ratio",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
@@ -542,15 +573,17 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)
     (work / "logs").mkdir()
     started = time.time()
-    bench = Bench(Procs(work / "logs"), work, timing, args.upstream_core)
+    bench = Bench(Procs(work / "logs"), work, timing, LAYOUTS[args.layouts[0]])
     micro: dict[str, Any] | None = None
     try:
         with stopping(bench.procs):
             cases = [c for c in CASES if c.name in args.case_names]
             if cases:
                 bench.start_upstream()
-            for case in cases:
-                bench.run_case(case)
+            for layout in args.layouts:
+                bench.set_layout(layout)
+                for case in cases:
+                    bench.run_case(case)
             if "micro" in args.case_names:
                 micro = run_micro(work, args.quick)
     except KeyboardInterrupt:
@@ -574,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": {
             "proxy_under_test": PROXY_CORE,
             "load_generator": LOADGEN_CORE,
-            "upstream_while_proxy_measured": args.upstream_core,
+            "upstream_while_proxy_measured": {k: LAYOUTS[k] for k in args.layouts},
             "upstream_while_direct_measured": PROXY_CORE,
             "harness": LOADGEN_CORE,
         },
@@ -591,9 +624,12 @@ def main(argv: list[str] | None = None) -> int:
             if c.name in args.case_names
         },
     }
-    summary = report.summarize(bench.records, CASES)
+    summary = report.summarize(bench.records, CASES, args.layouts)
+    worst = report.worst(summary, CASES)
     print()
     print(report.table(summary, meta))
+    print()
+    print(report.worst_table(worst))
     if micro is not None:
         print()
         print(report.micro_lines(micro))
@@ -607,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "meta": meta,
         "summary": summary,
+        "worst": worst,
         "runs": bench.records,
         "checks": bench.checks,
         "micro": micro,

@@ -1,6 +1,6 @@
 """The GOPROXY tree the upstream serves, and the request paths of every case.
 
-Files on disk: a few hundred static modules with ``.info`` (~100 B), ``.mod``
+Files on disk: 1,000 static modules with ``.info`` (~100 B), ``.mod``
 (~200 B) and ``@v/list``, plus two modules whose ``v1.0.0.zip`` is 1 MiB and
 50 MiB of random bytes. Unique small paths are *not* files: the upstream
 nginx answers every ``.info`` under ``UNIQUE_PREFIX`` from its config, so a
@@ -21,7 +21,7 @@ from pathlib import Path
 
 MIB = 1024 * 1024
 DOMAIN = "example.com"
-STATIC_MODULES = 200
+STATIC_MODULES = 1000  # small-hit cycles over all of them
 UNIQUE_PREFIX = f"/{DOMAIN}/bench/u/"
 VERSION = "v1.0.0"
 TIME = "2024-01-01T00:00:00Z"
@@ -67,6 +67,9 @@ def static_module(i: int) -> str:
 
 def static_info_path(i: int = 0) -> str:
     return f"/{static_module(i)}/@v/{VERSION}.info"
+
+
+STATIC_INFO_PATTERN = static_info_path(0).replace("/m0/", "/m%d/")  # for wrk's string.format
 
 
 def unique_info_prefix(nonce: str) -> str:

@@ -53,6 +53,29 @@ function request()
 end
 """
 
+# Cycles through N fixed paths (args: the path with "%d" where the index goes, N);
+# the threads start at different offsets so they do not ask in lockstep.
+_CYCLE = r"""
+local pattern = "/%d"
+local n = 1
+local counter = 0
+local tid = 0
+local nthreads = 0
+function setup(thread)
+  thread:set("tid", nthreads)
+  nthreads = nthreads + 1
+end
+function init(args)
+  pattern = args[1]
+  n = tonumber(args[2])
+  counter = tid * 7919
+end
+function request()
+  counter = counter + 1
+  return wrk.format("GET", string.format(pattern, counter % n))
+end
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class WrkResult:
@@ -90,6 +113,13 @@ def write_script(work: Path, unique: bool) -> Path:
     return path
 
 
+def write_cycle_script(work: Path) -> Path:
+    """The script for many fixed URLs: run with ``script_args=[pattern, count]``."""
+    path = work / "wrk-cycle.lua"
+    path.write_text(_CYCLE + _DONE)
+    return path
+
+
 def run_wrk(
     url: str,
     connections: int,
@@ -99,8 +129,10 @@ def run_wrk(
     unique_prefix: str | None = None,
     threads: int = 1,
     timeout_s: float = 10.0,
+    script_args: tuple[str, ...] = (),
 ) -> WrkResult:
-    """One wrk run; ``unique_prefix`` (a path) turns on unique module paths.
+    """One wrk run; ``unique_prefix`` (a path) turns on unique module paths;
+    ``script_args`` are handed to the script's ``init`` otherwise.
 
     wrk takes whole seconds only: durations are rounded (at least 1 s).
     """
@@ -116,6 +148,8 @@ def run_wrk(
     ]
     if unique_prefix is not None:
         argv += ["--", unique_prefix]
+    elif script_args:
+        argv += ["--", *script_args]
     before = _children_cpu()
     proc = subprocess.Popen(
         pinned(core, argv),

@@ -303,7 +303,7 @@ def test_a_line_break_in_a_header_value_is_refused():
 
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
 def test_files_are_sent_whole_and_in_parts_on_both_loops(tmp_path: Path, loop_factory):
-    """asyncio's loop has sendfile; uvloop has not (the copy through Python)."""
+    """asyncio's loop has sendfile; under uvloop the server calls sendfile(2) itself."""
     data = bytes(range(256)) * 4096 * 3  # 3 MiB: more than one copy chunk
     path = tmp_path / "blob"
     path.write_bytes(data)
@@ -397,8 +397,7 @@ async def test_a_slow_client_that_keeps_reading_is_not_dropped(serve):
 
 
 async def sendfile_to_a_client_that_reads_nothing(tmp_path: Path) -> None:
-    """The file path is watched too: asyncio's sendfile bypasses the transport's
-    buffer, uvloop's copy goes through it."""
+    """The file path is watched too: sendfile bypasses the transport's buffer."""
     path = tmp_path / "huge"
     with open(path, "wb") as f:
         f.truncate(256 * 1024 * 1024)  # sparse: no disk used
@@ -422,6 +421,51 @@ async def sendfile_to_a_client_that_reads_nothing(tmp_path: Path) -> None:
         writer.close()
     finally:
         await server.close(1.0)
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_a_file_is_sent_without_buffering_it_on_both_loops(tmp_path: Path, loop_factory):
+    """Memory per client is bounded whatever the file: the bytes go from the
+    file to the socket (sendfile), never through the transport's buffer (the
+    former copy under uvloop held a 256 KiB read plus a full buffer per client)."""
+    size = 32 * 1024 * 1024
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+    async def scenario() -> None:
+        buffered: list[int] = []
+        done = asyncio.Event()
+
+        async def files(ex: Exchange) -> None:
+            with open(path, "rb") as fobj:
+                await ex.start(200, {}, size)
+                await ex.sendfile(fobj, 0, size)
+                await ex.end()
+            done.set()
+
+        server = Server(files)
+        await server.listen("127.0.0.1", 0)
+        try:
+            reader, writer = await connect(server)
+            writer.write(get("/big"))
+            await read_head(reader)
+            got = 0
+            while got < size:  # a slow reader: the socket is full most of the time
+                piece = await asyncio.wait_for(reader.read(1024 * 1024), 10)
+                assert piece
+                got += len(piece)
+                buffered.extend(c._transport.get_write_buffer_size() for c in server.connections)
+                await asyncio.sleep(0.002)
+            await asyncio.wait_for(done.wait(), 10)
+            assert got == size and len(buffered) >= 16
+            assert max(buffered) == 0, max(buffered)
+            writer.close()
+        finally:
+            await server.close(1.0)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
 
 
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
