@@ -44,6 +44,10 @@ class Decision:
     why: str  # which rule decided, for 403 bodies and `check --auth`
 
 
+ANYONE: Final = Decision(True, "allowed: no client_auth.access rule covers it (any identity)")
+PRIVATE: Final = Decision(False, "denied: a private module no client_auth.access rule covers")
+
+
 @dataclass(frozen=True, slots=True)
 class _Rule:
     key: str
@@ -73,36 +77,41 @@ class Access:
             _compile(rule, f"{key}.access[{i}]", known) for i, rule in enumerate(rules)
         )
         self._memo: dict[tuple[str, str], Decision] = {}
-
-    @property
-    def has_rules(self) -> bool:
-        return bool(self._rules)
+        # module -> the rule and glob that cover it, or None: most requests are
+        # for modules no rule covers, decided without looking at the identity.
+        self._covered: dict[str, tuple[_Rule, str] | None] = {}
 
     def groups_of(self, name: str) -> frozenset[str]:
         return frozenset(g for g, members in self._groups.items() if name in members)
 
     def decide(self, identity: Identity, module: str, private: bool) -> Decision:
+        try:
+            covered = self._covered[module]
+        except KeyError:
+            if len(self._covered) >= MEMO_LIMIT:
+                self._covered.clear()  # bounded: a scan of random paths cannot grow it
+            covered = self._covered[module] = self._cover(module)
+        if covered is None:
+            return PRIVATE if private else ANYONE
         key = (identity.name, module)
         decision = self._memo.get(key)
         if decision is None:
             if len(self._memo) >= MEMO_LIMIT:
-                self._memo.clear()  # bounded: a scan of random paths cannot grow it
-            decision = self._memo[key] = self._compute(identity, module, private)
+                self._memo.clear()
+            rule, pattern = covered
+            verdict = "allowed" if rule.admits(identity) else "denied"
+            why = f"{verdict} by {rule.key} ({pattern})"
+            decision = self._memo[key] = Decision(verdict == "allowed", why)
         return decision
 
-    def _compute(self, identity: Identity, module: str, private: bool) -> Decision:
+    def _cover(self, module: str) -> tuple[_Rule, str] | None:
+        """The first rule with a glob matching ``module``, and that glob."""
         if module:
             for rule in self._rules:
-                matched = next((g for g in rule.globs if g.matches(module)), None)
-                if matched is None:
-                    continue
-                verdict = "allowed" if rule.admits(identity) else "denied"
-                return Decision(
-                    verdict == "allowed", f"{verdict} by {rule.key} ({matched.pattern})"
-                )
-        if private:
-            return Decision(False, "denied: a private module no client_auth.access rule covers")
-        return Decision(True, "allowed: no client_auth.access rule covers it (any identity)")
+                for glob in rule.globs:
+                    if glob.matches(module):
+                        return rule, glob.pattern
+        return None
 
 
 def _check_groups(

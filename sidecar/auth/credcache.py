@@ -33,15 +33,19 @@ class CredentialCache(Generic[V]):
         return len(self._table)
 
     def get(self, key: bytes) -> V | None:
+        entry = self.entry(key)
+        return None if entry is None else entry[1]
+
+    def entry(self, key: bytes) -> tuple[float, V] | None:
+        """(expiry, value) of a live entry."""
         entry = self._table.get(key)
         if entry is None:
             return None
-        expires, value = entry
-        if expires <= self._clock():
+        if entry[0] <= self._clock():
             del self._table[key]
             return None
         self._table.move_to_end(key)
-        return value
+        return entry
 
     def put(self, key: bytes, value: V) -> None:
         self._table[key] = (self._clock() + self.ttl, value)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import binascii
 import hashlib
+import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -48,10 +50,16 @@ log = logging.getLogger("sidecar.auth")
 BCRYPT_THREADS: Final = 2  # the machine kind has 2 cores; more threads only queue
 MAX_INFLIGHT_PER_ADDRESS: Final = 4
 AUTHORIZATION: Final = b"authorization"
+FORWARDED_FOR: Final = b"x-forwarded-for"
 NETWORK: Final = Identity("", frozenset({NETWORKS_GROUP}), via="network")
 # The sidecar's own requests (checksum-database lookups through its handler).
 INTERNAL: Final = Identity("", frozenset(), via="internal")
 OPEN = EndpointAccess.OPEN
+# A connection's last verified credential: (Authorization value, expiry,
+# generation, identity). A go command sends the same value on every request of
+# a keep-alive connection; comparing it (in constant time: a proxy in front
+# may carry several clients on one connection) costs a tenth of hashing it.
+_Memo = tuple[bytes, float, int, Identity]
 ADMIN = EndpointAccess.ADMIN
 
 
@@ -67,8 +75,11 @@ class FrontDoor:
         self.credentials = credentials
         self.access = Access(cfg.access, cfg.groups)
         self.networks = TrustedNetworks(cfg.trusted_networks)
+        self.proxies = TrustedNetworks(cfg.forwarded_by, "client_auth.forwarded_by")
         self.throttle = Throttle(cfg.throttle, clock)
         self.cache: CredentialCache[Identity] = CredentialCache(cfg.credential_cache, clock)
+        self._clock = clock
+        self._generation = 0  # of the credentials in service: a reload outdates every memo
         self._failures = metrics.client_auth_failures
         self._challenge = {
             "Content-Type": TEXT_PLAIN,
@@ -85,6 +96,7 @@ class FrontDoor:
         """New credential files: every cached verification is forgotten."""
         self.credentials = credentials
         self.cache.clear()
+        self._generation += 1
 
     # -- the request path ------------------------------------------------
     def endpoint_need(self, path: str) -> EndpointAccess:
@@ -95,17 +107,29 @@ class FrontDoor:
         refused and answered; None: bcrypt is needed, call ``admit``."""
         if need is OPEN:
             return True
-        value = _authorization(ex)
+        value = _header(ex, AUTHORIZATION)
         if value is None:
-            if self.networks and self.networks.of(ex.peer) is not None:
+            if self.networks and self.networks.of(self._client(ex)) is not None:
                 ex.identity = NETWORK
                 return self._may(ex, NETWORK, need)
             return self._refuse(ex, "missing")
-        identity = self.cache.get(hashlib.sha256(value).digest())
-        if identity is not None:
+        conn = ex.connection
+        memo: _Memo | None = conn.credential
+        if (
+            memo is not None
+            and memo[2] == self._generation
+            and memo[1] > self._clock()
+            and hmac.compare_digest(memo[0], value)
+        ):
+            identity = memo[3]
             ex.identity = identity
             return self._may(ex, identity, need)
-        retry = self.throttle.retry_after(ex.peer)
+        entry = self.cache.entry(hashlib.sha256(value).digest())
+        if entry is not None:
+            conn.credential = (value, entry[0], self._generation, entry[1])
+            ex.identity = entry[1]
+            return self._may(ex, entry[1], need)
+        retry = self.throttle.retry_after(self._client(ex))
         if retry:
             return self._refuse(ex, "throttled", retry)
         return None
@@ -115,10 +139,10 @@ class FrontDoor:
         quick = self.now(ex, need)
         if quick is not None:
             return quick
-        value = _authorization(ex)
+        value = _header(ex, AUTHORIZATION)
         assert value is not None  # now() answers a request without one
         key = hashlib.sha256(value).digest()
-        identity = await self._verify(ex.peer, key, value)
+        identity = await self._verify(self._client(ex), key, value)
         if isinstance(identity, str):
             return self._refuse(ex, identity)
         ex.identity = identity
@@ -132,8 +156,6 @@ class FrontDoor:
             return False
         if identity is None:  # a request that came round the door: never served
             return self._refuse(ex, "missing") is False
-        if not private and not self.access.has_rules:
-            return False
         decision = self.access.decide(identity, module, private)
         if decision.allowed:
             return False
@@ -144,6 +166,21 @@ class FrontDoor:
             f"goproxy-sidecar: {identity.describe()} may not fetch {module}: {decision.why}",
         )
         return True
+
+    def _client(self, ex: Exchange) -> str:
+        """The client's address: the peer, or the one a proxy in ``forwarded_by``
+        names last in X-Forwarded-For (the hops before it are the client's word)."""
+        peer = ex.peer
+        if not self.proxies or self.proxies.of(peer) is None:
+            return peer
+        forwarded = _header(ex, FORWARDED_FOR)
+        if forwarded is None:
+            return peer
+        last = forwarded.rpartition(b",")[2].strip().decode("latin-1")
+        try:
+            return str(ipaddress.ip_address(last))
+        except ValueError:
+            return peer
 
     # -- verification ----------------------------------------------------
     async def _verify(self, address: str, key: bytes, value: bytes) -> Identity | str:
@@ -215,9 +252,11 @@ class FrontDoor:
         return False
 
 
-def _authorization(ex: Exchange) -> bytes | None:
+def _header(ex: Exchange, wanted: bytes) -> bytes | None:
+    """A raw header value (ex.header decodes, and lowercases every name it passes)."""
+    size = len(wanted)
     for name, value in ex.headers:
-        if len(name) == 13 and name.lower() == AUTHORIZATION:
+        if len(name) == size and name.lower() == wanted:
             return value
     return None
 

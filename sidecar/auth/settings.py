@@ -106,6 +106,10 @@ class ClientAuthConfig:
     tokens_env: str | None = None
     admin: CredentialFiles = field(default_factory=CredentialFiles)
     trusted_networks: tuple[str, ...] = ()
+    # Proxies in front (a TLS terminator, an ingress): a request from one of
+    # these is the client named last in its X-Forwarded-For, for the throttle
+    # and trusted_networks. From any other address the header is ignored.
+    forwarded_by: tuple[str, ...] = ()
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (group, members), in file order
     access: tuple[AccessRule, ...] = ()
     endpoints: EndpointRules = field(default_factory=EndpointRules)

@@ -3,7 +3,7 @@
 A token file (or a variable's value) holds one ``NAME sha256:HEX`` per line,
 HEX being the SHA-256 of the token: a leaked file or environment dump gives
 no usable token. Tokens are long random strings, so a fast hash is enough
-(no bcrypt: there is nothing to guess). ``new_token`` makes one and its line.
+(no bcrypt: there is nothing to guess). ``token_line`` writes a line.
 
 A presented token is hashed and compared with every stored hash with
 ``hmac.compare_digest``, always all of them, so the time taken does not
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -24,7 +23,6 @@ from sidecar.errors import AuthFileError
 
 PREFIX: Final = "sha256:"
 LINE: Final = re.compile(r"([A-Za-z0-9._@-]+)\s+sha256:([0-9a-fA-F]{64})")
-TOKEN_BYTES: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +81,3 @@ def load_tokens(path: str) -> Tokens:
 def token_line(name: str, token: str) -> str:
     """The line a token file holds for ``token``."""
     return f"{name} {PREFIX}{hashlib.sha256(token.encode()).hexdigest()}"
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(TOKEN_BYTES)

@@ -62,6 +62,7 @@ class Connection(asyncio.Protocol):
         "_transport",
         "closed",
         "closing",
+        "credential",
         "idle_since",
         "peer",
         "received",
@@ -87,6 +88,9 @@ class Connection(asyncio.Protocol):
         self._dropped = 0  # bytes read and dropped while lingering
         self.received = 0  # bytes read from the client
         self.peer = ""  # the client's IP address, for the front door's throttle
+        # The front door's note of the last credential verified on this
+        # connection (sidecar.auth.gate): its next requests skip the hashing.
+        self.credential: Any = None
         self.closed = False
         self.closing = False  # answer what is in progress, then close
         # When the last answer ended (or the connection opened); 0.0 while a

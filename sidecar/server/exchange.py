@@ -130,6 +130,10 @@ class Exchange:
         self.identity: Any = None
 
     @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    @property
     def peer(self) -> str:
         """The client's IP address ('' if the connection is no IP socket)."""
         return self._conn.peer

@@ -5,6 +5,7 @@ the credential cache on a test clock."""
 from __future__ import annotations
 
 import hashlib
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from sidecar.auth.settings import (
     ThrottleConfig,
 )
 from sidecar.auth.throttle import Throttle, client_key
-from sidecar.auth.tokens import load_tokens, new_token, parse_tokens, token_line
+from sidecar.auth.tokens import load_tokens, parse_tokens, token_line
 from sidecar.errors import AuthFileError, ConfigError
 from tests.tools import require_tool
 
@@ -88,7 +89,7 @@ def test_htpasswd_syntax_errors(tmp_path: Path) -> None:
 
 
 def test_tokens_are_stored_hashed_and_matched(tmp_path: Path) -> None:
-    token = new_token()
+    token = secrets.token_urlsafe(32)
     line = token_line("ci", token)
     assert token not in line and line == f"ci sha256:{hashlib.sha256(token.encode()).hexdigest()}"
     path = tmp_path / "tokens"
