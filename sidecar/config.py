@@ -1,15 +1,46 @@
-"""Typed, immutable configuration.
+"""The configuration, declared once.
 
-The YAML file (see DESIGN.md) is parsed exactly once into these frozen
-dataclasses by ``sidecar.config_loader``; plain dicts exist only there.
-Durations are float seconds, sizes int bytes.
+Each section of sidecar.yaml is a frozen dataclass below; each key a field
+declared with ``setting(kind, default=...)`` (``sidecar.config_kinds``). The
+loader (``sidecar.config_loader``) parses, validates, fills defaults, refuses
+unknown keys and reads ``SIDECAR_*`` overrides from these declarations alone,
+so adding a key is adding a field. A section's ``finish`` holds what one key
+cannot say alone: rules between keys and values from the environment
+(GOPRIVATE, GOSUMDB, credentials). Durations are float seconds, sizes int bytes.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field, replace
+
+from sidecar.config_kinds import (
+    ENV_NAME,
+    NAME,
+    RULE_PATH,
+    Boolean,
+    Check,
+    Choice,
+    Duration,
+    Fraction,
+    HttpUrl,
+    Integer,
+    Items,
+    Listen,
+    Rate,
+    Section,
+    Size,
+    Strings,
+    Text,
+    glob_problem,
+    section,
+    setting,
+    suggest_name,
+)
+from sidecar.errors import SumdbKeyError
+from sidecar.units import format_duration
 
 DEFAULT_LISTEN = "127.0.0.1:3001"
 DEFAULT_PRIMARY_URL = "http://127.0.0.1:3000"
@@ -36,11 +67,15 @@ DEFAULT_POLICY_INTERVAL_S = 1.0
 DEFAULT_REJECT_STATUS = 503
 DEFAULT_STATS_WINDOW_S = 120.0
 DEFAULT_STATS_SLICE_S = 10.0
+MAX_STATS_SLICES = 1000
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 DEFAULT_SEND_TIMEOUT_S = 60.0  # nginx's send_timeout
 # sum.golang.org's published key (cmd/go/internal/modfetch/key.go): the database the
 # go command trusts when GOSUMDB is unset.
 DEFAULT_VERIFY_KEY = "sum.golang.org+033de0ae+Ac4zctda0e5eza+HJyk9SxEdh+s3Ux18htTTAD8OuAn8"
+CACHE_DIR_NAME = "goproxy-sidecar"
+
+_POSITIVE = Duration(positive=True)
 
 
 class PolicyEngineKind(enum.Enum):
@@ -53,38 +88,52 @@ class PolicyMode(enum.Enum):
     SHADOW = "shadow"
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class BasicAuth:
     """Credentials are read from the environment at load time; never logged."""
 
-    username_env: str
-    password_env: str
-    username: str = field(repr=False, default="")
+    username_env: str = setting(ENV_NAME)
+    password_env: str = setting(ENV_NAME)
+    username: str = field(repr=False, default="")  # from the environment, by finish
     password: str = field(repr=False, default="")
 
+    def finish(self, check: Check) -> BasicAuth:
+        for name, var in (("username_env", self.username_env), ("password_env", self.password_env)):
+            if var and var not in check.env:  # the variable's name, never its value
+                check.fail(f"environment variable {var} is not set", name)
+        env = check.env
+        return replace(
+            self, username=env.get(self.username_env, ""), password=env.get(self.password_env, "")
+        )
 
-@dataclass(frozen=True, slots=True)
+
+@section
 class AuthConfig:
-    netrc: bool = False
-    basic: BasicAuth | None = None
+    netrc: bool = setting(Boolean(), default=False)
+    basic: BasicAuth | None = setting(Section(BasicAuth), default=None)
+
+    def finish(self, check: Check) -> AuthConfig:
+        if self.netrc and self.basic is not None:
+            check.fail("use either netrc: true or basic, not both")
+        return self
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class PoolConfig:
     """Admission per upstream (``sidecar.upstreams.admission``): at most
     ``max_connections`` requests in flight, ``max_pending`` more queued, each
     for at most ``max_wait`` seconds; past that a request overflows."""
 
-    max_connections: int = DEFAULT_POOL_MAX_CONNECTIONS
-    max_pending: int = DEFAULT_POOL_MAX_PENDING
-    max_wait: float = DEFAULT_POOL_MAX_WAIT_S
+    max_connections: int = setting(Integer(1), default=DEFAULT_POOL_MAX_CONNECTIONS)
+    max_pending: int = setting(Integer(0), default=DEFAULT_POOL_MAX_PENDING)
+    max_wait: float = setting(_POSITIVE, default=DEFAULT_POOL_MAX_WAIT_S)
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class TimeoutsConfig:
-    connect: float = DEFAULT_CONNECT_TIMEOUT_S
-    first_byte: float = DEFAULT_FIRST_BYTE_TIMEOUT_S
-    idle: float = DEFAULT_IDLE_TIMEOUT_S
+    connect: float = setting(_POSITIVE, default=DEFAULT_CONNECT_TIMEOUT_S)
+    first_byte: float = setting(_POSITIVE, default=DEFAULT_FIRST_BYTE_TIMEOUT_S)
+    idle: float = setting(_POSITIVE, default=DEFAULT_IDLE_TIMEOUT_S)
 
 
 # Hedged requests (sidecar.proxy.hedge). The floor of the automatic delay: a
@@ -103,54 +152,101 @@ DEFAULT_HEDGE_BUDGET = 0.1
 DEFAULT_HEDGE_BURST = 10
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class HedgeConfig:
     """Hedging away from one upstream: after ``delay`` (None: ``auto``, the
     upstream's own TTFB p95, at least ``floor``), within a token bucket that
     gains ``budget`` per request, holds at most ``burst``."""
 
-    enabled: bool = True
-    delay: float | None = None
-    floor: float = DEFAULT_HEDGE_FLOOR_S
-    budget: float = DEFAULT_HEDGE_BUDGET
-    burst: int = DEFAULT_HEDGE_BURST
+    enabled: bool = setting(Boolean(), default=True)
+    delay: float | None = setting(Duration(positive=True, auto=True), default=None)
+    floor: float = setting(_POSITIVE, default=DEFAULT_HEDGE_FLOOR_S)
+    budget: float = setting(Fraction(), default=DEFAULT_HEDGE_BUDGET)
+    burst: int = setting(Integer(1), default=DEFAULT_HEDGE_BURST)
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class UpstreamConfig:
-    name: str
-    url: str  # normalised: no trailing slash
-    pool: PoolConfig = PoolConfig()
-    timeouts: TimeoutsConfig = TimeoutsConfig()
-    auth: AuthConfig = AuthConfig()
-    private_ok: bool = False
-    hedge: HedgeConfig = HedgeConfig()
+    name: str = setting(NAME)
+    url: str = setting(HttpUrl())  # normalised: no trailing slash
+    pool: PoolConfig = setting(Section(PoolConfig), default=PoolConfig())
+    timeouts: TimeoutsConfig = setting(Section(TimeoutsConfig), default=TimeoutsConfig())
+    auth: AuthConfig = setting(Section(AuthConfig), default=AuthConfig())
+    private_ok: bool = setting(Boolean(), default=False)
+    hedge: HedgeConfig = setting(Section(HedgeConfig), default=HedgeConfig())
+
+    def finish(self, check: Check) -> UpstreamConfig:
+        first_byte = self.timeouts.first_byte
+        for key, value in (("delay", self.hedge.delay), ("floor", self.hedge.floor)):
+            if value is not None and value >= first_byte:
+                check.fail(
+                    f"must be shorter than timeouts.first_byte ({format_duration(first_byte)}), "
+                    f"got {format_duration(value)}",
+                    f"hedge.{key}",
+                )
+        return self
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class CacheConfig:
-    dir: str
-    max_bytes: int = DEFAULT_CACHE_MAX_BYTES
-    mutable_ttl: float = DEFAULT_MUTABLE_TTL_S
-    enabled: bool = True
-    scrub_rate: int = DEFAULT_CACHE_SCRUB_RATE  # bytes/s the background scrub may read; 0: off
+    # Relative to the working directory: a config file often sits in a read-only ConfigMap.
+    dir: str = setting(Text(), absent="")
+    max_bytes: int = setting(Size(), default=DEFAULT_CACHE_MAX_BYTES)
+    mutable_ttl: float = setting(Duration(positive=False), default=DEFAULT_MUTABLE_TTL_S)
+    enabled: bool = setting(Boolean(), default=True)
+    # bytes/s the background scrub may read; 0: off
+    scrub_rate: int = setting(Rate(), default=DEFAULT_CACHE_SCRUB_RATE)
+
+    def finish(self, check: Check) -> CacheConfig:
+        directory = self.dir or default_cache_dir(check.env)
+        return replace(self, dir=os.path.abspath(os.path.expanduser(directory)))
 
 
-@dataclass(frozen=True, slots=True)
+def default_cache_dir(env: Mapping[str, str]) -> str:
+    """``$XDG_CACHE_HOME/goproxy-sidecar``, else ``~/.cache/goproxy-sidecar``."""
+    xdg = env.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec says to ignore a relative value
+        return os.path.join(xdg, CACHE_DIR_NAME)
+    home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".cache", CACHE_DIR_NAME)
+
+
+@section
 class PolicyConfig:
-    engine: PolicyEngineKind = PolicyEngineKind.EMBEDDED
-    paths: tuple[str, ...] = ()  # empty: the policies shipped inside the package
-    decision: str = DEFAULT_POLICY_DECISION
-    opa_url: str = DEFAULT_OPA_URL
-    interval: float = DEFAULT_POLICY_INTERVAL_S
-    mode: PolicyMode = PolicyMode.ENFORCE
-    reject_status: int = DEFAULT_REJECT_STATUS
+    engine: PolicyEngineKind = setting(Choice(PolicyEngineKind), default=PolicyEngineKind.EMBEDDED)
+    # empty: the policies shipped inside the package
+    paths: tuple[str, ...] = setting(Strings(paths=True), default=())
+    decision: str = setting(RULE_PATH, default=DEFAULT_POLICY_DECISION)
+    opa_url: str = setting(HttpUrl(), default=DEFAULT_OPA_URL)
+    interval: float = setting(_POSITIVE, default=DEFAULT_POLICY_INTERVAL_S)
+    mode: PolicyMode = setting(Choice(PolicyMode), default=PolicyMode.ENFORCE)
+    reject_status: int = setting(Integer(400, 599), default=DEFAULT_REJECT_STATUS)
+
+    def finish(self, check: Check) -> PolicyConfig:
+        # Relative to the config file's directory: policies ship beside their config.
+        base = check.base_dir
+        paths = (os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in self.paths)
+        return replace(self, paths=tuple(paths))
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class StatsConfig:
-    window: float = DEFAULT_STATS_WINDOW_S
-    slice: float = DEFAULT_STATS_SLICE_S
+    window: float = setting(_POSITIVE, default=DEFAULT_STATS_WINDOW_S)
+    slice: float = setting(_POSITIVE, default=DEFAULT_STATS_SLICE_S)
+
+    def finish(self, check: Check) -> StatsConfig:
+        if check.refused:  # an unreadable value: no follow-up complaint about the pair
+            return self
+        slices = self.window / self.slice
+        width, window = format_duration(self.slice), format_duration(self.window)
+        if abs(slices - round(slices)) > 1e-6 * max(1.0, slices):
+            check.fail(f"must be a whole multiple of stats.slice ({width}), got {window}", "window")
+        elif round(slices) > MAX_STATS_SLICES:
+            longest = format_duration(self.slice * MAX_STATS_SLICES)
+            check.fail(
+                f"at most {MAX_STATS_SLICES} slices of {width} ({longest}), got {window}", "window"
+            )
+        return self
 
 
 class VerifyMode(enum.Enum):
@@ -171,7 +267,7 @@ DEFAULT_VERIFY_MODE = VerifyMode.ENFORCE
 DEFAULT_WHEN_UNAVAILABLE = WhenUnavailable.SERVE
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class VerifyConfig:
     """Checking .mod and .zip bodies against the checksum database (issue 15).
 
@@ -180,42 +276,108 @@ class VerifyConfig:
     ``GONOSUMDB`` (modules matched by ``routing.private``, GOPRIVATE included,
     are skipped too)."""
 
-    mode: VerifyMode = DEFAULT_VERIFY_MODE
-    key: str = DEFAULT_VERIFY_KEY  # a verifier key <name>+<hash>+<key>
-    url: str | None = None  # None: through the upstreams' sumdb/<name>/ path
-    skip: tuple[str, ...] = ()
-    unavailable: WhenUnavailable = DEFAULT_WHEN_UNAVAILABLE
+    mode: VerifyMode = setting(
+        Choice(VerifyMode, false=VerifyMode.OFF), default=DEFAULT_VERIFY_MODE
+    )
+    key: str = setting(Text(), default=DEFAULT_VERIFY_KEY)  # a verifier key <name>+<hash>+<key>
+    url: str | None = setting(HttpUrl(), default=None)  # None: through the upstreams' sumdb/<name>/
+    skip: tuple[str, ...] = setting(Strings(glob=True), default=())
+    unavailable: WhenUnavailable = setting(
+        Choice(WhenUnavailable), default=DEFAULT_WHEN_UNAVAILABLE
+    )
 
     @property
     def name(self) -> str:
         return self.key.split("+", 1)[0]
 
+    def finish(self, check: Check) -> VerifyConfig:
+        """verify.key, else GOSUMDB as the go command reads it (``off`` turns checking off)."""
+        # Imported here: the checksum database's parser pulls in cryptography, which
+        # only loading a config needs, not every module that imports these types.
+        from sidecar.sumdb.gosumdb import parse_gosumdb
 
-@dataclass(frozen=True, slots=True)
+        given = "key" in check.present and "key" not in check.refused
+        where, value = (
+            (check.key("key"), self.key) if given else ("GOSUMDB", check.env.get("GOSUMDB", ""))
+        )
+        mode = self.mode
+        try:
+            database = parse_gosumdb(value)
+        except SumdbKeyError as exc:
+            check.fail_at(where, str(exc))
+            database = parse_gosumdb("")
+        if database is None:
+            if given:
+                check.fail("'off' is a mode: set verify.mode: off", "key")
+            mode, database = VerifyMode.OFF, parse_gosumdb("")
+        assert database is not None
+        from_env = _env_globs(check, "GONOSUMDB")
+        return replace(
+            self,
+            mode=mode,
+            key=database.verifier.text,
+            url=self.url or database.url,
+            skip=tuple(dict.fromkeys((*self.skip, *from_env))),
+        )
+
+
+@section
 class RouteRule:
-    match: str
-    upstreams: tuple[str, ...] | None = None  # None: every upstream
-    deny: bool = False
-    cache: bool = True
+    match: str = setting(Text(glob=True))
+    upstreams: tuple[str, ...] | None = setting(  # None: every upstream
+        Strings(empty="expected at least one upstream (omit the key to allow every upstream)"),
+        default=None,
+    )
+    deny: bool = setting(Boolean(), default=False)
+    cache: bool = setting(Boolean(), default=True)
+
+    def finish(self, check: Check) -> RouteRule:
+        if self.deny and "upstreams" in check.present:
+            check.fail("a rule with deny: true takes no upstreams")
+        return self
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class RoutingConfig:
-    private: tuple[str, ...] = ()
-    rules: tuple[RouteRule, ...] = ()
+    private: tuple[str, ...] = setting(Strings(glob=True), default=())
+    rules: tuple[RouteRule, ...] = setting(Items(RouteRule), default=())
+
+    def finish(self, check: Check) -> RoutingConfig:
+        from_env = [*_env_globs(check, "GOPRIVATE"), *_env_globs(check, "GONOPROXY")]
+        return replace(self, private=tuple(dict.fromkeys((*self.private, *from_env))))
 
 
-@dataclass(frozen=True, slots=True)
+def _env_globs(check: Check, var: str) -> list[str]:
+    """The patterns of a GOPRIVATE-style variable, each bad one named ``VAR[i]``."""
+    # Indexed like the go command splits it, empty entries included, so
+    # GOPRIVATE[2] is the third comma-separated item as the user wrote it.
+    globs = [item.strip() for item in check.env.get(var, "").split(",")]
+    for i, glob in enumerate(globs):
+        problem = glob_problem(glob) if glob else None
+        if problem:
+            check.fail_at(f"{var}[{i}]", problem)
+    return [glob for glob in globs if glob]
+
+
+@section
 class Config:
-    listen: str
-    upstreams: tuple[UpstreamConfig, ...]
-    cache: CacheConfig
-    policy: PolicyConfig = PolicyConfig()
-    stats: StatsConfig = StatsConfig()
-    routing: RoutingConfig = RoutingConfig()
-    verify: VerifyConfig = VerifyConfig()
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
-    send_timeout: float = DEFAULT_SEND_TIMEOUT_S  # a client taking no bytes is dropped
+    listen: str = setting(Listen(), absent=DEFAULT_LISTEN)
+    upstreams: tuple[UpstreamConfig, ...] = setting(
+        Items(
+            UpstreamConfig,
+            required="required: at least one upstream",
+            empty="expected at least one upstream, got an empty list",
+            unique="name",
+        )
+    )
+    cache: CacheConfig = setting(Section(CacheConfig))
+    policy: PolicyConfig = setting(Section(PolicyConfig), default=PolicyConfig())
+    stats: StatsConfig = setting(Section(StatsConfig), default=StatsConfig())
+    routing: RoutingConfig = setting(Section(RoutingConfig), default=RoutingConfig())
+    verify: VerifyConfig = setting(Section(VerifyConfig), default=VerifyConfig())
+    shutdown_grace: float = setting(Duration(positive=False), default=DEFAULT_SHUTDOWN_GRACE_S)
+    # a client taking no bytes for this long is dropped
+    send_timeout: float = setting(_POSITIVE, default=DEFAULT_SEND_TIMEOUT_S)
 
     @property
     def host(self) -> str:
@@ -224,6 +386,17 @@ class Config:
     @property
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+    def finish(self, check: Check) -> Config:
+        names = [upstream.name for upstream in self.upstreams]
+        for i, rule in enumerate(self.routing.rules):
+            for j, name in enumerate(rule.upstreams or ()):
+                if name not in names:
+                    check.fail(
+                        f"unknown upstream {name!r}{suggest_name(name, names)}",
+                        f"routing.rules[{i}].upstreams[{j}]",
+                    )
+        return self
 
 
 def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Config:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from sidecar.config_loader import _show, _suggest
+from sidecar.config_kinds import show, suggest
 
 CONFIG_PATH = ("sidecar", "config")
 
@@ -84,13 +84,13 @@ def validate(data: Mapping[str, Any]) -> tuple[list[Finding], list[Finding]]:
     warnings: list[Finding] = []
     config = sidecar[CONFIG_PATH[1]]
     if not isinstance(config, Mapping):
-        return [Finding(CONFIG_PATH, f"expected a mapping, got {_show(config)}")], []
+        return [Finding(CONFIG_PATH, f"expected a mapping, got {show(config)}")], []
     for name, section in config.items():
         keys = (*CONFIG_PATH, name)
         if name not in SCHEMA:
-            problems.append(Finding(keys, f"unknown key{_suggest(name, SCHEMA)}"))
+            problems.append(Finding(keys, f"unknown key{suggest(name, SCHEMA)}"))
         elif not isinstance(section, Mapping):
-            problems.append(Finding(keys, f"expected a mapping, got {_show(section)}"))
+            problems.append(Finding(keys, f"expected a mapping, got {show(section)}"))
         else:
             _check_section(keys, section, SCHEMA[name], problems, warnings)
     return problems, warnings
@@ -109,9 +109,9 @@ def _check_section(
         if replaced_by is not None:
             warnings.append(Finding(keys, f"removed key, ignored ({replaced_by})"))
         elif name not in schema:
-            problems.append(Finding(keys, f"unknown key{_suggest(name, schema)}"))
+            problems.append(Finding(keys, f"unknown key{suggest(name, schema)}"))
         elif not _CHECKS[schema[name]](value):
-            problems.append(Finding(keys, f"expected {schema[name]}, got {_show(value)}"))
+            problems.append(Finding(keys, f"expected {schema[name]}, got {show(value)}"))
 
 
 def _number(value: object) -> TypeGuard[int | float]:

@@ -266,6 +266,7 @@ ERROR_CASES = [
     ("listen: 3001\n" + MINIMAL, "listen", "expected 'host:port'"),
     ("listen: 127.0.0.1:3001\n", "upstreams", "required: at least one upstream"),
     ("upstreams: []\n", "upstreams", "at least one upstream"),
+    ("upstreams:\n", "upstreams", "required: at least one upstream"),
     ("upstreams: {name: a}\n", "upstreams", "expected a list"),
     ("upstreams: [null]\n", "upstreams[0]", "expected a mapping, got null"),
     ('upstreams: [{url: "http://h"}]\n', "upstreams[0].name", "required"),
