@@ -245,6 +245,7 @@ class Bench:
         rec: Record = {
             "case": case.name,
             "layout": self.layout,
+            "loadavg_1m": round(os.getloadavg()[0], 2),  # the machine is shared
             "contender": server.name,
             "rep": rep,
             "check": self.checks.get(case.name, {}).get(server.name, ""),
@@ -355,7 +356,11 @@ class Bench:
     # ------------------------------------------------------------ a case
 
     def run_case(self, case: Case) -> None:
-        print(f"== {case.name} [upstream with the {self.layout}]: {case.what}", flush=True)
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+        print(
+            f"== {case.name} [upstream with the {self.layout}; load average {load}]: {case.what}",
+            flush=True,
+        )
         servers: dict[str, Server] = {}
         # "direct" has one layout (the upstream alone on the proxy core): measured once.
         names = [n for n in case.contenders if n != "direct" or case.name not in self.direct_done]
@@ -573,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)
     (work / "logs").mkdir()
     started = time.time()
+    loadavg_at_start = os.getloadavg()
     bench = Bench(Procs(work / "logs"), work, timing, LAYOUTS[args.layouts[0]])
     micro: dict[str, Any] | None = None
     try:
@@ -612,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             "harness": LOADGEN_CORE,
         },
         "sidecar_env": "as a user starts it (it tunes malloc itself: sidecar/heap.py)",
+        "loadavg_at_start": loadavg_at_start,
         "loadavg_at_end": os.getloadavg(),
         "cases": {
             c.name: {
