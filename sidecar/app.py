@@ -12,11 +12,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 
+from sidecar.auth.gate import INTERNAL, FrontDoor
+from sidecar.auth.reloader import CredentialReloader, open_door
 from sidecar.breaker.machine import Breaker
 from sidecar.breaker.plan import Plan
 from sidecar.breaker.state import Decision, State, TrafficClass
 from sidecar.cache.base import ModuleCache
-from sidecar.config import Config, VerifyMode
+from sidecar.config import AUTHENTICATED, Config, EndpointAccess, VerifyMode
 from sidecar.control import (
     RECENT_TRANSITIONS,
     ControlLoop,
@@ -170,7 +172,7 @@ class SidecarService:
             if verify.url is not None:
                 fetch, self._sumdb_upstream = direct_fetch(verify.url, verify.name)
             else:  # through this sidecar's own sumdb/<name>/ path: routed, judged, cached
-                fetch = handler_fetch(self.proxy.handle)
+                fetch = handler_fetch(self._internal)
             self.proxy.checker = IntegrityChecker(sidecar.config, recorder, fetch)
         self.endpoints = endpoints(sidecar)
         self.server = Server(
@@ -178,24 +180,44 @@ class SidecarService:
         )
         self._control_task: asyncio.Task[None] | None = None
         self._started = False
+        # Client authentication (client_auth), opened by start(): it reads files.
+        self.door: FrontDoor | None = None
+        self._needs: dict[str, EndpointAccess] = {}  # endpoint path -> its rule
+        self._credentials: CredentialReloader | None = None
 
     @property
     def port(self) -> int:
         return self.server.port
 
     async def handle(self, ex: Exchange) -> None:
+        door = self.door
+        if door is not None and ex.identity is None and not await door.admit(ex, self._need(ex)):
+            return
         # A request answer_now has seen (scratch set) is no endpoint.
         if ex.scratch is not None or not self._endpoint(ex):
             await self.proxy.handle(ex)
 
     def answer_now(self, ex: Exchange) -> bool:
+        door = self.door
+        if door is not None and ex.identity is None:
+            # Before anything is looked up: no endpoint or cache hit goes round it.
+            admitted = door.now(ex, self._need(ex))
+            if admitted is not True:
+                return admitted is False  # None: handle() verifies it off the loop
         return self._endpoint(ex) or self.proxy.answer_now(ex)
+
+    async def _internal(self, ex: Exchange) -> None:
+        """The sidecar asking itself (checksum-database lookups): no client."""
+        ex.identity = INTERNAL
+        await self.proxy.handle(ex)
+
+    def _need(self, ex: Exchange) -> EndpointAccess:
+        """What the front door asks of ``ex``: its endpoint's rule, else a client identity."""
+        return self._needs.get(_path(ex), AUTHENTICATED)
 
     def _endpoint(self, ex: Exchange) -> bool:
         """Answer ``ex`` if it asks for one of the sidecar's own endpoints."""
-        target = ex.target
-        cut = target.find("?")
-        endpoint = self.endpoints.get(target if cut < 0 else target[:cut])
+        endpoint = self.endpoints.get(_path(ex))
         if endpoint is None:
             return False
         if ex.method not in METHODS:
@@ -210,6 +232,13 @@ class SidecarService:
     ) -> None:
         """Start every part, then listen on ``host:port`` (or ``sock``)."""
         self._started = True
+        client_auth = self.sidecar.config.client_auth
+        if client_auth.enabled:
+            door, reloader = await asyncio.to_thread(open_door, client_auth, self.sidecar.metrics)
+            self.door = self.proxy.door = door
+            self._needs = {path: door.endpoint_need(path) for path in self.endpoints}
+            self._credentials = reloader
+            reloader.start()
         await _start(self.sidecar)
         if self._sumdb_upstream is not None:
             await self._sumdb_upstream.start()
@@ -234,6 +263,18 @@ class SidecarService:
         await _stop(self.sidecar)
         if self._sumdb_upstream is not None:
             await self._sumdb_upstream.close()
+        if self._credentials is not None:
+            await self._credentials.close()
+        if self.door is not None:
+            self.door.close()
+
+    def reload_credentials(self) -> None:
+        """SIGHUP: reread the client credential files now."""
+        if self._credentials is not None:
+            log.info("SIGHUP: reloading client credentials")
+            task = asyncio.get_running_loop().create_task(self._credentials.reload_now())
+            self.sidecar.background.add(task)
+            task.add_done_callback(self.sidecar.background.discard)
 
 
 async def _start(sidecar: Sidecar) -> None:
@@ -274,12 +315,20 @@ async def _stop(sidecar: Sidecar) -> None:
         await upstream.close()
 
 
-def _reload_on_hup(sidecar: Sidecar) -> None:
+def _reload_on_hup(service: SidecarService) -> None:
+    service.reload_credentials()
+    sidecar = service.sidecar
     if sidecar.policy is not None:
         log.info("SIGHUP: reloading policy")
         task = asyncio.get_running_loop().create_task(sidecar.policy.reload_now())
         sidecar.background.add(task)
         task.add_done_callback(sidecar.background.discard)
+
+
+def _path(ex: Exchange) -> str:
+    target = ex.target
+    cut = target.find("?")
+    return target if cut < 0 else target[:cut]
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
@@ -294,7 +343,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_hup(service.sidecar))
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_hup(service))
     log.info(
         "listening", extra={"listen": config.listen, "upstreams": list(service.sidecar.upstreams)}
     )

@@ -21,6 +21,7 @@ from sidecar.config import DEFAULT_BACKUP_URL, DEFAULT_LISTEN, DEFAULT_PRIMARY_U
 from sidecar.errors import CacheError, ConfigError, ConfigErrors, ListenError, SidecarError
 
 if TYPE_CHECKING:
+    from sidecar.config import Config
     from sidecar.policy.base import PolicyEngine
     from sidecar.routing import Router
 
@@ -105,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="also print how MODULE would be routed (repeatable)",
+    )
+    check.add_argument(
+        "--auth",
+        metavar="USER",
+        help="with --route: whether USER (a client_auth name, or @networks) may fetch MODULE",
     )
     ev = sub.add_parser("eval", help="print the policy decision for one input document")
     ev.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
@@ -235,7 +241,26 @@ def _check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for module in args.route:
         print(f"route {module}: {_describe_route(router, module)}")
+    _check_auth(config, router, args)
     return EXIT_OK
+
+
+def _check_auth(config: Config, router: Router, args: argparse.Namespace) -> None:
+    """The credential files loaded, and what ``--auth`` may fetch of ``--route``."""
+    from sidecar.auth.explain import explain, summary
+
+    cfg = config.client_auth
+    if not cfg.enabled:
+        if args.auth is not None:
+            raise SidecarError("--auth: client_auth is not enabled in this config")
+        return
+    line, credentials = summary(cfg)
+    print(line)
+    if args.auth is not None:
+        if not args.route:
+            raise SidecarError("--auth needs at least one --route MODULE")
+        for answer in explain(cfg, credentials, router, args.auth, args.route):
+            print(answer)
 
 
 def _describe_route(router: Router, module: str) -> str:

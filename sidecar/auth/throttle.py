@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from sidecar.auth.settings import ThrottleConfig
+from sidecar.config import ThrottleConfig
 
 IPV6_BLOCK: Final = 64
 

@@ -16,18 +16,20 @@ from sidecar.auth.credcache import CredentialCache
 from sidecar.auth.credentials import load_credentials
 from sidecar.auth.htpasswd import load_htpasswd
 from sidecar.auth.networks import TrustedNetworks
-from sidecar.auth.settings import (
+from sidecar.auth.throttle import Throttle, client_key
+from sidecar.auth.tokens import load_tokens, parse_tokens, token_line
+from sidecar.config import (
     AccessRule,
     ClientAuthConfig,
     CredentialCacheConfig,
     CredentialFiles,
     EndpointAccess,
     EndpointRules,
+    GroupConfig,
     ThrottleConfig,
+    load_config,
 )
-from sidecar.auth.throttle import Throttle, client_key
-from sidecar.auth.tokens import load_tokens, parse_tokens, token_line
-from sidecar.errors import AuthFileError, ConfigError
+from sidecar.errors import AuthFileError, ConfigError, ConfigErrors
 from tests.tools import require_tool
 
 
@@ -142,7 +144,7 @@ def test_access_rules_first_match_decides() -> None:
             AccessRule(("corp.example/*",), ("@platform", "ci")),
             AccessRule(("github.com/corp",), ("*",)),
         ],
-        [("platform", ("bob", "alice"))],
+        [GroupConfig("platform", ("bob", "alice"))],
     )
     alice = Identity("alice", access.groups_of("alice"))
     bob = Identity("bob", access.groups_of("bob"))
@@ -162,13 +164,62 @@ def test_access_rules_first_match_decides() -> None:
     assert why == "denied by client_auth.access[0] (corp.example/secret)"
 
 
-def test_access_config_errors_name_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"client_auth.access\[0\].allow: no such group: @ops"):
-        Access([AccessRule(("a.example",), ("@ops",))], [])
-    with pytest.raises(ConfigError, match=r"client_auth.access\[0\].modules\[1\]: bad pattern"):
-        Access([AccessRule(("a.example", "b.example/[x"), ("*",))], [])
-    with pytest.raises(ConfigError, match=r"client_auth.groups.networks: is built in"):
-        Access([], [("networks", ("alice",))])
+def test_client_auth_config_errors_name_the_key(tmp_path: Path) -> None:
+    """The whole section through the real loader: every problem, each naming its key."""
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(
+        f"""
+upstreams: [{{name: up, url: "http://127.0.0.1:3000"}}]
+cache: {{dir: "{tmp_path / "cache"}"}}
+client_auth:
+  enabled: true
+  htpasswd: users.htpasswd
+  tokens_env: SIDECAR_TEST_NO_SUCH_VARIABLE
+  realm: 'say "hi"'
+  trusted_networks: ["10.0.0.1/8"]
+  groups:
+    - {{name: networks, members: [alice]}}
+    - {{name: ops, members: ["bad name"]}}
+  access:
+    - {{modules: ["a.example"], allow: ["@nobody"]}}
+    - {{modules: ["b.example/[x"], allow: ["*"]}}
+    - {{modules: [], allow: []}}
+  endpoints: {{metrics: closed}}
+  throttle: {{max_failures: 0}}
+"""
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(str(cfg), env={})
+    found = {e.key: e.message for e in caught.value.errors}
+    assert found["client_auth.tokens_env"] == (
+        "environment variable SIDECAR_TEST_NO_SUCH_VARIABLE is not set"
+    )
+    assert found["client_auth.realm"].startswith("expected a realm without quotes")
+    assert found["client_auth.trusted_networks[0]"].startswith("not a network in CIDR form")
+    assert found["client_auth.groups[0].name"].startswith("is built in")
+    assert found["client_auth.groups[1].members[0]"].startswith("not a name")
+    assert found["client_auth.access[0].allow"] == "no such group: @nobody (see client_auth.groups)"
+    assert "client_auth.access[1].modules[0]" in found
+    assert found["client_auth.access[2].modules"] == "expected at least one module pattern"
+    assert found["client_auth.access[2].allow"] == "expected at least one name, @group or *"
+    assert found["client_auth.endpoints.metrics"].startswith("expected one of 'open'")
+    assert found["client_auth.throttle.max_failures"] == "expected an integer >= 1, got 0"
+
+
+def test_credential_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "conf" / "sidecar.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(
+        f"""
+upstreams: [{{name: up, url: "http://127.0.0.1:3000"}}]
+cache: {{dir: "{tmp_path / "cache"}"}}
+client_auth: {{enabled: true, htpasswd: users, admin: {{tokens_file: admins.tokens}}}}
+"""
+    )
+    auth = load_config(str(cfg), env={}).client_auth
+    assert auth.htpasswd == str(cfg.parent / "users")
+    assert auth.admin.tokens_file == str(cfg.parent / "admins.tokens")
+    assert load_config(None, env={}).client_auth == ClientAuthConfig()  # off by default
 
 
 def test_trusted_networks() -> None:

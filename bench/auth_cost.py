@@ -1,0 +1,318 @@
+"""What client authentication costs a cache hit (issue 17: at most 1.10x CPU).
+
+    python3 bench/auth_cost.py [--rounds 5] [--duration 5] [--connections 16]
+
+Two sidecars, each its own process on core 1, the same cache warmed with one
+small ``.info`` (a hit answered from memory, the cheapest request there is,
+so the check's share is the largest it can be):
+
+- ``open``: ``client_auth`` off;
+- ``auth``: ``client_auth`` on, an htpasswd file of bcrypt entries (cost 10),
+  an access rule on a private glob and a trusted network that does not match,
+  the credential verified once and then served from the credential cache.
+
+Load: ``wrk -t1 -c<connections>`` on core 0, the same URL on every request,
+``Authorization: Basic`` on the ``auth`` runs. The contenders alternate
+(open auth open auth ...). For each run: the sidecar's own CPU time
+(utime + stime from /proc) over the requests wrk completed. The table gives
+the medians and the auth/open ratio of CPU per request; the load average
+is printed with it (other work on the machine shifts both sides alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+INFO_PATH = "example.com/bench/auth/@v/v1.0.0.info"
+USER, PASSWORD = "bench", "bench-Pa55word"
+CONTENDERS = ("open", "auth")
+LOAD_CORE, SIDECAR_CORE = "0", "1"
+START_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", core, *argv] if taskset and (os.cpu_count() or 1) > 1 else argv
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"a process exited early ({proc.returncode})")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port} after {START_S:.0f} s")
+
+
+def config(mode: str, port: int, upstream: str, work: Path, cache: str = "") -> Any:
+    """The sidecar's Config, built as the tests build it."""
+    from sidecar.config import (
+        AccessRule,
+        CacheConfig,
+        ClientAuthConfig,
+        Config,
+        GroupConfig,
+        RoutingConfig,
+        UpstreamConfig,
+        VerifyConfig,
+        VerifyMode,
+    )
+
+    client_auth = ClientAuthConfig(
+        enabled=mode == "auth",
+        htpasswd=str(work / "htpasswd"),
+        trusted_networks=("10.0.0.0/8",),
+        groups=(GroupConfig("platform", (USER,)),),
+        access=(AccessRule(("corp.example/platform",), ("@platform",)),),
+    )
+    return Config(
+        listen=f"127.0.0.1:{port}",
+        upstreams=(UpstreamConfig(name="up", url=upstream),),
+        cache=CacheConfig(dir=str(work / f"cache-{mode}{cache}")),
+        routing=RoutingConfig(private=("corp.example",)),
+        verify=VerifyConfig(mode=VerifyMode.OFF),
+        client_auth=client_auth,
+    )
+
+
+def serve(mode: str, port: int, upstream: str, work: Path) -> None:
+    """The child: one sidecar until killed."""
+    import asyncio
+
+    from sidecar.app import SidecarService, build_sidecar
+
+    cfg = config(mode, port, upstream, work)
+
+    async def run() -> None:
+        service = SidecarService(build_sidecar(cfg))
+        await service.start("127.0.0.1", port)
+        await asyncio.Event().wait()
+
+    try:
+        import uvloop
+
+        uvloop.run(run())
+    except ImportError:
+        asyncio.run(run())
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, seconds: float, connections: int, headers: list[str]) -> int:
+    """Requests wrk completed (non-2xx fail the run)."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    for header in headers:
+        argv += ["-H", header]
+    out = subprocess.run(
+        pinned(LOAD_CORE, [*argv, f"http://127.0.0.1:{port}/{INFO_PATH}"]),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw failures:\n{out}")
+    match = re.search(r"(\d+) requests in", out)
+    if match is None:
+        raise SystemExit(f"cannot read wrk's output:\n{out}")
+    return int(match.group(1))
+
+
+class MemoryConnection:
+    """What an Exchange writes to, without a socket: the handler's own work alone."""
+
+    def __init__(self) -> None:
+        from sidecar.server.exchange import DateHeader
+
+        self.date = DateHeader()
+        self.closing = False
+        self.peer = "127.0.0.1"
+        self.credential: Any = None
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def check_open(self) -> None:
+        return None
+
+
+def in_process(upstream: str, work: Path, rounds: int, headers: dict[str, list[str]]) -> None:
+    """Both sidecars in this process: CPU of ``answer_now`` per hit, no sockets."""
+    import asyncio
+
+    from sidecar.app import SidecarService, build_sidecar
+    from sidecar.server.exchange import Exchange
+
+    raw: dict[str, list[tuple[bytes, bytes]]] = {}
+    for mode in CONTENDERS:
+        raw[mode] = [(b"Host", b"127.0.0.1")]
+        for header in headers[mode]:
+            name, _, value = header.partition(": ")
+            raw[mode].append((name.encode(), value.encode()))
+    target = f"/{INFO_PATH}"
+    n = 100_000
+
+    async def measure() -> dict[str, list[float]]:
+        services = {}
+        for mode in CONTENDERS:
+            service = SidecarService(build_sidecar(config(mode, 0, upstream, work, "-inproc")))
+            await service.start("127.0.0.1", 0)
+            services[mode] = service
+        conn: Any = MemoryConnection()
+        try:
+            for mode, service in services.items():  # warm: the entry, the credential
+                ex = Exchange(conn, "GET", target, raw[mode], True, True)
+                if not service.answer_now(ex):
+                    await service.handle(ex)
+            out: dict[str, list[float]] = {m: [] for m in CONTENDERS}
+            for _ in range(rounds):
+                for mode, service in services.items():
+                    answer, lines = service.answer_now, raw[mode]
+                    started = time.process_time()
+                    for _ in range(n):
+                        ex = Exchange(conn, "GET", target, lines, True, True)
+                        answer(ex)
+                    out[mode].append((time.process_time() - started) / n * 1e6)
+                    assert ex.status == 200, ex.status
+            return out
+        finally:
+            for service in services.values():
+                await service.stop(0)
+
+    per_hit = asyncio.run(measure())
+    report("in process (answer_now, no sockets)", per_hit)
+
+
+def report(what: str, per_request: dict[str, list[float]]) -> None:
+    open_us = statistics.median(per_request["open"])
+    auth_us = statistics.median(per_request["auth"])
+    ratios = [a / o for a, o in zip(per_request["auth"], per_request["open"], strict=True)]
+    print(
+        f"{what}: open {open_us:.2f} µs/hit, auth {auth_us:.2f} µs/hit, "
+        f"ratio {auth_us / open_us:.3f} (per round {', '.join(f'{r:.3f}' for r in ratios)}; "
+        "target <= 1.10)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--serve", nargs=4, metavar=("MODE", "PORT", "UPSTREAM", "WORK"))
+    args = p.parse_args(argv)
+    if args.serve:
+        mode, port, upstream, work = args.serve
+        serve(mode, int(port), upstream, Path(work))
+        return 0
+    for tool in ("wrk", "htpasswd"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found: run scripts/debian-deps.sh")
+    with tempfile.TemporaryDirectory(prefix="auth-cost-") as tmp:
+        return run(Path(tmp), args)
+
+
+def run(work: Path, args: argparse.Namespace) -> int:
+    subprocess.run(
+        ["htpasswd", "-cbB", "-C", "10", str(work / "htpasswd"), USER, PASSWORD],
+        check=True,
+        capture_output=True,
+    )
+    tree = work / "tree"
+    (tree / INFO_PATH).parent.mkdir(parents=True)
+    (tree / INFO_PATH).write_text('{"Version":"v1.0.0","Time":"2025-01-01T00:00:00Z"}')
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        up_port = free_port()
+        upstream = subprocess.Popen(
+            pinned(
+                LOAD_CORE, [sys.executable, "-m", "http.server", str(up_port), "-b", "127.0.0.1"]
+            ),
+            cwd=tree,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(upstream)
+        wait_port(up_port, upstream)
+        ports: dict[str, int] = {}
+        pids: dict[str, int] = {}
+        for mode in CONTENDERS:
+            ports[mode] = free_port()
+            child = subprocess.Popen(
+                pinned(
+                    SIDECAR_CORE,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--serve",
+                        mode,
+                        str(ports[mode]),
+                        f"http://127.0.0.1:{up_port}",
+                        str(work),
+                    ],
+                ),
+                stderr=subprocess.DEVNULL,
+            )
+            procs.append(child)
+            pids[mode] = child.pid
+            wait_port(ports[mode], child)
+        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        headers = {"open": [], "auth": [f"Authorization: Basic {token}"]}
+        for mode in CONTENDERS:  # warm: the cache entry, and the credential's one bcrypt
+            wrk(ports[mode], 1, 1, headers[mode])
+        per_request: dict[str, list[float]] = {m: [] for m in CONTENDERS}
+        for round_ in range(args.rounds):
+            for mode in CONTENDERS:
+                before = cpu_seconds(pids[mode])
+                done = wrk(ports[mode], args.duration, args.connections, headers[mode])
+                used = cpu_seconds(pids[mode]) - before
+                per_request[mode].append(used / done * 1e6)
+                print(
+                    f"round {round_ + 1} {mode:4}: {done:7d} requests, "
+                    f"{used:6.2f} s CPU, {used / done * 1e6:6.2f} µs/request"
+                )
+        report("end to end (wrk, sidecar process CPU)", per_request)
+        in_process(f"http://127.0.0.1:{up_port}", work, args.rounds, headers)
+        print(f"load average: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+        return 0
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
