@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import socket
-import statistics
 import subprocess
 import time
 import urllib.request
@@ -451,33 +450,13 @@ async def test_breaker_settings_agree(
     assert embedded.breaker_settings() == opa_engine.breaker_settings() == (30.0, 5)
 
 
-async def test_evaluation_time_over_5_upstreams(
-    embedded: EmbeddedEngine, opa_engine: OpaServerEngine, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Median of 50 evaluations; printed for bench/README (run with -s to see it)."""
-    medians = {}
-    for engine in (embedded, opa_engine):
-        await engine.evaluate(FIVE)  # warm up
-        times = []
-        for _ in range(50):
-            started = time.perf_counter()
-            await engine.evaluate(FIVE)
-            times.append((time.perf_counter() - started) * 1000)
-        medians[engine.name] = statistics.median(times)
-    with capsys.disabled():
-        print(
-            "\npolicy evaluation, 5 upstreams, median of 50: "
-            + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
-        )
-    # Generous bounds: a tenth of the default 1 s interval.
-    assert all(ms < 100 for ms in medians.values()), medians
-
-
 # --- OPA engine failure modes ------------------------------------------------------
 
 
 async def test_opa_down_fails_fast() -> None:
-    engine = OpaServerEngine(f"http://127.0.0.1:{free_port()}", DECISION, timeout=1.0)
+    # A refused connection is an answer: the evaluation must not wait out its timeout.
+    timeout = 30.0
+    engine = OpaServerEngine(f"http://127.0.0.1:{free_port()}", DECISION, timeout=timeout)
     warning = await engine.load()
     assert warning is not None
     assert "not usable yet" in warning
@@ -485,7 +464,7 @@ async def test_opa_down_fails_fast() -> None:
     started = time.perf_counter()
     with pytest.raises(PolicyEvalError, match=r"asking http://127\.0\.0\.1:"):
         await engine.evaluate(SMOKE_INPUT)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < timeout / 2
     await engine.close()
 
 
@@ -511,7 +490,7 @@ async def test_slow_opa_times_out() -> None:
         with pytest.raises(PolicyEvalError, match="timed out") as caught:
             await engine.evaluate(SMOKE_INPUT)
         elapsed = time.perf_counter() - started
-        assert 0.25 < elapsed < 1.5, elapsed
+        assert 0.25 < elapsed < 4, elapsed  # its timeout, not the server's 5 s
         assert isinstance(caught.value.__cause__, TimeoutError)
     finally:
         await engine.close()

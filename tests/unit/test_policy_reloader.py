@@ -30,15 +30,21 @@ THRESHOLDS = """sidecar:
 Calls = list[tuple[bool, str | None]]
 
 
+# The tests that call poll_once themselves must not race the reloader's own
+# polling task (it would take the change first, now and then): it waits an hour.
+POLL_BY_HAND = 3600.0
+POLL_FAST = 0.02
+
+
 class Harness:
-    def __init__(self, policy_dir: Path) -> None:
+    def __init__(self, policy_dir: Path, poll_interval: float) -> None:
         self.dir = policy_dir
         self.calls: Calls = []
         self.metrics = Metrics()
         self.reloader = PolicyReloader(
             lambda: EmbeddedEngine([str(policy_dir)], DECISION),
             [str(policy_dir)],
-            poll_interval=0.02,
+            poll_interval=poll_interval,
             on_reload=self.on_reload,
             metrics=self.metrics,
         )
@@ -65,13 +71,25 @@ class Harness:
         return value or 0.0
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+async def started(tmp_path: Path, poll_interval: float) -> Harness:
     policy_dir = tmp_path / "policies"
     shutil.copytree(REPO_POLICIES, policy_dir)
-    h = Harness(policy_dir)
+    h = Harness(policy_dir, poll_interval)
     h.set_thresholds(800)
     await h.reloader.start()
+    return h
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = await started(tmp_path, POLL_BY_HAND)
+    yield h
+    await h.reloader.close()
+
+
+@pytest.fixture
+async def polling_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = await started(tmp_path, POLL_FAST)
     yield h
     await h.reloader.close()
 
@@ -131,7 +149,8 @@ async def test_refused_data_file_is_reported_with_its_line(harness: Harness) -> 
     assert error.startswith(f"{thresholds}:3: "), error
 
 
-async def test_polling_task_reloads_by_itself(harness: Harness) -> None:
+async def test_polling_task_reloads_by_itself(polling_harness: Harness) -> None:
+    harness = polling_harness
     harness.set_thresholds(600)
     await asyncio.wait_for(harness.reloaded.wait(), 5)
     assert harness.calls == [(True, None)]
