@@ -456,7 +456,7 @@ def test_slow_headers_and_slow_bodies_time_out(run) -> None:
             started = loop.time()
             with pytest.raises(UpstreamTimeout) as err:
                 await up.open("m/@v/list")
-            assert 0.25 < loop.time() - started < 1.0
+            assert 0.25 < loop.time() - started < 4  # its timeout, not the server's 5 s
             assert "first byte" in err.value.message and up.active == 0
         async with raw_server(stalled_body) as url, upstream(url, idle=0.3) as up:
             resp = await up.open("m/@v/list")
@@ -464,7 +464,7 @@ def test_slow_headers_and_slow_bodies_time_out(run) -> None:
             with pytest.raises(UpstreamTimeout) as err:
                 async for _ in resp.chunks():
                     pass
-            assert 0.25 < loop.time() - started < 1.0
+            assert 0.25 < loop.time() - started < 4
             assert "idle" in err.value.message
             resp.release(reuse=False)
             assert up.active == 0
@@ -512,7 +512,7 @@ def test_a_connect_that_hangs_times_out(run) -> None:
             started = loop.time()
             with pytest.raises(UpstreamTimeout) as err:
                 await up.open("m/@v/list")
-            assert loop.time() - started < 1.5
+            assert loop.time() - started < 4  # the connect timeout, not first_byte's 5 s
             assert "connect" in err.value.message and up.active == 0
             assert opened(up) == 0 and pool_size(up) == 0
 
