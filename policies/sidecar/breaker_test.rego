@@ -232,6 +232,11 @@ cases := {
 		"allow", false,
 	],
 	"masking exactly half": [upstream({"masked_failures": 50, "requests": 100, "series": masking(2, 25)}), "allow", false],
+	# the rate of the span, not of the window: healthy minutes before the fault do not hold it off
+	"masking for 20 s after 100 s of healthy traffic": [
+		upstream({"masked_failures": 100, "requests": 600, "series": array.concat(masking(2, 50), array.slice(series(12, 100), 2, 12))}),
+		"reroute", false,
+	],
 	"masked failures, no requests in the window": [upstream({"masked_failures": 12, "requests": 0, "series": masking(2, 50)}), "allow", false],
 	"no series, no pool, no requests": [{"role": "primary"}, "allow", false],
 	# integrity: one body that failed the checksum database reroutes and alerts
@@ -372,7 +377,7 @@ test_reasons_of_the_sequence_rules if {
 	decisions.dead.reason == "7 failures in a row (>= 5)"
 	decisions.hung.reason == "stalled: no answer for 4210ms (> 3000ms), 5 requests asked, 3 waiting"
 	decisions.hedged.reason == "stalled: no answer for 1250ms (> 1000ms), 6 requests asked, 0 waiting, 4 answered by the next upstream"
-	decisions.masking.reason == "masked failures: 87.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
+	decisions.masking.reason == "masked failures: 88.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
 	decisions.all.action == "cache"
 	decisions.all.reason == "5 failures in a row (>= 5); also stalled: no answer for 3001ms (> 3000ms), 2 requests asked, 2 waiting; also masked failures: 100.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
 }

@@ -10,7 +10,7 @@
 #     consecutive  consecutive_failures failures in a row          -> cache
 #     stalled      no answer for stall_ms, stall_requests asked    -> reroute
 #                  (stall_hedged_ms once stall_hedges hedges won)
-#     masked       masked failures > masked_failure_rate           -> reroute
+#     masked       masked failures > masked_failure_rate (span)    -> reroute
 #     latency      TTFB P99 > ttfb_p99_ms for ttfb_p99_for_s       -> reroute
 #   Every rule over rates and percentiles must hold in every slice of its
 #   span, the span is never shorter than min_span_s nor than two slices: one
@@ -191,13 +191,17 @@ overtaken_note(waits) := sprintf(", %d answered by the next upstream", [round(wa
 # what this one "does not have" is a failure in disguise; every request of it
 # costs a round trip before the backup. Module requests only (the input's
 # sumdb has none): a proxy that does not serve sumdb/ answers 404 by design.
+# The rate is judged over the span, not the window: two minutes of healthy
+# traffic before the fault would otherwise hold it off for as long again.
 finding(u, "masked") := msg if {
 	u.masked_failures >= thresholds.min_masked_failures
 	u.requests > 0
-	u.masked_failures > thresholds.masked_failure_rate * u.requests
 	span := sustained(u, "masked", thresholds.min_span_s)
+	asked := sum([s.requests | some s in span])
+	asked > 0
+	masked := sum([n | some s in span; n := object.get(s, "masked_failures", 0)])
 	msg := sprintf("masked failures: %s of %d requests were 404s a later upstream served (> %s), for %ds", [
-		percent(u.masked_failures / u.requests), round(u.requests),
+		percent(masked / asked), round(asked),
 		percent(thresholds.masked_failure_rate), span_seconds(u, span),
 	])
 }
