@@ -372,12 +372,14 @@ test_reasons_of_the_sequence_rules if {
 		"hung": upstream({"inflight": {"count": 3, "oldest_ms": 4210.4, "silent_ms": 4210.4, "unanswered": 5}}),
 		"hedged": upstream({"inflight": {"count": 0, "oldest_ms": 0, "silent_ms": 1250.2, "unanswered": 6, "overtaken": 4.0}}),
 		"masking": upstream({"masked_failures": 87.0, "requests": 100.0, "series": masking(2, 44)}),
+		"edge": upstream({"masked_failures": 101, "requests": 100, "series": [object.union(s, {"masked_failures": 51}) | some s in masking(2, 50)]}),
 		"all": upstream({"consecutive_failures": 5, "inflight": waiting(2, 3001, 2), "masked_failures": 100, "requests": 100, "series": masking(12, 50)}),
 	}}
 	decisions.dead.reason == "7 failures in a row (>= 5)"
 	decisions.hung.reason == "stalled: no answer for 4210ms (> 3000ms), 5 requests asked, 3 waiting"
 	decisions.hedged.reason == "stalled: no answer for 1250ms (> 1000ms), 6 requests asked, 0 waiting, 4 answered by the next upstream"
 	decisions.masking.reason == "masked failures: 88.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
+	decisions.edge.reason == "masked failures: 100.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
 	decisions.all.action == "cache"
 	decisions.all.reason == "5 failures in a row (>= 5); also stalled: no answer for 3001ms (> 3000ms), 2 requests asked, 2 waiting; also masked failures: 100.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
 }

@@ -201,7 +201,7 @@ finding(u, "masked") := msg if {
 	asked > 0
 	masked := sum([n | some s in span; n := object.get(s, "masked_failures", 0)])
 	msg := sprintf("masked failures: %s of %d requests were 404s a later upstream served (> %s), for %ds", [
-		percent(masked / asked), round(asked),
+		percent(at_most(1, masked / asked)), round(asked),
 		percent(thresholds.masked_failure_rate), span_seconds(u, span),
 	])
 }
@@ -281,6 +281,13 @@ lowest(xs) := x if {
 at_least(floor_value, x) := x if x >= floor_value
 
 else := floor_value
+
+# A masked failure is counted when the later upstream's answer lands, its
+# request when the 404 did: a slice edge between them may put more of the
+# first than of the second in a span.
+at_most(ceiling, x) := x if x <= ceiling
+
+else := ceiling
 
 span_seconds(u, span) := round(count(span) * slice_width(u))
 
