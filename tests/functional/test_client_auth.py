@@ -383,3 +383,22 @@ async def test_behind_a_proxy_the_forwarded_client_is_counted(guarded: Any) -> N
     assert await raw_get(port, "127.0.0.2", via_proxy("10.9.8.7", {})) == 401
     door = service.door
     assert door is not None and len(door.throttle) == 1
+
+
+async def test_a_change_is_reloaded_once_it_has_settled(
+    guarded: Any, files: dict[str, Path]
+) -> None:
+    client, _, service = await guarded()
+    reloader = service._credentials
+    assert reloader is not None
+    assert await reloader.poll_once() is None  # nothing changed
+    htpasswd(files["htpasswd"], {"carol": "carol-Pa55word"})
+    assert await reloader.poll_once() is None  # changed: one more poll to settle
+    assert (await get(client, PUBLIC, basic("carol", "carol-Pa55word"))).status == 401
+    assert await reloader.poll_once() is True
+    assert (await get(client, PUBLIC, basic("carol", "carol-Pa55word"))).status == 200
+    files["htpasswd"].write_text(files["htpasswd"].read_text() + "dave:plain\n")
+    assert await reloader.poll_once() is None
+    assert await reloader.poll_once() is False  # refused; the same content is not retried
+    assert await reloader.poll_once() is None
+    assert (await get(client, PUBLIC, ALICE)).status == 200
