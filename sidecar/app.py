@@ -39,6 +39,7 @@ from sidecar.proxy.internal import direct_fetch, handler_fetch
 from sidecar.proxy.recorder import Recorder, queue_wait_sink
 from sidecar.routing import Router
 from sidecar.server import Exchange, Server
+from sidecar.server.tls import ListenerTls
 from sidecar.stats.window import Clock, UpstreamWindow
 from sidecar.upstreams import Upstream
 
@@ -184,6 +185,7 @@ class SidecarService:
         self.door: FrontDoor | None = None
         self._needs: dict[str, EndpointAccess] = {}  # endpoint path -> its rule
         self._credentials: CredentialReloader | None = None
+        self.tls: ListenerTls | None = None  # HTTPS (tls), opened by start(): it reads files
 
     @property
     def port(self) -> int:
@@ -239,6 +241,10 @@ class SidecarService:
             self._needs = {path: door.endpoint_need(path) for path in self.endpoints}
             self._credentials = reloader
             reloader.start()
+        if self.sidecar.config.tls.enabled:
+            self.tls = await asyncio.to_thread(ListenerTls, self.sidecar.config.tls)
+            self.server.tls = self.tls.listener
+            self.tls.start()
         await _start(self.sidecar)
         if self._sumdb_upstream is not None:
             await self._sumdb_upstream.start()
@@ -267,12 +273,22 @@ class SidecarService:
             await self._credentials.close()
         if self.door is not None:
             self.door.close()
+        if self.tls is not None:
+            await self.tls.close()
 
     def reload_credentials(self) -> None:
         """SIGHUP: reread the client credential files now."""
         if self._credentials is not None:
             log.info("SIGHUP: reloading client credentials")
             task = asyncio.get_running_loop().create_task(self._credentials.reload_now())
+            self.sidecar.background.add(task)
+            task.add_done_callback(self.sidecar.background.discard)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: reload the listener's certificate and key now."""
+        if self.tls is not None:
+            log.info("SIGHUP: reloading the TLS certificate")
+            task = asyncio.get_running_loop().create_task(self.tls.reload_now())
             self.sidecar.background.add(task)
             task.add_done_callback(self.sidecar.background.discard)
 
@@ -317,6 +333,7 @@ async def _stop(sidecar: Sidecar) -> None:
 
 def _reload_on_hup(service: SidecarService) -> None:
     service.reload_credentials()
+    service.reload_tls()
     sidecar = service.sidecar
     if sidecar.policy is not None:
         log.info("SIGHUP: reloading policy")

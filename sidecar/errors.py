@@ -164,6 +164,17 @@ class AuthFileError(SidecarError):
         super().__init__(f"{where}: {message}")
 
 
+class TlsError(SidecarError):
+    """The listener's certificate or key was refused; ``key`` is the config key
+    (``certificate`` or ``key``) whose file is at fault, ``file`` that file."""
+
+    def __init__(self, key: str, file: str, message: str) -> None:
+        self.key = key
+        self.file = file
+        self.message = message
+        super().__init__(f"tls.{key}: {message}")
+
+
 class PolicyError(SidecarError):
     """Base of policy loading and evaluation errors."""
 

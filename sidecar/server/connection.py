@@ -34,6 +34,7 @@ log = logging.getLogger("sidecar.server")
 
 PIPELINE_DEPTH: Final = 16
 SENDFILE_MAX: Final = 4 * 1024 * 1024  # per sendfile(2): other clients get a turn
+COPY_CHUNK: Final = 256 * 1024  # per read of a file copied over TLS: the buffer one client holds
 # After a refusal, what the client still sends is read and dropped for a
 # moment: closing with unread input resets the connection, and a client still
 # sending could lose the refusal. Bounded in time and bytes.
@@ -402,6 +403,9 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.closed:
             raise ConnectionResetError("the client closed the connection")
+        if self._server.tls is not None:
+            await self._copy_file(fobj, offset, count)
+            return
         # sendfile bypasses the transport: progress is watched through TCP_INFO.
         self._sending_file = True
         if self._send is not None:
@@ -421,6 +425,21 @@ class Connection(asyncio.Protocol):
                 self._send.unwatch()
         if sent != count:
             raise OSError(f"file ended {count - sent} bytes early")
+
+    async def _copy_file(self, fobj: Any, offset: int, count: int) -> None:
+        """Over TLS: sendfile(2) would put the file's plaintext on the encrypted
+        stream, so it goes through the transport in bounded chunks, each read
+        in a worker thread (the transport's flow control, and the send
+        timeout with it, apply as to any streamed answer)."""
+        fobj.seek(offset)
+        done = 0
+        while done < count:
+            chunk = await self._loop.run_in_executor(None, fobj.read, min(count - done, COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"file ended {count - done} bytes early")
+            self.write(chunk)
+            done += len(chunk)
+            await self.drain()
 
     async def _sendfile_polled(
         self, transport: asyncio.Transport, fobj: Any, offset: int, count: int

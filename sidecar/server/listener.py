@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 from sidecar.errors import ListenError
 from sidecar.server.connection import Connection
 from sidecar.server.exchange import DateHeader, Exchange
+from sidecar.server.tls import HANDSHAKE_TIMEOUT_S
 
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections are closed after this (as aiohttp)
 SEND_TIMEOUT_S: Final = 60.0  # a client that takes no bytes for this long is dropped (as nginx)
@@ -32,7 +34,8 @@ class Server:
     """``handler`` answers every request; ``answer_now``, if given, may answer
     one synchronously (True) before a task is made for it. A client that
     takes none of its answer's bytes for ``send_timeout_s`` is dropped, and
-    its handler cancelled."""
+    its handler cancelled. With ``tls`` it serves HTTPS only; a handshake
+    that takes longer than ``handshake_timeout_s`` is cut."""
 
     def __init__(
         self,
@@ -40,11 +43,15 @@ class Server:
         answer_now: AnswerNow | None = None,
         keepalive_s: float = KEEPALIVE_S,
         send_timeout_s: float = SEND_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     ) -> None:
         self.handler = handler
         self.answer_now = answer_now
         self.keepalive_s = keepalive_s
         self.send_timeout_s = send_timeout_s
+        self.tls = tls
+        self.handshake_timeout_s = handshake_timeout_s
         self.connections: set[Connection] = set()
         self.date = DateHeader()
         self.closing = False
@@ -66,12 +73,22 @@ class Server:
         self, host: str | None = None, port: int | None = None, sock: socket.socket | None = None
     ) -> None:
         loop = asyncio.get_running_loop()
+        tls = self.tls
+        handshake = self.handshake_timeout_s if tls is not None else None
         if sock is not None:
-            self._listener = await loop.create_server(self, sock=sock, backlog=1024)
+            self._listener = await loop.create_server(
+                self, sock=sock, backlog=1024, ssl=tls, ssl_handshake_timeout=handshake
+            )
         else:
             try:
                 self._listener = await loop.create_server(
-                    self, host, port or 0, backlog=1024, reuse_address=True
+                    self,
+                    host,
+                    port or 0,
+                    backlog=1024,
+                    reuse_address=True,
+                    ssl=tls,
+                    ssl_handshake_timeout=handshake,
                 )
             except OSError as exc:
                 raise ListenError(_address(host, port or 0), _reason(exc)) from exc

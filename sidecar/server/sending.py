@@ -69,7 +69,8 @@ class SendWatch:
     def _taken(self) -> int:
         """Grows while the client takes bytes: what it acknowledged (Linux's
         TCP_INFO; it also covers sendfile) less what still waits in the
-        transport's buffer."""
+        transport's buffer. Over TLS the transport still gives the TCP
+        socket: what it counts is ciphertext, which grows just as well."""
         acked = 0
         sock = self._transport.get_extra_info("socket")
         if _TCP_INFO is not None and sock is not None:

@@ -1,9 +1,9 @@
 """The real go command through the authenticating sidecar (issue 17).
 
 The go command sends ``.netrc``/``GOAUTH`` credentials over HTTPS only
-(cmd/go/internal/web: ``if url.Scheme == "https"``), so, as in production,
-TLS is terminated in front of the sidecar: here by a real nginx with a
-self-signed certificate the go command trusts through ``SSL_CERT_FILE``.
+(cmd/go/internal/web: ``if url.Scheme == "https"``), so the sidecar serves
+HTTPS itself (``tls``), with a self-signed certificate the go command trusts
+through ``SSL_CERT_FILE``.
 Credentials live in a ``.netrc`` named by ``NETRC``, with ``GOAUTH=netrc``;
 the htpasswd file is made by `htpasswd -B`. The upstream is a loopback
 GOPROXY serving three modules (one public, two private) and records every
@@ -13,22 +13,15 @@ request: refused builds must reach nothing.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import io
-import ipaddress
-import os
 import subprocess
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from sidecar.auth.tokens import token_line
 from sidecar.config import (
@@ -37,10 +30,11 @@ from sidecar.config import (
     ClientAuthConfig,
     GroupConfig,
     RoutingConfig,
+    TlsConfig,
     UpstreamConfig,
 )
 from tests.conftest import FAST_TIMEOUTS
-from tests.e2e.processes import Procs, free_port, wait_http
+from tests.functional.test_upstream_client_tls import self_signed
 from tests.sumdb.gosumdb import go_env
 from tests.tools import require_tool
 from tests.upstream import FakeGoproxy
@@ -67,7 +61,7 @@ import (
 func main() { fmt.Println("built with", pub.Name, api.Name, util.Name) }
 """
 GO_DEADLINE_S = 180
-HOSTPORT = "front.invalid:0"  # replaced by the front's address in each run
+HOSTPORT = "front.invalid:0"  # replaced by the sidecar's address in each run
 
 
 def module_files(module: str, source: str) -> dict[str, bytes]:
@@ -89,74 +83,7 @@ def module_files(module: str, source: str) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    folder = tmp_path_factory.mktemp("tls")
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-def tls_front_conf(prefix: Path, port: int, backend: int, cert: tuple[Path, Path]) -> str:
-    """nginx terminating TLS in front of the sidecar, as an ingress would."""
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    return f"""{user}daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {cert[0]};
-        ssl_certificate_key {cert[1]};
-        location / {{
-            proxy_pass http://127.0.0.1:{backend};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header X-Forwarded-For $remote_addr;
-        }}
-    }}
-}}
-"""
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    started = Procs(logs)
-    yield started
-    started.stop_all()
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @dataclass
@@ -167,14 +94,9 @@ class Front:
 
 @pytest.fixture
 async def front(
-    fake_upstreams: Any,
-    sidecar_client: Any,
-    procs: Procs,
-    cert: tuple[Path, Path],
-    tmp_path: Path,
+    fake_upstreams: Any, sidecar_client: Any, cert: tuple[Path, Path], tmp_path: Path
 ) -> AsyncIterator[Front]:
     tool = require_tool("htpasswd")
-    nginx = require_tool("nginx")
     require_tool("go")
     users = tmp_path / "htpasswd"
     for i, (user, password) in enumerate(PASSWORDS.items()):
@@ -195,39 +117,15 @@ async def front(
             enabled=True,
             htpasswd=str(users),
             tokens_file=str(tokens),
-            forwarded_by=("127.0.0.1/32",),  # the TLS front
             groups=(GroupConfig("platform", ("alice",)),),
             access=(
                 AccessRule(("corp.example/platform",), ("@platform",)),
                 AccessRule(("corp.example/shared",), ("*",)),
             ),
         ),
+        tls=TlsConfig(certificate=str(cert[0]), key=str(cert[1])),
     )
-    prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(tls_front_conf(prefix, port, client.server.port, cert))
-    proc = procs.start("tls-front", [str(nginx), "-p", str(prefix), "-c", str(conf)])
-    await wait_http(f"http://127.0.0.1:{client.server.port}/healthz", 20, proc)
-    front_url = f"https://127.0.0.1:{port}"
-    await asyncio.to_thread(_wait_tls, port)
-    yield Front(front_url, fake)
-
-
-def _wait_tls(port: int) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    yield Front(f"https://127.0.0.1:{client.server.port}", fake)
 
 
 def go(
@@ -275,7 +173,7 @@ def app(tmp_path: Path, name: str) -> Path:
 
 
 def netrc(user: str, password: str) -> str:
-    """A .netrc entry for the front. Its machine is host:port: since GOAUTH (Go 1.24)
+    """A .netrc entry for the sidecar. Its machine is host:port: since GOAUTH (Go 1.24)
     the go command looks credentials up by URL prefix, port included."""
     return f"machine {HOSTPORT}\nlogin {user}\npassword {password}\n"
 

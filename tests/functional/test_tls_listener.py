@@ -1,0 +1,285 @@
+"""HTTPS on the GOPROXY port (``tls``): hits, misses and large files over TLS,
+the certificate reloaded for new connections, bad pairs refused at load and
+on reload, plain HTTP and silent handshakes cut.
+
+Certificates are self-signed, made here (``self_signed``); clients trust them
+as their CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from cryptography import x509
+
+from sidecar.app import SidecarService, build_sidecar
+from sidecar.config import CacheConfig, TlsConfig, load_config
+from sidecar.errors import ConfigErrors, TlsError
+from sidecar.server import Exchange, Server
+from sidecar.server.tls import ListenerTls
+from tests.adversarial.rawhttp import read_response
+from tests.adversarial.rawhttp import request as get
+from tests.conftest import make_config
+from tests.functional.test_upstream_client_tls import self_signed
+from tests.upstream import FakeGoproxy
+
+BIG = os.urandom(3 * 1024 * 1024 + 17)  # several copy chunks, not a multiple of one
+ZIP = "example.com/big/@v/v1.0.0.zip"
+INFO = "example.com/big/@v/v1.0.0.info"
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    """The live files the config names; ``make`` other pairs and copy them over."""
+    live = tmp_path / "live"
+    live.mkdir()
+    return self_signed(live, "first")
+
+
+def make(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    folder = tmp_path / name
+    folder.mkdir()
+    return self_signed(folder, name)
+
+
+def install(new: tuple[Path, Path], live: tuple[Path, Path]) -> None:
+    shutil.copyfile(new[0], live[0])
+    shutil.copyfile(new[1], live[1])
+
+
+def trusting(*certs: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    for cert in certs:
+        context.load_verify_locations(cafile=str(cert))
+    return context
+
+
+def peer_name(writer: asyncio.StreamWriter) -> str:
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    [attribute] = x509.load_der_x509_certificate(der).subject
+    return str(attribute.value)
+
+
+@pytest.fixture
+async def tls_sidecar(
+    fake_upstreams: Any, pair: tuple[Path, Path], tmp_path: Path
+) -> AsyncIterator[tuple[SidecarService, FakeGoproxy]]:
+    [(fake, url)] = await fake_upstreams(1)
+    fake.set(INFO, b'{"Version":"v1.0.0"}')
+    fake.set(ZIP, BIG)
+    config = make_config(
+        [url],
+        tmp_path,
+        cache=CacheConfig(dir=str(tmp_path / "cache")),
+        tls=TlsConfig(certificate=str(pair[0]), key=str(pair[1])),
+    )
+    service = SidecarService(build_sidecar(config))
+    service.server.handshake_timeout_s = 1.0  # the silent-client test waits this out
+    await service.start("127.0.0.1", 0)
+    try:
+        yield service, fake
+    finally:
+        await service.stop(2.0)
+
+
+async def fetch(port: int, path: str, context: ssl.SSLContext) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"https://127.0.0.1:{port}/{path}", ssl=context) as response,
+    ):
+        return response.status, await response.read()
+
+
+async def test_hits_and_misses_are_served_over_https(
+    tls_sidecar: tuple[SidecarService, FakeGoproxy], pair: tuple[Path, Path]
+) -> None:
+    service, fake = tls_sidecar
+    context = trusting(pair[0])
+    assert await fetch(service.port, INFO, context) == (200, b'{"Version":"v1.0.0"}')
+    assert await fetch(service.port, INFO, context) == (200, b'{"Version":"v1.0.0"}')
+    assert fake.received.count(INFO) == 1  # the second was a hit
+
+
+async def test_a_large_zip_hit_arrives_intact_over_tls(
+    tls_sidecar: tuple[SidecarService, FakeGoproxy], pair: tuple[Path, Path]
+) -> None:
+    """A hit is sent with sendfile(2) on plain HTTP: over TLS it must be copied
+    through the transport, or the client would read plaintext as records."""
+    service, fake = tls_sidecar
+    context = trusting(pair[0])
+    want = hashlib.sha256(BIG).hexdigest()
+    for _ in range(2):  # a miss, then a hit from the cache's file
+        status, body = await fetch(service.port, ZIP, context)
+        assert status == 200 and len(body) == len(BIG)
+        assert hashlib.sha256(body).hexdigest() == want
+    assert fake.received.count(ZIP) == 1
+
+
+async def test_plain_http_and_a_silent_handshake_are_cut(
+    tls_sidecar: tuple[SidecarService, FakeGoproxy], pair: tuple[Path, Path]
+) -> None:
+    service, fake = tls_sidecar
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    writer.write(get(f"/{INFO}"))
+    assert not (await read_all(reader)).startswith(b"HTTP")
+    writer.close()
+    silent_r, silent_w = await asyncio.open_connection("127.0.0.1", service.port)
+    # Cut after the handshake timeout (1 s here), not held until the client gives up.
+    assert await asyncio.wait_for(silent_r.read(), 30) == b""
+    silent_w.close()
+    assert fake.received == []
+    assert await fetch(service.port, INFO, trusting(pair[0])) == (200, b'{"Version":"v1.0.0"}')
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await asyncio.wait_for(reader.read(), 30)
+    except ConnectionResetError:
+        return b""  # dropped: a reset is as good as a close
+
+
+async def open_tls(port: int, context: ssl.SSLContext) -> asyncio.StreamWriter:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    return writer
+
+
+async def test_a_reloaded_certificate_is_used_by_new_connections(
+    tls_sidecar: tuple[SidecarService, FakeGoproxy], pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    service, _ = tls_sidecar
+    tls = service.tls
+    assert tls is not None
+    second, third = make(tmp_path, "second"), make(tmp_path, "third")
+    context = trusting(pair[0], second[0], third[0])
+    before = await open_tls(service.port, context)
+    assert peer_name(before) == "first"
+
+    install(second, pair)  # found by the poller once the files have settled
+    for _ in range(400):
+        if tls.reloads:
+            break
+        await asyncio.sleep(0.1)
+    after = await open_tls(service.port, context)
+    assert peer_name(after) == "second"
+
+    # A key that does not match is refused; the pair in service stays.
+    shutil.copyfile(third[1], pair[1])
+    assert await tls.reload_now() is False
+    refused = await open_tls(service.port, context)
+    assert peer_name(refused) == "second"
+
+    shutil.copyfile(third[0], pair[0])  # the SIGHUP path: at once
+    assert await tls.reload_now() is True
+    assert peer_name(await open_tls(service.port, context)) == "third"
+    for writer in (before, after, refused):
+        writer.close()
+
+
+def write_config(tmp_path: Path, certificate: str, key: str) -> Path:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "upstreams: [{name: athens, url: 'http://127.0.0.1:3000'}]\n"
+        f"cache: {{dir: {tmp_path / 'cache'}}}\n"
+        f"tls: {{certificate: {certificate}, key: {key}}}\n"
+    )
+    return path
+
+
+def test_a_bad_pair_is_refused_at_load_naming_the_key(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    other = make(tmp_path, "other")
+    with pytest.raises(ConfigErrors) as mismatch:
+        load_config(str(write_config(tmp_path, str(pair[0]), str(other[1]))))
+    assert str(mismatch.value) == (
+        f"tls.key: {other[1]} does not match the certificate in {pair[0]}"
+    )
+    with pytest.raises(ConfigErrors) as missing:
+        load_config(str(write_config(tmp_path, "nowhere.pem", str(pair[1]))))
+    assert str(missing.value) == (
+        f"tls.certificate: cannot read {tmp_path / 'nowhere.pem'}: no such file or directory"
+    )
+    with pytest.raises(ConfigErrors) as swapped:
+        load_config(str(write_config(tmp_path, str(pair[1]), str(pair[0]))))
+    assert str(swapped.value) == f"tls.certificate: no PEM certificate in {pair[1]}"
+    # Relative to the config file, like the credential files.
+    config = load_config(str(write_config(tmp_path, "live/cert.pem", "live/key.pem")))
+    assert config.tls.certificate == str(pair[0]) and config.tls.key == str(pair[1])
+
+
+def test_check_reports_a_bad_pair_on_one_line(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    config = write_config(tmp_path, str(pair[0]), str(make(tmp_path, "other")[1]))
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    assert "tls.key:" in line and "does not match the certificate" in line
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_files_are_sent_whole_and_in_parts_over_tls_on_both_loops(
+    pair: tuple[Path, Path], tmp_path: Path, loop_factory: Any
+) -> None:
+    """The copy that replaces sendfile(2) over TLS, on both loops, keep-alive."""
+    path = tmp_path / "blob"
+    path.write_bytes(BIG)
+
+    async def scenario() -> None:
+        async def files(ex: Exchange) -> None:
+            first, last = (0, len(BIG) - 1) if ex.target == "/whole" else (1000, 2_500_000)
+            with open(path, "rb") as fobj:
+                await ex.start(200 if first == 0 else 206, {"Content-Type": "x"}, last - first + 1)
+                await ex.sendfile(fobj, first, last - first + 1)
+                await ex.end()
+
+        tls = ListenerTls(TlsConfig(certificate=str(pair[0]), key=str(pair[1])))
+        server = Server(files, tls=tls.listener)
+        await server.listen("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", server.port, ssl=trusting(pair[0])
+            )
+            writer.write(get("/whole") + get("/part"))
+            status, _, body = await read_response(reader)
+            assert status == 200 and body == BIG
+            status, _, body = await read_response(reader)
+            assert status == 206 and body == BIG[1000:2_500_001]
+            writer.close()
+        finally:
+            await server.close(1.0)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
+
+
+async def test_a_sidecar_whose_key_is_gone_does_not_start(
+    fake_upstreams: Any, pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A port meant for HTTPS never comes up as plain HTTP."""
+    [(_, url)] = await fake_upstreams(1)
+    tls = TlsConfig(certificate=str(pair[0]), key=str(pair[1]))
+    service = SidecarService(build_sidecar(make_config([url], tmp_path, tls=tls)))
+    pair[1].unlink()
+    try:
+        with pytest.raises(TlsError, match=f"^tls.key: cannot read {pair[1]}: no such file"):
+            await service.start("127.0.0.1", 0)
+        assert service.server.sockets == ()
+    finally:
+        await service.stop(0)
