@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from tests.adversarial.rawhttp import read_response
 from tests.adversarial.rawhttp import request as get
 from tests.conftest import make_config
 from tests.functional.test_upstream_client_tls import self_signed
+from tests.polling import until
 from tests.upstream import FakeGoproxy
 
 BIG = os.urandom(3 * 1024 * 1024 + 17)  # several copy chunks, not a multiple of one
@@ -165,12 +167,16 @@ async def test_a_reloaded_certificate_is_used_by_new_connections(
     context = trusting(pair[0], second[0], third[0])
     before = await open_tls(service.port, context)
     assert peer_name(before) == "first"
+    # The client's address under the TLS transport, for the front door's throttle.
+    await until("the server's side of the handshake", lambda: bool(service.server.connections))
+    assert {conn.peer for conn in service.server.connections} == {"127.0.0.1"}
 
     install(second, pair)  # found by the poller once the files have settled
-    for _ in range(400):
+    for _ in range(300):  # two polls of 2 s, bounded well past them for a loaded machine
         if tls.reloads:
             break
         await asyncio.sleep(0.1)
+    assert tls.reloads == 1
     after = await open_tls(service.port, context)
     assert peer_name(after) == "second"
 
@@ -283,3 +289,54 @@ async def test_a_sidecar_whose_key_is_gone_does_not_start(
         assert service.server.sockets == ()
     finally:
         await service.stop(0)
+
+
+def silent_tls_client(port: int, cafile: Path, request: bytes) -> socket.socket:
+    """A client that shakes hands, asks, and then reads nothing (blocking socket:
+    what it does not read stays in the kernel, as for a stalled client)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock = trusting(cafile).wrap_socket(raw, server_hostname="127.0.0.1")
+    sock.sendall(request)
+    return sock
+
+
+@pytest.mark.parametrize("body", ["streamed", "file"])
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_a_tls_client_that_takes_no_bytes_is_dropped_on_both_loops(
+    pair: tuple[Path, Path], tmp_path: Path, loop_factory: Any, body: str
+) -> None:
+    """The send timeout over TLS: the transport's flow control, and TCP_INFO read
+    from the TCP socket under the TLS transport."""
+    path = tmp_path / "blob"
+    path.write_bytes(BIG * 8)  # 24 MiB: far more than the socket buffers hold
+
+    async def scenario() -> None:
+        cancelled = asyncio.Event()
+
+        async def endless(ex: Exchange) -> None:
+            try:
+                if body == "file":
+                    with open(path, "rb") as fobj:
+                        await ex.start(200, {}, len(BIG) * 8)
+                        await ex.sendfile(fobj, 0, len(BIG) * 8)
+                else:
+                    await ex.start(200, {}, None)
+                    for _ in range(64):
+                        await ex.write(BIG)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        tls = ListenerTls(TlsConfig(certificate=str(pair[0]), key=str(pair[1])))
+        server = Server(endless, send_timeout_s=0.5, tls=tls.listener)
+        await server.listen("127.0.0.1", 0)
+        try:
+            sock = await asyncio.to_thread(silent_tls_client, server.port, pair[0], get("/big"))
+            await asyncio.wait_for(cancelled.wait(), 30)
+            assert not server.connections
+            sock.close()
+        finally:
+            await server.close(1.0)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
