@@ -239,6 +239,10 @@ def _check(args: argparse.Namespace) -> int:
     )
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    if config.tls.enabled:
+        from sidecar.server.tls import describe
+
+        print(describe(config.tls))
     for module in args.route:
         print(f"route {module}: {_describe_route(router, module)}")
     _check_auth(config, router, args)

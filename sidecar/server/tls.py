@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import logging
 import ssl
@@ -78,6 +79,23 @@ def _read(name: str, path: str) -> bytes:
     except OSError as exc:
         reason = str(exc.strerror or exc).lower()
         raise TlsError(name, path, f"cannot read {path}: {reason}") from None
+
+
+def describe(cfg: TlsConfig) -> str:
+    """``check``'s line: the certificate's subject and expiry (a pair that loads
+    may still have expired: OpenSSL does not look at dates when loading)."""
+    from cryptography import x509
+
+    assert cfg.certificate is not None
+    with open(cfg.certificate, "rb") as f:
+        leaf = x509.load_pem_x509_certificate(f.read())
+    until = leaf.not_valid_after_utc
+    expired = " EXPIRED" if until < datetime.datetime.now(datetime.UTC) else ""
+    return (
+        f"tls ok: {cfg.certificate} ({leaf.subject.rfc4514_string()}, "
+        f"valid until {until:%Y-%m-%d %H:%M} UTC{expired}), key {cfg.key}, "
+        f"min {cfg.min_version.value}"
+    )
 
 
 def fingerprint(cfg: TlsConfig) -> str:

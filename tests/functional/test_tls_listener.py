@@ -340,3 +340,20 @@ def test_a_tls_client_that_takes_no_bytes_is_dropped_on_both_loops(
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(scenario())
+
+
+def test_check_names_the_certificate_and_its_expiry(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, "live/cert.pem", "live/key.pem")
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("tls ")]
+    assert line.startswith(f"tls ok: {pair[0]} (CN=first, valid until ")
+    assert line.endswith(f" UTC), key {pair[1]}, min TLSv1.2")
