@@ -242,7 +242,8 @@ class SidecarService:
             self._credentials = reloader
             reloader.start()
         if self.sidecar.config.tls.enabled:
-            self.tls = await asyncio.to_thread(ListenerTls, self.sidecar.config.tls)
+            tls = self.sidecar.config.tls
+            self.tls = await asyncio.to_thread(ListenerTls, tls, self.sidecar.metrics)
             self.server.tls = self.tls.listener
             self.tls.start()
         await _start(self.sidecar)

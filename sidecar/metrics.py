@@ -356,6 +356,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.tls_reloads = Counter(
+            f"{p}_tls_reloads",
+            "Reloads of the listener's certificate and key (tls) by result: ok, or failed "
+            "(the pair was refused and the previous one stays in service).",
+            ["result"],
+            registry=r,
+        )
+        self.tls_certificate_expiry = Gauge(
+            f"{p}_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate in service on the listener (tls) expires, in Unix time.",
+            registry=r,
+        )
 
 
 class QueueWait:

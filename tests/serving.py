@@ -25,8 +25,8 @@ class SidecarTestServer(BaseTestServer):
             return
         await self.service.start("127.0.0.1", 0)
         self.port = self.service.port
-        self.scheme = "http"
-        self._root = URL(f"http://127.0.0.1:{self.port}")
+        self.scheme = "http" if self.service.tls is None else "https"
+        self._root = URL(f"{self.scheme}://127.0.0.1:{self.port}")
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         raise NotImplementedError("the sidecar has its own server")

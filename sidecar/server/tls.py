@@ -26,8 +26,11 @@ import logging
 import ssl
 from typing import Final
 
+from cryptography import x509
+
 from sidecar.config import TlsConfig, TlsVersion
 from sidecar.errors import TlsError
+from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.tls")
 
@@ -84,11 +87,8 @@ def _read(name: str, path: str) -> bytes:
 def describe(cfg: TlsConfig) -> str:
     """``check``'s line: the certificate's subject and expiry (a pair that loads
     may still have expired: OpenSSL does not look at dates when loading)."""
-    from cryptography import x509
-
     assert cfg.certificate is not None
-    with open(cfg.certificate, "rb") as f:
-        leaf = x509.load_pem_x509_certificate(f.read())
+    leaf = _leaf(cfg.certificate)
     until = leaf.not_valid_after_utc
     expired = " EXPIRED" if until < datetime.datetime.now(datetime.UTC) else ""
     return (
@@ -96,6 +96,12 @@ def describe(cfg: TlsConfig) -> str:
         f"valid until {until:%Y-%m-%d %H:%M} UTC{expired}), key {cfg.key}, "
         f"min {cfg.min_version.value}"
     )
+
+
+def _leaf(path: str) -> x509.Certificate:
+    """The first certificate of the chain: the one presented."""
+    with open(path, "rb") as f:
+        return x509.load_pem_x509_certificate(f.read())
 
 
 def fingerprint(cfg: TlsConfig) -> str:
@@ -115,12 +121,16 @@ class ListenerTls:
     """The listener's context and the one in service; ``poll_once``/``reload_now``
     swap a freshly loaded pair in."""
 
-    def __init__(self, cfg: TlsConfig, poll_s: float = POLL_S) -> None:
+    def __init__(
+        self, cfg: TlsConfig, metrics: Metrics | None = None, poll_s: float = POLL_S
+    ) -> None:
         self.cfg = cfg
         self.poll_s = poll_s
+        self.metrics = metrics or Metrics()
         self._seen = fingerprint(cfg)
         self.listener = self.current = load_context(cfg)
         self.listener.sni_callback = self._pick
+        self._expiry(cfg)
         self.reloads = 0  # pairs swapped in since start
         self._pending: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -162,6 +172,7 @@ class ListenerTls:
             try:
                 context = await asyncio.to_thread(load_context, self.cfg)
             except TlsError as exc:
+                self.metrics.tls_reloads.labels("failed").inc()
                 log.error(
                     "TLS certificate reload refused; the previous one stays",
                     extra={"error": str(exc)},
@@ -169,8 +180,16 @@ class ListenerTls:
                 return False
             self.current = context
             self.reloads += 1
+            self.metrics.tls_reloads.labels("ok").inc()
+            await asyncio.to_thread(self._expiry, self.cfg)
             log.info("TLS certificate reloaded", extra={"certificate": self.cfg.certificate})
             return True
+
+    def _expiry(self, cfg: TlsConfig) -> None:
+        assert cfg.certificate is not None
+        with contextlib.suppress(OSError, ValueError):  # loaded: only a race could fail
+            expiry = _leaf(cfg.certificate).not_valid_after_utc.timestamp()
+            self.metrics.tls_certificate_expiry.set(expiry)
 
     async def _poll(self) -> None:
         while True:

@@ -189,6 +189,15 @@ async def test_a_reloaded_certificate_is_used_by_new_connections(
     shutil.copyfile(third[0], pair[0])  # the SIGHUP path: at once
     assert await tls.reload_now() is True
     assert peer_name(await open_tls(service.port, context)) == "third"
+    registry = service.sidecar.metrics.registry
+    reloads = "goproxy_sidecar_tls_reloads_total"
+    assert registry.get_sample_value(reloads, {"result": "ok"}) == 2
+    assert registry.get_sample_value(reloads, {"result": "failed"}) == 1
+    expiry = x509.load_pem_x509_certificate(third[0].read_bytes()).not_valid_after_utc
+    assert (
+        registry.get_sample_value("goproxy_sidecar_tls_certificate_expiry_timestamp_seconds")
+        == expiry.timestamp()
+    )
     for writer in (before, after, refused):
         writer.close()
 
