@@ -363,7 +363,12 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_hup(service))
     log.info(
-        "listening", extra={"listen": config.listen, "upstreams": list(service.sidecar.upstreams)}
+        "listening",
+        extra={
+            "listen": config.listen,
+            "https": config.tls.enabled,
+            "upstreams": list(service.sidecar.upstreams),
+        },
     )
     if ready is not None:
         ready.set()

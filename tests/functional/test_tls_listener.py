@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -33,6 +34,7 @@ from sidecar.server.tls import ListenerTls
 from tests.adversarial.rawhttp import read_response
 from tests.adversarial.rawhttp import request as get
 from tests.conftest import make_config
+from tests.functional.test_cli import free_port, sidecar_cmd
 from tests.functional.test_upstream_client_tls import self_signed
 from tests.polling import until
 from tests.upstream import FakeGoproxy
@@ -366,3 +368,46 @@ def test_check_names_the_certificate_and_its_expiry(
     [line] = [x for x in result.stdout.splitlines() if x.startswith("tls ")]
     assert line.startswith(f"tls ok: {pair[0]} (CN=first, valid until ")
     assert line.endswith(f" UTC), key {pair[1]}, min TLSv1.2")
+
+
+async def test_run_serves_https_and_reloads_on_sighup(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The real `run` (uvloop when installed): HTTPS on its port, SIGHUP wired."""
+    port = free_port()
+    config = write_config(tmp_path, "live/cert.pem", "live/key.pem")
+    config.write_text(config.read_text() + f'listen: "127.0.0.1:{port}"\n')
+    second = make(tmp_path, "second")
+    context = trusting(pair[0], second[0])
+    proc = await asyncio.create_subprocess_exec(
+        *sidecar_cmd("run", "--config", str(config)), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        first = await open_when_up(port, context)
+        assert peer_name(first) == "first"
+        assert await fetch(port, "healthz", context) == (200, b"ok\n")
+        install(second, pair)
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(300):
+            again = await open_tls(port, context)
+            name = peer_name(again)
+            again.close()
+            if name == "second":
+                break
+            await asyncio.sleep(0.1)
+        assert name == "second"
+        first.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert "SIGHUP: reloading the TLS certificate" in err.decode()
+    assert proc.returncode == 0
+
+
+async def open_when_up(port: int, context: ssl.SSLContext) -> asyncio.StreamWriter:
+    for _ in range(300):  # bounded: start-up on a loaded machine
+        try:
+            return await open_tls(port, context)
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"nothing answers TLS on {port}")
