@@ -430,7 +430,7 @@ def soak_run(args: argparse.Namespace, work: Path, soak: Soak, meta: dict[str, A
         build_tree(work / "tree")
         upstream = start_upstream(procs, work, work / "tree", LOADGEN_CORE)
         sidecar = start_sidecar(
-            procs, work, "sidecar", upstream, True, PROXY_CORE, True, max_bytes=CACHE_MAX
+            procs, work, "sidecar", upstream, True, PROXY_CORE, max_bytes=CACHE_MAX
         )
         meta["sidecar"] = {"argv": sidecar.proc.argv, "log": str(sidecar.proc.log_path)}
         meta["sidecar"] |= sidecar.notes
