@@ -16,20 +16,28 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import re
 import shlex
+import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.functional.test_cli import free_port
+from tests.functional.test_upstream_client_tls import self_signed
 from tests.tools import find_tool, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -649,6 +657,320 @@ def test_check_without_the_override_only_misses_the_mounted_policies(tmp_path: P
     if out.returncode == 0:  # running inside the image, where the policies exist
         return
     assert POLICIES_MOUNT in out.stderr and "invalid config" not in out.stderr, out.stderr
+
+
+# ====================================================================== front door
+
+FRONT_DOOR = KUBERNETES / "components" / "front-door"
+CLIENT_AUTH_SECRET = "goproxy-sidecar-client-auth"
+TLS_SECRET = "goproxy-sidecar-tls"
+PASSWORDS = {"alice": "alice-Pa55word", "bob": "bob-Pa55word", "carol": "carol-Pa55word"}
+
+
+def front_door_overlay(tmp: Path, replacements: dict[str, dict[str, bytes]]) -> Path:
+    """An operator's overlay: the base with the front door, its placeholder
+    Secrets replaced by a component of the operator's own listed after it, as
+    the README says (an overlay's own secretGenerator runs before components,
+    so it cannot replace them)."""
+    root = tmp / "overlay"
+    own = root / "front-door-secrets"
+    own.mkdir(parents=True)
+    generators = []
+    for name, files in replacements.items():
+        for key, data in files.items():
+            (own / key).write_bytes(data)
+        generator: dict[str, Any] = {
+            "name": name,
+            "behavior": "replace",
+            "files": [f"{key}={key}" for key in files],
+            "options": {"disableNameSuffixHash": True},
+        }
+        if name == TLS_SECRET:
+            generator["type"] = "kubernetes.io/tls"
+        generators.append(generator)
+    components = [os.path.relpath(FRONT_DOOR, root)]
+    if generators:
+        (own / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1alpha1",
+                    "kind": "Component",
+                    "secretGenerator": generators,
+                }
+            )
+        )
+        components.append("front-door-secrets")
+    (root / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(BASE, root)],
+                "components": components,
+            }
+        )
+    )
+    return root
+
+
+def secret_files(objects: list[dict[str, Any]], name: str) -> dict[str, bytes]:
+    [secret] = [o for o in by_kind(objects, "Secret") if o["metadata"]["name"] == name]
+    return {key: base64.b64decode(value) for key, value in secret["data"].items()}
+
+
+def secret_mounts(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """Secret name -> where the sidecar container mounts it."""
+    volumes = {
+        v["name"]: v["secret"]["secretName"]
+        for v in pod_template(objects)["spec"]["volumes"]
+        if "secret" in v
+    }
+    return {
+        volumes[m["name"]]: m["mountPath"]
+        for m in containers(objects)["sidecar"]["volumeMounts"]
+        if m["name"] in volumes
+    }
+
+
+def real_secrets(tmp: Path) -> dict[str, dict[str, bytes]]:
+    """Throwaway credentials: htpasswd -B entries and a self-signed pair."""
+    tool = require_tool("htpasswd")
+    users = tmp / "htpasswd"
+    for flags, user in (("-cbB", "alice"), ("-bB", "bob")):
+        subprocess.run(
+            [str(tool), flags, str(users), user, PASSWORDS[user]], check=True, timeout=60
+        )
+    folder = tmp / "pair"
+    folder.mkdir()
+    cert, key = self_signed(folder, "front-door")
+    token = "ci sha256:" + hashlib.sha256(b"a-long-random-token").hexdigest() + "\n"
+    return {
+        CLIENT_AUTH_SECRET: {"htpasswd": users.read_bytes(), "tokens": token.encode()},
+        TLS_SECRET: {"tls.crt": cert.read_bytes(), "tls.key": key.read_bytes()},
+    }
+
+
+def pod_env(objects: list[dict[str, Any]], tmp: Path) -> tuple[dict[str, str], Path]:
+    """The sidecar container's environment and its config file, with every
+    ConfigMap and Secret laid out the way the kubelet mounts them under
+    ``tmp`` and the container's paths pointed there."""
+    config_dir = configmap_volume(
+        tmp / "config", configmap_files(objects, "goproxy-sidecar-config")
+    )
+    policies = configmap_volume(
+        tmp / "policies", configmap_files(objects, "goproxy-sidecar-policies")
+    )
+    moved = {
+        mount: configmap_volume(tmp / name, secret_files(objects, name))
+        for name, mount in secret_mounts(objects).items()
+    }
+    env = clean_env()
+    for variable in containers(objects)["sidecar"]["env"]:
+        value = variable["value"]
+        for mount, folder in moved.items():
+            value = value.replace(mount + "/", f"{folder}/")
+        env[variable["name"]] = value
+    env["SIDECAR_POLICY_PATHS"] = str(policies)
+    return env, config_dir / "sidecar.yaml"
+
+
+def test_the_front_door_component_renders(tmp_path: Path) -> None:
+    objects = kustomize_build(front_door_overlay(tmp_path, {}))
+    assert sorted(o["kind"] for o in objects) == [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "Secret",
+        "Secret",
+        "Service",
+    ]
+    # No hash suffix: an update of the same Secret reaches the running pods.
+    placeholders = {name: secret_files(objects, name) for name in (CLIENT_AUTH_SECRET, TLS_SECRET)}
+    assert sorted(placeholders[CLIENT_AUTH_SECRET]) == ["htpasswd", "tokens"]
+    assert sorted(placeholders[TLS_SECRET]) == ["tls.crt", "tls.key"]
+    [tls] = [o for o in by_kind(objects, "Secret") if o["metadata"]["name"] == TLS_SECRET]
+    assert tls["type"] == "kubernetes.io/tls"
+    for files in placeholders.values():
+        for key, data in files.items():
+            assert b"PRIVATE KEY" not in data and b"BEGIN" not in data, key
+
+    template = pod_template(objects)
+    for container in template["spec"]["containers"]:
+        check_container(container, template["spec"])
+    sidecar = containers(objects)["sidecar"]
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    where = secret_mounts(objects)
+    assert sorted(where) == [CLIENT_AUTH_SECRET, TLS_SECRET]
+    for mount in where.values():
+        assert mounts[mount]["readOnly"] is True
+        assert "subPath" not in mounts[mount]  # subPath mounts never see updates
+    for volume in template["spec"]["volumes"]:
+        if "secret" in volume:
+            assert volume["secret"]["defaultMode"] == 0o440, volume
+
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert env["SIDECAR_CLIENT_AUTH_ENABLED"] == "true"
+    mounted = {
+        "SIDECAR_CLIENT_AUTH_HTPASSWD": (CLIENT_AUTH_SECRET, "htpasswd"),
+        "SIDECAR_CLIENT_AUTH_TOKENS_FILE": (CLIENT_AUTH_SECRET, "tokens"),
+        "SIDECAR_TLS_CERTIFICATE": (TLS_SECRET, "tls.crt"),
+        "SIDECAR_TLS_KEY": (TLS_SECRET, "tls.key"),
+    }
+    for variable, (secret, key) in mounted.items():
+        assert env[variable] == f"{where[secret]}/{key}", variable
+    # The kubelet's probes need no credential: the endpoint rules stay at
+    # their defaults (healthz and readyz open), and they speak HTTPS.
+    assert not [name for name in env if name.startswith("SIDECAR_CLIENT_AUTH_ENDPOINTS")]
+    assert "client_auth" not in sidecar_config(objects)
+    for kind, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        probe = sidecar[kind]["httpGet"]
+        assert probe["scheme"] == "HTTPS" and probe["path"] == path, kind
+        assert port_number(sidecar, probe["port"]) == SIDECAR_PORT
+
+    [service] = by_kind(objects, "Service")
+    [port] = service["spec"]["ports"]
+    assert port["port"] == 443 and port["name"] == "https"
+    assert port_number(sidecar, port["targetPort"]) == SIDECAR_PORT
+
+
+def test_the_front_door_placeholders_keep_the_sidecar_from_starting(tmp_path: Path) -> None:
+    """Forgotten placeholders fail closed: `check` (and so `run`) refuses them."""
+    objects = kustomize_build(front_door_overlay(tmp_path, {}))
+    env, config = pod_env(objects, tmp_path / "pod")
+    out = run([sys.executable, "-m", "sidecar", "check", "--config", str(config)], env=env)
+    assert out.returncode != 0, out.stdout
+    assert "tls.certificate" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_the_front_door_config_passes_check_with_the_secrets_mounted(tmp_path: Path) -> None:
+    objects = kustomize_build(front_door_overlay(tmp_path, real_secrets(tmp_path)))
+    env, config = pod_env(objects, tmp_path / "pod")
+    out = run(
+        [sys.executable, "-m", "sidecar", "check", "--config", str(config)],
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "tls ok: " in out.stdout and "(CN=front-door," in out.stdout, out.stdout
+    assert "client_auth ok: 3 client(s)" in out.stdout, out.stdout  # alice, bob, ci
+    assert "healthz open, readyz open" in out.stdout, out.stdout
+
+
+async def https_get(port: int, path: str, user: str | None = None) -> int:
+    """As the kubelet probes: HTTPS, the certificate not verified."""
+    headers = {}
+    if user is not None:
+        pair = f"{user}:{PASSWORDS[user]}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.get(f"https://127.0.0.1:{port}{path}", ssl=False, headers=headers) as response,
+    ):
+        await response.read()
+        return response.status
+
+
+async def presented_name(port: int) -> str:
+    """The common name of the certificate a new connection is shown."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=context), 30)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    [attribute] = x509.load_der_x509_certificate(der).subject
+    return str(attribute.value)
+
+
+def swap_volume(folder: Path, files: dict[str, bytes], stamp: str) -> None:
+    """What the kubelet does on a Secret update: a new timestamped folder,
+    then ..data re-pointed at it in one rename."""
+    fresh = folder / stamp
+    fresh.mkdir()
+    for key, data in files.items():
+        (fresh / key).write_bytes(data)
+    (folder / "..data_tmp").symlink_to(stamp)
+    os.replace(folder / "..data_tmp", folder / "..data")
+
+
+async def test_the_front_door_pod_serves_probes_and_rotates_secrets_in_place(
+    tmp_path: Path,
+) -> None:
+    """The rendered sidecar container run on loopback: probes over HTTPS
+    without credentials, the rest behind the door, then a Secret update
+    (htpasswd and certificate) taken up by the running process."""
+    objects = kustomize_build(front_door_overlay(tmp_path, real_secrets(tmp_path)))
+    env, config = pod_env(objects, tmp_path / "pod")
+    port = free_port()
+    env["SIDECAR_LISTEN"] = f"127.0.0.1:{port}"
+    env["SIDECAR_CACHE_DIR"] = str(tmp_path / "cache")
+    for index in (0, 1):  # nothing leaves the machine: closed loopback ports
+        env[f"SIDECAR_UPSTREAMS_{index}_URL"] = f"http://127.0.0.1:{free_port()}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(config),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(300):  # bounded: start-up on a loaded machine
+            try:
+                status = await https_get(port, "/healthz")
+                break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"nothing answers HTTPS on {port}")
+        assert status == 200
+        assert await presented_name(port) == "front-door"
+        status = await https_get(port, "/readyz")
+        assert status in (200, 503)  # ready or not, never asked for a credential
+        assert await https_get(port, "/metrics") == 401
+        assert await https_get(port, "/metrics", "alice") == 200
+
+        users = tmp_path / "rotated.htpasswd"
+        tool = require_tool("htpasswd")
+        subprocess.run(
+            [str(tool), "-cbB", str(users), "carol", PASSWORDS["carol"]], check=True, timeout=60
+        )
+        pair = tmp_path / "rotated"
+        pair.mkdir()
+        cert, key = self_signed(pair, "rotated")
+        swap_volume(
+            tmp_path / "pod" / CLIENT_AUTH_SECRET,
+            {"htpasswd": users.read_bytes(), "tokens": b""},
+            "..2025_01_02_00_00_00.000000002",
+        )
+        swap_volume(
+            tmp_path / "pod" / TLS_SECRET,
+            {"tls.crt": cert.read_bytes(), "tls.key": key.read_bytes()},
+            "..2025_01_02_00_00_00.000000002",
+        )
+        # Polled with alice, not carol: failed checks count towards the
+        # throttle (429 for a minute), and alice fails once, when she is gone.
+        for _ in range(600):  # bounded: polls every 2 s, acts once settled
+            status = await https_get(port, "/metrics", "alice")
+            if status != 200:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 401
+        assert await https_get(port, "/metrics", "carol") == 200
+        for _ in range(600):
+            subject = await presented_name(port)
+            if subject == "rotated":
+                break
+            await asyncio.sleep(0.1)
+        assert subject == "rotated"
+        assert proc.returncode is None  # the same process: no restart
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert not [p for p in PASSWORDS.values() if p in err.decode()]  # never logged
 
 
 # ====================================================================== Containerfile
