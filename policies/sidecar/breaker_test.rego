@@ -237,6 +237,20 @@ cases := {
 		upstream({"masked_failures": 100, "requests": 600, "series": array.concat(masking(2, 50), array.slice(series(12, 100), 2, 12))}),
 		"reroute", false,
 	],
+	# masked failures in a row: a sequence, judged at any volume and without a span
+	"10 masked failures in a row, 10 requests in the window": [
+		upstream({"requests": 10, "not_found": 10, "masked_failures": 10, "consecutive_masked": 10, "series": [object.union(idle(0), {"requests": 10, "masked_failures": 10})]}),
+		"reroute", false,
+	],
+	"10 masked in a row at the start of a healthy slice": [
+		upstream({"masked_failures": 10, "consecutive_masked": 10, "series": array.concat([object.union(slice(0, 100), {"masked_failures": 10})], array.slice(series(12, 100), 1, 12))}),
+		"reroute", false,
+	],
+	"9 masked failures in a row": [upstream({"masked_failures": 9, "consecutive_masked": 9}), "allow", false],
+	"many masked failures, none in a row": [
+		upstream({"masked_failures": 30, "consecutive_masked": 0, "series": array.concat(masking(1, 30), array.slice(series(12, 100), 1, 12))}),
+		"allow", false,
+	],
 	"masked failures, no requests in the window": [upstream({"masked_failures": 12, "requests": 0, "series": masking(2, 50)}), "allow", false],
 	"no series, no pool, no requests": [{"role": "primary"}, "allow", false],
 	# integrity: one body that failed the checksum database reroutes and alerts
@@ -320,7 +334,7 @@ test_hung_sumdb_endpoint_is_rerouted_apart if {
 # Masked failures count module requests only: a sumdb input with figures that
 # would mask is still not judged on them.
 test_sumdb_is_never_judged_on_masked_failures if {
-	sumdb := object.union(sumdb_failing, {"error_rate": 0, "masked_failures": 145, "series": masking(12, 50)})
+	sumdb := object.union(sumdb_failing, {"error_rate": 0, "masked_failures": 145, "consecutive_masked": 145, "series": masking(12, 50)})
 	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
 	d.sumdb.action == "allow"
 }
@@ -374,6 +388,8 @@ test_reasons_of_the_sequence_rules if {
 		"masking": upstream({"masked_failures": 87.0, "requests": 100.0, "series": masking(2, 44)}),
 		"edge": upstream({"masked_failures": 101, "requests": 100, "series": [object.union(s, {"masked_failures": 51}) | some s in masking(2, 50)]}),
 		"all": upstream({"consecutive_failures": 5, "inflight": waiting(2, 3001, 2), "masked_failures": 100, "requests": 100, "series": masking(12, 50)}),
+		"masking in a row": upstream({"masked_failures": 12.0, "consecutive_masked": 12.0}),
+		"masking both ways": upstream({"masked_failures": 100, "consecutive_masked": 30, "requests": 100, "series": masking(2, 50)}),
 	}}
 	decisions.dead.reason == "7 failures in a row (>= 5)"
 	decisions.hung.reason == "stalled: no answer for 4210ms (> 3000ms), 5 requests asked, 3 waiting"
@@ -382,12 +398,18 @@ test_reasons_of_the_sequence_rules if {
 	decisions.edge.reason == "masked failures: 100.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
 	decisions.all.action == "cache"
 	decisions.all.reason == "5 failures in a row (>= 5); also stalled: no answer for 3001ms (> 3000ms), 2 requests asked, 2 waiting; also masked failures: 100.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
+	decisions["masking in a row"].action == "reroute"
+	decisions["masking in a row"].reason == "12 masked failures in a row (>= 10): 404s a later upstream served"
+	decisions["masking both ways"].reason == "30 masked failures in a row (>= 10): 404s a later upstream served; also masked failures: 100.0% of 100 requests were 404s a later upstream served (> 50.0%), for 20s"
 }
 
 test_allow_reason_names_waits_and_runs if {
 	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"consecutive_failures": 2, "inflight": waiting(1, 412.3, 1)})}}
 	d.action == "allow"
 	d.reason == "ok: ttfb p99 790ms, error rate 0.4% over 812 requests, queue wait p99 2ms, 0 overflows, 2 failures in a row, 1 waiting (oldest 412ms)"
+	m := breaker.decisions.u with input as {"upstreams": {"u": upstream({"masked_failures": 3, "consecutive_masked": 3})}}
+	m.action == "allow"
+	m.reason == "ok: ttfb p99 790ms, error rate 0.4% over 812 requests, queue wait p99 2ms, 0 overflows, 3 masked failures in a row"
 }
 
 test_sequence_thresholds_come_from_data if {
@@ -396,16 +418,20 @@ test_sequence_thresholds_come_from_data if {
 		"hung": upstream({"inflight": waiting(1, 1500, 1)}),
 		"hedged": upstream({"inflight": {"count": 0, "oldest_ms": 0, "silent_ms": 600, "unanswered": 1, "overtaken": 1}}),
 		"masking": upstream({"masked_failures": 3, "requests": 100, "series": masking(2, 2)}),
+		"masking in a row": upstream({"masked_failures": 3, "consecutive_masked": 3}),
 	}}
 		with data.sidecar.config.thresholds as {
 			"consecutive_failures": 2, "stall_ms": 1000, "stall_requests": 1,
 			"stall_hedged_ms": 500, "stall_hedges": 1,
 			"masked_failure_rate": 0.02, "min_masked_failures": 3,
+			"consecutive_masked": 3,
 		}
 	decisions.dead.action == "cache"
 	decisions.hung.action == "reroute"
 	decisions.hedged.action == "reroute"
 	decisions.masking.action == "reroute"
+	decisions["masking in a row"].action == "reroute"
+	decisions["masking in a row"].reason == "3 masked failures in a row (>= 3): 404s a later upstream served"
 }
 
 test_allow_reason if {
@@ -459,6 +485,7 @@ test_shipped_thresholds if {
 		"consecutive_failures": 5, "stall_ms": 3000, "stall_requests": 2,
 		"stall_hedged_ms": 1000, "stall_hedges": 3,
 		"masked_failure_rate": 0.5, "min_masked_failures": 10,
+		"consecutive_masked": 10,
 	}
 	breaker.thresholds == breaker.default_thresholds
 	data.sidecar.config.breaker == {"cooldown_s": 30, "probes": 5}

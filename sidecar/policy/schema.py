@@ -49,6 +49,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "stall_hedges": _COUNT,
         "masked_failure_rate": _RATE,
         "min_masked_failures": _COUNT,
+        "consecutive_masked": _COUNT,
     },
     "breaker": {
         "cooldown_s": _AMOUNT,

@@ -24,7 +24,11 @@ window owns the upstream's ``InFlight`` registry (``inflight``), and
   the window totals of a snapshot, so a slice of a hung upstream is slow
   although nothing in it ended;
 - ``consecutive_failures`` counts failures in a row (Envoy's
-  ``consecutive_5xx``): a sequence needs no volume.
+  ``consecutive_5xx``): a sequence needs no volume;
+- ``consecutive_masked`` counts masked failures in a row, the same way: an
+  Athens whose own upstream is dead answers every request 404, and waiting
+  for a rate over a span lets the slice in which the fault began, mostly
+  healthy traffic, hold the rule off for a slice.
 
 Time comes from an injectable clock (``time.monotonic`` by default) so tests
 advance a fake clock instead of sleeping. Not thread-safe: use one window from
@@ -127,10 +131,12 @@ class WindowSnapshot:
     every request that timed out before its headers, and the waits of the
     requests in flight (see the module docstring); they are 0.0 when there
     is none. ``consecutive_failures``: failures since the last answer that
-    was not one (OK or NOT_FOUND). Queue-wait quantiles cover every
-    wait recorded (0.0 when none); ``overflows`` counts requests that got no
-    connection in time. ``series`` is newest first and only as long as the
-    time elapsed since the window (re)started.
+    was not one (OK or NOT_FOUND). ``consecutive_masked``: masked failures
+    since this upstream's last OK answer (see ``UpstreamWindow.record``).
+    Queue-wait quantiles cover every wait recorded (0.0 when none);
+    ``overflows`` counts requests that got no connection in time. ``series``
+    is newest first and only as long as the time elapsed since the window
+    (re)started.
     """
 
     window_s: float
@@ -157,6 +163,7 @@ class WindowSnapshot:
     hedges: int = 0
     hedges_won: int = 0
     ttfb_p95_ms: float = 0.0  # the automatic hedge delay; not in the policy input
+    consecutive_masked: int = 0
 
     def as_policy_input(self, admission: bool) -> dict[str, Any]:
         """This upstream's stats in the policy input shape of the README.
@@ -188,6 +195,9 @@ class WindowSnapshot:
                 "p99": _ms(self.ttfb_p99_ms),
             },
             "consecutive_failures": self.consecutive_failures,
+            # Always 0 for checksum traffic, like masked_failures: the same keys
+            # in both classes keep one input shape.
+            "consecutive_masked": self.consecutive_masked,
             "inflight": self.inflight.as_policy_input(),
             "series": [_slice_input(s, admission) for s in self.series],
         }
@@ -246,6 +256,7 @@ class UpstreamWindow:
         "_current",
         "_epoch",
         "_inflight",
+        "_masked_run",
         "_n",
         "_next_edge",
         "_origin",
@@ -268,6 +279,7 @@ class UpstreamWindow:
         self._waiting_scratch = Histogram()  # the current slice plus the requests waiting
         self._inflight = InFlight(clock, self._record_timed_out)
         self._consecutive = 0
+        self._masked_run = 0
         self._origin = 0.0
         self._epoch = 0
         self._current = self._slices[0]
@@ -295,11 +307,13 @@ class UpstreamWindow:
         """Start an empty window now (called on every breaker transition).
 
         Requests in flight stay registered (they still wait); their silence
-        and the run of consecutive failures start again, like every figure.
+        and the runs of consecutive failures and masked failures start again,
+        like every figure.
         """
         for s in self._slices:
             s.clear()
         self._consecutive = 0
+        self._masked_run = 0
         self._inflight.restart_silence()
         self._origin = self._clock()
         self._epoch = 0
@@ -313,6 +327,17 @@ class UpstreamWindow:
         A TIMEOUT before headers comes without a TTFB: its wait was recorded
         when it ended (``InFlight`` calls ``_record_timed_out``). One after
         headers (an idle timeout in the body) carries its real TTFB.
+
+        The run of masked failures: an OK ends it, as the proof that this
+        upstream still serves. A NOT_FOUND neither ends nor extends it: whether
+        the 404 was masked is only known when a later upstream answers
+        (``record_masked`` then extends the run), and a 404 that nobody
+        served, a module that exists nowhere (``go get nonexistent/module``,
+        or the go command's path-prefix lookups), says nothing of this
+        upstream either way. Were it to end the run, a dead Athens asked for
+        such modules among real ones would never show a run; it cannot
+        extend one, so no amount of them trips a healthy Athens. Failures
+        leave it too: they have a run of their own.
         """
         now = self._clock()
         if now >= self._next_edge:
@@ -321,6 +346,7 @@ class UpstreamWindow:
         s.requests += 1
         if outcome is _OK:
             self._consecutive = 0
+            self._masked_run = 0
         elif outcome is _NOT_FOUND:
             s.not_found += 1
             self._consecutive = 0
@@ -345,12 +371,14 @@ class UpstreamWindow:
         """Count a 404 of this upstream that a later upstream answered with 200.
 
         The 404 itself was already recorded as NOT_FOUND; this only adds to
-        ``masked_failures`` and does not change ``requests``.
+        ``masked_failures`` and to the run of them (``consecutive_masked``),
+        and does not change ``requests``.
         """
         now = self._clock()
         if now >= self._next_edge:
             self._advance(now)
         self._current.masked += 1
+        self._masked_run += 1
 
     def record_integrity(self) -> None:
         """Count a body of this upstream that did not match the checksum database.
@@ -483,6 +511,7 @@ class UpstreamWindow:
             hedges=hedges,
             hedges_won=hedges_won,
             ttfb_p95_ms=p95,
+            consecutive_masked=self._masked_run,
         )
 
     def _p99_with(self, ttfb: Histogram, waiting: list[float]) -> float:

@@ -91,6 +91,7 @@ def stats(**overrides: Any) -> dict[str, Any]:
         "masked_failures": 0,
         "ttfb_ms": {"p50": 12.1, "p90": 40.3, "p99": 790.0},
         "consecutive_failures": 0,
+        "consecutive_masked": 0,
         "inflight": waiting(2, 12.0, 1),
         "series": slices([700.0] * 12),
     }
@@ -259,6 +260,14 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, tuple[str, bool]]]] = {
             )
         },
         {"athens": ("reroute", False)},
+    ),
+    "10 masked failures in a row at low volume": (
+        {"athens": upstream(requests=10, masked_failures=10, consecutive_masked=10)},
+        {"athens": ("reroute", False)},
+    ),
+    "9 masked failures in a row": (
+        {"athens": upstream(masked_failures=9, consecutive_masked=9)},
+        {"athens": ("allow", False)},
     ),
     "hung checksum endpoint, modules fine": (
         {"athens": upstream(sumdb=stats(requests=145, inflight=waiting(2, 3500.0, 4)))},
@@ -441,6 +450,12 @@ async def test_reasons_carry_the_figures(embedded: EmbeddedEngine) -> None:
     assert hung["athens"].reason == (
         "6 failures in a row (>= 5); "
         "also stalled: no answer for 16000ms (> 3000ms), 9 requests asked, 3 waiting"
+    )
+    masking = await embedded.evaluate(
+        document(CASES["10 masked failures in a row at low volume"][0])
+    )
+    assert masking["athens"].reason == (
+        "10 masked failures in a row (>= 10): 404s a later upstream served"
     )
 
 

@@ -433,11 +433,14 @@ async def test_a_timeout_enters_latency_at_no_less_than_its_timeout(
 
 
 async def test_a_masking_primary_is_rerouted_with_its_reason(fake_upstreams, start_sidecar, clock):
-    """Athens whose own upstream is dead: 404 for everything the backup has."""
+    """Athens whose own upstream is dead: 404 for everything the backup has.
+    The rate over the span, with the run of masked failures out of reach."""
     (a, url_a), (b, url_b) = await fake_upstreams(2)
     a.default = Reply(status=404, body=b"")
     b.set(INFO, b"{}")
-    client, sc = await start_sidecar([url_a, url_b], clock=clock)
+    client, sc = await start_sidecar(
+        [url_a, url_b], clock=clock, thresholds={"consecutive_masked": 1000}
+    )
     assert await get_all(client, 6) == [200] * 6
     await sc.control.step()
     assert sc.breakers["up0"].state.value == "closed"  # one slice is one burst
@@ -464,7 +467,62 @@ async def test_plain_404s_are_not_masked(fake_upstreams, start_sidecar, clock):
     await sc.control.step()
     assert sc.breakers["up0"].state.value == "closed", sc.breakers["up0"].reason
     seen = sc.control.last_input["upstreams"]["up0"]
-    assert (seen["not_found"], seen["masked_failures"]) == (12, 0)
+    assert (seen["not_found"], seen["masked_failures"], seen["consecutive_masked"]) == (12, 0, 0)
+
+
+async def test_a_masking_primary_trips_on_masked_failures_in_a_row_at_low_traffic(
+    fake_upstreams, start_sidecar, clock
+):
+    """Two requests in flight at a time, all in one slice: no rule over a span
+    can judge (one slice is one burst); ten masked failures in a row do."""
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    a.default = Reply(status=404, body=b"")  # Athens whose own upstream is dead
+    b.set(INFO, b"{}")
+    b.set(OTHER, b"{}")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock, thresholds={"min_requests": 20})
+    for i in range(4):
+        assert await get_all(client, 2, INFO if i % 2 else OTHER) == [200, 200]
+        await sc.control.step()
+        assert sc.breakers["up0"].state.value == "closed", sc.breakers["up0"].reason
+        seen = sc.control.last_input["upstreams"]["up0"]
+        assert seen["consecutive_masked"] == 2 * (i + 1)
+    assert sc.breakers["up0"].reason.endswith(", 8 masked failures in a row")
+    assert await get_all(client, 2) == [200, 200]
+    await sc.control.step()
+    up0 = (await breakers(client))["up0"]
+    assert (up0["state"], up0["action"], up0["alert"]) == ("open", "reroute", False)
+    assert up0["reason"] == "10 masked failures in a row (>= 10): 404s a later upstream served"
+    assert up0["stats"]["requests"] == 10
+    seen_by_primary = len(a.received)
+    assert await get_all(client, 2) == [200, 200]
+    assert len(a.received) == seen_by_primary  # no more round trips to the masking primary
+
+
+async def test_modules_nobody_has_never_trip_a_serving_primary(
+    fake_upstreams, start_sidecar, clock
+):
+    """``go get nonexistent/module`` through a healthy Athens, many times over,
+    between modules it serves and a few only the backup has: plain 404s
+    neither extend the run nor end it, and every answer it serves ends it."""
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    a.set(INFO, b"{}")  # the primary serves INFO, has not OTHER, and nobody has NOWHERE
+    b.set(OTHER, b"{}")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock)
+    nowhere = "example.com/nonexistent/@v/list"
+    for _ in range(3):
+        assert await get_all(client, 2, nowhere) == [404, 404]
+        assert await get_all(client, 2, OTHER) == [200, 200]  # masked: the backup had it
+        assert await get_all(client, 8, nowhere) == [404] * 8
+        assert await get_all(client, 2, OTHER) == [200, 200]
+        await sc.control.step()
+        seen = sc.control.last_input["upstreams"]["up0"]
+        assert seen["consecutive_masked"] == 4
+        assert await get_all(client, 1, INFO) == [200]  # served by the primary: the run ends
+        await sc.control.step()
+        assert sc.control.last_input["upstreams"]["up0"]["consecutive_masked"] == 0
+    assert sc.breakers["up0"].state.value == "closed", sc.breakers["up0"].reason
+    seen = sc.control.last_input["upstreams"]["up0"]
+    assert (seen["not_found"], seen["masked_failures"]) == (42, 12)
 
 
 # --- reasons -----------------------------------------------------------------------

@@ -310,6 +310,7 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
         "integrity_failures",
         "ttfb_ms",
         "consecutive_failures",
+        "consecutive_masked",
         "inflight",
         "series",
     }
@@ -560,3 +561,34 @@ def test_masked_failures_per_slice(window: UpstreamWindow, clock: FakeClock) -> 
     doc = window.snapshot().as_policy_input(admission=True)
     assert [s["masked_failures"] for s in doc["series"]] == [0, 1]
     assert "masked_failures" not in window.snapshot().as_policy_input(admission=False)["series"][1]
+
+
+def test_masked_failures_in_a_row(window: UpstreamWindow, clock: FakeClock) -> None:
+    for _ in range(3):
+        window.record(Outcome.NOT_FOUND, 0.001)
+        window.record_masked()  # the next upstream served it
+    # Neither a plain 404 (a module nobody has) nor a failure ends the run ...
+    window.record(Outcome.NOT_FOUND, 0.001)
+    window.record(Outcome.ERROR, None)
+    window.record_overflow()
+    clock.advance(WINDOW_S * 3)  # ... nor time: a run is a sequence
+    window.record(Outcome.NOT_FOUND, 0.001)
+    window.record_masked()
+    snap = window.snapshot()
+    assert snap.consecutive_masked == 4
+    assert snap.as_policy_input(admission=True)["consecutive_masked"] == 4
+    assert snap.consecutive_failures == 0  # the 404 after the error ended that run
+    window.record(Outcome.OK, 0.001)  # this upstream served: the run ends
+    assert window.snapshot().consecutive_masked == 0
+    window.record(Outcome.NOT_FOUND, 0.001)
+    window.record_masked()
+    window.reset()  # a breaker transition restarts it like every figure
+    assert window.snapshot().consecutive_masked == 0
+
+
+def test_plain_not_found_never_makes_a_masked_run(window: UpstreamWindow) -> None:
+    # go get nonexistent/module through a healthy primary: every upstream says 404.
+    for _ in range(50):
+        window.record(Outcome.NOT_FOUND, 0.001)
+    snap = window.snapshot()
+    assert (snap.consecutive_masked, snap.masked_failures, snap.not_found) == (0, 0, 50)

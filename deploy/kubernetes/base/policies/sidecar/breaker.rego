@@ -10,12 +10,13 @@
 #     consecutive  consecutive_failures failures in a row          -> cache
 #     stalled      no answer for stall_ms, stall_requests asked    -> reroute
 #                  (stall_hedged_ms once stall_hedges hedges won)
+#     masking      consecutive_masked masked failures in a row      -> reroute
 #     masked       masked failures > masked_failure_rate (span)    -> reroute
 #     latency      TTFB P99 > ttfb_p99_ms for ttfb_p99_for_s       -> reroute
 #   Every rule over rates and percentiles must hold in every slice of its
 #   span, the span is never shorter than min_span_s nor than two slices: one
-#   tick, one burst, one slice never trips. The two rules over sequences
-#   (consecutive, stalled) read a run the sidecar counted over time: see
+#   tick, one burst, one slice never trips. The three rules over sequences
+#   (consecutive, stalled, masking) read a run the sidecar counted over time: see
 #   their comments. When several rules hold, the first in that order wins;
 #   the reason names the others too. Thresholds come from
 #   data.sidecar.config.thresholds (policies/thresholds.yaml). Stateless:
@@ -46,6 +47,7 @@ default_thresholds := {
 	"stall_hedges": 3,
 	"masked_failure_rate": 0.5,
 	"min_masked_failures": 10,
+	"consecutive_masked": 10,
 }
 
 default configured := {}
@@ -61,7 +63,7 @@ thresholds := {key: value |
 # protects an upstream that slows down under the load we send it; errors are
 # worse than slowness, and "cache" also sends a cache miss on to the next
 # upstream, so it covers what "reroute" would do.
-module_rules := ["integrity", "queueing", "errors", "consecutive", "stalled", "masked", "latency"]
+module_rules := ["integrity", "queueing", "errors", "consecutive", "stalled", "masking", "masked", "latency"]
 
 # Checksum traffic shares the upstream's connections but the queue figures
 # are the pool's (they sit in the module stats), so a sick sumdb/ endpoint is
@@ -74,6 +76,7 @@ action_of := {
 	"errors": "cache",
 	"consecutive": "cache",
 	"stalled": "reroute",
+	"masking": "reroute",
 	"masked": "reroute",
 	"latency": "reroute",
 }
@@ -206,6 +209,23 @@ finding(u, "masked") := msg if {
 	])
 }
 
+# The masked failures' run, as "consecutive" is the failures' (Envoy's
+# consecutive_gateway_failure): a dead Athens answers 404 to everything and
+# the backup serves each one, so ten in a row are ten proofs whatever the
+# volume, and the slice in which the fault began (mostly healthy traffic)
+# cannot hold the rule off as it holds off the rate in "masked". The
+# sidecar counts the run over module requests only: an answer of this
+# upstream that serves (2xx) ends it; a 404 that no later upstream served
+# (a module that exists nowhere, such as the go command's path-prefix
+# lookups) neither ends nor extends it, so no number of them trips a
+# healthy Athens, nor hides a dead one.
+finding(u, "masking") := msg if {
+	object.get(u, "consecutive_masked", 0) >= thresholds.consecutive_masked
+	msg := sprintf("%d masked failures in a row (>= %d): 404s a later upstream served", [
+		round(u.consecutive_masked), round(thresholds.consecutive_masked),
+	])
+}
+
 finding(u, "latency") := msg if {
 	span := sustained(u, "latency", thresholds.ttfb_p99_for_s)
 	msg := sprintf("ttfb p99 %s > %s for %ds", [
@@ -301,18 +321,23 @@ slice_width(u) := width if {
 
 # --- reasons -----------------------------------------------------------------
 
-healthy_reason(u) := sprintf("ok: ttfb p99 %s, error rate %s over %d requests%s%s%s%s", [
+healthy_reason(u) := sprintf("ok: ttfb p99 %s, error rate %s over %d requests%s%s%s%s%s", [
 	millis(object.get(u, ["ttfb_ms", "p99"], 0)),
 	percent(object.get(u, "error_rate", 0)),
 	round(object.get(u, "requests", 0)),
 	few_requests_note(u),
 	pool_note(u),
 	run_note(u),
+	masked_run_note(u),
 	waiting_note(u),
 ])
 
 run_note(u) := sprintf(", %d failures in a row", [round(u.consecutive_failures)]) if {
 	u.consecutive_failures > 0
+} else := ""
+
+masked_run_note(u) := sprintf(", %d masked failures in a row", [round(u.consecutive_masked)]) if {
+	u.consecutive_masked > 0
 } else := ""
 
 waiting_note(u) := sprintf(", %d waiting (oldest %s)", [round(u.inflight.count), millis(u.inflight.oldest_ms)]) if {
