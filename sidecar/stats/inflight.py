@@ -72,7 +72,8 @@ class InFlightSnapshot:
     ``count`` and ``oldest_s``: the requests waiting now (0 when none).
     ``silent_s``: how long the upstream has been asked without answering
     anything (while nobody waits, the silence stands still: being left
-    alone is not being silent); ``unanswered``: how many requests it was
+    alone is not being silent; unless a hedge answered one of its requests,
+    then it goes on until this upstream answers); ``unanswered``: how many requests it was
     asked in that time, those waiting now included; ``overtaken``: how many
     of them a hedge to the next upstream answered. All 0 after an answer.
     """
@@ -196,13 +197,17 @@ class InFlight:
         if since is None:
             return IDLE
         started = self._started
-        if not started:
-            # Every request was given up on: the silence stands still until
-            # the next one (a hedged client's next request is a moment away).
-            return InFlightSnapshot(
-                0, 0.0, self._empty_since - since, self._unanswered, self._overtaken
-            )
+        if not started and not self._overtaken:
+            # Every request was given up on by its client: the silence stands
+            # still until the next one (being left alone is not being silent).
+            return InFlightSnapshot(0, 0.0, self._empty_since - since, self._unanswered, 0)
         now = self._clock()
+        if not started:
+            # The next upstream answered for it, and it has said nothing since:
+            # its requests were only cut short because something else answered
+            # first. The silence goes on, or a hung upstream whose last requests
+            # were all hedged away would never be judged once its clients stop.
+            return InFlightSnapshot(0, 0.0, now - since, self._unanswered, self._overtaken)
         return InFlightSnapshot(
             count=len(started),
             oldest_s=now - next(iter(started.values())),

@@ -186,6 +186,26 @@ def test_the_silence_stands_still_while_nobody_waits(clock: FakeClock) -> None:
     assert waits.snapshot().silent_s == 1.5
 
 
+def test_a_silence_whose_requests_were_overtaken_goes_on_while_nobody_waits(
+    clock: FakeClock,
+) -> None:
+    """A hung upstream whose last requests were all hedged away is still
+    silent after its clients stop: it said nothing, the next upstream did."""
+    waits = InFlight(clock)
+    for _ in range(3):
+        token = waits.begin()
+        clock.advance(0.2)
+        waits.end(token, Ending.ABANDONED)
+        waits.overtake()
+    clock.advance(5.0)
+    snap = waits.snapshot()
+    assert (snap.count, snap.unanswered, snap.overtaken) == (0, 3, 3)
+    assert snap.silent_s == pytest.approx(5.6)
+    token = waits.begin()  # an answer ends it, as always
+    waits.end(token, Ending.ANSWERED)
+    assert waits.snapshot() == IDLE
+
+
 def test_requests_overtaken_by_their_hedge_count_within_the_silence(clock: FakeClock) -> None:
     """A hedge's answer while this upstream said nothing is evidence of the
     silence; an answer here ends the silence and the count with it."""
