@@ -1,4 +1,4 @@
-"""The words the configuration is declared in (``sidecar/config.py``).
+"""The words the configuration is declared in (``sidecar/config/``).
 
 A section of sidecar.yaml is a class decorated with :func:`section` (a frozen,
 slotted dataclass), a key a field declared with :func:`setting`, whose *kind*
