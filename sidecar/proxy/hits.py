@@ -1,0 +1,114 @@
+"""Answers from the cache: a hit or a stale serve, whole or one byte range,
+from bytes in memory or from the entry's file.
+
+An entry not yet verified is hashed first; one found broken (evicted
+meanwhile) answers nothing, and the caller fetches it again.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sidecar.breaker.plan import UpstreamPlan
+from sidecar.cache.base import CachedEntry, ModuleCache
+from sidecar.goproxy import GoproxyRequest
+from sidecar.proxy.failures import Attempts
+from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER
+from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
+from sidecar.proxy.stream import Reply, send_file
+from sidecar.server import Exchange
+
+STALE_WARNING: Final = '110 - "Response is Stale"'
+
+Answer = tuple[str, str]  # who answered, outcome; the response is sent by then
+
+
+class Hits:
+    """Serves the entries of one cache (None: the handler has no cache)."""
+
+    def __init__(self, cache: ModuleCache | None) -> None:
+        self.cache = cache
+
+    async def cache_action(
+        self,
+        ex: Exchange,
+        req: GoproxyRequest,
+        target: UpstreamPlan,
+        attempts: Attempts,
+        reply: Reply,
+    ) -> Answer | None:
+        cache = self.cache if attempts.use_cache else None
+        entry = cache.lookup(req, allow_stale=True) if cache is not None else None
+        if entry is not None and cache is not None:
+            answer = await self.from_cache(ex, entry, cache.is_stale(entry), reply)
+            if answer is not None:
+                return answer
+        attempts.skipped.append(f"{target.name}: cache miss ({target.breaker.reason})")
+        return None
+
+    async def from_cache(
+        self, ex: Exchange, entry: CachedEntry, stale: bool, reply: Reply
+    ) -> Answer | None:
+        """Serve an entry from memory or its file; None if it turned out broken
+        (evicted meanwhile): the caller fetches it again."""
+        cache = self.cache
+        assert cache is not None
+        if not entry.verified and not await cache.verify(entry):
+            return None
+        part = wanted_range(ex, entry.size)
+        body = await cache.small_body(entry)
+        if body is not None or part == UNSATISFIABLE:  # a 416 needs no bytes
+            return self.send_hit(ex, entry, body or b"", stale, part)
+        if not cache.acquire(entry):
+            return None
+        served = "stale" if stale else "hit"
+        reply.answering("cache", served)
+        try:
+            blob = await cache.open_blob(entry)  # checked against what was hashed
+            if blob is None:
+                return None
+            headers = self._headers(entry, stale)
+            outcome = await send_file(ex, blob, entry.size, headers, reply, part)
+        finally:
+            cache.release(entry)
+        return "cache", served if outcome == "ok" else outcome
+
+    def send_hit(
+        self,
+        ex: Exchange,
+        entry: CachedEntry,
+        body: bytes,
+        stale: bool,
+        part: tuple[int, int] | None,
+    ) -> Answer:
+        """A hit from bytes in memory, whole or ``part`` of it (wanted_range)."""
+        headers = self._headers(entry, stale)
+        if part is None:
+            ex.send(200, headers, body)
+        else:
+            headers["Content-Range"] = content_range(part, entry.size)
+            if part == UNSATISFIABLE:
+                ex.send(416, headers, b"")
+                return "cache", "unsatisfiable"
+            ex.send(206, headers, body[part[0] : part[1] + 1])
+        return "cache", "stale" if stale else "hit"
+
+    def _headers(self, entry: CachedEntry, stale: bool) -> dict[str, str]:
+        assert self.cache is not None
+        headers = {
+            "Content-Type": entry.content_type,
+            SOURCE_HEADER: "cache",
+            "Age": str(self.cache.age(entry)),
+        }
+        if stale:
+            headers[STALE_HEADER] = "1"
+            headers["Warning"] = STALE_WARNING
+        return headers
+
+
+def wanted_range(ex: Exchange, size: int) -> tuple[int, int] | None:
+    """The single byte range a GET asks for, if any (see sidecar.proxy.ranges)."""
+    if ex.method != "GET":
+        return None
+    header = ex.header("range")
+    return None if header is None else byte_range(header, size, ex.header("if-range"))
