@@ -19,8 +19,14 @@ import pytest
 
 from sidecar.heap import SETTINGS, glibc, operator_set
 from tests.functional.test_cli import free_port, start_sidecar, write_config
+from tests.tools import missing
 
-pytestmark = pytest.mark.skipif(glibc() is None, reason="malloc tuning exists for glibc only")
+
+@pytest.fixture(autouse=True)
+def _glibc() -> None:
+    if glibc() is None:
+        missing("malloc tuning exists for glibc only, and this C library is not glibc")
+
 
 # Run in a fresh interpreter: 6 threads allocate at once (each thread's first
 # malloc takes an arena of its own while there may be more), then glibc

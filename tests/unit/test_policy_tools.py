@@ -42,6 +42,17 @@ def test_missing_tool_skips_with_the_install_command(
     )
 
 
+@pytest.mark.parametrize("value", ["true", "True", "1"])
+def test_every_ci_spelling_fails_instead_of_skipping(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    monkeypatch.setenv("SIDECAR_TOOLS_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CI", value)
+    with pytest.raises(pytest.fail.Exception, match="opa not found"):
+        require_tool("opa")
+
+
 def test_missing_tool_fails_in_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SIDECAR_TOOLS_DIR", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))
