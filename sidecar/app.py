@@ -240,12 +240,12 @@ class SidecarService:
             self.door = self.proxy.door = door
             self._needs = {path: door.endpoint_need(path) for path in self.endpoints}
             self._credentials = reloader
-            reloader.start()
+            reloader.start_polling()
         if self.sidecar.config.tls.enabled:
             tls = self.sidecar.config.tls
             self.tls = await asyncio.to_thread(ListenerTls, tls, self.sidecar.metrics)
             self.server.tls = self.tls.listener
-            self.tls.start()
+            self.tls.start_polling()
         await _start(self.sidecar)
         if self._sumdb_upstream is not None:
             await self._sumdb_upstream.start()
@@ -271,11 +271,11 @@ class SidecarService:
         if self._sumdb_upstream is not None:
             await self._sumdb_upstream.close()
         if self._credentials is not None:
-            await self._credentials.close()
+            await self._credentials.stop_polling()
         if self.door is not None:
             self.door.close()
         if self.tls is not None:
-            await self.tls.close()
+            await self.tls.stop_polling()
 
     def reload_credentials(self) -> None:
         """SIGHUP: reread the client credential files now."""

@@ -30,6 +30,7 @@ from cryptography import x509
 
 from sidecar.config import TlsConfig, TlsVersion
 from sidecar.errors import TlsError
+from sidecar.filewatch import FileWatch
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.tls")
@@ -117,84 +118,48 @@ def fingerprint(cfg: TlsConfig) -> str:
     return digest.hexdigest()
 
 
-class ListenerTls:
-    """The listener's context and the one in service; ``poll_once``/``reload_now``
-    swap a freshly loaded pair in."""
+class ListenerTls(FileWatch):
+    """The listener's context and the one in service; a reload
+    (``sidecar.filewatch``) swaps a freshly loaded pair in."""
 
     def __init__(
         self, cfg: TlsConfig, metrics: Metrics | None = None, poll_s: float = POLL_S
     ) -> None:
+        super().__init__("tls-reloader", poll_s, fingerprint(cfg))
         self.cfg = cfg
-        self.poll_s = poll_s
         self.metrics = metrics or Metrics()
-        self._seen = fingerprint(cfg)
         self.listener = self.current = load_context(cfg)
         self.listener.sni_callback = self._pick
         self._expiry(cfg)
         self.reloads = 0  # pairs swapped in since start
-        self._pending: str | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
 
     def _pick(self, sock: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:
         current = self.current
         if current is not context:
             sock.context = current
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._poll(), name="tls-reloader")
+    def fingerprint(self) -> str:
+        return fingerprint(self.cfg)
 
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def poll_once(self) -> bool | None:
-        """None if nothing changed (or the change is settling), else the reload's result."""
-        now = await asyncio.to_thread(fingerprint, self.cfg)
-        if now == self._seen:
-            self._pending = None
-            return None
-        if now != self._pending:
-            self._pending = now
-            return None
-        return await self._reload(now)
-
-    async def reload_now(self) -> bool:
-        return await self._reload(await asyncio.to_thread(fingerprint, self.cfg))
-
-    async def _reload(self, seen: str) -> bool:
-        async with self._lock:
-            # The same refused content is not tried again until it changes.
-            self._seen, self._pending = seen, None
-            try:
-                context = await asyncio.to_thread(load_context, self.cfg)
-            except TlsError as exc:
-                self.metrics.tls_reloads.labels("failed").inc()
-                log.error(
-                    "TLS certificate reload refused; the previous one stays",
-                    extra={"error": str(exc)},
-                )
-                return False
-            self.current = context
-            self.reloads += 1
-            self.metrics.tls_reloads.labels("ok").inc()
-            await asyncio.to_thread(self._expiry, self.cfg)
-            log.info("TLS certificate reloaded", extra={"certificate": self.cfg.certificate})
-            return True
+    async def load(self) -> bool:
+        try:
+            context = await asyncio.to_thread(load_context, self.cfg)
+        except TlsError as exc:
+            self.metrics.tls_reloads.labels("failed").inc()
+            log.error(
+                "TLS certificate reload refused; the previous one stays",
+                extra={"error": str(exc)},
+            )
+            return False
+        self.current = context
+        self.reloads += 1
+        self.metrics.tls_reloads.labels("ok").inc()
+        await asyncio.to_thread(self._expiry, self.cfg)
+        log.info("TLS certificate reloaded", extra={"certificate": self.cfg.certificate})
+        return True
 
     def _expiry(self, cfg: TlsConfig) -> None:
         assert cfg.certificate is not None
         with contextlib.suppress(OSError, ValueError):  # loaded: only a race could fail
             expiry = _leaf(cfg.certificate).not_valid_after_utc.timestamp()
             self.metrics.tls_certificate_expiry.set(expiry)
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                await self.poll_once()
-            except Exception:  # never let the poller die: the next poll retries
-                log.exception("TLS certificate poll failed")
