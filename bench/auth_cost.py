@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,37 +45,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.hitpair import running, start_wrk, wrk_done  # noqa: E402 - after the path is set
+
 INFO_PATH = "example.com/bench/auth/@v/v1.0.0.info"
 USER, PASSWORD = "bench", "bench-Pa55word"
 # What the go command sends besides Host (and Authorization, from .netrc).
 GO_HEADERS = ["User-Agent: Go-http-client/1.1", "Accept-Encoding: gzip"]
 CONTENDERS = ("open", "auth")
-LOAD_CORE, SIDECAR_CORE = "0", "1"
-START_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pinned(core: str, argv: list[str]) -> list[str]:
-    taskset = shutil.which("taskset")
-    return [taskset, "-c", core, *argv] if taskset and (os.cpu_count() or 1) > 1 else argv
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"a process exited early ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {START_S:.0f} s")
 
 
 def config(mode: str, port: int, upstream: str, work: Path, cache: str = "") -> Any:
@@ -131,40 +104,6 @@ def serve(mode: str, port: int, upstream: str, work: Path) -> None:
         uvloop.run(run())
     except ImportError:
         asyncio.run(run())
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wrk(port: int, seconds: float, connections: int, headers: list[str]) -> int:
-    """Requests wrk completed (non-2xx fail the run)."""
-    return wrk_done(start_wrk(port, seconds, connections, headers))
-
-
-def start_wrk(
-    port: int, seconds: float, connections: int, headers: list[str]
-) -> subprocess.Popen[str]:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
-    for header in headers:
-        argv += ["-H", header]
-    return subprocess.Popen(
-        pinned(LOAD_CORE, [*argv, f"http://127.0.0.1:{port}/{INFO_PATH}"]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-def wrk_done(proc: subprocess.Popen[str]) -> int:
-    out, _ = proc.communicate()
-    if proc.returncode != 0 or "Non-2xx" in out:
-        raise SystemExit(f"wrk saw failures:\n{out}")
-    match = re.search(r"(\d+) requests in", out)
-    if match is None:
-        raise SystemExit(f"cannot read wrk's output:\n{out}")
-    return int(match.group(1))
 
 
 class MemoryConnection:
@@ -269,74 +208,33 @@ def run(work: Path, args: argparse.Namespace) -> int:
     tree = work / "tree"
     (tree / INFO_PATH).parent.mkdir(parents=True)
     (tree / INFO_PATH).write_text('{"Version":"v1.0.0","Time":"2025-01-01T00:00:00Z"}')
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        up_port = free_port()
-        upstream = subprocess.Popen(
-            pinned(
-                LOAD_CORE, [sys.executable, "-m", "http.server", str(up_port), "-b", "127.0.0.1"]
-            ),
-            cwd=tree,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(upstream)
-        wait_port(up_port, upstream)
-        ports: dict[str, int] = {}
-        pids: dict[str, int] = {}
-        for mode in CONTENDERS:
-            ports[mode] = free_port()
-            child = subprocess.Popen(
-                pinned(
-                    SIDECAR_CORE,
-                    [
-                        sys.executable,
-                        __file__,
-                        "--serve",
-                        mode,
-                        str(ports[mode]),
-                        f"http://127.0.0.1:{up_port}",
-                        str(work),
-                    ],
-                ),
-                stderr=subprocess.DEVNULL,
-            )
-            procs.append(child)
-            pids[mode] = child.pid
-            wait_port(ports[mode], child)
+    with running(__file__, CONTENDERS, tree, work) as pair:
         token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         headers = {"open": GO_HEADERS, "auth": [*GO_HEADERS, f"Authorization: Basic {token}"]}
+        urls = {m: f"http://127.0.0.1:{pair.ports[m]}/{INFO_PATH}" for m in CONTENDERS}
         for mode in CONTENDERS:  # warm: the cache entry, and the credential's one bcrypt
-            wrk(ports[mode], 1, 1, headers[mode])
+            wrk_done(start_wrk(urls[mode], 1, 1, headers[mode]))
         per_request: dict[str, list[float]] = {m: [] for m in CONTENDERS}
         for round_ in range(args.rounds):
             # Both at once, under the same load: whatever else runs on the
             # machine then weighs on both sides alike.
-            before = {m: cpu_seconds(pids[m]) for m in CONTENDERS}
+            before = {m: pair.cpu(m) for m in CONTENDERS}
             loads = {
-                m: start_wrk(ports[m], args.duration, args.connections, headers[m])
+                m: start_wrk(urls[m], args.duration, args.connections, headers[m])
                 for m in CONTENDERS
             }
             done = {m: wrk_done(loads[m]) for m in CONTENDERS}
             for mode in CONTENDERS:
-                used = cpu_seconds(pids[mode]) - before[mode]
+                used = pair.cpu(mode) - before[mode]
                 per_request[mode].append(used / done[mode] * 1e6)
                 print(
                     f"round {round_ + 1} {mode:4}: {done[mode]:7d} requests, "
                     f"{used:6.2f} s CPU, {used / done[mode] * 1e6:6.2f} µs/request"
                 )
         report("end to end (wrk, sidecar process CPU)", per_request)
-        in_process(f"http://127.0.0.1:{up_port}", work, args.rounds, headers)
-        print(f"load average: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
-        return 0
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        in_process(pair.upstream, work, args.rounds, headers)
+    print(f"load average: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    return 0
 
 
 if __name__ == "__main__":

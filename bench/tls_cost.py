@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,15 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.auth_cost import (  # noqa: E402 - after the path is set
-    LOAD_CORE,
-    SIDECAR_CORE,
-    cpu_seconds,
-    free_port,
-    pinned,
-    wait_port,
-    wrk_done,
-)
+from bench.hitpair import running, start_wrk, wrk_done  # noqa: E402 - after the path is set
 
 CASES = {
     "small hit": "example.com/bench/tls/@v/v1.0.0.info",
@@ -81,13 +72,6 @@ def serve(mode: str, port: int, upstream: str, work: Path) -> None:
     uvloop.run(run())
 
 
-def start_wrk(url: str, seconds: float, connections: int) -> subprocess.Popen[str]:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", url]
-    return subprocess.Popen(
-        pinned(LOAD_CORE, argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -114,45 +98,24 @@ def run(work: Path, args: argparse.Namespace) -> int:
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
     (tree / CASES["small hit"]).write_text('{"Version":"v1.0.0","Time":"2025-01-01T00:00:00Z"}')
     (tree / CASES["1 MiB zip hit"]).write_bytes(os.urandom(1024 * 1024))
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        up_port = free_port()
-        upstream = subprocess.Popen(
-            pinned(
-                LOAD_CORE, [sys.executable, "-m", "http.server", str(up_port), "-b", "127.0.0.1"]
-            ),
-            cwd=tree,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(upstream)
-        wait_port(up_port, upstream)
-        bases: dict[str, str] = {}
-        pids: dict[str, int] = {}
-        for mode in CONTENDERS:
-            port = free_port()
-            argv = [sys.executable, __file__, "--serve", mode, str(port)]
-            child = subprocess.Popen(
-                pinned(SIDECAR_CORE, [*argv, f"http://127.0.0.1:{up_port}", str(work)]),
-                stderr=subprocess.DEVNULL,
-            )
-            procs.append(child)
-            pids[mode] = child.pid
-            wait_port(port, child)
-            bases[mode] = f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}/"
+    with running(__file__, CONTENDERS, tree, work) as pair:
+        bases = {
+            m: f"{'https' if m == 'tls' else 'http'}://127.0.0.1:{pair.ports[m]}/"
+            for m in CONTENDERS
+        }
         for case, path in CASES.items():
             for mode in CONTENDERS:  # warm: the cache entry
                 wrk_done(start_wrk(bases[mode] + path, 1, 1))
             per_request: dict[str, list[float]] = {m: [] for m in CONTENDERS}
             for round_ in range(args.rounds):
-                before = {m: cpu_seconds(pids[m]) for m in CONTENDERS}
+                before = {m: pair.cpu(m) for m in CONTENDERS}
                 loads = {
                     m: start_wrk(bases[m] + path, args.duration, args.connections)
                     for m in CONTENDERS
                 }
                 done = {m: wrk_done(loads[m]) for m in CONTENDERS}
                 for mode in CONTENDERS:
-                    used = cpu_seconds(pids[mode]) - before[mode]
+                    used = pair.cpu(mode) - before[mode]
                     per_request[mode].append(used / done[mode] * 1e6)
                     print(
                         f"{case} round {round_ + 1} {mode:5}: {done[mode]:7d} requests, "
@@ -165,16 +128,8 @@ def run(work: Path, args: argparse.Namespace) -> int:
                 f"{med_t / med_p:.2f}x; minimum {min(plain):.2f} / {min(tls):.2f} = "
                 f"{min(tls) / min(plain):.2f}x"
             )
-        print(f"load average: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
-        return 0
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    print(f"load average: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    return 0
 
 
 if __name__ == "__main__":
