@@ -60,14 +60,19 @@ class Htpasswd:
         return bcrypt.checkpw(secret, hashed)  # compares in constant time
 
 
-def load_htpasswd(path: str) -> Htpasswd:
-    """Parse ``path``; AuthFileError naming file:line for anything but bcrypt."""
+def read_credential_file(path: str) -> str:
+    """The text of a credential file (htpasswd, tokens); AuthFileError naming it."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise AuthFileError(path, None, f"cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise AuthFileError(path, None, "not UTF-8 text") from exc
+
+
+def load_htpasswd(path: str) -> Htpasswd:
+    """Parse ``path``; AuthFileError naming file:line for anything but bcrypt."""
+    text = read_credential_file(path)
     hashes: dict[str, bytes] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

@@ -16,9 +16,9 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
+from sidecar.auth.htpasswd import read_credential_file
 from sidecar.errors import AuthFileError
 
 PREFIX: Final = "sha256:"
@@ -69,13 +69,7 @@ def parse_tokens(text: str, where: str) -> Tokens:
 
 
 def load_tokens(path: str) -> Tokens:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AuthFileError(path, None, f"cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise AuthFileError(path, None, "not UTF-8 text") from exc
-    return parse_tokens(text, path)
+    return parse_tokens(read_credential_file(path), path)
 
 
 def token_line(name: str, token: str) -> str:
