@@ -192,34 +192,37 @@ class SidecarService:
         return self.server.port
 
     async def handle(self, ex: Exchange) -> None:
+        path = _path(ex)
         door = self.door
-        if door is not None and ex.identity is None and not await door.admit(ex, self._need(ex)):
+        if door is not None and ex.identity is None and not await door.admit(ex, self._need(path)):
             return
         # A request answer_now has seen (scratch set) is no endpoint.
-        if ex.scratch is not None or not self._endpoint(ex):
+        if ex.scratch is not None or not self._endpoint(ex, path):
             await self.proxy.handle(ex)
 
     def answer_now(self, ex: Exchange) -> bool:
+        path = _path(ex)
         door = self.door
         if door is not None and ex.identity is None:
             # Before anything is looked up: no endpoint or cache hit goes round it.
-            admitted = door.now(ex, self._need(ex))
+            admitted = door.now(ex, self._need(path))
             if admitted is not True:
                 return admitted is False  # None: handle() verifies it off the loop
-        return self._endpoint(ex) or self.proxy.answer_now(ex)
+        return self._endpoint(ex, path) or self.proxy.answer_now(ex)
 
     async def _internal(self, ex: Exchange) -> None:
         """The sidecar asking itself (checksum-database lookups): no client."""
         ex.identity = INTERNAL
         await self.proxy.handle(ex)
 
-    def _need(self, ex: Exchange) -> EndpointAccess:
-        """What the front door asks of ``ex``: its endpoint's rule, else a client identity."""
-        return self._needs.get(_path(ex), AUTHENTICATED)
+    def _need(self, path: str) -> EndpointAccess:
+        """What the front door asks of a request for ``path``: its endpoint's
+        rule, else a client identity."""
+        return self._needs.get(path, AUTHENTICATED)
 
-    def _endpoint(self, ex: Exchange) -> bool:
+    def _endpoint(self, ex: Exchange, path: str) -> bool:
         """Answer ``ex`` if it asks for one of the sidecar's own endpoints."""
-        endpoint = self.endpoints.get(_path(ex))
+        endpoint = self.endpoints.get(path)
         if endpoint is None:
             return False
         if ex.method not in METHODS:
