@@ -60,6 +60,9 @@ def scaled_policies(target: Path, thresholds: Mapping[str, float]) -> Path:
     return target
 
 
+EVALUATION_TIMEOUT_S = 5.0
+
+
 class Sidecars:
     """The sidecars a test starts, each on a clock of the test's choosing and
     served on loopback; ``close`` stops them all."""
@@ -77,6 +80,13 @@ class Sidecars:
         client = TestClient(SidecarTestServer(SidecarService(sc, run_control)))
         await client.start_server()
         self._clients.append(client)
+        assert sc.control is not None  # made by the service's start
+        # These sidecars tick every 100 ms, which leaves an evaluation 90 ms
+        # (sidecar.control); the embedded engine takes about 33 ms, but more on
+        # a loaded 2-core machine, and a timed-out evaluation keeps the last
+        # decisions: a breaker the test expects open stayed closed (1 full run
+        # in 4). What a failed evaluation does is tested apart (test_breakers).
+        sc.control.timeout = EVALUATION_TIMEOUT_S
         return client, sc
 
     async def close(self) -> None:
