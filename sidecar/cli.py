@@ -1,4 +1,4 @@
-"""``goproxy-sidecar run | check | eval | cache | warm`` — the command line.
+"""``goproxy-sidecar run | check | eval | cache | warm | health`` — the command line.
 
 Heavy imports (aiohttp, the server) happen inside the subcommand that needs
 them so ``check`` and ``--help`` start fast; regopy is imported with the
@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
     ev.add_argument("--input", required=True, help="policy input JSON file ('-' for stdin)")
     _cache_parsers(sub)
+    _health_parser(sub)
     return p
 
 
@@ -146,6 +147,40 @@ def _cache_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     warm.add_argument(
         "--jobs", type=_positive, default=8, help="concurrent fetches, at least 1 (default 8)"
     )
+
+
+def _health_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``health``: the image's HEALTHCHECK (sidecar/healthcheck.py)."""
+    health = sub.add_parser(
+        "health",
+        help="ask the running sidecar's /healthz as its config says (exit 0: healthy, 1: not)",
+        description="Read the config as `run` does (SIDECAR_* variables included) and GET "
+        "/healthz at its listen address (loopback for 0.0.0.0 and [::]): HTTPS when tls is "
+        "set, a bearer token only when client_auth.endpoints.healthz is not open.",
+    )
+    health.add_argument("--config", help="sidecar.yaml (default: the embedded default)")
+    health.add_argument(
+        "--token-env",
+        metavar="VAR",
+        help="the environment variable holding a bearer token, for a /healthz that is not open",
+    )
+    health.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=None,
+        help="how long to wait for the answer (default 4)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -196,6 +231,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _check(args)
     if args.command in ("cache", "warm"):
         return _cache(args)
+    if args.command == "health":
+        return _health(args)
     return _eval(args)
 
 
@@ -304,6 +341,24 @@ def _cache(args: argparse.Namespace) -> int:
     if args.cache_command == "purge":
         return cache_cli.cache_purge(args.config, args.target)
     return cache_cli.cache_verify(args.config, args.sumdb)
+
+
+def _health(args: argparse.Namespace) -> int:
+    from sidecar.config import load_config
+    from sidecar.healthcheck import DEFAULT_TIMEOUT_S, check, probe_for
+
+    token = None
+    if args.token_env is not None:
+        token = os.environ.get(args.token_env)
+        if not token:  # its name, never its value
+            raise SidecarError(f"--token-env: environment variable {args.token_env} is not set")
+    probe = probe_for(load_config(args.config))
+    healthy, line = check(probe, token, args.timeout or DEFAULT_TIMEOUT_S)
+    if not healthy:
+        _say(line)
+        return EXIT_FAILED
+    print(line)
+    return EXIT_OK
 
 
 def _eval(args: argparse.Namespace) -> int:
