@@ -26,7 +26,7 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -567,7 +567,7 @@ def sidecar_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_the_image_default_config_is_the_kubernetes_one() -> None:
-    """The Containerfile ships base/sidecar.yaml; its HEALTHCHECK assumes port 3001."""
+    """The Containerfile ships base/sidecar.yaml; its EXPOSE names that port."""
     assert "deploy/kubernetes/base/sidecar.yaml" in CONTAINERFILE.read_text()
     assert load_yaml(BASE / "sidecar.yaml")["listen"] == f"0.0.0.0:{SIDECAR_PORT}"
 
@@ -931,6 +931,10 @@ async def test_the_front_door_pod_serves_probes_and_rotates_secrets_in_place(
         assert status in (200, 503)  # ready or not, never asked for a credential
         assert await https_get(port, "/metrics") == 401
         assert await https_get(port, "/metrics", "alice") == 200
+        # The image's HEALTHCHECK in this container: HTTPS, no credential.
+        code, out, err = await run_healthcheck(config, env)
+        assert code == 0, err
+        assert out == f"healthy: https://127.0.0.1:{port}/healthz: 200\n"
 
         users = tmp_path / "rotated.htpasswd"
         tool = require_tool("htpasswd")
@@ -1024,8 +1028,17 @@ def test_containerfile_follows_the_basic_rules() -> None:
     assert not [key for key in env if key.startswith("MALLOC_")], env
 
     healthchecks = [a for w, a in runtime if w == "HEALTHCHECK"]
-    assert len(healthchecks) == 1 and "/healthz" in healthchecks[0]
-    assert "curl" not in healthchecks[0] and "wget" not in healthchecks[0]
+    assert len(healthchecks) == 1
+    # The sidecar's own probe: it reads the config as `run` does (port, tls,
+    # the /healthz rule), where a fixed http:// URL fails once tls is set.
+    assert json.loads(healthchecks[0].split(" CMD ", 1)[1]) == [
+        "goproxy-sidecar",
+        "health",
+        "--config",
+        CONFIG_MOUNT,
+    ]
+    build = steps[: max(i for i, (w, _) in enumerate(steps) if w == "FROM")]
+    assert any("goproxy-sidecar health --help" in a for w, a in build if w == "RUN")
     assert ("EXPOSE", str(SIDECAR_PORT)) in runtime
     [entrypoint] = [json.loads(a) for w, a in runtime if w == "ENTRYPOINT"]
     assert entrypoint == ["goproxy-sidecar", "run", "--config", CONFIG_MOUNT]
@@ -1041,34 +1054,49 @@ def test_containerfile_context_holds_what_the_build_copies() -> None:
         assert (REPO / needed).exists(), needed
 
 
-def healthcheck_command() -> list[str]:
+def healthcheck_command(config: Path) -> list[str]:
+    """The Containerfile's HEALTHCHECK, run from this checkout with ``config``
+    in place of the image's /etc/goproxy-sidecar/sidecar.yaml."""
     [check] = [a for w, a in instructions(CONTAINERFILE) if w == "HEALTHCHECK"]
     command: list[str] = json.loads(check.split(" CMD ", 1)[1])
-    assert command[0] == "python"
-    return [sys.executable, *command[1:]]
+    assert command[0] == "goproxy-sidecar"
+    return [sys.executable, "-m", "sidecar"] + [
+        str(config) if part == CONFIG_MOUNT else part for part in command[1:]
+    ]
 
 
-@pytest.fixture
-def healthcheck() -> Iterator[Callable[[int], list[str]]]:
-    command = healthcheck_command()
-    yield lambda port: [part.replace(f":{SIDECAR_PORT}/", f":{port}/") for part in command]
+async def run_healthcheck(config: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    """The HEALTHCHECK as Docker runs it, without blocking this event loop
+    (the sidecar under test may be serving on it)."""
+    proc = await asyncio.create_subprocess_exec(
+        *healthcheck_command(config),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_containerfile_healthcheck_passes_on_a_live_sidecar(
-    fake_upstreams: Callable[..., Any],
-    sidecar_client: Callable[..., Any],
-    healthcheck: Callable[[int], list[str]],
+    fake_upstreams: Callable[..., Any], sidecar_client: Callable[..., Any], tmp_path: Path
 ) -> None:
     [(_, url)] = await fake_upstreams(1)
     client, _ = await sidecar_client([url])
     port = client.server.port
-    proc = await asyncio.create_subprocess_exec(*healthcheck(port))
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
-    await client.close()
-    proc = await asyncio.create_subprocess_exec(
-        *healthcheck(port), stderr=asyncio.subprocess.DEVNULL
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        f'listen: "127.0.0.1:{port}"\nupstreams: [{{name: athens, url: "{url}"}}]\n'
+        f'cache: {{dir: "{tmp_path / "cache"}"}}\n'
     )
-    assert await asyncio.wait_for(proc.wait(), 30) != 0
+    code, out, err = await run_healthcheck(config, clean_env())
+    assert code == 0, err
+    assert out == f"healthy: http://127.0.0.1:{port}/healthz: 200\n"
+    await client.close()
+    code, out, err = await run_healthcheck(config, clean_env())
+    assert code == 1, out  # Docker: 1 is "unhealthy"
+    assert "unhealthy" in err and "Traceback" not in err, err
 
 
 def test_debian_deps_script_is_valid_bash() -> None:
