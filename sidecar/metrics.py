@@ -8,13 +8,15 @@ is ``module`` or ``sumdb``: each upstream has one breaker per traffic class.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "goproxy_sidecar"
 
@@ -52,34 +54,34 @@ class Metrics:
         r = self.registry
         p = PREFIX
         # --- requests
-        self.requests = Counter(
+        self.requests = PlainCounter(
             f"{p}_requests",
             "Client requests answered, by the upstream (or 'cache', 'sidecar') that produced "
             "the answer, request kind and outcome (ok, hit, stale, not_found, failed, rejected, "
             "unavailable, overflow: every upstream it may use was busy, client_abort: the "
             "client left before the last byte; one that closes right after it is ok or hit).",
             ["upstream", "kind", "outcome"],
-            registry=r,
+            r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = PlainHistogram(
             f"{p}_request_duration_seconds",
             "Time from request to the end of the response "
             "body, by answering upstream, request kind and outcome.",
             ["upstream", "kind", "outcome"],
-            buckets=REQUEST_BUCKETS,
-            registry=r,
+            REQUEST_BUCKETS,
+            r,
         )
-        self.upstream_attempts = Counter(
+        self.upstream_attempts = PlainCounter(
             f"{p}_upstream_attempts",
             "Requests sent to an upstream, by result (ok, not_found, failure class).",
             ["upstream", "result"],
-            registry=r,
+            r,
         )
-        self.upstream_failures = Counter(
+        self.upstream_failures = PlainCounter(
             f"{p}_upstream_failures",
             "Upstream failures by class (timeout, connect, status, truncated, auth).",
             ["upstream", "failure"],
-            registry=r,
+            r,
         )
         self.masked_failures = Counter(
             f"{p}_masked_failures",
@@ -162,11 +164,14 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
-        self.upstream_queue_wait = QueueWaits(
+        self.upstream_queue_wait = PlainHistogram(
             f"{p}_upstream_queue_wait_seconds",
             "Time a request waited for a connection to this upstream (0 when one was "
             "free); waits that ran out at pool.max_wait included.",
+            ["upstream"],
+            QUEUE_WAIT_BUCKETS,
             r,
+            created=False,
         )
         self.pool_saturation = Gauge(
             f"{p}_upstream_pool_saturation",
@@ -260,21 +265,21 @@ class Metrics:
             registry=r,
         )
         # --- cache
-        self.cache_hits = Counter(
-            f"{p}_cache_hits", "Requests served from the local cache.", ["kind"], registry=r
+        self.cache_hits = PlainCounter(
+            f"{p}_cache_hits", "Requests served from the local cache.", ["kind"], r
         )
-        self.cache_misses = Counter(
+        self.cache_misses = PlainCounter(
             f"{p}_cache_misses",
             "Cacheable requests not found in the local cache.",
             ["kind"],
-            registry=r,
+            r,
         )
-        self.cache_stale_serves = Counter(
+        self.cache_stale_serves = PlainCounter(
             f"{p}_cache_stale_serves",
             "Expired mutable entries served because no upstream "
             "answered or the breaker said cache.",
             ["kind"],
-            registry=r,
+            r,
         )
         self.cache_bytes = Gauge(f"{p}_cache_bytes", "Bytes held by the local cache.", registry=r)
         self.cache_entries = Gauge(
@@ -370,44 +375,103 @@ class Metrics:
         )
 
 
-class QueueWait:
-    """One upstream's queue waits: plain counters, one per bucket.
+class PlainCounter(Collector):
+    """A labelled counter whose children are plain numbers, exported at scrape
+    time exactly as prometheus_client's ``Counter`` would (``_total`` and
+    ``_created``).
 
-    Every proxied request observes one wait (mostly 0.0), and
-    prometheus_client's ``Histogram.observe`` costs about a microsecond (a
-    lock and a float per bucket); this costs a bisect and two additions.
+    For the per-request counters: ``Counter.inc`` takes a lock and checks its
+    argument on every call (about a microsecond here); the event loop is the
+    only writer, so a float addition is enough.
     """
 
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(QUEUE_WAIT_BUCKETS) + 1)  # the last one: above every bound
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(QUEUE_WAIT_BUCKETS, seconds)] += 1
-        self.total += seconds
-
-
-class QueueWaits(Collector):
-    """The queue-wait histogram of every upstream, exported at scrape time."""
-
-    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
         self.name = name
         self.documentation = documentation
-        self._children: dict[str, QueueWait] = {}
+        self.labelnames = list(labelnames)
+        self._children: dict[tuple[str, ...], PlainCount] = {}
         registry.register(self)
 
-    def labels(self, upstream: str) -> QueueWait:
-        child = self._children.get(upstream)
+    def labels(self, *values: str) -> PlainCount:
+        child = self._children.get(values)
         if child is None:
-            child = self._children[upstream] = QueueWait()
+            child = self._children[values] = PlainCount()
         return child
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=["upstream"])
-        bounds = [*map(str, QUEUE_WAIT_BUCKETS), "+Inf"]
-        for upstream, child in self._children.items():
-            cumulative = accumulate(child.counts)
-            family.add_metric([upstream], list(zip(bounds, cumulative, strict=True)), child.total)
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value, created=child.created)
         yield family
+
+
+class PlainCount:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class PlainHistogram(Collector):
+    """A labelled histogram whose children are plain counts per bucket, exported
+    at scrape time as prometheus_client's ``Histogram`` would (``_created``
+    only where ``created``: the queue waits never had it).
+
+    ``Histogram.observe`` costs about a microsecond (a lock and a float per
+    bucket); a child here costs a bisect and two additions.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+        created: bool = True,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.buckets = buckets
+        self._created = created
+        self._children: dict[tuple[str, ...], PlainBuckets] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> PlainBuckets:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = PlainBuckets(self.buckets)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        bounds = [*map(floatToGoString, self.buckets), "+Inf"]
+        for values, child in list(self._children.items()):
+            cumulative = accumulate(child.counts)
+            family.add_metric(list(values), list(zip(bounds, cumulative, strict=True)), child.total)
+            if self._created:
+                labels = dict(zip(self.labelnames, values, strict=True))
+                family.add_sample(f"{self.name}_created", labels, child.created)
+        yield family
+
+
+class PlainBuckets:
+    __slots__ = ("bounds", "counts", "created", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.total = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: the first bound >= seconds, as Histogram's ``amount <= bound``.
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds

@@ -162,10 +162,6 @@ class ProxyHandler:
         self, ex: Exchange, req: GoproxyRequest, source: str, outcome: str, seconds: float
     ) -> None:
         self.recorder.answered(source, req.kind.value, outcome, seconds)
-        if outcome == "hit" or outcome == "stale":
-            metrics = self.recorder.metrics
-            metric = metrics.cache_hits if outcome == "hit" else metrics.cache_stale_serves
-            self.recorder.counter(metric, req.kind.value)()
         if self._debug:
             log.debug(
                 "request",

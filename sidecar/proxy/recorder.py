@@ -15,8 +15,11 @@ from typing import Any
 
 from sidecar.breaker.state import SUMDB_KINDS
 from sidecar.goproxy import Kind
-from sidecar.metrics import Metrics, QueueWait
+from sidecar.metrics import Metrics, PlainBuckets, PlainCount
 from sidecar.stats.window import Outcome, UpstreamWindow
+
+# requests_total, request_duration_seconds and, for a hit or stale serve, its cache counter
+Answers = tuple[PlainCount, PlainBuckets, PlainCount | None]
 
 
 class Recorder:
@@ -30,6 +33,9 @@ class Recorder:
         self.windows = windows  # module traffic (and the pool's admission figures)
         self.sumdb_windows = sumdb_windows  # checksum-database traffic
         self._children: dict[tuple[Any, ...], Any] = {}
+        # One entry per (source, kind, outcome): every metric child a request's
+        # end touches, looked up once.
+        self._answers: dict[tuple[str, str, str], Answers] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -76,16 +82,34 @@ class Recorder:
         self._child(self.metrics.upstream_overflows, upstream).inc()
 
     def answered(self, source: str, kind: str, outcome: str, seconds: float) -> None:
-        """The client's request is over: who answered it, how, and how long it took."""
-        self._child(self.metrics.requests, source, kind, outcome).inc()
-        self._child(self.metrics.request_duration, source, kind, outcome).observe(seconds)
+        """The client's request is over: who answered it, how, and how long it took
+        (and a cache hit or stale serve counted as one)."""
+        key = (source, kind, outcome)
+        children = self._answers.get(key)
+        if children is None:
+            children = self._answers[key] = self._answers_for(key)
+        count, durations, served = children
+        count.value += 1.0
+        durations.observe(seconds)
+        if served is not None:
+            served.value += 1.0
+
+    def _answers_for(self, key: tuple[str, str, str]) -> Answers:
+        metrics = self.metrics
+        _, kind, outcome = key
+        served = {"hit": metrics.cache_hits, "stale": metrics.cache_stale_serves}.get(outcome)
+        return (
+            metrics.requests.labels(*key),
+            metrics.request_duration.labels(*key),
+            None if served is None else served.labels(kind),
+        )
 
     def counter(self, metric: Any, *labels: str) -> Callable[[], None]:
         child = self._child(metric, *labels)
         return child.inc  # type: ignore[no-any-return]
 
 
-def queue_wait_sink(window: UpstreamWindow, histogram: QueueWait) -> Callable[[float], None]:
+def queue_wait_sink(window: UpstreamWindow, histogram: PlainBuckets) -> Callable[[float], None]:
     """Where an upstream's admission gate reports each request's queue wait:
     the upstream's window (for the policy) and its histogram child (for Prometheus)."""
     record = window.record_queue_wait
