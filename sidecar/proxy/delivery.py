@@ -56,7 +56,8 @@ class Delivery:
             body = await read_small(resp)
             if body is not None:
                 if checker is not None:
-                    await checker.check(req, name, body)  # before the cache or a client has it
+                    # before the cache or a client has it
+                    await checker.check(req, name, body, lookup=attempts.lookup)
                 headers = response_headers(resp.headers, name)
                 if keep is not None:
                     cache, flight = keep
@@ -65,7 +66,7 @@ class Delivery:
                 ex.send(200, headers, body)
                 outcome = "ok"
             elif checker is not None:
-                outcome = await self._relay_checked(ex, req, resp, checker, reply)
+                outcome = await self._relay_checked(ex, req, resp, checker, reply, attempts)
             else:
                 outcome = await relay(ex, resp, reply)
         except UpstreamError as exc:
@@ -87,13 +88,14 @@ class Delivery:
         resp: UpstreamResponse,
         checker: IntegrityChecker,
         reply: Reply,
+        attempts: Attempts,
     ) -> str:
         """A body relayed without the cache, checked first: spooled to a temp
         file, checked, then sent from it."""
         name = resp.upstream.name
         body, size = await spool(resp)
         try:
-            await checker.check(req, name, body)
+            await checker.check(req, name, body, lookup=attempts.lookup)
         except BaseException:
             body.close()
             raise

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sidecar.breaker.plan import UpstreamPlan
 from sidecar.breaker.state import traffic_class
@@ -22,6 +23,9 @@ from sidecar.proxy.lograte import LogRate
 from sidecar.proxy.recorder import Recorder
 from sidecar.stats.window import Outcome
 from sidecar.upstreams import UpstreamResponse
+
+if TYPE_CHECKING:
+    from sidecar.sumdb.lookup import ModuleHashes
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -44,6 +48,9 @@ class Attempts:
     # its hedge then answered; it gave none (cancelled: its hedge answered first).
     first_failure: UpstreamError | None = None
     unjudged: bool = False
+    # The checksum lookup of a body that is checked, started with the walk so
+    # that it runs while the upstreams are asked instead of after the body came.
+    lookup: asyncio.Future[ModuleHashes] | None = None
 
 
 def note_failure(exc: UpstreamError, attempts: Attempts) -> None:

@@ -125,9 +125,15 @@ class IntegrityChecker:
         body = source if isinstance(source, bytes) else await asyncio.to_thread(_read, source)
         await self._check(req, upstream, _done(hash_gomod(body)), lookup or self._lookup(req))
 
-    def gate(self, req: GoproxyRequest, upstream: str) -> BodyGate:
-        """The gate a cache fill of ``req``'s body passes (``sidecar.cache.fill.Gate``)."""
-        return BodyGate(self, req, upstream)
+    def gate(
+        self,
+        req: GoproxyRequest,
+        upstream: str,
+        lookup: asyncio.Future[ModuleHashes] | None = None,
+    ) -> BodyGate:
+        """The gate a cache fill of ``req``'s body passes (``sidecar.cache.fill.Gate``);
+        ``lookup``: its record's lookup, if started already."""
+        return BodyGate(self, req, upstream, lookup)
 
     async def lookup(self, module: str, version: str) -> ModuleHashes:
         """The verified record of module@version (raises SumdbError, RequestError)."""
@@ -157,7 +163,14 @@ class IntegrityChecker:
             hashes = await lookup
         except (SumdbError, RequestError) as exc:
             await _settle(hashed)
-            self._unavailable(subject, kind, upstream, exc)
+            try:
+                self._unavailable(subject, kind, upstream, exc)
+            finally:
+                # The lookup's tasks keep this exception, and its traceback keeps
+                # their frames: a cycle per failed lookup that only the cyclic GC
+                # frees, in pauses of tens of ms that every request in flight waits
+                # out (the p99 of issue 14). Nobody reads the traceback after here.
+                exc.__traceback__ = None
             return
         except BaseException:
             await _settle(hashed)
@@ -230,12 +243,19 @@ class BodyGate:
 
     __slots__ = ("_checker", "_lookup", "_req", "_stream", "_upstream")
 
-    def __init__(self, checker: IntegrityChecker, req: GoproxyRequest, upstream: str) -> None:
+    def __init__(
+        self,
+        checker: IntegrityChecker,
+        req: GoproxyRequest,
+        upstream: str,
+        lookup: asyncio.Future[ModuleHashes] | None = None,
+    ) -> None:
         self._checker, self._req, self._upstream = checker, req, upstream
         self._stream = ZipStream() if req.kind is Kind.ZIP else None
-        # Made as the fill starts: the lookup (7-25 ms) runs during the download,
-        # not after its last byte. Concurrent fills of one version share it.
-        self._lookup = checker.start_lookup(req)
+        # Made as the fill starts at the latest: the lookup (7-25 ms) runs during
+        # the download, not after its last byte. Concurrent fills of one version
+        # share it.
+        self._lookup = lookup or checker.start_lookup(req)
 
     def sink(self) -> ZipStream | None:
         return self._stream
