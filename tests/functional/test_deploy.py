@@ -899,7 +899,13 @@ def test_the_front_door_component_renders(tmp_path: Path) -> None:
         assert env[variable] == f"{where[secret]}/{key}", variable
     # The kubelet's probes need no credential: the endpoint rules stay at
     # their defaults (healthz and readyz open), and they speak HTTPS.
-    assert not [name for name in env if name.startswith("SIDECAR_CLIENT_AUTH_ENDPOINTS")]
+    # The probes' endpoints are pinned open (variables win over sidecar.yaml);
+    # the other endpoint rules stay the config's.
+    endpoints = {n: v for n, v in env.items() if n.startswith("SIDECAR_CLIENT_AUTH_ENDPOINTS")}
+    assert endpoints == {
+        "SIDECAR_CLIENT_AUTH_ENDPOINTS_HEALTHZ": "open",
+        "SIDECAR_CLIENT_AUTH_ENDPOINTS_READYZ": "open",
+    }
     assert "client_auth" not in sidecar_config(objects)
     for kind, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         probe = sidecar[kind]["httpGet"]
@@ -935,6 +941,22 @@ def test_the_front_door_config_passes_check_with_the_secrets_mounted(tmp_path: P
     assert "tls ok: " in out.stdout and "(CN=front-door," in out.stdout, out.stdout
     assert "client_auth ok: 4 client(s)" in out.stdout, out.stdout  # alice, bob, ci, prometheus
     assert "healthz open, readyz open" in out.stdout, out.stdout
+
+
+def test_the_front_door_keeps_the_probes_open_whatever_the_config_says(tmp_path: Path) -> None:
+    """The kubelet sends no credential: a sidecar.yaml that closes /healthz
+    and /readyz is overridden by the component, the other rules are not."""
+    objects = kustomize_build(front_door_overlay(tmp_path, real_secrets(tmp_path)))
+    env, config = pod_env(objects, tmp_path / "pod")
+    closed = tmp_path / "closed.yaml"
+    closed.write_text(
+        config.read_text()
+        + "client_auth:\n  endpoints: {healthz: authenticated, readyz: authenticated, "
+        "metrics: open}\n"
+    )
+    out = run([sys.executable, "-m", "sidecar", "check", "--config", str(closed)], env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "endpoints: metrics open, healthz open, readyz open" in out.stdout, out.stdout
 
 
 async def https_get(port: int, path: str, user: str | None = None) -> int:
