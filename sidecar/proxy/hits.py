@@ -17,8 +17,12 @@ from sidecar.proxy.headers import SOURCE_HEADER, STALE_HEADER
 from sidecar.proxy.ranges import UNSATISFIABLE, byte_range, content_range
 from sidecar.proxy.stream import Reply, send_file
 from sidecar.server import Exchange
+from sidecar.server.exchange import header_block
 
 STALE_WARNING: Final = '110 - "Response is Stale"'
+# Content types whose hit header lines are kept serialised: a handful in
+# practice; the bound is for an upstream that sends a new one every time.
+LEAD_MEMO: Final = 64
 
 Answer = tuple[str, str]  # who answered, outcome; the response is sent by then
 
@@ -28,6 +32,7 @@ class Hits:
 
     def __init__(self, cache: ModuleCache | None) -> None:
         self.cache = cache
+        self._leads: dict[str, bytes] = {}  # content type -> its hit's first header lines
 
     async def cache_action(
         self,
@@ -82,6 +87,9 @@ class Hits:
         part: tuple[int, int] | None,
     ) -> Answer:
         """A hit from bytes in memory, whole or ``part`` of it (wanted_range)."""
+        if part is None and not stale:  # most of a build's requests
+            ex.send(200, self._hit_lines(entry), body)
+            return "cache", "hit"
         headers = self._headers(entry, stale)
         if part is None:
             ex.send(200, headers, body)
@@ -92,6 +100,19 @@ class Hits:
                 return "cache", "unsatisfiable"
             ex.send(206, headers, body[part[0] : part[1] + 1])
         return "cache", "stale" if stale else "hit"
+
+    def _hit_lines(self, entry: CachedEntry) -> bytes:
+        """``_headers`` of a fresh hit, serialised: the lines before Age are made
+        (and checked) once per content type."""
+        assert self.cache is not None
+        content_type = entry.content_type
+        lead = self._leads.get(content_type)
+        if lead is None:
+            if len(self._leads) >= LEAD_MEMO:
+                self._leads.clear()
+            lead = header_block({"Content-Type": content_type, SOURCE_HEADER: "cache"})
+            self._leads[content_type] = lead
+        return lead + b"Age: %d\r\n" % self.cache.age(entry)
 
     def _headers(self, entry: CachedEntry, stale: bool) -> dict[str, str]:
         assert self.cache is not None

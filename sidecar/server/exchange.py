@@ -141,15 +141,19 @@ class Exchange:
     def header(self, name: str) -> str | None:
         """The first request header called ``name`` (case-insensitive)."""
         wanted = name.lower().encode("latin-1")
+        size = len(wanted)
         for key, value in self.headers:
-            if key.lower() == wanted:
+            # Lengths first: most requests have none of the headers asked for.
+            if len(key) == size and key.lower() == wanted:
                 return value.decode("latin-1")
         return None
 
-    def send(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        """The whole response in one write (no body for HEAD, its length still announced)."""
+    def send(self, status: int, headers: Mapping[str, str] | bytes, body: bytes) -> None:
+        """The whole response in one write (no body for HEAD, its length still announced).
+        ``headers`` as bytes: lines already serialised and checked (``header_block``)."""
         self._begin(status)
-        head = self._head(status, header_block(headers), len(body))
+        block = headers if isinstance(headers, bytes) else header_block(headers)
+        head = self._head(status, block, len(body))
         self._conn.write(head if self.method == "HEAD" else head + body)
         self.finished = True
 
