@@ -1171,6 +1171,18 @@ def test_containerfile_follows_the_basic_rules() -> None:
     assert [CACHE_MOUNT] in volumes
 
 
+def test_podman_builds_keep_the_healthcheck() -> None:
+    """podman/buildah build the OCI format by default, which has no
+    HEALTHCHECK: every podman command shown asks for the docker format."""
+    commands = []
+    for path in (CONTAINERFILE, REPO / "README.md"):
+        text = re.sub(r"\\\n[#\s]*", " ", path.read_text())  # join continuation lines
+        commands += re.findall(r"(?:podman|buildah) (?:build|bud) [^\n]*", text)
+    assert len(commands) >= 2, commands
+    for command in commands:
+        assert "--format docker" in command, command
+
+
 def test_containerfile_context_holds_what_the_build_copies() -> None:
     ignore = (DEPLOY / "Containerfile.dockerignore").read_text().splitlines()
     allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
