@@ -50,6 +50,10 @@ Clock = Callable[[], float]
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)  # p95: the hedge delay (sidecar.proxy.hedge)
 QUEUE_QUANTILES = (0.5, 0.99)
+# A run of failures (or masked failures) this long asks the control loop for a
+# verdict before its next tick: one failure alone is no run, and an upstream
+# failing now and then must not make the loop tick faster.
+RUN_WAKE = 2
 
 
 class Outcome(enum.Enum):
@@ -265,6 +269,7 @@ class UpstreamWindow:
         "_slice_s",
         "_slices",
         "_waiting_scratch",
+        "_wake",
         "_window_s",
     )
 
@@ -280,6 +285,7 @@ class UpstreamWindow:
         self._inflight = InFlight(clock, self._record_timed_out)
         self._consecutive = 0
         self._masked_run = 0
+        self._wake: Callable[[], None] | None = None
         self._origin = 0.0
         self._epoch = 0
         self._current = self._slices[0]
@@ -290,6 +296,12 @@ class UpstreamWindow:
     def inflight(self) -> InFlight:
         """The requests waiting for headers: ``begin`` / ``end`` around each wait."""
         return self._inflight
+
+    def wake_on_runs(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever a run of failures or of masked failures is
+        ``RUN_WAKE`` long or longer: the control loop then judges it before its
+        next regular tick (sidecar.control)."""
+        self._wake = wake
 
     @property
     def window_s(self) -> float:
@@ -355,6 +367,8 @@ class UpstreamWindow:
             self._consecutive += 1
             if outcome is _TIMEOUT:
                 s.timeouts += 1
+            if self._consecutive >= RUN_WAKE and self._wake is not None:
+                self._wake()
         if ttfb_s is not None:
             s.ttfb.record(ttfb_s)
 
@@ -379,6 +393,8 @@ class UpstreamWindow:
             self._advance(now)
         self._current.masked += 1
         self._masked_run += 1
+        if self._masked_run >= RUN_WAKE and self._wake is not None:
+            self._wake()
 
     def record_integrity(self) -> None:
         """Count a body of this upstream that did not match the checksum database.
