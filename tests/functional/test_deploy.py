@@ -9,8 +9,13 @@
 - The policies ConfigMap holds byte-identical copies of policies/, and the
   sidecar.yaml of the config ConfigMap passes `goproxy-sidecar check` against
   them, laid out the way the kubelet mounts a ConfigMap.
+- components/front-door renders its Secrets, mounts, HTTPS probes (their
+  endpoints pinned open) and Service, refuses to start on its placeholders,
+  and its container serves and rotates Secrets on loopback
+  (test_deploy_scrape.py: Prometheus scraping it through the door).
 - The Containerfile follows the basic rules (multi-stage, non-root USER,
-  HEALTHCHECK, pinned bases) and its HEALTHCHECK command works.
+  HEALTHCHECK, pinned bases) and its HEALTHCHECK command works, over HTTPS
+  too (test_deploy_health.py: the `goproxy-sidecar health` command itself).
 """
 
 from __future__ import annotations
