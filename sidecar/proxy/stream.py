@@ -63,9 +63,11 @@ async def read_small(resp: UpstreamResponse) -> bytes | None:
     length = resp.content_length
     if length is None or length > BUFFER_LIMIT:
         return None
-    parts = [chunk async for chunk in resp.chunks()]
+    body = resp.arrived()  # no async generator for a body that is all here
+    if body is None:
+        body = b"".join([chunk async for chunk in resp.chunks()])
     resp.release()
-    return b"".join(parts)
+    return body
 
 
 def is_small(content_length: int | None) -> bool:

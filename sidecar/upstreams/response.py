@@ -79,6 +79,15 @@ class UpstreamResponse:
     def peak_buffered(self) -> int:
         return self._conn.peak_buffered if self._conn is not None else 0
 
+    def arrived(self) -> bytes | None:
+        """The whole body if all of it is here already (a small answer mostly
+        comes in the read of its head), taken as ``chunks`` would yield it; None
+        while more is to come."""
+        conn = self._conn
+        if conn is None or conn.state != DONE:
+            return None
+        return conn.take()
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """Whatever is buffered, as it arrives; raises on a short or stalled body.
 
