@@ -128,7 +128,7 @@ class DiskCache:
         return entry.expires <= self._clock()
 
     def age(self, entry: Entry) -> int:
-        return max(0, int(self._clock() - entry.stored))
+        return max(0, int(self._clock() - entry.record.stored))  # (every hit: no property)
 
     async def verify(self, entry: Entry) -> bool:
         """True if servable: hashed (in a thread) on its first serve in this process

@@ -153,7 +153,7 @@ class ProxyHandler:
         entry = cache.lookup(req, allow_stale=False)
         if entry is None or not entry.verified or entry.body is None:
             return False
-        part = wanted_range(ex, entry.size)
+        part = wanted_range(ex, entry)
         source, outcome = self._send_hit(ex, entry, entry.body, False, part)
         self._answered(ex, req, source, outcome, time.perf_counter() - started)
         return True

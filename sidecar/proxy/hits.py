@@ -60,7 +60,7 @@ class Hits:
         assert cache is not None
         if not entry.verified and not await cache.verify(entry):
             return None
-        part = wanted_range(ex, entry.size)
+        part = wanted_range(ex, entry)
         body = await cache.small_body(entry)
         if body is not None or part == UNSATISFIABLE:  # a 416 needs no bytes
             return self.send_hit(ex, entry, body or b"", stale, part)
@@ -105,7 +105,7 @@ class Hits:
         """``_headers`` of a fresh hit, serialised: the lines before Age are made
         (and checked) once per content type."""
         assert self.cache is not None
-        content_type = entry.content_type
+        content_type = entry.record.content_type  # (not the property: every hit)
         lead = self._leads.get(content_type)
         if lead is None:
             if len(self._leads) >= LEAD_MEMO:
@@ -127,9 +127,12 @@ class Hits:
         return headers
 
 
-def wanted_range(ex: Exchange, size: int) -> tuple[int, int] | None:
-    """The single byte range a GET asks for, if any (see sidecar.proxy.ranges)."""
+def wanted_range(ex: Exchange, entry: CachedEntry) -> tuple[int, int] | None:
+    """The single byte range a GET asks for in ``entry``, if any (see
+    sidecar.proxy.ranges)."""
     if ex.method != "GET":
         return None
     header = ex.header("range")
-    return None if header is None else byte_range(header, size, ex.header("if-range"))
+    if header is None:
+        return None
+    return byte_range(header, entry.record.size, ex.header("if-range"))
