@@ -49,7 +49,6 @@ log = logging.getLogger("sidecar.auth")
 
 BCRYPT_THREADS: Final = 2  # the machine kind has 2 cores; more threads only queue
 MAX_INFLIGHT_PER_ADDRESS: Final = 4
-AUTHORIZATION: Final = b"authorization"
 FORWARDED_FOR: Final = b"x-forwarded-for"
 NETWORK: Final = Identity("", frozenset({NETWORKS_GROUP}), via="network")
 # The sidecar's own requests (checksum-database lookups through its handler).
@@ -107,11 +106,7 @@ class FrontDoor:
         refused and answered; None: bcrypt is needed, call ``admit``."""
         if need is OPEN:
             return True
-        value = None
-        for name, raw in ex.headers:  # _header, inlined: this runs for every request
-            if len(name) == 13 and name.lower() == AUTHORIZATION:
-                value = raw
-                break
+        value = ex.authorization
         if value is None:
             if self.networks and self.networks.of(self._client(ex)) is not None:
                 ex.identity = NETWORK
@@ -142,7 +137,7 @@ class FrontDoor:
         quick = self.now(ex, need)
         if quick is not None:
             return quick
-        value = _header(ex, AUTHORIZATION)
+        value = ex.authorization
         assert value is not None  # now() answers a request without one
         key = hashlib.sha256(value).digest()
         identity = await self._verify(self._client(ex), key, value)

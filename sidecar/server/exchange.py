@@ -88,6 +88,7 @@ class Exchange:
     __slots__ = (
         "_chunked",
         "_conn",
+        "authorization",
         "expects_continue",
         "finished",
         "headers",
@@ -128,6 +129,9 @@ class Exchange:
         self.scratch: Any = None
         # Who sent it, once the front door (sidecar.auth.gate) has decided.
         self.identity: Any = None
+        # The Authorization value, picked out while parsing (the front door
+        # would otherwise walk every header of every request to find it).
+        self.authorization: bytes | None = None
 
     @property
     def connection(self) -> Connection:

@@ -54,6 +54,7 @@ class RequestReader:
     queued) and ``httptools.HttpParserUpgrade`` for a protocol switch."""
 
     __slots__ = (
+        "_authorization",
         "_conn",
         "_continue",
         "_head_seen",
@@ -77,6 +78,7 @@ class RequestReader:
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._host: bytes | None = None
+        self._authorization: bytes | None = None
         self._valid_host = b""  # the last Host value that passed the check
         # Expect: 100-continue: None (not asked), False (sent), True (owed).
         self._continue: bool | None = None
@@ -107,6 +109,7 @@ class RequestReader:
         self._headers = []
         self._header_bytes = 0
         self._host = None
+        self._authorization = None
         self._head_seen = 0
 
     def on_url(self, url: bytes) -> None:
@@ -127,6 +130,12 @@ class RequestReader:
             self._host = value
         elif size == 6 and name.lower() == b"expect":
             self._expectation(value)
+        elif size == 13 and name.lower() == b"authorization":
+            # A second one is refused: a proxy in front may have checked the
+            # other (Authorization holds one credential: RFC 9110 11.6.2).
+            if self._authorization is not None:
+                raise Refused(400, "more than one Authorization header")
+            self._authorization = value
 
     def on_body(self, body: bytes) -> None:
         # Body bytes are not head bytes; chunk framing and trailers are.
@@ -159,6 +168,7 @@ class RequestReader:
             parser.should_keep_alive(),
             http11,
         )
+        exchange.authorization = self._authorization
         if self._continue is not None:  # (reset here: rare, unlike a new message)
             exchange.expects_continue = self._continue
             self._continue = None

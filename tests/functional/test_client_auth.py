@@ -324,6 +324,54 @@ async def raw_get(port: int, source: str, headers: dict[str, str]) -> int:
     return status
 
 
+async def exchange_on_one_connection(port: int, heads: list[str]) -> list[int]:
+    """Requests on one keep-alive connection (each ``heads`` item: extra header
+    lines, CRLF-ended); the status of each."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    statuses = []
+    try:
+        for extra in heads:
+            writer.write(f"GET /{PUBLIC} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+            status_line = await asyncio.wait_for(reader.readline(), 30)
+            statuses.append(int(status_line.split()[1]))
+            length = 0
+            while (line := await asyncio.wait_for(reader.readline(), 30)) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            if statuses[-1] == 400:  # refused requests close the connection
+                break
+    finally:
+        writer.close()
+    return statuses
+
+
+async def test_each_request_on_a_connection_is_checked_on_its_own_credential(
+    guarded: Any,
+) -> None:
+    """The connection remembers its last verified credential; a different one
+    on the next request is checked afresh, not waved through."""
+    client, fake, _ = await guarded()
+    good = f"authorization: {ALICE['Authorization']}\r\n"  # any case of the name
+    wrong = "Authorization: " + basic("alice", "wrong")["Authorization"] + "\r\n"
+    statuses = await exchange_on_one_connection(client.server.port, [good, wrong, "", good])
+    assert statuses == [200, 401, 401, 200]
+    assert fake.received == [PUBLIC]  # the later 200 is a hit
+
+
+async def test_two_authorization_headers_are_refused_before_any_check(guarded: Any) -> None:
+    """A proxy in front may have checked the other one: 400, nothing reached."""
+    client, fake, _ = await guarded()
+    good = f"Authorization: {ALICE['Authorization']}\r\n"
+    for second in (good, "Authorization: Basic bm9ib2R5Og==\r\n"):
+        statuses = await exchange_on_one_connection(client.server.port, [good + second])
+        assert statuses == [400]
+    assert fake.received == []
+    metrics = await (await get(client, "/metrics", ALICE)).text()
+    assert metric(metrics, FAILURES) == 0  # refused by the parser, not by the door
+
+
 async def test_a_brute_force_loop_is_throttled_and_bcrypt_stops(guarded: Any) -> None:
     client, fake, _ = await guarded(throttle=ThrottleConfig(max_failures=5, window=600.0))
     port = client.server.port
