@@ -87,8 +87,8 @@ class Exchange:
 
     __slots__ = (
         "_chunked",
-        "_conn",
         "authorization",
+        "connection",
         "expects_continue",
         "finished",
         "headers",
@@ -111,7 +111,7 @@ class Exchange:
         keep_alive: bool,
         http11: bool,
     ) -> None:
-        self._conn = conn
+        self.connection = conn  # a plain slot: the front door reads it on every request
         self.method = method
         self.target = target  # the raw request-target, query included
         self.headers = headers  # raw, as received; see header()
@@ -134,13 +134,9 @@ class Exchange:
         self.authorization: bytes | None = None
 
     @property
-    def connection(self) -> Connection:
-        return self._conn
-
-    @property
     def peer(self) -> str:
         """The client's IP address ('' if the connection is no IP socket)."""
-        return self._conn.peer
+        return self.connection.peer
 
     def header(self, name: str) -> str | None:
         """The first request header called ``name`` (case-insensitive)."""
@@ -158,7 +154,7 @@ class Exchange:
         self._begin(status)
         block = headers if isinstance(headers, bytes) else header_block(headers)
         head = self._head(status, block, len(body))
-        self._conn.write(head if self.method == "HEAD" else head + body)
+        self.connection.write(head if self.method == "HEAD" else head + body)
         self.finished = True
 
     async def start(self, status: int, headers: Mapping[str, str], length: int | None) -> None:
@@ -170,13 +166,13 @@ class Exchange:
                 self._chunked = True
             else:
                 self.keep_alive = False
-        self._conn.write(self._head(status, header_block(headers), length))
-        await self._conn.drain()
+        self.connection.write(self._head(status, header_block(headers), length))
+        await self.connection.drain()
 
     async def write(self, data: bytes | memoryview) -> None:
         if self.method == "HEAD" or not data:
             return
-        conn = self._conn
+        conn = self.connection
         if self._chunked:  # one write: each transport.write may be a send(2)
             conn.write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
         else:
@@ -185,31 +181,31 @@ class Exchange:
 
     async def end(self) -> None:
         if self._chunked and self.method != "HEAD":
-            self._conn.write(b"0\r\n\r\n")
+            self.connection.write(b"0\r\n\r\n")
         self.finished = True
-        await self._conn.drain()
+        await self.connection.drain()
 
     async def sendfile(self, fobj: object, offset: int, count: int) -> None:
         """``count`` bytes of an open binary file from ``offset``, after ``start``."""
         if self.method != "HEAD" and count:
-            await self._conn.sendfile(fobj, offset, count)
+            await self.connection.sendfile(fobj, offset, count)
 
     def abort(self) -> None:
         """Cut the connection: the client sees a short body, never a complete one."""
         self.keep_alive = False
-        self._conn.abort()
+        self.connection.abort()
 
     def _begin(self, status: int) -> None:
         if self.sent:
             raise RuntimeError("response headers already sent")
-        self._conn.check_open()
+        self.connection.check_open()
         self.status = status
         self.sent = True
-        if self._conn.closing:
+        if self.connection.closing:
             self.keep_alive = False
 
     def _head(self, status: int, block: bytes, length: int | None) -> bytes:
-        parts = [status_line(status), self._conn.date.line(), block]
+        parts = [status_line(status), self.connection.date.line(), block]
         if length is not None:
             parts.append(b"Content-Length: %d\r\n" % length)
         elif self._chunked:
