@@ -91,42 +91,52 @@ class ControlLoop:
         self.decided_at: float | None = None
         self._probes: set[asyncio.Task[None]] = set()
         self._woken = asyncio.Event()
+        self._learned_at: float | None = None
 
     async def run(self) -> None:
         for klass in TrafficClass:
             for window in windows_of(self.sidecar, klass).values():
                 window.wake_on_runs(self._woken.set)
-        regular = True
         while True:
             started = time.monotonic()
             self._woken.clear()  # failures from now on ask for the next step
             try:
-                await self.step(regular)
+                await self.step(self._learns(started))
             except Exception:  # the loop must outlive any single bad step
                 log.exception("control step failed")
-            regular = await self._rest(started)
+            await self._rest(started)
 
-    async def _rest(self, started: float) -> bool:
+    def _learns(self, now: float) -> bool:
+        """Whether this step teaches the hedge delays: at the regular pace, early
+        steps or not (the delays rise by at most RISE a step, and a failing
+        upstream would otherwise teach them up to four times as fast). The
+        tolerance of one early share keeps a timer that fires a little early
+        from skipping a regular step."""
+        due = self._learned_at is None or now - self._learned_at >= self.interval * (
+            1 - EARLY_SHARE
+        )
+        if due:
+            self._learned_at = now
+        return due
+
+    async def _rest(self, started: float) -> None:
         """Until the next step: the interval, or less once a window reports a run
-        of failures (never less than ``EARLY_SHARE`` of it). True: a regular step."""
+        of failures (never less than ``EARLY_SHARE`` of it)."""
         try:
             async with asyncio.timeout(max(0.0, self.interval - (time.monotonic() - started))):
                 await self._woken.wait()
         except TimeoutError:
-            return True
+            return
         early_at = started + self.interval * EARLY_SHARE
         await asyncio.sleep(max(0.0, early_at - time.monotonic()))
-        return False
 
-    async def step(self, regular: bool = True) -> None:
-        """One evaluation. ``regular``: at the interval (an early step, woken by
-        failures, leaves the hedge delays alone: they rise by at most a step per
-        interval, and a failing upstream would teach them faster)."""
+    async def step(self, learn: bool = True) -> None:
+        """One evaluation. ``learn``: the hedge delays follow this step's snapshots."""
         sc = self.sidecar
         for klass in TrafficClass:
             for breaker in breakers_of(sc, klass).values():
                 breaker.tick()
-        self.last_input = build_input(sc, learn=regular)
+        self.last_input = build_input(sc, learn=learn)
         decisions = await self._evaluate(self.last_input)
         if decisions is not None:
             self._apply(decisions)
