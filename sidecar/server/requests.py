@@ -130,7 +130,7 @@ class RequestReader:
             self._host = value
         elif size == 6 and name.lower() == b"expect":
             self._expectation(value)
-        elif size == 13 and name.lower() == b"authorization":
+        elif size == 13 and (name == b"Authorization" or name.lower() == b"authorization"):
             # A second one is refused: a proxy in front may have checked the
             # other (Authorization holds one credential: RFC 9110 11.6.2).
             if self._authorization is not None:
