@@ -33,8 +33,8 @@ from sidecar.config import (
     TlsConfig,
     UpstreamConfig,
 )
+from tests.certs import self_signed
 from tests.conftest import FAST_TIMEOUTS
-from tests.functional.test_upstream_client_tls import self_signed
 from tests.sumdb.gosumdb import go_env
 from tests.tools import require_tool
 from tests.upstream import FakeGoproxy

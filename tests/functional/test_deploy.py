@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import hashlib
 import json
 import os
@@ -41,13 +40,10 @@ import aiohttp
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.certs import self_signed, self_signed_pem
 from tests.functional.test_cli import free_port
-from tests.functional.test_upstream_client_tls import self_signed
 from tests.tools import find_tool, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -782,30 +778,6 @@ def secret_mounts(objects: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
-def service_pair(folder: Path, common_name: str) -> tuple[bytes, bytes]:
-    """A self-signed certificate (its own CA) for the Service's names, as the
-    README asks, and its key: PEM bytes."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    names = [x509.DNSName(SERVICE_NAME), x509.DNSName("goproxy.goproxy.svc")]
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM), key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 def token_line(name: str, token: str) -> str:
     return f"{name} sha256:{hashlib.sha256(token.encode()).hexdigest()}\n"
 
@@ -820,7 +792,9 @@ def real_secrets(tmp: Path) -> dict[str, dict[str, bytes]]:
         subprocess.run(
             [str(tool), flags, str(users), user, PASSWORDS[user]], check=True, timeout=60
         )
-    cert, key = service_pair(tmp, "front-door")
+    cert, key = self_signed_pem(
+        "front-door", [x509.DNSName(SERVICE_NAME), x509.DNSName("goproxy.goproxy.svc")]
+    )
     tokens = token_line("ci", "a-long-random-token") + token_line("prometheus", SCRAPE_TOKEN)
     return {
         CLIENT_AUTH_SECRET: {"htpasswd": users.read_bytes(), "tokens": tokens.encode()},

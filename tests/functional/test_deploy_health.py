@@ -20,8 +20,8 @@ import pytest
 
 from sidecar.config import default_config
 from sidecar.healthcheck import probe_for
+from tests.certs import self_signed
 from tests.functional.test_cli import free_port, sidecar_cmd, write_config
-from tests.functional.test_upstream_client_tls import self_signed
 
 TOKEN = "health-check-token-0123456789"
 

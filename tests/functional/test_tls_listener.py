@@ -33,9 +33,9 @@ from sidecar.server import Exchange, Server
 from sidecar.server.tls import ListenerTls
 from tests.adversarial.rawhttp import read_response
 from tests.adversarial.rawhttp import request as get
+from tests.certs import self_signed
 from tests.conftest import make_config
 from tests.functional.test_cli import free_port, sidecar_cmd
-from tests.functional.test_upstream_client_tls import self_signed
 from tests.polling import until
 from tests.upstream import FakeGoproxy
 
