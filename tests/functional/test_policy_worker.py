@@ -10,11 +10,10 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-
 from sidecar.policy.embedded import WORKER_NICE, EmbeddedEngine
 from tests.control_support import POLICIES
 from tests.functional.test_policy_engines import DECISION, upstream
+from tests.tools import missing
 
 
 def nice_of(tid: int) -> int:
@@ -22,8 +21,9 @@ def nice_of(tid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are set on Linux only")
 async def test_the_policy_worker_runs_below_the_loop_and_still_decides() -> None:
+    if sys.platform != "linux":
+        missing("thread priorities are set on Linux only (and read from /proc)")
     engine = EmbeddedEngine([str(POLICIES)], DECISION)
     await engine.load()
     try:
