@@ -97,6 +97,8 @@ def serve(mode: str, port: int, upstream: str, work: Path) -> None:
     takes it out."""
     import asyncio
 
+    import uvloop
+
     from sidecar.app import SidecarService, build_sidecar
 
     cfg = config(port, upstream, work)
@@ -114,12 +116,7 @@ def serve(mode: str, port: int, upstream: str, work: Path) -> None:
         loop.add_signal_handler(signal.SIGUSR2, put, None)
         await asyncio.Event().wait()
 
-    try:
-        import uvloop
-
-        uvloop.run(run())
-    except ImportError:
-        asyncio.run(run())
+    uvloop.run(run())
 
 
 def main(argv: list[str] | None = None) -> int:

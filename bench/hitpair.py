@@ -1,8 +1,8 @@
-"""Two sidecars side by side for a CPU-per-hit comparison (bench/auth_cost.py,
-bench/tls_cost.py): a ``python -m http.server`` upstream and wrk on the load
-core, each sidecar a child process of the calling script (``--serve MODE
-PORT UPSTREAM WORK``) on the proxy core, and each one's CPU time read from
-/proc over the requests its wrk completed."""
+"""Sidecars under wrk for a CPU-per-hit comparison (bench/tls_cost.py: two
+side by side; bench/auth_cost.py: one, switched between modes): a ``python
+-m http.server`` upstream and wrk on the load core, each sidecar a child
+process of the calling script (``--serve MODE PORT UPSTREAM WORK``) on the
+proxy core, and each one's CPU time read from /proc."""
 
 from __future__ import annotations
 

@@ -192,7 +192,7 @@ class SidecarService:
         return self.server.port
 
     async def handle(self, ex: Exchange) -> None:
-        path = _path(ex)
+        path = ex.path
         door = self.door
         if (
             door is not None
@@ -205,7 +205,7 @@ class SidecarService:
             await self.proxy.handle(ex)
 
     def answer_now(self, ex: Exchange) -> bool:
-        path = _path(ex)
+        path = ex.path
         door = self.door
         if door is not None and ex.identity is None:
             # Before anything is looked up: no endpoint or cache hit goes round it.
@@ -345,12 +345,6 @@ def _reload_on_hup(service: SidecarService) -> None:
         task = asyncio.get_running_loop().create_task(sidecar.policy.reload_now())
         sidecar.background.add(task)
         task.add_done_callback(sidecar.background.discard)
-
-
-def _path(ex: Exchange) -> str:
-    target = ex.target
-    cut = target.find("?")
-    return target if cut < 0 else target[:cut]
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:

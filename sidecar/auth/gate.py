@@ -116,9 +116,9 @@ class FrontDoor:
         memo: _Memo | None = conn.credential
         if (
             memo is not None
-            and hmac.compare_digest(memo[0], value)
-            and memo[1] > self._clock()
             and memo[2] == self._generation
+            and memo[1] > self._clock()
+            and hmac.compare_digest(memo[0], value)
         ):
             identity = ex.identity = memo[3]
             return need is not ADMIN or self._may(ex, identity, need)

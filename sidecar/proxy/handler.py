@@ -177,10 +177,8 @@ class ProxyHandler:
 
     def _check(self, ex: Exchange) -> tuple[GoproxyRequest, Route] | None:
         """The parsed request and its route; None if it was refused (and answered)."""
-        raw = ex.target
-        cut = raw.find("?")
         try:
-            req = self._parse(raw if cut < 0 else raw[:cut])
+            req = self._parse(ex.path)
         except RequestError as exc:
             self.recorder.counter(self.recorder.metrics.invalid_requests, str(exc.status))()
             send_text(ex, exc.status, exc.message)

@@ -83,7 +83,7 @@ def header_block(headers: Mapping[str, str]) -> bytes:
 
 
 class Exchange:
-    """A parsed request (``method``, ``target``, ``headers``) and its response."""
+    """A parsed request (``method``, ``target``, its ``path``, ``headers``) and its response."""
 
     __slots__ = (
         "_chunked",
@@ -96,6 +96,7 @@ class Exchange:
         "identity",
         "keep_alive",
         "method",
+        "path",
         "scratch",
         "sent",
         "status",
@@ -114,6 +115,9 @@ class Exchange:
         self.connection = conn  # a plain slot: the front door reads it on every request
         self.method = method
         self.target = target  # the raw request-target, query included
+        cut = target.find("?")
+        # Without the query: what the endpoints, the door and the proxy look up.
+        self.path = target if cut < 0 else target[:cut]
         self.headers = headers  # raw, as received; see header()
         self.keep_alive = keep_alive
         self.http11 = http11
