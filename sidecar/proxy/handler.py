@@ -190,7 +190,11 @@ class ProxyHandler:
         if self._refused(ex, req, route):
             return None
         door = self.door
-        if door is not None and door.module_refused(ex, req.module, route.private):
+        if (
+            door is not None
+            and (route.guarded or ex.identity is None)
+            and door.module_refused(ex, req.module, route.private)
+        ):
             return None
         return req, route
 

@@ -119,23 +119,29 @@ class RequestReader:
             raise Refused(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADERS or len(self._headers) > MAX_HEADER_COUNT:
-            raise Refused(431, "request headers too large")
         size = len(name)
+        total = self._header_bytes = self._header_bytes + size + len(value)
+        if total > MAX_HEADERS:
+            raise Refused(431, "request headers too large")
+        if size == 13 and (name == b"Authorization" or name.lower() == b"authorization"):
+            # A second one is refused: a proxy in front may have checked the
+            # other (Authorization holds one credential: RFC 9110 11.6.2).
+            if self._authorization is not None:
+                raise Refused(400, "more than one Authorization header")
+            # Kept out of ``headers``: nothing after the front door sees a
+            # client's credential, so nothing can log or forward it.
+            self._authorization = value
+            return
+        headers = self._headers
+        if len(headers) >= MAX_HEADER_COUNT:
+            raise Refused(431, "request headers too large")
+        headers.append((name, value))
         if size == 4 and (name == b"Host" or name.lower() == b"host"):
             if self._host is not None:
                 raise Refused(400, "more than one Host header")
             self._host = value
         elif size == 6 and name.lower() == b"expect":
             self._expectation(value)
-        elif size == 13 and (name == b"Authorization" or name.lower() == b"authorization"):
-            # A second one is refused: a proxy in front may have checked the
-            # other (Authorization holds one credential: RFC 9110 11.6.2).
-            if self._authorization is not None:
-                raise Refused(400, "more than one Authorization header")
-            self._authorization = value
 
     def on_body(self, body: bytes) -> None:
         # Body bytes are not head bytes; chunk framing and trailers are.

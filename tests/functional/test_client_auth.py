@@ -204,6 +204,19 @@ async def test_per_identity_access_to_private_modules(guarded: Any) -> None:
     assert metric(metrics, FAILURES, reason="forbidden") == 7
 
 
+async def test_a_rule_on_a_public_module_holds_for_cache_hits(guarded: Any) -> None:
+    # Not private, but covered by an access rule: the router marks it for the
+    # door, and the entry alice's fetch cached is no way round the rule for bob.
+    client, fake, _ = await guarded(access=(AccessRule(("example.com/lib",), ("@platform",)),))
+    for _ in range(2):  # a miss, then a hit
+        assert (await get(client, PUBLIC, ALICE)).status == 200
+    resp = await get(client, PUBLIC, BOB)
+    assert resp.status == 403
+    assert "bob may not fetch example.com/lib: denied by client_auth.access[0]" in await resp.text()
+    assert (await get(client, "example.com/other/@v/list", BOB)).status != 403
+    assert fake.received == [PUBLIC, "example.com/other/@v/list"]
+
+
 async def test_endpoint_rules_open_authenticated_admin(guarded: Any) -> None:
     client, _, _ = await guarded()
     assert (await get(client, "/healthz")).status == 200

@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 
 from sidecar.config import (
+    AccessRule,
     CacheConfig,
+    ClientAuthConfig,
     Config,
     RouteRule,
     RoutingConfig,
@@ -132,3 +134,32 @@ def test_describe_lists_the_compiled_rules() -> None:
         {"match": "golang.org/x/*", "upstreams": ["public"], "deny": False, "cache": True}
     ]
     assert view["private_ok"] == ["athens"]
+
+
+def test_the_front_door_looks_only_at_private_and_access_covered_modules() -> None:
+    auth = ClientAuthConfig(
+        enabled=True, access=(AccessRule(("github.com/acme/*", "rsc.io"), ("@platform",)),)
+    )
+    cfg = dataclasses.replace(config(private=["*.corp.example"]), client_auth=auth)
+    r = Router(cfg)
+    guarded = {
+        m: r.route(m).guarded
+        for m in (
+            "git.corp.example/x",
+            "github.com/acme/tool",
+            "rsc.io/quote",
+            "github.com/other/x",
+            "",
+        )
+    }
+    assert guarded == {
+        "git.corp.example/x": True,  # private
+        "github.com/acme/tool": True,  # an access rule covers it
+        "rsc.io/quote": True,
+        "github.com/other/x": False,
+        "": False,
+    }
+    # client_auth off: its rules guard nothing (private modules stay guarded).
+    off = Router(dataclasses.replace(cfg, client_auth=dataclasses.replace(auth, enabled=False)))
+    assert not off.route("github.com/acme/tool").guarded
+    assert off.route("git.corp.example/x").guarded
