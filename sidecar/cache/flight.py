@@ -69,6 +69,10 @@ class Flight:
             for fut in self._wake():
                 fut.set_result(answer)
 
+    def awaited(self) -> bool:
+        """Joiners wait for this flight's outcome now."""
+        return bool(self._waiting)
+
     def _wake(self) -> list[asyncio.Future[Outcome]]:
         waiting, self._waiting = self._waiting, []
         return [fut for fut in waiting if not fut.done()]

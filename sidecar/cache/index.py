@@ -75,13 +75,16 @@ class Index:
 
     def put(self, entry: Entry, *, oldest: bool = False) -> Entry | None:
         """Insert as most (or least) recently used; returns the entry it replaced."""
-        old = self._entries.pop(entry.key, None)
+        record = entry.record  # not Entry's properties: a call each, on every miss
+        key = record.key
+        entries = self._entries
+        old = entries.pop(key, None)
         if old is not None:
-            self.bytes -= old.size
-        self._entries[entry.key] = entry
+            self.bytes -= old.record.size
+        entries[key] = entry
         if oldest:
-            self._entries.move_to_end(entry.key, last=False)
-        self.bytes += entry.size
+            entries.move_to_end(key, last=False)
+        self.bytes += record.size
         return old
 
     def remove(self, entry: Entry) -> bool:

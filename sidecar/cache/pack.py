@@ -95,7 +95,10 @@ class Pack:
                 r.content_type,
                 r.stored,
                 r.verified,
-                r.immutable,
+                # An int: sqlite3 binds int, float, str and bytearray as they
+                # are, and looks every other type up in its adapter registry
+                # first (a bool took a tenth of a row's insert).
+                int(r.immutable),
                 r.upstream,
                 body,
                 r.stored,

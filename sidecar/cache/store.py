@@ -42,6 +42,7 @@ from sidecar.cache.layout import (
     change_stamp,
     commit,
     describe,
+    fresh_record,
     hash_file,
     mismatch,
     new_blob_id,
@@ -328,19 +329,19 @@ class DiskCache:
         """Cache a whole body already in memory: indexed and served from memory
         now, committed to disk by the write-behind queue (``cache.writeback``)."""
         now = self._clock()
-        record = Record(
-            key=req.cache_key,
-            kind=req.kind.value,
-            blob=new_blob_id(),
-            size=len(body),
-            sha256=hashlib.sha256(body).hexdigest(),
-            content_type=sys.intern(content_type),  # one copy for 100 k entries, not 100 k
-            stored=now,
-            verified=now,
-            immutable=req.immutable,
-            upstream=upstream,
+        size = len(body)
+        record = fresh_record(
+            req.cache_key,
+            req.kind.value,
+            new_blob_id(),
+            size,
+            hashlib.sha256(body).hexdigest(),
+            sys.intern(content_type),  # one copy for 100 k entries, not 100 k
+            now,
+            req.immutable,
+            upstream,
         )
-        packed = len(body) <= PACK_MAX
+        packed = size <= PACK_MAX
         entry = Entry(
             record,
             "" if packed else self.layout.blob_path(record.blob),  # a row has no file
@@ -355,7 +356,7 @@ class DiskCache:
             if self._writeback.running:
                 self.metrics.cache_write_skips.inc()  # the disk is behind
             return
-        self._small_bytes += len(body)
+        self._small_bytes += size
         old = self._index.put(entry)
         if old is not None:
             self._retire(old)

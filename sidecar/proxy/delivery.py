@@ -62,7 +62,10 @@ class Delivery:
                 if keep is not None:
                     cache, flight = keep
                     cache.keep_small(req, body, resp.headers.get("Content-Type", ""), name)
-                    flight.settle(Whole(body, headers, name))
+                    if flight.awaited():
+                        # Nobody else can join before the handler lands the
+                        # flight (no await from here on); later requests are hits.
+                        flight.settle(Whole(body, headers, name))
                 ex.send(200, headers, body)
                 outcome = "ok"
             elif checker is not None:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import string
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,11 @@ from sidecar.cache.layout import (
     Layout,
     Record,
     commit,
+    fresh_record,
     hash_file,
     key_problem,
     make_dirs_inside,
+    new_blob_id,
     open_blob,
     open_temp,
     read_record,
@@ -125,6 +127,39 @@ def test_blob_ids_are_hex_only() -> None:
     with pytest.raises(CacheError):
         ROOT.blob_path("../../etc/passwd")
     assert ROOT.blob_path("ab" * 16) == "/srv/cache/v1/blobs/ab/" + "ab" * 16
+
+
+def test_a_fresh_record_is_the_record_its_fields_make_and_stays_frozen() -> None:
+    blob = new_blob_id()
+    assert len(blob) == 32 and set(blob) <= set("0123456789abcdef")
+    fresh = fresh_record(
+        "example.com/m/@v/v1.0.0.info",
+        "info",
+        blob,
+        3,
+        "ab" * 32,
+        "application/json",
+        17.5,
+        True,
+        "up0",
+    )
+    made = Record(
+        "example.com/m/@v/v1.0.0.info",
+        "info",
+        blob,
+        3,
+        "ab" * 32,
+        "application/json",
+        17.5,
+        17.5,
+        True,
+        "up0",
+        None,
+    )
+    assert fresh == made and hash(fresh) == hash(made) and repr(fresh) == repr(made)
+    assert fresh.valid() and Record.from_json(fresh.to_json()) == made
+    with pytest.raises(FrozenInstanceError):
+        fresh.size = 4  # type: ignore[misc]
 
 
 def test_record_round_trip_and_refusals() -> None:
