@@ -12,7 +12,7 @@ from sidecar.cache.base import FillReader, Flight, ModuleCache, Whole
 from sidecar.errors import UpstreamError
 from sidecar.goproxy import GoproxyRequest, Kind
 from sidecar.proxy.failures import Attempts, Failures, note_failure
-from sidecar.proxy.headers import response_headers
+from sidecar.proxy.headers import response_block, response_headers
 from sidecar.proxy.hits import Answer
 from sidecar.proxy.integrity import IntegrityChecker, spool
 from sidecar.proxy.recorder import Recorder
@@ -58,15 +58,14 @@ class Delivery:
                 if checker is not None:
                     # before the cache or a client has it
                     await checker.check(req, name, body, lookup=attempts.lookup)
-                headers = response_headers(resp.headers, name)
                 if keep is not None:
                     cache, flight = keep
                     cache.keep_small(req, body, resp.headers.get("Content-Type", ""), name)
                     if flight.awaited():
                         # Nobody else can join before the handler lands the
                         # flight (no await from here on); later requests are hits.
-                        flight.settle(Whole(body, headers, name))
-                ex.send(200, headers, body)
+                        flight.settle(Whole(body, response_headers(resp.headers, name), name))
+                ex.send(200, response_block(resp.headers, name), body)
                 outcome = "ok"
             elif checker is not None:
                 outcome = await self._relay_checked(ex, req, resp, checker, reply, attempts)
