@@ -55,6 +55,7 @@ class Verdict:
     shed: int | None = None  # answers the contender itself refused (sidecar rejections)
     reasons: list[str] = field(default_factory=list)  # first reason of each trip, in order
     sees_closing: bool = False  # whether closed_at can be known at all
+    unvouched: int | None = None  # sidecar: bodies the checksum database could not vouch for
 
 
 class Contender:
@@ -196,8 +197,12 @@ def _nginx_time(line: str) -> float:
 # ---------------------------------------------------------------- the sidecar
 
 
-def sidecar_conf(port: int, upstreams: Upstreams, cache_dir: Path, pool: int | None) -> str:
+def sidecar_conf(
+    port: int, upstreams: Upstreams, cache_dir: Path, pool: int | None, sumdb_key: str
+) -> str:
     pool_line = f"\n    pool: {{max_connections: {pool}}}" if pool else ""
+    # verify.key: the benchmark's own sum.golang.org (bench/checksums.py), found as
+    # the real one is, through the upstreams' sumdb/ paths.
     return f"""listen: "127.0.0.1:{port}"
 upstreams:
   - name: primary
@@ -206,6 +211,8 @@ upstreams:
     url: "{upstreams.backup}"{pool_line}
 cache:
   dir: "{cache_dir}"
+verify:
+  key: "{sumdb_key}"
 """
 
 
@@ -220,12 +227,13 @@ class Sidecar(Contender):
         pool: int | None,
         core: int,
         source: Path,
+        sumdb_key: str,
     ) -> None:
         self.pool = pool
         port = free_port()
         home = work / "sidecar"
         home.mkdir(parents=True, exist_ok=True)
-        conf = sidecar_conf(port, upstreams, home / "cache", pool)
+        conf = sidecar_conf(port, upstreams, home / "cache", pool, sumdb_key)
         self.proc: Proc = launch_sidecar(procs, home, "sidecar", conf, port, core, source=source)[0]
         self.url = f"http://127.0.0.1:{port}"
         # name -> [(Unix time the state began, state, reason)], from /breakers
@@ -256,7 +264,7 @@ class Sidecar(Contender):
         except OSError as exc:
             return Verdict(detail=f"/metrics unreadable: {exc}")
         opened: dict[str, float] = {}
-        shed = 0.0
+        shed = unvouched = 0.0
         for name, labels, value in prometheus_samples(text):
             if name == "goproxy_sidecar_breaker_transitions_total":
                 if labels.get("to_state") == "open":
@@ -268,6 +276,8 @@ class Sidecar(Contender):
                     opened[key] = opened.get(key, 0.0) + value
             elif name == "goproxy_sidecar_rejected_requests_total":
                 shed += value
+            elif name == "goproxy_sidecar_verify_unavailable_total":
+                unvouched += value
         trips = int(sum(opened.values()))
         opens = sorted(
             (t, f"{name}: {reason}")
@@ -281,6 +291,7 @@ class Sidecar(Contender):
             first_trip_at=opens[0][0] if opens else None,
             closed_at=self._closed_after(healed_at) if trips else None,
             shed=int(shed),
+            unvouched=int(unvouched),
             reasons=[r for _, r in opens],
             sees_closing=True,
         )
@@ -349,13 +360,15 @@ def start_contender(
     pool: int | None,
     core: int,
     sidecar_source: Path,
+    sumdb_key: str,
 ) -> Contender:
     """Start ``name`` in front of ``upstreams``; ``sidecar_source`` holds the
-    ``sidecar`` package to run (this checkout, or an exported revision)."""
+    ``sidecar`` package to run (this checkout, or an exported revision);
+    ``sumdb_key``: the verifier key of the checksum database behind them."""
     if name == "go":
         return GoFailover(upstreams)
     if name == "nginx":
         return Nginx(procs, work, upstreams, pool, core)
     if name == "sidecar":
-        return Sidecar(procs, work, upstreams, pool, core, sidecar_source)
+        return Sidecar(procs, work, upstreams, pool, core, sidecar_source, sumdb_key)
     raise ValueError(f"unknown contender {name!r} (known: {', '.join(CONTENDERS)})")

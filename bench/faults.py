@@ -2,16 +2,18 @@
 
 One server per process, so the harness measures nothing of it:
 
-    python3 -m bench.faults --port P --control-port C [--athens] [--root DIR] [--mode MODE]
+    python3 -m bench.faults --port P --control-port C [--athens] [--root DIR]
+        [--sumdb URL] [--mode MODE]
 
 What it serves: ``.info``, ``.mod``, ``@v/list`` and ``@latest`` of any
 module under ``tree.UNIQUE_PREFIX`` (made up on the fly, so every load
 request can ask for a new path), any file under ``--root`` (the e2e
-corpus' GOPROXY tree, for the real go command's builds), and made-up
-checksum-database answers (``supported``, ``latest``, ``lookup``,
-``tile``). Anything else is 404. Every answer takes ``SERVICE_S``, like a
-warm Athens. ``--athens``: ``HEAD`` on anything is 405, as Athens answers
-(FIELD-NOTES).
+corpus' GOPROXY tree, for the real go command's builds), and ``sumdb/``
+paths passed on to the checksum database at ``--sumdb`` (bench/checksums.py:
+a real one, signed, that holds the made-up modules), as Athens passes them
+on to sum.golang.org. Anything else is 404. Every answer takes
+``SERVICE_S`` (a sumdb answer: after the database's), like a warm Athens.
+``--athens``: ``HEAD`` on anything is 405, as Athens answers (FIELD-NOTES).
 
 The mode is switched at run time on the control port (``GET /mode/<name>``);
 ``GET /stats`` there returns the counters as JSON. Leaving ``hung`` answers
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import httptools
 
 from bench.procs import Proc, Procs, free_port, wait_http
@@ -49,7 +52,7 @@ SLOW_TTFB_S = 1.5
 FLAP_PERIOD_S = 10.0
 OVERLOAD_CAPACITY = 8  # requests served at once; the rest queue inside the server
 OVERLOAD_SERVICE_S = 0.05  # capacity 160 req/s: far below what the load asks
-TILE_BYTES = 8192  # a full level-0 tile of height 8: 256 hashes of 32 bytes
+SUMDB_TIMEOUT_S = 10.0
 
 MODES = {
     "healthy": f"answers everything after {SERVICE_S * 1000:g} ms",
@@ -163,13 +166,14 @@ class HttpConn(asyncio.Protocol):
 class Content:
     """What a healthy upstream answers for a path (GET)."""
 
-    def __init__(self, root: Path | None) -> None:
+    def __init__(self, root: Path | None, sumdb: str | None = None) -> None:
         self.root = root
+        self.sumdb = sumdb  # the checksum database's base URL
         self._files: dict[str, bytes | None] = {}
+        self._session: aiohttp.ClientSession | None = None
 
     def answer(self, path: str) -> Answer:
-        if path.startswith("/sumdb/"):
-            return self._sumdb(path)
+        """Anything but a ``sumdb/`` path (``forward``)."""
         if path.startswith(UNIQUE_PREFIX):
             made_up = self._made_up(path)
             if made_up is not None:
@@ -190,17 +194,20 @@ class Content:
             return 200, mod_body(module), TEXT_TYPE
         return None
 
-    @staticmethod
-    def _sumdb(path: str) -> Answer:
-        op = path.split("/")[3] if path.count("/") >= 3 else ""
-        if op == "supported":
-            return 200, b"", TEXT_TYPE
-        if op == "tile":
-            return 200, bytes(TILE_BYTES), "application/octet-stream"
-        if op in ("lookup", "latest"):
-            note = "go.sum database tree\n1000\nAAAA\n\n— sum.golang.org Az3grn\n"
-            return 200, f"1\n{path}\n\n{note}".encode(), TEXT_TYPE
-        return 404, b"not found\n", TEXT_TYPE
+    async def forward(self, path: str) -> Answer:
+        """A ``sumdb/`` path, as the database answers it (502 when it does not)."""
+        if self.sumdb is None:
+            return 404, b"not found\n", TEXT_TYPE
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=SUMDB_TIMEOUT_S)
+            self._session = aiohttp.ClientSession(timeout=timeout)
+        try:
+            async with self._session.get(self.sumdb + path) as resp:
+                body = await resp.read()
+                ctype = resp.headers.get("Content-Type", TEXT_TYPE)
+                return resp.status, body, ctype
+        except (aiohttp.ClientError, TimeoutError):
+            return 502, b"", TEXT_TYPE
 
     def _file(self, path: str) -> bytes | None:
         if self.root is None or ".." in path:
@@ -309,6 +316,13 @@ class Upstream:
             conn.reset()
             return
         answer = self._answer(method, path)
+        if answer is None:
+            forwarding = self.loop.create_task(self.content.forward(path))
+            forwarding.add_done_callback(lambda t: self._respond(conn, method, keep, t.result()))
+            return
+        self._respond(conn, method, keep, answer)
+
+    def _respond(self, conn: HttpConn, method: str, keep: bool, answer: Answer) -> None:
         self.active += 1
         self.counts["max_active"] = max(self.counts["max_active"], self.active)
 
@@ -323,7 +337,8 @@ class Upstream:
             delay = SLOW_TTFB_S if self.mode == "slow" else SERVICE_S
             self.loop.call_later(delay, send)
 
-    def _answer(self, method: str, path: str) -> Answer:
+    def _answer(self, method: str, path: str) -> Answer | None:
+        """What the mode answers; None: the checksum database's answer (``forward``)."""
         if method not in ("GET", "HEAD") or (method == "HEAD" and self.athens):
             return 405, b'{"message":"Method Not Allowed"}\n', JSON_TYPE
         mode = self.mode
@@ -334,6 +349,8 @@ class Upstream:
         if mode == "sumdb502" and path.startswith("/sumdb/"):
             # Athens' reverse proxy to sum.golang.org: 502 and no body.
             return 502, b"", TEXT_TYPE
+        if path.startswith("/sumdb/"):
+            return None
         return self.content.answer(path)
 
     def _admit(self, send: Callable[[], None]) -> None:
@@ -382,7 +399,7 @@ class Control:
 
 async def serve(args: argparse.Namespace) -> None:
     root = Path(args.root) if args.root else None
-    upstream = Upstream(args.port, args.athens, Content(root), args.mode)
+    upstream = Upstream(args.port, args.athens, Content(root, args.sumdb or None), args.mode)
     await upstream.start()
     control = Control(upstream)
     await upstream.loop.create_server(
@@ -426,14 +443,22 @@ class FaultUpstream:
 
 
 def launch(
-    procs: Procs, name: str, athens: bool, root: Path | None, mode: str, core: int | None
+    procs: Procs,
+    name: str,
+    athens: bool,
+    root: Path | None,
+    mode: str,
+    core: int | None,
+    sumdb: str | None = None,
 ) -> FaultUpstream:
-    """Start one fault upstream in its own process (pinned to ``core``)."""
+    """Start one fault upstream in its own process (pinned to ``core``); ``sumdb``:
+    the checksum database's URL its ``sumdb/`` paths go to."""
     port, control_port = free_port(), free_port()
     argv = [sys.executable, "-m", "bench.faults", "--port", str(port)]
     argv += ["--control-port", str(control_port), "--mode", mode]
     argv += ["--athens"] if athens else []
     argv += ["--root", str(root)] if root else []
+    argv += ["--sumdb", sumdb] if sumdb else []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = procs.start(name, argv, core, env=env, cwd=str(REPO))
     control = f"http://127.0.0.1:{control_port}"
@@ -447,6 +472,7 @@ def main() -> int:
     p.add_argument("--control-port", type=int, required=True)
     p.add_argument("--athens", action="store_true", help="HEAD -> 405, like Athens")
     p.add_argument("--root", default="", help="a GOPROXY tree to serve files from")
+    p.add_argument("--sumdb", default="", help="the checksum database sumdb/ paths go to")
     p.add_argument("--mode", default="healthy", choices=sorted(MODES))
     args = p.parse_args()
     try:

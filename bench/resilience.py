@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.checksums import build_database  # noqa: E402
 from bench.contenders import CONTENDERS  # noqa: E402
 from bench.procs import BenchError, Procs, stopping  # noqa: E402
 from bench.scenarios import BY_NAME, SCENARIOS, Scenario  # noqa: E402
@@ -87,6 +88,7 @@ COLUMNS = (
     ("closed s", 8),
     ("backup %", 8),
     ("wall s", 7),
+    ("unvouched", 9),
     ("tripped", 0),
 )
 
@@ -125,6 +127,7 @@ def _cells(row: Row) -> list[str]:
         closed,
         _num(None if row.backup_share is None else row.backup_share * 100),
         _num(row.wall_s),
+        "n/a" if row.unvouched is None else str(row.unvouched),
         row.trip_detail if row.trips else "",
     ]
 
@@ -156,7 +159,10 @@ trips: sidecar: breaker transitions to open (/metrics); nginx: 'upstream server
   upper bound: its log has whole seconds). closed s: from the heal until every
   breaker was closed again ("open": not within the run; n/a: nginx does not say
   when it takes a server back). backup %: requests the backup upstream got per
-  client request (builds: per upstream request). wall s: build wall time."""
+  client request (builds: per upstream request). wall s: build wall time.
+unvouched: sidecar: .mod/.zip bodies it could not check against the checksum
+  database (bench/checksums.py: a real, signed one behind the upstreams'
+  sumdb/ paths that holds every module asked for; verify_unavailable in /metrics)."""
 
 
 # ---------------------------------------------------------------- running
@@ -265,10 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = pick_scenarios(args.scenarios)
         contenders = pick_contenders(args.contenders)
         nginx_binary()
+        if shutil.which("go") is None:
+            raise BenchError("go not found: it builds the checksum database (bench/checksums.py)")
     except BenchError as exc:
         print(f"resilience: {exc}", file=sys.stderr)
         return 2
     deadline = args.build_deadline or (QUICK_BUILD_DEADLINE_S if args.quick else BUILD_DEADLINE_S)
+    work = Path(tempfile.mkdtemp(prefix="goproxy-resilience-"))
+    os.chmod(work, 0o755)  # nginx workers (root -> nobody) read their prefix
     opts = Options(
         quick=args.quick,
         cap_s=args.cap,
@@ -278,10 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         corpus=find_corpus(),
         go=shutil.which("go"),
         sidecar_source=REPO,
+        sumdb_binary=build_database(work),
     )
     os.sched_setaffinity(0, {LOAD_CORE})  # the harness stays off the contender's core
-    work = Path(tempfile.mkdtemp(prefix="goproxy-resilience-"))
-    os.chmod(work, 0o755)  # nginx workers (root -> nobody) read their prefix
     if args.sidecar_rev:
         try:
             source = export_sidecar(args.sidecar_rev, work / "sidecar-src")

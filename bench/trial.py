@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.checksums import database, held_modules
 from bench.contenders import Contender, Upstreams, Verdict, start_contender
 from bench.faults import REPO, FaultUpstream, launch
 from bench.procs import BenchError, Procs
@@ -38,6 +39,7 @@ class Options:
     corpus: Path | None  # the e2e corpus folder (scripts/corpus.sh); None: no builds
     go: str | None
     sidecar_source: Path  # the folder whose `sidecar` package runs
+    sumdb_binary: Path  # bench/checksums.py's database, built
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Row:
     sees_closing: bool = False  # False: the contender does not show when it closes (nginx)
     failed_after_heal: int | None = None
     shed: int | None = None
+    unvouched: int | None = None  # sidecar: .mod/.zip the checksum database did not vouch for
     backup_share: float | None = None  # requests the backup got / requests the clients made
     wall_s: float | None = None  # builds
     build: str = ""  # builds: ok, failed (exit N), timeout
@@ -71,20 +74,40 @@ class Row:
 
 async def run_trial(scenario: Scenario, name: str, opts: Options, work: Path, procs: Procs) -> Row:
     root = opts.corpus / "modcache" / "cache" / "download" if opts.corpus else None
+    nonce = os.urandom(4).hex()
+    held = [] if scenario.build else held_modules(scenario.mix, nonce)
+    # The database runs in this (the harness') process' affinity: the load core.
+    with database(opts.sumdb_binary, work / "sumdb", held, root) as db:
+        return await _trial(scenario, name, opts, work, procs, root, nonce, db.url, db.verifier_key)
+
+
+async def _trial(
+    scenario: Scenario,
+    name: str,
+    opts: Options,
+    work: Path,
+    procs: Procs,
+    root: Path | None,
+    nonce: str,
+    sumdb_url: str,
+    sumdb_key: str,
+) -> Row:
     first = scenario.phases[0].mode if scenario.phases else "healthy"
-    primary = launch(procs, "primary", True, root, first, opts.load_core)
-    backup = launch(procs, "backup", False, root, "healthy", opts.load_core)
+    primary = launch(procs, "primary", True, root, first, opts.load_core, sumdb_url)
+    backup = launch(procs, "backup", False, root, "healthy", opts.load_core, sumdb_url)
     try:
         ups = Upstreams(primary.url, backup.url)
         contender = start_contender(
-            name, procs, work, ups, scenario.pool, opts.proxy_core, opts.sidecar_source
+            name, procs, work, ups, scenario.pool, opts.proxy_core, opts.sidecar_source, sumdb_key
         )
         watcher = asyncio.create_task(contender.watch())
         try:
             if scenario.build:
                 row, fault_at, healed_at = await _build(scenario, contender, primary, opts, work)
             else:
-                row, fault_at, healed_at = await _load(scenario, contender, primary, opts, procs)
+                row, fault_at, healed_at = await _load(
+                    scenario, contender, primary, opts, procs, nonce
+                )
         finally:
             watcher.cancel()
         primary.thaw()
@@ -103,6 +126,7 @@ async def run_trial(scenario: Scenario, name: str, opts: Options, work: Path, pr
 def _judge(row: Row, v: Verdict, fault_at: float, healed_at: float | None) -> None:
     row.trips, row.trip_detail, row.shed, row.reasons = v.trips, v.detail, v.shed, v.reasons
     row.sees_closing = v.sees_closing
+    row.unvouched = v.unvouched
     if v.first_trip_at is not None:
         row.first_trip_s = round(v.first_trip_at - fault_at, 2)
     if v.closed_at is not None and healed_at is not None:
@@ -110,7 +134,12 @@ def _judge(row: Row, v: Verdict, fault_at: float, healed_at: float | None) -> No
 
 
 async def _load(
-    scenario: Scenario, contender: Contender, primary: FaultUpstream, opts: Options, procs: Procs
+    scenario: Scenario,
+    contender: Contender,
+    primary: FaultUpstream,
+    opts: Options,
+    procs: Procs,
+    nonce: str,
 ) -> tuple[Row, float, float | None]:
     lengths = [p.length(opts.quick) for p in scenario.phases]
     start_at = time.time() + SETTLE_S
@@ -119,7 +148,7 @@ async def _load(
     for target in contender.targets():
         argv += ["--target", target]
     argv += ["--clients", str(scenario.clients), "--phases", ",".join(map(str, lengths))]
-    argv += ["--mix", scenario.mix, "--nonce", os.urandom(4).hex(), "--start-at", str(start_at)]
+    argv += ["--mix", scenario.mix, "--nonce", nonce, "--start-at", str(start_at)]
     argv += ["--cap", str(opts.cap_s), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     drive = procs.start("drive", argv, opts.load_core, env=env, cwd=str(REPO))

@@ -33,7 +33,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.sumdb.gosumdb import SERVER_SRC, GoSumdb, go_env, start_sumdb
+from bench.checksums import build_database
+from tests.sumdb.gosumdb import GoSumdb, start_sumdb
 
 MODULE = "example.com/fifty"
 ZIP_MIB = 50
@@ -41,18 +42,6 @@ FILE_MIB = 1
 HITS = 3
 START_S = 30.0
 REPO = Path(__file__).resolve().parents[1]
-
-
-def build_database(work: Path) -> Path:
-    out = work / "sumdb-testserver"
-    subprocess.run(
-        ["go", "build", "-trimpath", "-o", str(out), "."],
-        cwd=SERVER_SRC,
-        env=go_env(),
-        check=True,
-        timeout=600,
-    )
-    return out
 
 
 def write_modules(work: Path, versions: int) -> Path:

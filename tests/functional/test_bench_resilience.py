@@ -7,17 +7,20 @@ the sidecar's trips are read from /metrics and /breakers as documented."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from bench.checksums import database, held_modules
 from bench.contenders import Nginx, Upstreams, breaker_views, prometheus_samples
 from bench.drive import SUMDB, GoClient, parse_mix, request_for
 from bench.faults import OVERLOAD_CAPACITY, Content, Upstream, launch
 from bench.procs import Procs, free_port
-from bench.tree import unique_info_prefix
+from bench.tree import mod_body, unique_info_prefix
+from sidecar.sumdb.dirhash import hash_gomod
+from tests.sumdb.gosumdb import GoSumdb, sumdb_server_binary  # noqa: F401
 from tests.tools import require_tool
 
 PREFIX = unique_info_prefix("test")
@@ -30,12 +33,21 @@ StartUpstream = Callable[..., Awaitable[tuple[Upstream, str]]]
 
 
 @pytest.fixture
-async def upstream(tmp_path: Path) -> AsyncIterator[StartUpstream]:
-    """``await upstream(mode, athens=...)``: a fault upstream in this event loop."""
+def checksums(sumdb_server_binary: Path, tmp_path: Path) -> Iterator[GoSumdb]:  # noqa: F811
+    """bench/checksums.py's database, holding the ``.mod`` modules of ``mod:1,info:1``."""
+    held = held_modules("mod:1,info:1", "test", requests=8)
+    with database(sumdb_server_binary, tmp_path / "sumdb", held, None) as db:
+        yield db
+
+
+@pytest.fixture
+async def upstream(tmp_path: Path, checksums: GoSumdb) -> AsyncIterator[StartUpstream]:
+    """``await upstream(mode, athens=...)``: a fault upstream in this event loop, its
+    ``sumdb/`` paths passed on to ``checksums``."""
     started: list[Upstream] = []
 
     async def start(mode: str = "healthy", athens: bool = True) -> tuple[Upstream, str]:
-        up = Upstream(free_port(), athens, Content(tmp_path), mode)
+        up = Upstream(free_port(), athens, Content(tmp_path, checksums.url), mode)
         await up.start()
         started.append(up)
         return up, f"http://127.0.0.1:{up.port}"
@@ -62,8 +74,26 @@ async def test_healthy_answers_made_up_modules_and_sumdb(upstream: StartUpstream
     status, body = await fetch(url + INFO)
     assert (status, body[:12]) == (200, b'{"Version":"')
     assert (await fetch(url + LIST)) == (200, b"v1.0.0\n")
-    assert (await fetch(url + LOOKUP))[0] == 200
     assert (await fetch(url + "/example.com/elsewhere/@v/list"))[0] == 404
+
+
+async def test_sumdb_paths_reach_a_database_that_vouches_for_made_up_modules(
+    upstream: StartUpstream, checksums: GoSumdb
+) -> None:
+    _, url = await upstream()
+    # Held from the start: m0 (request 0 of mod:1,info:1 is a .mod); m1 is added
+    # on its first lookup, as sum.golang.org adds a new module.
+    assert held_modules("mod:1,info:1", "test", 4) == [f"{PREFIX[1:]}m0", f"{PREFIX[1:]}m2"]
+    for n in (0, 1):
+        module = f"{PREFIX[1:]}m{n}"
+        status, body = await fetch(f"{url}{SUMDB}/lookup/{module}@v1.0.0")
+        gomod_line = f"{module} v1.0.0/go.mod {hash_gomod(mod_body(module))}\n"
+        assert status == 200 and gomod_line.encode() in body
+        assert "\n\n\u2014 sum.golang.org ".encode() in body  # a signed tree head
+    assert checksums.verifier_key.startswith("sum.golang.org+")
+    status, tile = await fetch(f"{url}{SUMDB}/tile/8/0/000.p/2")  # the first two records
+    assert (status, len(tile)) == (200, 2 * 32)
+    assert (await fetch(f"{url}{SUMDB}/lookup/example.com/elsewhere@v1.0.0"))[0] == 404
 
 
 async def test_athens_answers_head_405_and_backup_200(upstream: StartUpstream) -> None:
@@ -153,7 +183,7 @@ def test_mix_and_paths() -> None:
         parse_mix("zip:1")
     assert request_for("head", PREFIX, 7) == ("HEAD", f"{PREFIX}m7/@v/v1.0.0.info")
     method, tile = request_for("tile", PREFIX, 1_234_567)
-    assert (method, tile) == ("GET", f"{SUMDB}/tile/8/0/x002/x234/567")
+    assert (method, tile) == ("GET", f"{SUMDB}/tile/8/0/007")
 
 
 # ---------------------------------------------------------------- contenders

@@ -17,7 +17,7 @@ import os
 import select
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,9 +101,11 @@ def start_sumdb(
     proxy_dir: Path | None = None,
     key: str = "",
     name: str = "sumdb.test.localhost",
+    args: Sequence[str] = (),
 ) -> Iterator[GoSumdb]:
-    """Run one database on loopback until the block ends."""
+    """Run one database on loopback until the block ends; ``args``: more flags."""
     argv = [str(binary), "-modules", str(modules_file), "-filler", str(filler), "-name", name]
+    argv += args
     if proxy_dir is not None:
         argv += ["-proxydir", str(proxy_dir)]
     if key:

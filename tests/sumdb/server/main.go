@@ -7,16 +7,23 @@
 // /sumdb/<name>/ (the proxy form, with /sumdb/<name>/supported).
 //
 //	sumdb-testserver -modules FILE [-name NAME] [-key SIGNER] [-filler N]
-//	                 [-proxydir DIR] [-listen 127.0.0.1:0]
+//	                 [-proxydir DIR] [-gomod FILE] [-madeup PREFIX] [-origin DIR]
+//	                 [-listen 127.0.0.1:0]
 //
-// Each line of FILE names one module version, in one of two forms:
+// Each line of FILE names one module version, in one of three forms:
 //
 //	<module> <version> <zip file> <go.mod file>   hashes given files
 //	<module> <version> <source dir>               zips the dir as the go command does
+//	<module> <version>                            made up: see -gomod
 //
 // The second form writes the zip, .mod and .info into DIR (-proxydir) laid out
 // as a GOPROXY tree, so the go command can download what the database vouches
-// for. Hashes are computed with golang.org/x/mod/sumdb/dirhash, as the go
+// for. A made-up module's go.mod is the -gomod file with {module} replaced by
+// its path, and its zip holds that go.mod alone (the benchmark's upstreams
+// serve such modules). A lookup of a version the tree does not hold yet adds
+// it, as sum.golang.org does: a made-up one when its path starts with -madeup,
+// else one read from -origin (a GOPROXY tree: the .mod, and the .zip when it
+// is there); anything else is not found. Hashes are computed with golang.org/x/mod/sumdb/dirhash, as the go
 // command computes them. -filler N adds N synthetic records before the
 // modules, so that records sit in full and partial tiles at several levels.
 //
@@ -70,17 +77,29 @@ func main() {
 	modules := flag.String("modules", "", "file listing the module versions of the tree")
 	filler := flag.Int("filler", 0, "synthetic records added before the modules")
 	proxyDir := flag.String("proxydir", "", "GOPROXY tree written for modules given as a source dir")
+	gomodFile := flag.String("gomod", "", "go.mod of made-up modules, {module} for the module path")
+	madeUp := flag.String("madeup", "", "module path prefix of versions made up on their first lookup")
+	origin := flag.String("origin", "", "GOPROXY tree other versions are read from on their first lookup")
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve on (loopback)")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("sumdb-testserver: ")
 
 	skey, vkey := signerKey(*name, *key)
-	records, order, err := readModules(*modules, *proxyDir)
+	src := sources{proxyDir: *proxyDir, madeUpPrefix: *madeUp, origin: *origin}
+	if *gomodFile != "" {
+		data, err := os.ReadFile(*gomodFile)
+		if err != nil {
+			log.Fatal(err)
+		}
+		src.gomod = string(data)
+	}
+	records, order, err := readModules(*modules, src)
 	if err != nil {
 		log.Fatal(err)
 	}
 	fillers := fillerRecords(*filler)
+	// Called by TestServer.Lookup outside its lock: reads only what is fixed by now.
 	ops := sumdb.NewTestServer(skey, func(path, vers string) ([]byte, error) {
 		key := path + "@" + vers
 		if text, ok := fillers[key]; ok {
@@ -89,7 +108,11 @@ func main() {
 		if r, ok := records[key]; ok {
 			return r.text, nil
 		}
-		return nil, os.ErrNotExist
+		r, err := src.onDemand(module.Version{Path: path, Version: vers})
+		if err != nil {
+			return nil, err
+		}
+		return r.text, nil
 	})
 
 	// Add every record now, fillers first, so ids and tree are fixed before serving.
@@ -169,7 +192,15 @@ type record struct {
 	modHash string
 }
 
-func readModules(file, proxyDir string) (map[string]*record, []string, error) {
+// sources says where records come from besides given files.
+type sources struct {
+	proxyDir     string
+	gomod        string // template of made-up modules' go.mod
+	madeUpPrefix string
+	origin       string
+}
+
+func readModules(file string, src sources) (map[string]*record, []string, error) {
 	records := map[string]*record{}
 	var order []string
 	if file == "" {
@@ -186,7 +217,7 @@ func readModules(file, proxyDir string) (map[string]*record, []string, error) {
 		if len(fields) == 0 || strings.HasPrefix(fields[0], "#") {
 			continue
 		}
-		r, err := readModule(fields, proxyDir)
+		r, err := readModule(fields, src)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%s:%d: %v", file, line, err)
 		}
@@ -199,20 +230,23 @@ func readModules(file, proxyDir string) (map[string]*record, []string, error) {
 	return records, order, scanner.Err()
 }
 
-func readModule(fields []string, proxyDir string) (*record, error) {
-	if len(fields) != 3 && len(fields) != 4 {
-		return nil, fmt.Errorf("want <module> <version> <zip> <go.mod> or <module> <version> <dir>")
+func readModule(fields []string, src sources) (*record, error) {
+	if len(fields) < 2 || len(fields) > 4 {
+		return nil, fmt.Errorf("want <module> <version> [<zip> <go.mod> | <dir>]")
 	}
 	mod := module.Version{Path: fields[0], Version: fields[1]}
 	if err := module.Check(mod.Path, mod.Version); err != nil {
 		return nil, err
+	}
+	if len(fields) == 2 {
+		return src.madeUp(mod)
 	}
 	zipFile, modFile := "", ""
 	if len(fields) == 4 {
 		zipFile, modFile = fields[2], fields[3]
 	} else {
 		var err error
-		if zipFile, modFile, err = writeProxyFiles(mod, fields[2], proxyDir); err != nil {
+		if zipFile, modFile, err = writeProxyFiles(mod, fields[2], src.proxyDir); err != nil {
 			return nil, err
 		}
 	}
@@ -224,6 +258,58 @@ func readModule(fields []string, proxyDir string) (*record, error) {
 	if err != nil {
 		return nil, err
 	}
+	return newRecord(mod, zipHash, data)
+}
+
+// madeUp is the record of a module whose zip holds its go.mod (the template) alone.
+func (src sources) madeUp(mod module.Version) (*record, error) {
+	if src.gomod == "" {
+		return nil, fmt.Errorf("%s: a made-up module needs -gomod", mod)
+	}
+	data := []byte(strings.ReplaceAll(src.gomod, "{module}", mod.Path))
+	// The go command's zip hash: Hash1 over the files named <module>@<version>/<file>.
+	zipHash, err := dirhash.Hash1([]string{mod.String() + "/go.mod"}, func(string) (io.ReadCloser, error) {
+		return io.NopCloser(bytes.NewReader(data)), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return newRecord(mod, zipHash, data)
+}
+
+// onDemand is the record of a version first asked for by a lookup.
+func (src sources) onDemand(mod module.Version) (*record, error) {
+	if src.madeUpPrefix != "" && strings.HasPrefix(mod.Path, src.madeUpPrefix) {
+		return src.madeUp(mod)
+	}
+	if src.origin == "" {
+		return nil, os.ErrNotExist
+	}
+	escPath, err := module.EscapePath(mod.Path)
+	if err != nil {
+		return nil, os.ErrNotExist
+	}
+	escVers, err := module.EscapeVersion(mod.Version)
+	if err != nil {
+		return nil, os.ErrNotExist
+	}
+	base := filepath.Join(src.origin, filepath.FromSlash(escPath), "@v", escVers)
+	data, err := os.ReadFile(base + ".mod") // a missing file is os.ErrNotExist: 404
+	if err != nil {
+		return nil, err
+	}
+	zipHash := ""
+	if _, err := os.Stat(base + ".zip"); err == nil {
+		if zipHash, err = dirhash.HashZip(base+".zip", dirhash.Hash1); err != nil {
+			return nil, err
+		}
+	}
+	return newRecord(mod, zipHash, data)
+}
+
+// newRecord holds the go.sum lines of mod; without zipHash, the go.mod line alone
+// (a version whose zip the origin does not have: the go command fetched only its go.mod).
+func newRecord(mod module.Version, zipHash string, data []byte) (*record, error) {
 	// The go command's go.mod hash: Hash1 over one file named "go.mod".
 	modHash, err := dirhash.Hash1([]string{"go.mod"}, func(string) (io.ReadCloser, error) {
 		return io.NopCloser(bytes.NewReader(data)), nil
@@ -231,7 +317,10 @@ func readModule(fields []string, proxyDir string) (*record, error) {
 	if err != nil {
 		return nil, err
 	}
-	text := fmt.Sprintf("%s %s %s\n%s %s/go.mod %s\n", mod.Path, mod.Version, zipHash, mod.Path, mod.Version, modHash)
+	text := fmt.Sprintf("%s %s/go.mod %s\n", mod.Path, mod.Version, modHash)
+	if zipHash != "" {
+		text = fmt.Sprintf("%s %s %s\n", mod.Path, mod.Version, zipHash) + text
+	}
 	return &record{mod: mod, text: []byte(text), zipHash: zipHash, modHash: modHash}, nil
 }
 

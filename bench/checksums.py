@@ -1,0 +1,74 @@
+"""The checksum database of bench/resilience.py: a real, signed one that vouches for
+the made-up modules the load asks for, as sum.golang.org vouches for real ones.
+
+It is the Go database of tests/sumdb/server (golang.org/x/mod/sumdb, the code
+behind sum.golang.org), built with the go command at the pinned versions of
+its go.mod. Its name is ``sum.golang.org`` and its key is made per trial: the
+sidecar is given that key (``verify.key``) and finds the database, as in
+production, through its upstreams' ``sumdb/sum.golang.org/`` paths, which the
+fault upstreams pass on to it (bench/faults.py ``--sumdb``), as Athens does.
+
+Before a load trial the database already holds every module the load will ask
+a ``.mod`` or a lookup for (the real ones are in the real database long before
+anyone builds them); one it does not hold yet is added on its first lookup, as
+sum.golang.org adds a new module. For builds it reads the e2e corpus' modules
+from the corpus' GOPROXY tree on their first lookup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.drive import parse_mix, request_for
+from bench.tree import UNIQUE_PREFIX, VERSION, mod_body
+from tests.sumdb.gosumdb import SERVER_SRC, GoSumdb, go_env, start_sumdb
+
+NAME = "sum.golang.org"  # the load's and the go command's sumdb/<name>/ paths
+PREFILL_REQUESTS = 50_000  # load requests whose modules are in the tree from the start
+BUILD_TIMEOUT_S = 600.0
+
+
+def build_database(work: Path) -> Path:
+    """``go build`` tests/sumdb/server into ``work`` (pinned x/mod; the go build
+    cache makes a second build quick)."""
+    out = work / "sumdb-testserver"
+    subprocess.run(
+        ["go", "build", "-trimpath", "-o", str(out), "."],
+        cwd=SERVER_SRC,
+        env=go_env(),
+        check=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    return out
+
+
+def held_modules(mix: str, nonce: str, requests: int = PREFILL_REQUESTS) -> list[str]:
+    """Modules of the first ``requests`` load requests that a ``.mod`` or a lookup names."""
+    pattern = parse_mix(mix)
+    prefix = f"{UNIQUE_PREFIX}r{nonce}"
+    kinds = {i for i, kind in enumerate(pattern) if kind in ("mod", "lookup")}
+    return [
+        request_for("info", prefix, n)[1].split("/@v/")[0][1:]
+        for n in range(requests)
+        if n % len(pattern) in kinds
+    ]
+
+
+@contextlib.contextmanager
+def database(
+    binary: Path, work: Path, modules: list[str], origin: Path | None
+) -> Iterator[GoSumdb]:
+    """Run the database until the block ends: ``modules`` (made up) in its tree,
+    more made-up ones on demand, the rest from ``origin`` (a GOPROXY tree)."""
+    work.mkdir(parents=True, exist_ok=True)
+    listing = work / "modules.txt"
+    listing.write_text("".join(f"{m} {VERSION}\n" for m in modules))
+    gomod = work / "go.mod.template"
+    gomod.write_bytes(mod_body("{module}"))
+    args = ["-gomod", str(gomod), "-madeup", UNIQUE_PREFIX[1:]]
+    args += ["-origin", str(origin)] if origin is not None else []
+    with start_sumdb(binary, listing, name=NAME, args=args) as db:
+        yield db
