@@ -46,7 +46,7 @@ from sidecar.proxy.hedge import Hedging
 from sidecar.proxy.hits import Answer, Hits, wanted_range
 from sidecar.proxy.integrity import IntegrityChecker
 from sidecar.proxy.racing import Racing
-from sidecar.proxy.recorder import Recorder
+from sidecar.proxy.recorder import KIND_LABEL, Recorder
 from sidecar.proxy.stream import Reply, is_small
 from sidecar.routing import Route, Router
 from sidecar.server import Exchange
@@ -112,6 +112,7 @@ class ProxyHandler:
         self._cache_action = hits.cache_action
         # Decided once: the level is set before the server starts (--log-level).
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._missed: dict[Kind, Callable[[], None]] = {}  # cache_misses_total's, by kind
 
     @property
     def checker(self) -> IntegrityChecker | None:
@@ -161,7 +162,7 @@ class ProxyHandler:
     def _answered(
         self, ex: Exchange, req: GoproxyRequest, source: str, outcome: str, seconds: float
     ) -> None:
-        self.recorder.answered(source, req.kind.value, outcome, seconds)
+        self.recorder.answered(source, KIND_LABEL[req.kind], outcome, seconds)
         if self._debug:
             log.debug(
                 "request",
@@ -224,7 +225,12 @@ class ProxyHandler:
             answer = await self._from_cache(ex, entry, False, reply)
             if answer is not None:
                 return answer
-        self.recorder.counter(self.recorder.metrics.cache_misses, req.kind.value)()
+        missed = self._missed.get(req.kind)
+        if missed is None:
+            missed = self._missed[req.kind] = self.recorder.counter(
+                self.recorder.metrics.cache_misses, KIND_LABEL[req.kind]
+            )
+        missed()
         if ex.method != "GET":
             return await self._walk(ex, req, None, route, reply)
         flight, leader = cache.flight(req)
@@ -249,7 +255,14 @@ class ProxyHandler:
         for target in targets:
             if target.name == attempts.hedged_to:
                 continue  # asked already, as an earlier target's hedge
-            answer = await self._try_target(ex, req, target, attempts, flight, reply)
+            if target.action is Action.ALLOW and target.state is not State.HALF_OPEN:
+                # _try_target's common case without its coroutine frame.
+                try:
+                    answer = await self._fetch(ex, req, target, attempts, flight, reply)
+                except (UpstreamError, UpstreamBusy):
+                    answer = None
+            else:
+                answer = await self._try_target(ex, req, target, attempts, flight, reply)
             if answer is not None:
                 return answer
         if not route.targets:

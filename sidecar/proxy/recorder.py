@@ -11,7 +11,7 @@ Metric children are looked up once per label tuple and kept, because
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from sidecar.breaker.state import SUMDB_KINDS
 from sidecar.goproxy import Kind
@@ -20,6 +20,9 @@ from sidecar.stats.window import Outcome, UpstreamWindow
 
 # requests_total, request_duration_seconds and, for a hit or stale serve, its cache counter
 Answers = tuple[PlainCount, PlainBuckets, PlainCount | None]
+# A kind's metric label: ``Kind.X.value`` is an enum property, a Python call
+# (0.3 µs) where a dict lookup is 30 ns; every request reads it.
+KIND_LABEL: Final = {kind: kind.value for kind in Kind}
 
 
 class Recorder:
@@ -36,6 +39,8 @@ class Recorder:
         # One entry per (source, kind, outcome): every metric child a request's
         # end touches, looked up once.
         self._answers: dict[tuple[str, str, str], Answers] = {}
+        # upstream_attempts_total's increment per (upstream, result).
+        self._attempts: dict[tuple[str, str], Callable[[], None]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -52,7 +57,11 @@ class Recorder:
         window = windows.get(upstream)
         if window is not None:
             window.record(outcome, ttfb)
-        self._child(self.metrics.upstream_attempts, upstream, result).inc()
+        key = (upstream, result)
+        count = self._attempts.get(key)
+        if count is None:
+            count = self._attempts[key] = self.counter(self.metrics.upstream_attempts, *key)
+        count()
         if outcome is Outcome.ERROR or outcome is Outcome.TIMEOUT:
             self._child(self.metrics.upstream_failures, upstream, result).inc()
 

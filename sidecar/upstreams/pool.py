@@ -162,12 +162,13 @@ class Pool:
         """Back to the pool if its answer was read to the end, else closed."""
         if reuse and conn.slot and conn.reusable and not self._closed:
             conn.recycle()
-            if self._hand_over(conn):
+            if self._waiters and self._hand_over(conn):
                 return  # still busy, now for the oldest waiter
             self._busy.discard(conn)
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
-            self._ensure_sweeper()
+            if self._timer is None:  # (every release: no call when it runs already)
+                self._ensure_sweeper()
             return
         self._busy.discard(conn)
         conn.abort()
