@@ -186,12 +186,17 @@ def run(work: Path, args: argparse.Namespace) -> int:
 def end_to_end(slices: dict[str, list[tuple[float, int]]], null: bool) -> None:
     """CPU per hit over all slices of each side, and the median ratio of each
     pair's two slices."""
-    per_hit = {m: [cpu / hits * 1e6 for cpu, hits in slices[m] if hits] for m in CONTENDERS}
     total = {
         m: sum(cpu for cpu, _ in slices[m]) / sum(hits for _, hits in slices[m]) * 1e6
         for m in CONTENDERS
     }
-    pairs = [a / o for o, a in zip(per_hit["open"], per_hit["auth"], strict=False)]
+    # A pair whose slice read no CPU tick or served nothing (a stalled VM) has
+    # no ratio; it still counts in the totals.
+    pairs = [
+        (a_cpu / a_hits) / (o_cpu / o_hits)
+        for (o_cpu, o_hits), (a_cpu, a_hits) in zip(slices["open"], slices["auth"], strict=True)
+        if o_cpu > 0 and o_hits and a_hits
+    ]
     hits = {m: sum(h for _, h in slices[m]) for m in CONTENDERS}
     label = "A/A" if null else "auth"
     print(
