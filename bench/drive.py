@@ -57,6 +57,7 @@ KINDS = {
 OK = "ok"
 DEFAULT_CAP_S = 30.0
 DEFAULT_MAX_REQUESTS = 2_000_000
+SLOWEST = 200
 
 
 def parse_mix(text: str) -> list[str]:
@@ -85,23 +86,31 @@ def request_for(kind: str, prefix: str, n: int) -> tuple[str, str]:
 
 
 class Tally:
-    """Outcomes and latencies of a set of requests."""
+    """Outcomes and latencies of a set of requests, and where the slowest were."""
 
     def __init__(self) -> None:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.latency_ms: list[float] = []
+        self.by_kind: dict[str, list[float]] = collections.defaultdict(list)
+        self.marks: list[tuple[float, float, str]] = []  # (ms, started s into the run, kind)
 
-    def add(self, outcome: str, ms: float) -> None:
+    def add(self, outcome: str, ms: float, kind: str, at_s: float) -> None:
         self.outcomes[outcome] += 1
         self.latency_ms.append(ms)
+        self.by_kind[kind].append(ms)
+        self.marks.append((ms, at_s, kind))
 
     def document(self) -> dict[str, object]:
         total = sum(self.outcomes.values())
+        tail = sorted(self.marks, reverse=True)[: min(SLOWEST, max(1, total // 100))]
         return {
             "requests": total,
             "failed": total - self.outcomes[OK],
             "outcomes": {k: v for k, v in self.outcomes.items() if k != OK},
             "latency": summary(self.latency_ms),
+            "kinds": {k: summary(v) for k, v in sorted(self.by_kind.items())},
+            # The slowest 1 % (at most SLOWEST): when each started and what it asked.
+            "slowest": [[round(at, 3), kind, round(ms, 1)] for ms, at, kind in tail],
         }
 
 
@@ -117,11 +126,12 @@ class Recorder:
         self.series: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
         self.fallbacks = 0
 
-    def add(self, outcome: str, started: float, ended: float) -> None:
+    def add(self, outcome: str, kind: str, started: float, ended: float) -> None:
         ms = (ended - started) * 1000
-        self.whole.add(outcome, ms)
-        phase = min(bisect.bisect_right(self.ends, started - self.start_at), len(self.ends) - 1)
-        self.phases[phase].add(outcome, ms)
+        at = started - self.start_at
+        self.whole.add(outcome, ms, kind, at)
+        phase = min(bisect.bisect_right(self.ends, at), len(self.ends) - 1)
+        self.phases[phase].add(outcome, ms, kind, at)
         self.series[int(ended - self.start_at)][outcome != OK] += 1
 
     def document(self) -> dict[str, object]:
@@ -204,7 +214,8 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
         while time.time() < end and issued < args.max_requests:
             n = issued
             issued += 1
-            method, path = request_for(pattern[n % len(pattern)], prefix, n)
+            kind = pattern[n % len(pattern)]
+            method, path = request_for(kind, prefix, n)
             started = time.time()
             try:
                 async with asyncio.timeout(args.cap):
@@ -212,7 +223,7 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
             except TimeoutError:
                 outcome, fell_back = "timeout", False
             rec.fallbacks += fell_back
-            rec.add(outcome, started, time.time())
+            rec.add(outcome, kind, started, time.time())
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.sleep(max(0.0, args.start_at - time.time()))
