@@ -59,15 +59,17 @@ class Flight:
         """Joiners get a reader at once, before the fill can drop a byte they need."""
         if not self._ready:
             self._ready, self.fill = True, fill
-            for fut in self._wake():
-                fut.set_result(fill.join())
+            if self._waiting:
+                for fut in self._wake():
+                    fut.set_result(fill.join())
 
     def settle(self, answer: NotFound | Whole | None) -> None:
         """The leader is done without a body for joiners; first outcome wins."""
         if not self._ready:
             self._ready, self.answer = True, answer
-            for fut in self._wake():
-                fut.set_result(answer)
+            if self._waiting:  # (most flights have no joiner: no lists to build)
+                for fut in self._wake():
+                    fut.set_result(answer)
 
     def awaited(self) -> bool:
         """Joiners wait for this flight's outcome now."""
