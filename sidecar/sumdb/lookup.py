@@ -30,7 +30,7 @@ from typing import Final
 from sidecar.errors import SidecarError, SumdbError, SumdbUnavailable, SumdbVerifyError
 from sidecar.goproxy import escape_path, escape_version
 from sidecar.sumdb.note import Verifier, open_note
-from sidecar.sumdb.tile import DEFAULT_TILE_HEIGHT, Tile, TileHashReader
+from sidecar.sumdb.tile import DEFAULT_TILE_HEIGHT, StoredHashes, Tile, TileHashReader
 from sidecar.sumdb.tlog import (
     HASH_SIZE,
     Tree,
@@ -51,6 +51,9 @@ MEMO_SIZE: Final = 4096
 # never changes, partial ones included (the log only grows), and the upper levels
 # serve every lookup.
 TILE_MEMO_SIZE: Final = 256
+# Stored hashes kept per verifier (~100 bytes each): a proof's larger subtrees are
+# shared by every record below them (tile.TileHashReader).
+STORED_HASH_MEMO_SIZE: Final = 16384
 # Rounds of "check against the newest tree, install it" while other lookups race ahead.
 MAX_MERGE_ROUNDS: Final = 8
 
@@ -111,6 +114,7 @@ class SumdbVerifier:
         self._memo: OrderedDict[tuple[str, str], ModuleHashes] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Future[ModuleHashes]] = {}
         self._tiles: OrderedDict[Tile, bytes] = OrderedDict()
+        self._stored = StoredHashes(STORED_HASH_MEMO_SIZE)
 
     @property
     def name(self) -> str:
@@ -213,7 +217,7 @@ class SumdbVerifier:
     def _reader(self, accepted: Tree) -> TileHashReader:
         """A reader for an accepted tree: tiles already authenticated need no recheck."""
         return TileHashReader(
-            accepted, self._height, self._read_tiles, self._save_tiles, self._tiles
+            accepted, self._height, self._read_tiles, self._save_tiles, self._tiles, self._stored
         )
 
     def _save_tiles(self, tiles: list[Tile], data: list[bytes]) -> None:

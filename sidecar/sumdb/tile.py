@@ -17,10 +17,11 @@ skipped some of those parent checks.)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
-from typing import Final
+from typing import Final, cast
 
 from sidecar.errors import SumdbVerifyError
 from sidecar.sumdb.tlog import (
@@ -125,6 +126,32 @@ def parse_data_tile(data: bytes, width: int) -> list[bytes]:
     return records
 
 
+class StoredHashes:
+    """Stored hashes by index, the least recently used dropped past ``size``
+    (event loop only)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._hashes: OrderedDict[int, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def get(self, index: int) -> bytes | None:
+        found = self._hashes.get(index)
+        if found is not None:
+            self._hashes.move_to_end(index)
+        return found
+
+    def update(self, pairs: Iterable[tuple[int, bytes]]) -> None:
+        hashes = self._hashes
+        for index, value in pairs:
+            hashes[index] = value
+            hashes.move_to_end(index)
+        while len(hashes) > self._size:
+            hashes.popitem(last=False)
+
+
 ReadTiles = Callable[[list[Tile]], Awaitable[list[bytes]]]
 SaveTiles = Callable[[list[Tile], list[bytes]], None]
 
@@ -154,6 +181,15 @@ class TileHashReader:
     ``authenticated`` (tiles saved before, against a tree this one was found
     consistent with) skips the check against its parent; the tiles that rebuild
     the tree hash are always checked.
+
+    ``stored``: stored hashes computed before from tiles authenticated against a
+    tree this one was found consistent with (the verifier's, shared by its lookups).
+    A stored hash never changes once the log has it, so a read that finds every
+    wanted hash there reads no tile, and the tree hash check takes the edge's
+    hashes from it; what a read computes is added. Each is rehashed from a tile
+    otherwise: the larger subtrees of a proof are shared by every record below
+    them, and rehashing them was most of a lookup's CPU (a few hundred SHA-256
+    calls, in a worker thread holding the GIL that the event loop waits for).
     """
 
     def __init__(
@@ -163,21 +199,35 @@ class TileHashReader:
         read_tiles: ReadTiles,
         save_tiles: SaveTiles = _save_nothing,
         authenticated: Mapping[Tile, bytes] | None = None,
+        stored: StoredHashes | None = None,
     ) -> None:
         self._tree = tree
         self._height = height
         self._read_tiles = read_tiles
         self._save_tiles = save_tiles
         self._authenticated = authenticated or {}
+        self._stored = stored
 
     async def read_hashes(self, indexes: Sequence[int]) -> list[bytes]:
+        stored = self._stored
+        if stored is not None:
+            found = [stored.get(x) for x in indexes]
+            if None not in found:
+                return cast(list[bytes], found)
         plan = self._plan_reads(indexes)
         data = await self._read_tiles(plan.tiles)
-        # Read on the loop: the map belongs to the verifier, which changes it there.
+        # Read on the loop: the maps belong to the verifier, which changes them there.
         known = [self._authenticated.get(tile) for tile in plan.tiles]
+        edge = [None if stored is None else stored.get(x) for x in plan.stx]
+        had = [None if stored is None else stored.get(x) for x in plan.indexes]
         # Hashing tiles is most of a lookup's CPU (milliseconds): off the event loop.
-        hashes = await asyncio.to_thread(self._authenticate, plan, data, known)
+        hashes, edge_hashes = await asyncio.to_thread(
+            self._authenticate, plan, data, known, (edge, had)
+        )
         self._save_tiles(plan.tiles, data)
+        if stored is not None:
+            stored.update(zip(plan.stx, edge_hashes, strict=True))
+            stored.update(zip(plan.indexes, hashes, strict=True))
         return hashes
 
     def _plan_reads(self, indexes: Sequence[int]) -> _Plan:
@@ -198,10 +248,16 @@ class TileHashReader:
         return _Plan(tiles, order, stx, stx_order, stx_tiles, list(indexes), index_order)
 
     def _authenticate(
-        self, plan: _Plan, data: list[bytes], known: list[bytes | None]
-    ) -> list[bytes]:
+        self,
+        plan: _Plan,
+        data: list[bytes],
+        known: list[bytes | None],
+        stored: tuple[list[bytes | None], list[bytes | None]],
+    ) -> tuple[list[bytes], list[bytes]]:
         """Worker thread: check every tile (``known`` ones against their parent
-        only if their data changed), then return the wanted hashes."""
+        only if their data changed), then return the wanted hashes and those that
+        rebuild the tree hash (``stored``: of each, the ones known before)."""
+        edge, had = stored
         tiles, order = plan.tiles, plan.order
         if len(data) != len(tiles):
             raise SumdbVerifyError(f"read {len(data)} tiles, wanted {len(tiles)}")
@@ -210,7 +266,11 @@ class TileHashReader:
                 raise SumdbVerifyError(f"tile {tile.path}: {len(tile_data)} bytes")
 
         stx_order = plan.stx_order
-        self._check_tree_hash(plan.stx, [tiles[j] for j in stx_order], [data[j] for j in stx_order])
+        edge_hashes = [
+            hash_from_tile(tiles[j], data[j], x) if h is None else h
+            for j, x, h in zip(stx_order, plan.stx, edge, strict=True)
+        ]
+        self._check_tree_hash(edge_hashes)
         # Parents come before children in `tiles`, so each check uses a checked parent.
         for i in range(plan.stx_tiles, len(tiles)):
             if known[i] == data[i]:
@@ -223,10 +283,11 @@ class TileHashReader:
             )
             if tile_hash(data[i]) != expected:
                 raise SumdbVerifyError(f"downloaded inconsistent tile {tiles[i].path}")
-        return [
-            hash_from_tile(tiles[j], data[j], x)
-            for j, x in zip(plan.index_order, plan.indexes, strict=True)
+        wanted = [
+            hash_from_tile(tiles[j], data[j], x) if h is None else h
+            for j, x, h in zip(plan.index_order, plan.indexes, had, strict=True)
         ]
+        return wanted, edge_hashes
 
     def _edge_tile(self, index: int) -> Tile:
         tile = tile_parent(tile_for_index(self._height, index)[0], 0, self._tree.n)
@@ -257,9 +318,10 @@ class TileHashReader:
             chain.append(parent)
         raise SumdbVerifyError(f"no tile of tree {self._tree.n} leads to stored hash {index}")
 
-    def _check_tree_hash(self, stx: list[int], tiles: list[Tile], data: list[bytes]) -> None:
-        th = hash_from_tile(tiles[-1], data[-1], stx[-1])
-        for i in range(len(stx) - 2, -1, -1):
-            th = node_hash(hash_from_tile(tiles[i], data[i], stx[i]), th)
+    def _check_tree_hash(self, edge_hashes: list[bytes]) -> None:
+        """The tree hash rebuilt from its subtrees' stored hashes, left to right."""
+        th = edge_hashes[-1]
+        for h in reversed(edge_hashes[:-1]):
+            th = node_hash(h, th)
         if th != self._tree.hash:
             raise SumdbVerifyError(f"downloaded inconsistent tile: tree {self._tree.n} hash")

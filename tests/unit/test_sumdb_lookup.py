@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import RequestError, SumdbUnavailable, SumdbVerifyError, UpstreamStatusError
+from sidecar.sumdb import tile as tile_module
 from sidecar.sumdb.gosumdb import SUM_GOLANG_ORG_KEY, parse_gosumdb
 from sidecar.sumdb.lookup import SumdbVerifier, hashes_from_record, parse_lookup
 from sidecar.sumdb.note import parse_verifier_key
+from sidecar.sumdb.tlog import HASH_SIZE
 from tests.sumdb.gosumdb import signer_key
 
 DATA = Path(__file__).resolve().parents[1] / "sumdb" / "data" / "sum.golang.org"
@@ -65,6 +67,27 @@ async def test_real_records_verify() -> None:
     assert files.paths[1] == "sumdb/sum.golang.org/tile/8/3/000.p/4"
     # Verified tiles are kept: the upper levels are fetched once for both lookups.
     assert len(files.paths) == len(set(files.paths))
+
+
+async def test_a_verifier_hashes_no_subtree_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stored hashes are kept: a second lookup in the same tree rehashes no subtree
+    the first one hashed (the tree hash's edge, the upper levels of the proof)."""
+    hashed: list[bytes] = []
+    real = tile_module.tile_hash
+
+    def recording(data: bytes) -> bytes:
+        hashed.append(bytes(data))
+        return real(data)
+
+    monkeypatch.setattr(tile_module, "tile_hash", recording)
+    verifier = sum_golang_org(Files())
+    await verifier.merge_latest((DATA / "latest").read_bytes())
+    await verifier.lookup(*QUOTE)
+    first = {data for data in hashed if len(data) > HASH_SIZE}  # subtrees, not leaves
+    hashed.clear()
+    sampler = await verifier.lookup(*SAMPLER)
+    assert sampler.zip == SAMPLER_H1 and first and hashed
+    assert [data for data in hashed if data in first] == []
 
 
 async def test_old_tree_alone_is_enough() -> None:
