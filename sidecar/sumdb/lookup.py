@@ -54,6 +54,9 @@ TILE_MEMO_SIZE: Final = 256
 # Stored hashes kept per verifier (~100 bytes each): a proof's larger subtrees are
 # shared by every record below them (tile.TileHashReader).
 STORED_HASH_MEMO_SIZE: Final = 16384
+# Signed tree heads whose signature was checked, kept by their bytes: a database
+# answers every lookup with the same head until its tree grows.
+NOTE_MEMO_SIZE: Final = 16
 # Rounds of "check against the newest tree, install it" while other lookups race ahead.
 MAX_MERGE_ROUNDS: Final = 8
 
@@ -115,6 +118,7 @@ class SumdbVerifier:
         self._inflight: dict[tuple[str, str], asyncio.Future[ModuleHashes]] = {}
         self._tiles: OrderedDict[Tile, bytes] = OrderedDict()
         self._stored = StoredHashes(STORED_HASH_MEMO_SIZE)
+        self._notes: OrderedDict[bytes, Tree] = OrderedDict()
 
     @property
     def name(self) -> str:
@@ -151,27 +155,26 @@ class SumdbVerifier:
     async def _lookup(self, module: str, version: str) -> ModuleHashes:
         path = f"lookup/{escape_path(module)}@{escape_version(version)}"
         data = await self._get(path)
-        # The CPU of a lookup (signature, tile hashing, proof) runs in worker threads;
-        # only the fetches stay on the loop.
-        answer, tree, (zip_h1, gomod_h1) = await asyncio.to_thread(
-            self._open_answer, data, module, version
-        )
+        # What costs milliseconds (a signature not seen before, hashing tiles) runs in
+        # worker threads; the rest (parsing, a proof's few dozen hashes) is cheaper on
+        # the loop than a hop to a thread and back, whose wake-ups and GIL hand-overs
+        # the requests in flight wait for.
+        answer = parse_lookup(data)
+        zip_h1, gomod_h1 = hashes_from_record(answer.text, module, version)
+        tree = self._notes.get(answer.note)
+        if tree is None:
+            tree = await asyncio.to_thread(self._open_tree, answer.note)
+            self._notes[answer.note] = tree
+            if len(self._notes) > NOTE_MEMO_SIZE:
+                self._notes.popitem(last=False)
+        if not 0 <= answer.record_id < tree.n:
+            raise SumdbVerifyError(f"record {answer.record_id} is not in tree {tree.n}")
         # Prove the record in the largest accepted tree, as the go command does: its
         # tiles serve every lookup, and an old tree's edge tiles may be gone.
         latest = await self._accept_tree(tree)
         proof = await prove_record(latest.n, answer.record_id, self._reader(latest))
-        await asyncio.to_thread(_check_proof, proof, latest, answer)
+        check_record(proof, latest.n, latest.hash, answer.record_id, record_hash(answer.text))
         return ModuleHashes(module, version, zip_h1, gomod_h1, answer.record_id, latest)
-
-    def _open_answer(
-        self, data: bytes, module: str, version: str
-    ) -> tuple[LookupAnswer, Tree, tuple[str | None, str | None]]:
-        """Worker thread: the answer, its signed tree and the record's hashes."""
-        answer = parse_lookup(data)
-        tree = self._open_tree(answer.note)
-        if not 0 <= answer.record_id < tree.n:
-            raise SumdbVerifyError(f"record {answer.record_id} is not in tree {tree.n}")
-        return answer, tree, hashes_from_record(answer.text, module, version)
 
     def _open_tree(self, signed_note: bytes) -> Tree:
         return parse_tree(open_note(signed_note, self._verifier).text)
@@ -258,10 +261,6 @@ class SumdbVerifier:
             raise
         except SidecarError as exc:
             raise SumdbUnavailable(f"{full_path}: {exc}") from exc
-
-
-def _check_proof(proof: list[bytes], tree: Tree, answer: LookupAnswer) -> None:
-    check_record(proof, tree.n, tree.hash, answer.record_id, record_hash(answer.text))
 
 
 def _collect(into: tuple[list[Tile], list[bytes]]) -> Callable[[list[Tile], list[bytes]], None]:

@@ -22,9 +22,10 @@ import aiohttp
 import pytest
 
 from sidecar.errors import SumdbUnavailable, SumdbVerifyError
+from sidecar.sumdb import lookup as lookup_module
 from sidecar.sumdb.dirhash import hash_gomod, hash_zip
 from sidecar.sumdb.lookup import Fetch, SumdbVerifier
-from sidecar.sumdb.note import parse_verifier_key
+from sidecar.sumdb.note import Note, Verifier, open_note, parse_verifier_key
 from sidecar.sumdb.tile import Tile, TileHashReader, parse_data_tile
 from sidecar.sumdb.tlog import record_hash, stored_hash_index
 from tests.sumdb.gosumdb import (  # noqa: F401 - the fixture is used by name
@@ -150,6 +151,29 @@ async def test_records_anywhere_in_the_tree_verify(
         hashes = await verifier.lookup(f"example.com/filler/m{i:05d}", "v1.0.0")
         assert hashes.record_id == i
         assert hashes.zip is not None and hashes.zip.startswith("h1:")
+
+
+async def test_one_tree_head_is_checked_once(
+    database: tuple[GoSumdb, Path],
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every lookup carries the database's signed tree head; while the tree does not
+    grow it is the same bytes, and its signature is checked for the first only."""
+    db, _ = database
+    opened: list[bytes] = []
+    real = open_note
+
+    def recording(message: bytes, verifier: Verifier) -> Note:
+        opened.append(message)
+        return real(message, verifier)
+
+    monkeypatch.setattr(lookup_module, "open_note", recording)
+    verifier = verifier_for(db, Remote(session, db.url).fetch)
+    for i in (3, 4, 200, 260):
+        hashes = await verifier.lookup(f"example.com/filler/m{i:05d}", "v1.0.0")
+        assert (hashes.record_id, hashes.tree.n) == (i, db.size)
+    assert len(opened) == 1
 
 
 async def test_data_tiles_hold_the_records_the_hash_tiles_prove(
