@@ -323,6 +323,14 @@ test_sumdb_failures_in_a_row_trip_checksum_traffic_only if {
 	d.sumdb.reason == "6 failures in a row (>= 5)"
 }
 
+test_sumdb_masked_in_a_row_reroutes_checksum_traffic_only if {
+	sumdb := object.union(sumdb_failing, {"requests": 10, "errors": 0, "not_found": 10, "error_rate": 0, "not_found_rate": 1, "consecutive_masked": 10, "series": series(12, 5)})
+	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
+	d.action == "allow"
+	d.sumdb.action == "reroute"
+	d.sumdb.reason == "10 masked failures in a row (>= 10): 404s a later upstream served"
+}
+
 test_hung_sumdb_endpoint_is_rerouted_apart if {
 	sumdb := object.union(sumdb_failing, {"error_rate": 0, "series": series(12, 5), "inflight": waiting(2, 4000, 2)})
 	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
@@ -331,10 +339,10 @@ test_hung_sumdb_endpoint_is_rerouted_apart if {
 	startswith(d.sumdb.reason, "stalled: ")
 }
 
-# Masked failures count module requests only: a sumdb input with figures that
-# would mask is still not judged on them.
-test_sumdb_is_never_judged_on_masked_failures if {
-	sumdb := object.union(sumdb_failing, {"error_rate": 0, "masked_failures": 145, "consecutive_masked": 145, "series": masking(12, 50)})
+# Checksum traffic is judged on its run of masked failures only: a sumdb input
+# whose rate and slices would mask, without the run, is not rerouted.
+test_sumdb_is_never_judged_on_the_masked_rate if {
+	sumdb := object.union(sumdb_failing, {"error_rate": 0, "masked_failures": 145, "consecutive_masked": 9, "series": masking(12, 50)})
 	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
 	d.sumdb.action == "allow"
 }

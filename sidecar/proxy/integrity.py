@@ -17,10 +17,10 @@ Hashing a zip runs in worker threads, concurrently with the lookup: a cache
 fill's zip is hashed while it is written (``sidecar.sumdb.zipstream``, the
 gate's sink), and only when that cannot be trusted is the stored file hashed
 again once complete (``hash_zip``). A fill's gate starts the lookup as the
-fill starts, so that it runs during the download. The lookup's own CPU
-(signature, a few ms of tile hashing, proof) runs in worker threads too
-(``sidecar.sumdb``), and concurrent checks of one module@version share one
-lookup.
+fill starts, so that it runs during the download. The lookup's costly CPU
+(a new tree head's signature, tiles not hashed before) runs in worker threads
+too (``sidecar.sumdb.lookup``), and concurrent checks of one module@version
+share one lookup.
 """
 
 from __future__ import annotations

@@ -66,9 +66,15 @@ class Recorder:
             self._child(self.metrics.upstream_failures, upstream, result).inc()
 
     def masked(self, upstream: str, kind: Kind) -> None:
-        """A 404 of ``upstream`` that a later one answered with 200. Module kinds
-        only: a proxy that does not serve ``sumdb/`` answers 404 there by design."""
+        """A 404 of ``upstream`` that a later one answered with 200. A checksum
+        request's goes to its own window's run only (the policy reroutes that class
+        on it): a proxy that does not serve ``sumdb/`` (Athens with ``SumDBs = []``)
+        answers 404 there by design, which is no fault to count in the metric, but
+        every lookup sent there is a round trip the next upstream answers anyway."""
         if kind in SUMDB_KINDS:
+            sumdb_window = self.sumdb_windows.get(upstream)
+            if sumdb_window is not None:
+                sumdb_window.record_masked()
             return
         window = self.windows.get(upstream)
         if window is not None:

@@ -176,10 +176,10 @@ class WindowSnapshot:
         (whose ``overflows`` and ``queue_wait_ms`` come from ``pool_input``).
         ``admission``: the series slices also carry the pool's figures
         (saturation, queue waits, overflows) and the slice's masked failures.
-        They are recorded once per upstream, in its module-traffic window
-        (masked failures count module kinds only); the checksum-traffic window
-        leaves them out (they would be zeros, and every key costs the policy
-        engine time: it parses the whole input at every tick).
+        They are recorded once per upstream, in its module-traffic window; the
+        checksum-traffic window leaves them out (the pool's would be zeros, its
+        masked failures count as a run, and every key costs the policy engine
+        time: it parses the whole input at every tick).
         """
         return {
             "window_s": _seconds(self.window_s),
@@ -199,8 +199,7 @@ class WindowSnapshot:
                 "p99": _ms(self.ttfb_p99_ms),
             },
             "consecutive_failures": self.consecutive_failures,
-            # Always 0 for checksum traffic, like masked_failures: the same keys
-            # in both classes keep one input shape.
+            # The same keys in both classes keep one input shape.
             "consecutive_masked": self.consecutive_masked,
             "inflight": self.inflight.as_policy_input(),
             "series": [_slice_input(s, admission) for s in self.series],

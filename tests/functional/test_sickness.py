@@ -498,6 +498,35 @@ async def test_a_masking_primary_trips_on_masked_failures_in_a_row_at_low_traffi
     assert len(a.received) == seen_by_primary  # no more round trips to the masking primary
 
 
+async def test_a_primary_masking_checksum_lookups_has_only_them_rerouted(
+    fake_upstreams, start_sidecar, clock
+):
+    """An Athens without sumdb/ (SumDBs = []) answers 404 to every lookup the
+    backup serves: ten in a row reroute the checksum traffic around it, while
+    its modules are still asked of it."""
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    a.default = Reply(status=404, body=b"")
+    a.set(INFO, b"{}")
+    lookups = [f"sumdb/sum.golang.org/lookup/example.com/m{i}@v1.0.0" for i in range(14)]
+    for path in lookups:
+        b.set(path, b"a record\n")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock, thresholds={"min_requests": 20})
+    for path in lookups[:10]:
+        assert await get_all(client, 1, path) == [200]
+    await sc.control.step()
+    assert sc.sumdb_breakers["up0"].state.value == "open"
+    assert sc.sumdb_breakers["up0"].reason == (
+        "10 masked failures in a row (>= 10): 404s a later upstream served"
+    )
+    assert sc.breakers["up0"].state.value == "closed"
+    seen_by_primary = len(a.received)
+    for path in lookups[10:]:
+        assert await get_all(client, 1, path) == [200]
+    assert len(a.received) == seen_by_primary  # no more lookups to the primary
+    assert await get_all(client, 1) == [200]
+    assert len(a.received) == seen_by_primary + 1  # its modules still are
+
+
 async def test_modules_nobody_has_never_trip_a_serving_primary(
     fake_upstreams, start_sidecar, clock
 ):
