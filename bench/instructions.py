@@ -11,8 +11,8 @@ harness (an asyncio upstream answering every ``.info``, and a client of
 (every URL once, then as many requests again) instrumentation is switched on
 for ``--requests`` requests and off again; the process's whole count over
 that window (every thread: the write-behind is part of a miss) divided by the
-requests is the figure. The policy runs once an hour, so no evaluation lands
-in the window. Cases: ``hit`` (``--urls`` static ``.info`` cycled, cache on),
+requests is the figure (each thread's share is printed too). The policy
+runs once an hour, so no evaluation lands in the window. Cases: ``hit`` (``--urls`` static ``.info`` cycled, cache on),
 ``miss`` (a unique ``.info`` per request, cache on), ``miss-nocache``
 (the same with ``cache.enabled: false``), ``hit-auth`` (``hit`` through
 the front door: ``client_auth`` on, an htpasswd user, an access rule on a
@@ -143,15 +143,16 @@ def callgrind_control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def total_instructions(out: Path) -> int:
-    """The ``totals:`` line of callgrind's output files (``summary:`` reads 0
-    when instrumentation was switched on late)."""
-    total = 0
-    for path in out.parent.glob(out.name + "*"):
+def thread_instructions(out: Path) -> list[int]:
+    """The ``totals:`` line of each thread's callgrind output file (``summary:``
+    reads 0 when instrumentation was switched on late), the event loop's
+    thread (the first) first; threads that ran nothing in the window left out."""
+    totals = []
+    for path in sorted(out.parent.glob(out.name + "-*")):
         for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("totals:"):
-                total += int(line.split()[1])
-    return total
+            if line.startswith("totals:") and int(line.split()[1]):
+                totals.append(int(line.split()[1]))
+    return totals
 
 
 def paths_for(case: str, urls: int, count: int, offset: int) -> list[str]:
@@ -179,7 +180,13 @@ async def measure(args: argparse.Namespace, work: Path) -> int:
     (stub / "regopy").mkdir(parents=True)
     (stub / "regopy" / "__init__.py").write_text("")
     env["PYTHONPATH"] = os.pathsep.join([str(args.source), str(stub)])
-    under = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    under = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--separate-threads=yes",  # one file per thread: the loop's share apart
+        f"--callgrind-out-file={out}",
+    ]
     argv = [
         *(under if args.measure == "callgrind" else []),
         *(["taskset", "-c", str(SIDECAR_CORE)] if args.measure == "cpu" else []),
@@ -250,7 +257,10 @@ async def measure(args: argparse.Namespace, work: Path) -> int:
         server.close()
     if args.measure == "strace":
         return syscalls(work / "strace.out")
-    return total_instructions(out)
+    threads = thread_instructions(out)
+    per_thread = ", ".join(f"{t / args.requests:,.0f}" for t in threads)
+    print(f"per request by thread (the event loop's first): {per_thread}")
+    return sum(threads)
 
 
 async def traced(pid: int, out: Path, work: Coroutine[Any, Any, None]) -> None:
