@@ -72,6 +72,7 @@ class WriteBehind:
         self._bytes = 0  # queued and being written
         self._items = 0  # queued and being written
         self._wakeup: asyncio.Event | None = None
+        self._signalled = False  # _wakeup is set (mirrors it: no call to ask)
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -79,24 +80,30 @@ class WriteBehind:
     def running(self) -> bool:
         return self._task is not None
 
-    def has_room(self, size: int) -> bool:
-        return self._bytes + size <= self._limit and self._items < self._max_items
-
     def add(self, entry: Entry, body: bytes) -> bool:
         """Queue ``entry`` for the disk; False if full or stopped (not cached)."""
         if self._task is None or self._wakeup is None or self._idle is None:
             return False
-        if not self.has_room(len(body)):
+        size = len(body)
+        items = self._items
+        if self._bytes + size > self._limit or items >= self._max_items:  # no room left
             return False
         self._queue.append(Pending(entry, body))
-        self._bytes += len(body)
-        self._items += 1
-        self._idle.clear()
-        self._wakeup.set()
+        self._bytes += size
+        self._items = items + 1
+        # Each Event call is a Python call, on every small miss: idle is set
+        # exactly while nothing is queued or being written, and the wakeup
+        # stays set until the writer takes what is queued.
+        if not items:
+            self._idle.clear()
+        if not self._signalled:
+            self._signalled = True
+            self._wakeup.set()
         return True
 
     def start(self) -> None:
         self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
+        self._signalled = False
         self._idle.set()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -128,6 +135,7 @@ class WriteBehind:
             if len(self._queue) < BATCH_ITEMS:
                 await asyncio.sleep(COALESCE_S)
             self._wakeup.clear()
+            self._signalled = False
             while self._queue:
                 batch = self._queue[:BATCH_ITEMS]
                 del self._queue[:BATCH_ITEMS]
