@@ -185,6 +185,13 @@ CHECK_PATH_TESTS = [
     ("x.y/z09~", True),
     ("x.y/z09~09z", True),
     ("x.y/z09~09z~09", False),
+    # the first element and a middle one too (x/mod checks every element)
+    ("com1.example/x", False),
+    ("Lpt3.example/x", False),
+    ("x~1.example/y", False),
+    ("x.y/NUL/z", False),
+    ("x.y/a~2/z", False),
+    ("x.y/a~2b/z", True),
     ("github.com/!123/logrus", False),
     ("github.com/user/unicode/испытание", False),
     ("../x", False),
