@@ -547,9 +547,17 @@ class UpstreamWindow:
         the requests in flight at its end: a slice of a hung upstream is slow
         although no request ended in it.
         """
-        # The caller saw now >= _next_edge, so at least one edge was crossed even
-        # if float division below rounds down.
-        epoch = max(self._epoch + 1, int((now - self._origin) // self._slice_s))
+        # The slice whose edges (origin + k * slice_s, as _next_edge is computed)
+        # hold now: the division alone can round to the slice before, leaving
+        # _next_edge == now, and the next call would move on a slice with no
+        # time passed. The caller saw now >= _next_edge: at least one edge.
+        origin, width = self._origin, self._slice_s
+        epoch = int((now - origin) // width)
+        if origin + (epoch + 1) * width <= now:
+            epoch += 1
+        elif origin + epoch * width > now:
+            epoch -= 1
+        epoch = max(self._epoch + 1, epoch)
         oldest_kept = epoch - self._n + 1
         for e in range(max(self._epoch + 1, oldest_kept), epoch + 1):
             self._slices[e % self._n].clear()

@@ -592,3 +592,18 @@ def test_plain_not_found_never_makes_a_masked_run(window: UpstreamWindow) -> Non
         window.record(Outcome.NOT_FOUND, 0.001)
     snap = window.snapshot()
     assert (snap.consecutive_masked, snap.masked_failures, snap.not_found) == (0, 0, 50)
+
+
+def test_an_answer_on_a_slice_edge_stays_in_the_slice_a_snapshot_then_calls_current() -> None:
+    # origin + 40.0 rounds to a time whose distance from origin divides to
+    # 3.999...: the window once filed the answer in slice 3 with slice 4's
+    # edge at that very instant, so a snapshot at the same time showed it a
+    # slice old (found by test_window_matches_a_naive_model).
+    clock = FakeClock(0.0)
+    w = UpstreamWindow(60.0, 10.0, clock=clock)
+    clock.advance(216.6607243077215)
+    w.reset()
+    clock.advance(40.0)
+    assert clock.now - 216.6607243077215 < 40.0  # the rounding this is about
+    w.record(Outcome.OK, 0.01)
+    assert [s.requests for s in w.snapshot().series] == [1, 0, 0, 0, 0]
