@@ -44,6 +44,11 @@ class Kind(str, enum.Enum):  # noqa: UP042 - the shared contract spells it so
     SUMDB_LATEST = "sumdb-latest"
 
 
+# A kind's metric label: ``Kind.X.value`` is an enum property, a Python call
+# (0.3 µs) where a dict lookup is 30 ns, and every request reads it.
+KIND_LABEL: Final = {kind: kind.value for kind in Kind}
+
+
 class GoproxyRequest(NamedTuple):
     """One valid GOPROXY request.
 

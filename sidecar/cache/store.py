@@ -63,7 +63,7 @@ from sidecar.cache.scrub import Scrub
 from sidecar.cache.writeback import Pending, WriteBehind
 from sidecar.config import CacheConfig
 from sidecar.errors import CacheError, CacheIntegrityError, UpstreamError
-from sidecar.goproxy import GoproxyRequest, Kind
+from sidecar.goproxy import KIND_LABEL, GoproxyRequest
 from sidecar.metrics import Metrics
 from sidecar.upstreams import UpstreamResponse
 
@@ -74,8 +74,6 @@ CHANGES_POLL_S: Final = 1.0  # how soon a running sidecar sees `cache purge` or 
 SMALL_BODY_MAX: Final = 4096  # .info / .mod / list answers: served from memory
 SMALL_BODIES_BUDGET: Final = 32 * 1024 * 1024  # memory all small bodies may hold
 ORPHAN_GRACE_S: Final = 60.0  # an unnamed blob younger than this may be another process's commit
-# A kind's value without the enum property (a Python call) on a miss's way.
-KIND_LABEL: Final = {kind: kind.value for kind in Kind}
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ from sidecar.breaker.plan import Plan, UpstreamPlan
 from sidecar.breaker.state import Action, State
 from sidecar.cache.base import Flight, ModuleCache, NotFound, Whole
 from sidecar.errors import RequestError, UpstreamBusy, UpstreamError
-from sidecar.goproxy import GoproxyRequest, Kind, parse_request_path
+from sidecar.goproxy import KIND_LABEL, GoproxyRequest, Kind, parse_request_path
 from sidecar.proxy.delivery import Delivery
 from sidecar.proxy.failures import Attempts, Failures
 from sidecar.proxy.headers import response_headers
@@ -46,7 +46,7 @@ from sidecar.proxy.hedge import Hedging
 from sidecar.proxy.hits import Answer, Hits, wanted_range
 from sidecar.proxy.integrity import IntegrityChecker
 from sidecar.proxy.racing import Racing
-from sidecar.proxy.recorder import KIND_LABEL, Recorder
+from sidecar.proxy.recorder import Recorder
 from sidecar.proxy.stream import Reply, is_small
 from sidecar.routing import Route, Router
 from sidecar.server import Exchange
