@@ -12,12 +12,13 @@ harness (an asyncio upstream answering every ``.info``, and a client of
 for ``--requests`` requests and off again; the process's whole count over
 that window (every thread: the write-behind is part of a miss) divided by the
 requests is the figure (each thread's share is printed too). The policy
-runs once an hour, so no evaluation lands in the window. Cases: ``hit`` (``--urls`` static ``.info`` cycled, cache on),
-``miss`` (a unique ``.info`` per request, cache on), ``miss-nocache``
-(the same with ``cache.enabled: false``), ``hit-auth`` (``hit`` through
-the front door: ``client_auth`` on, an htpasswd user, an access rule on a
-private glob, ``Authorization: Basic`` on every request, its bcrypt done in
-the warm-up; issue 17's question, without the VM's noise). Kernel time is not counted
+runs once an hour, so no evaluation lands in the window. Cases: ``hit``
+(``--urls`` static ``.info`` cycled, cache on), ``miss`` (a unique
+``.info`` per request, cache on), ``miss-nocache`` (the same with
+``cache.enabled: false``), ``hit-auth`` (``hit`` through the front door:
+``client_auth`` on, an htpasswd user, an access rule on a private glob,
+``Authorization: Basic`` on every request, its bcrypt done in the warm-up;
+issue 17's question, without the VM's noise). Kernel time is not counted
 (callgrind sees user space only): a change in syscalls shows in strace, not
 here.
 """
