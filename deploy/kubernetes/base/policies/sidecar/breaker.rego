@@ -67,8 +67,10 @@ module_rules := ["integrity", "queueing", "errors", "consecutive", "stalled", "m
 
 # Checksum traffic shares the upstream's connections but the queue figures
 # are the pool's (they sit in the module stats), so a sick sumdb/ endpoint is
-# routed around, never shed; masked failures count module requests only.
-sumdb_rules := ["errors", "consecutive", "stalled", "latency"]
+# routed around, never shed. Its masked failures come as a run only (the
+# slices' masked counts are the module window's): an Athens without sumdb/
+# answers 404 to every lookup the next upstream serves, a round trip each.
+sumdb_rules := ["errors", "consecutive", "stalled", "masking", "latency"]
 
 action_of := {
 	"integrity": "reroute",
@@ -214,7 +216,7 @@ finding(u, "masked") := msg if {
 # the backup serves each one, so ten in a row are ten proofs whatever the
 # volume, and the slice in which the fault began (mostly healthy traffic)
 # cannot hold the rule off as it holds off the rate in "masked". The
-# sidecar counts the run over module requests only: an answer of this
+# sidecar counts the run over each traffic class apart: an answer of this
 # upstream that serves (2xx) ends it; a 404 that no later upstream served
 # (a module that exists nowhere, such as the go command's path-prefix
 # lookups) neither ends nor extends it, so no number of them trips a
