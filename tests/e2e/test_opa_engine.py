@@ -19,6 +19,17 @@ def normalized(reason: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "N", reason)
 
 
+def in_force(transition: dict[str, Any]) -> str:
+    """The action a transition carries; leaving OPEN, any sick one. An open
+    breaker takes each later sick verdict's action (machine._Open.apply), and
+    what the policy sees after the trip depends on the timing of the requests
+    the reset primary was still answering: about one run in six carried a
+    later verdict's "reroute" at half-open instead of the trip's "cache"."""
+    if transition["from"] == "open" and transition["action"] in ("cache", "reroute"):
+        return "sick"
+    return str(transition["action"])
+
+
 async def reset_then_heal(stack: Any, engine: str) -> dict[str, Any]:
     """reset_peer on the primary, `go mod download`, trip, remove the toxic, heal."""
     # The cool-down outlasts the download (the run of failures trips early in it).
@@ -36,7 +47,7 @@ async def reset_then_heal(stack: Any, engine: str) -> dict[str, Any]:
         "tripped": (tripped["action"], tripped["alert"], normalized(tripped["reason"])),
         "healed": (healed["action"], healed["reason"]),
         "log": [
-            (t["upstream"], t["from"], t["to"], t["action"], normalized(t["reason"]))
+            (t["upstream"], t["from"], t["to"], in_force(t), normalized(t["reason"]))
             for t in world.sidecar.logged_transitions()
         ],
         "counted": {up: metrics.transitions(up) for up in ("primary", "backup")},
@@ -48,7 +59,7 @@ async def test_opa_server_engine_runs_like_the_embedded_engine(stack):
     opa = await reset_then_heal(stack, "opa")
     assert embedded["log"] == [
         ("primary", "closed", "open", "cache", "N failures in a row (>= N)"),
-        ("primary", "open", "half-open", "cache", "cooldown of Ns elapsed"),
+        ("primary", "open", "half-open", "sick", "cooldown of Ns elapsed"),
         ("primary", "half-open", "closed", "allow", "N probes succeeded"),
     ], embedded["log"]
     assert opa == embedded
