@@ -132,30 +132,10 @@ def test_blob_ids_are_hex_only() -> None:
 def test_a_fresh_record_is_the_record_its_fields_make_and_stays_frozen() -> None:
     blob = new_blob_id()
     assert len(blob) == 32 and set(blob) <= set("0123456789abcdef")
-    fresh = fresh_record(
-        "example.com/m/@v/v1.0.0.info",
-        "info",
-        blob,
-        3,
-        "ab" * 32,
-        "application/json",
-        17.5,
-        True,
-        "up0",
-    )
-    made = Record(
-        "example.com/m/@v/v1.0.0.info",
-        "info",
-        blob,
-        3,
-        "ab" * 32,
-        "application/json",
-        17.5,
-        17.5,
-        True,
-        "up0",
-        None,
-    )
+    # key, kind, blob, size, sha256, content type, then the times and the rest
+    head = ("example.com/m/@v/v1.0.0.info", "info", blob, 3, "ab" * 32, "application/json")
+    fresh = fresh_record(*head, 17.5, True, "up0")
+    made = Record(*head, 17.5, 17.5, True, "up0", None)
     assert fresh == made and hash(fresh) == hash(made) and repr(fresh) == repr(made)
     assert fresh.valid() and Record.from_json(fresh.to_json()) == made
     with pytest.raises(FrozenInstanceError):
