@@ -105,7 +105,7 @@ class Router:
             if len(self._memo) >= ROUTE_CACHE_LIMIT:
                 self._memo.clear()  # bounded: a scan of random paths cannot grow it
             route = self._compute(module)
-            if not route.guarded and any(g.matches(module) for g in self._guarded):
+            if route.private or any(g.matches(module) for g in self._guarded):
                 route = replace(route, guarded=True)
             self._memo[module] = route
         return route
@@ -116,14 +116,12 @@ class Router:
         for rule in self._rules:
             if rule.glob.matches(module):
                 if rule.deny:
-                    return Route((), private, deny=True, rule=rule.glob.pattern, guarded=private)
+                    return Route((), private, deny=True, rule=rule.glob.pattern)
                 chosen = rule.upstreams if rule.upstreams is not None else self._all
                 # Preference stays the order of `upstreams:`, whatever the rule lists.
                 targets = tuple(n for n in allowed if n in chosen)
-                return Route(
-                    targets, private, cache=rule.cache, rule=rule.glob.pattern, guarded=private
-                )
-        return self.default if not private else Route(allowed, private=True, guarded=True)
+                return Route(targets, private, cache=rule.cache, rule=rule.glob.pattern)
+        return self.default if not private else Route(allowed, private=True)
 
     def describe(self) -> dict[str, Any]:
         """The compiled rules, for /routes."""

@@ -72,7 +72,6 @@ class WriteBehind:
         self._bytes = 0  # queued and being written
         self._items = 0  # queued and being written
         self._wakeup: asyncio.Event | None = None
-        self._signalled = False  # _wakeup is set (mirrors it: no call to ask)
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -91,19 +90,16 @@ class WriteBehind:
         self._queue.append(Pending(entry, body))
         self._bytes += size
         self._items = items + 1
-        # Each Event call is a Python call, on every small miss: idle is set
-        # exactly while nothing is queued or being written, and the wakeup
-        # stays set until the writer takes what is queued.
+        # idle is set exactly while nothing is queued or being written: only
+        # the add that ends an idle spell clears it (an Event call is a Python
+        # call, and this runs on every small miss).
         if not items:
             self._idle.clear()
-        if not self._signalled:
-            self._signalled = True
-            self._wakeup.set()
+        self._wakeup.set()
         return True
 
     def start(self) -> None:
         self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
-        self._signalled = False
         self._idle.set()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -135,7 +131,6 @@ class WriteBehind:
             if len(self._queue) < BATCH_ITEMS:
                 await asyncio.sleep(COALESCE_S)
             self._wakeup.clear()
-            self._signalled = False
             while self._queue:
                 batch = self._queue[:BATCH_ITEMS]
                 del self._queue[:BATCH_ITEMS]

@@ -112,7 +112,6 @@ class ProxyHandler:
         self._cache_action = hits.cache_action
         # Decided once: the level is set before the server starts (--log-level).
         self._debug = log.isEnabledFor(logging.DEBUG)
-        self._missed: dict[Kind, Callable[[], None]] = {}  # cache_misses_total's, by kind
 
     @property
     def checker(self) -> IntegrityChecker | None:
@@ -225,12 +224,7 @@ class ProxyHandler:
             answer = await self._from_cache(ex, entry, False, reply)
             if answer is not None:
                 return answer
-        missed = self._missed.get(req.kind)
-        if missed is None:
-            missed = self._missed[req.kind] = self.recorder.counter(
-                self.recorder.metrics.cache_misses, KIND_LABEL[req.kind]
-            )
-        missed()
+        self.recorder.missed(req.kind)
         if ex.method != "GET":
             return await self._walk(ex, req, None, route, reply)
         flight, leader = cache.flight(req)
@@ -255,14 +249,14 @@ class ProxyHandler:
         for target in targets:
             if target.name == attempts.hedged_to:
                 continue  # asked already, as an earlier target's hedge
-            if target.action is Action.ALLOW and target.state is not State.HALF_OPEN:
-                # _try_target's common case without its coroutine frame.
-                try:
+            try:
+                if target.action is Action.ALLOW and target.state is not State.HALF_OPEN:
+                    # The common case without _try_target's coroutine frame.
                     answer = await self._fetch(ex, req, target, attempts, flight, reply)
-                except (UpstreamError, UpstreamBusy):
-                    answer = None
-            else:
-                answer = await self._try_target(ex, req, target, attempts, flight, reply)
+                else:
+                    answer = await self._try_target(ex, req, target, attempts, flight, reply)
+            except (UpstreamError, UpstreamBusy):
+                answer = None  # on to the next target
             if answer is not None:
                 return answer
         if not route.targets:
@@ -308,10 +302,7 @@ class ProxyHandler:
             return None
         if action is Action.CACHE:
             return await self._cache_action(ex, req, target, attempts, reply)
-        try:
-            return await self._fetch(ex, req, target, attempts, flight, reply)
-        except (UpstreamError, UpstreamBusy):
-            return None
+        return await self._fetch(ex, req, target, attempts, flight, reply)  # the walk catches
 
     async def _probe(
         self,

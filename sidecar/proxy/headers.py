@@ -17,6 +17,8 @@ from typing import Final
 
 from multidict import CIMultiDict
 
+from sidecar.server.exchange import header_line
+
 PASSED: Final = ("Content-Type", "Content-Length", "ETag", "Last-Modified", "Cache-Control")
 SOURCE_HEADER: Final = "X-Sidecar-Upstream"
 STALE_HEADER: Final = "X-Sidecar-Stale"
@@ -36,12 +38,8 @@ def response_block(upstream_headers: Mapping[str, str], source: str) -> bytes:
     for name in BLOCK_PASSED:
         value = upstream_headers.get(name)
         if value is not None:
-            if "\n" in value or "\r" in value:
-                raise ValueError(f"header {name!r} has a line break in its value")
-            lines.append(f"{name}: {value}\r\n")
-    if "\n" in source or "\r" in source:
-        raise ValueError(f"header {SOURCE_HEADER!r} has a line break in its value")
-    lines.append(f"{SOURCE_HEADER}: {source}\r\n")
+            lines.append(header_line(name, value))
+    lines.append(header_line(SOURCE_HEADER, source))
     return "".join(lines).encode("latin-1")
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sidecar.breaker.state import SUMDB_KINDS
-from sidecar.goproxy import Kind
+from sidecar.goproxy import KIND_LABEL, Kind
 from sidecar.metrics import Metrics, PlainBuckets, PlainCount
 from sidecar.stats.window import Outcome, UpstreamWindow
 
@@ -36,8 +36,10 @@ class Recorder:
         # One entry per (source, kind, outcome): every metric child a request's
         # end touches, looked up once.
         self._answers: dict[tuple[str, str, str], Answers] = {}
-        # upstream_attempts_total's increment per (upstream, result).
+        # upstream_attempts_total's increment per (upstream, result), and
+        # cache_misses_total's per kind: one dict lookup on every miss.
         self._attempts: dict[tuple[str, str], Callable[[], None]] = {}
+        self._misses: dict[Kind, Callable[[], None]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -61,6 +63,13 @@ class Recorder:
         count()
         if outcome is Outcome.ERROR or outcome is Outcome.TIMEOUT:
             self._child(self.metrics.upstream_failures, upstream, result).inc()
+
+    def missed(self, kind: Kind) -> None:
+        """A request of ``kind`` the cache could not answer."""
+        count = self._misses.get(kind)
+        if count is None:
+            count = self._misses[kind] = self.counter(self.metrics.cache_misses, KIND_LABEL[kind])
+        count()
 
     def masked(self, upstream: str, kind: Kind) -> None:
         """A 404 of ``upstream`` that a later one answered with 200. A checksum

@@ -69,17 +69,19 @@ class DateHeader:
         return self._line
 
 
-def header_block(headers: Mapping[str, str]) -> bytes:
-    """Serialised ``name: value`` lines; refuses a line break in a value, which
+def header_line(name: str, value: str) -> str:
+    """``name: value`` and its CRLF; refuses a line break in the value, which
     would let an upstream header smuggle a second response."""
-    out = []
-    for name, value in headers.items():
-        if name.lower() in _OWN:
-            continue
-        if "\n" in value or "\r" in value:
-            raise ValueError(f"header {name!r} has a line break in its value")
-        out.append(f"{name}: {value}\r\n")
-    return "".join(out).encode("latin-1")
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"header {name!r} has a line break in its value")
+    return f"{name}: {value}\r\n"
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+    """Serialised ``header_line``s, less the headers the server owns."""
+    return "".join(
+        [header_line(name, value) for name, value in headers.items() if name.lower() not in _OWN]
+    ).encode("latin-1")
 
 
 class Exchange:

@@ -22,7 +22,6 @@ invalid module path or version raises RequestError (404) before any fetch.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -30,7 +29,7 @@ from typing import Final
 from sidecar.errors import SidecarError, SumdbError, SumdbUnavailable, SumdbVerifyError
 from sidecar.goproxy import escape_path, escape_version
 from sidecar.sumdb.note import Verifier, open_note
-from sidecar.sumdb.tile import DEFAULT_TILE_HEIGHT, StoredHashes, Tile, TileHashReader
+from sidecar.sumdb.tile import DEFAULT_TILE_HEIGHT, Lru, Tile, TileHashReader
 from sidecar.sumdb.tlog import (
     HASH_SIZE,
     Tree,
@@ -114,11 +113,11 @@ class SumdbVerifier:
         self._fetch = fetch
         self._height = tile_height
         self._latest: Tree | None = None
-        self._memo: OrderedDict[tuple[str, str], ModuleHashes] = OrderedDict()
+        self._memo: Lru[tuple[str, str], ModuleHashes] = Lru(MEMO_SIZE)
         self._inflight: dict[tuple[str, str], asyncio.Future[ModuleHashes]] = {}
-        self._tiles: OrderedDict[Tile, bytes] = OrderedDict()
-        self._stored = StoredHashes(STORED_HASH_MEMO_SIZE)
-        self._notes: OrderedDict[bytes, Tree] = OrderedDict()
+        self._tiles: Lru[Tile, bytes] = Lru(TILE_MEMO_SIZE)
+        self._stored: Lru[int, bytes] = Lru(STORED_HASH_MEMO_SIZE)
+        self._notes: Lru[bytes, Tree] = Lru(NOTE_MEMO_SIZE)
 
     @property
     def name(self) -> str:
@@ -132,9 +131,9 @@ class SumdbVerifier:
     async def lookup(self, module: str, version: str) -> ModuleHashes:
         """The verified hashes of module@version (one lookup shared by concurrent callers)."""
         key = (module, version)
-        if key in self._memo:
-            self._memo.move_to_end(key)
-            return self._memo[key]
+        known = self._memo.get(key)
+        if known is not None:
+            return known
         if key not in self._inflight:
             task = asyncio.ensure_future(self._lookup(module, version))
             self._inflight[key] = task
@@ -148,9 +147,7 @@ class SumdbVerifier:
         self._inflight.pop(key, None)
         if done.cancelled() or done.exception() is not None:
             return  # retrieved: every caller may have left before it ended
-        self._memo[key] = done.result()
-        if len(self._memo) > MEMO_SIZE:
-            self._memo.popitem(last=False)
+        self._memo.put(key, done.result())
 
     async def _lookup(self, module: str, version: str) -> ModuleHashes:
         path = f"lookup/{escape_path(module)}@{escape_version(version)}"
@@ -164,9 +161,7 @@ class SumdbVerifier:
         tree = self._notes.get(answer.note)
         if tree is None:
             tree = await asyncio.to_thread(self._open_tree, answer.note)
-            self._notes[answer.note] = tree
-            if len(self._notes) > NOTE_MEMO_SIZE:
-                self._notes.popitem(last=False)
+            self._notes.put(answer.note, tree)
         if not 0 <= answer.record_id < tree.n:
             raise SumdbVerifyError(f"record {answer.record_id} is not in tree {tree.n}")
         # Prove the record in the largest accepted tree, as the go command does: its
@@ -224,11 +219,7 @@ class SumdbVerifier:
         )
 
     def _save_tiles(self, tiles: list[Tile], data: list[bytes]) -> None:
-        for tile, tile_data in zip(tiles, data, strict=True):
-            self._tiles[tile] = tile_data
-            self._tiles.move_to_end(tile)
-        while len(self._tiles) > TILE_MEMO_SIZE:
-            self._tiles.popitem(last=False)
+        self._tiles.update(zip(tiles, data, strict=True))
 
     async def _read_tiles(self, tiles: list[Tile]) -> list[bytes]:
         results = await asyncio.gather(*(self._read_tile(t) for t in tiles), return_exceptions=True)
@@ -241,8 +232,9 @@ class SumdbVerifier:
         """The tile; a partial one that is gone is cut from its full tile (as Go's client)."""
         full = Tile(tile.h, tile.l, tile.n, 1 << tile.h)
         for known in (tile, full):
-            if known in self._tiles:
-                return self._tiles[known][: tile.w * HASH_SIZE]
+            data = self._tiles.get(known)
+            if data is not None:
+                return data[: tile.w * HASH_SIZE]
         try:
             return await self._get(tile.path)
         except SumdbUnavailable:

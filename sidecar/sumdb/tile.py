@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
-from typing import Final, cast
+from typing import Final, Generic, TypeVar, cast
 
 from sidecar.errors import SumdbVerifyError
 from sidecar.sumdb.tlog import (
@@ -126,30 +126,35 @@ def parse_data_tile(data: bytes, width: int) -> list[bytes]:
     return records
 
 
-class StoredHashes:
-    """Stored hashes by index, the least recently used dropped past ``size``
-    (event loop only)."""
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Lru(Generic[K, V]):
+    """A map of at most ``size`` entries, the least recently used dropped first
+    (event loop only): the verifier's memos of tiles, stored hashes, checked
+    tree heads and verified records."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._hashes: OrderedDict[int, bytes] = OrderedDict()
+        self._items: OrderedDict[K, V] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._hashes)
-
-    def get(self, index: int) -> bytes | None:
-        found = self._hashes.get(index)
+    def get(self, key: K) -> V | None:
+        found = self._items.get(key)
         if found is not None:
-            self._hashes.move_to_end(index)
+            self._items.move_to_end(key)
         return found
 
-    def update(self, pairs: Iterable[tuple[int, bytes]]) -> None:
-        hashes = self._hashes
-        for index, value in pairs:
-            hashes[index] = value
-            hashes.move_to_end(index)
-        while len(hashes) > self._size:
-            hashes.popitem(last=False)
+    def put(self, key: K, value: V) -> None:
+        self.update(((key, value),))
+
+    def update(self, pairs: Iterable[tuple[K, V]]) -> None:
+        items = self._items
+        for key, value in pairs:
+            items[key] = value
+            items.move_to_end(key)
+        while len(items) > self._size:
+            items.popitem(last=False)
 
 
 ReadTiles = Callable[[list[Tile]], Awaitable[list[bytes]]]
@@ -198,14 +203,14 @@ class TileHashReader:
         height: int,
         read_tiles: ReadTiles,
         save_tiles: SaveTiles = _save_nothing,
-        authenticated: Mapping[Tile, bytes] | None = None,
-        stored: StoredHashes | None = None,
+        authenticated: Lru[Tile, bytes] | None = None,
+        stored: Lru[int, bytes] | None = None,
     ) -> None:
         self._tree = tree
         self._height = height
         self._read_tiles = read_tiles
         self._save_tiles = save_tiles
-        self._authenticated = authenticated or {}
+        self._authenticated = authenticated
         self._stored = stored
 
     async def read_hashes(self, indexes: Sequence[int]) -> list[bytes]:
@@ -217,7 +222,8 @@ class TileHashReader:
         plan = self._plan_reads(indexes)
         data = await self._read_tiles(plan.tiles)
         # Read on the loop: the maps belong to the verifier, which changes them there.
-        known = [self._authenticated.get(tile) for tile in plan.tiles]
+        authenticated = self._authenticated
+        known = [None if authenticated is None else authenticated.get(t) for t in plan.tiles]
         edge = [None if stored is None else stored.get(x) for x in plan.stx]
         had = [None if stored is None else stored.get(x) for x in plan.indexes]
         # Hashing tiles is most of a lookup's CPU (milliseconds): off the event loop.

@@ -10,6 +10,7 @@ import pytest
 
 from sidecar.errors import SumdbVerifyError
 from sidecar.sumdb.tile import (
+    Lru,
     Tile,
     TileHashReader,
     hash_from_tile,
@@ -259,7 +260,8 @@ async def test_known_tiles_skip_only_their_own_recheck() -> None:
     tiles = log.tiles(8)
     full = Tile(8, 0, 0, 256)
     index = stored_hash_index(0, 5)
-    known = {full: tiles[full]}
+    known: Lru[Tile, bytes] = Lru(4)  # the verifier's tiles, as it passes them
+    known.put(full, tiles[full])
     reader = TileHashReader(Tree(301, log.root()), 8, TileStore(tiles).read, authenticated=known)
     assert await reader.read_hashes([index]) == [log.leaves[5]]
     forged = bytearray(tiles[full])
