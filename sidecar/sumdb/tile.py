@@ -38,6 +38,12 @@ DEFAULT_TILE_HEIGHT: Final = 8
 DATA_LEVEL: Final = -1
 PATH_BASE: Final = 1000
 MAX_LEVELS: Final = 64  # a tile level is < 64 (int64 record numbers)
+# A read whose tiles were all authenticated before hashes on the event loop when it
+# computes at most this many stored hashes from tiles (~2.7 µs each: 0.35 ms). A
+# new record's proof usually needs a few (0.05 ms), and the hop to a worker thread
+# and back cost its .mod 1.8 ms at the median and 11 ms at p99 under load, waiting
+# for a wake-up and the GIL (bench/resilience.py error100, issue 14).
+INLINE_HASHES: Final = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,15 +232,36 @@ class TileHashReader:
         known = [None if authenticated is None else authenticated.get(t) for t in plan.tiles]
         edge = [None if stored is None else stored.get(x) for x in plan.stx]
         had = [None if stored is None else stored.get(x) for x in plan.indexes]
-        # Hashing tiles is most of a lookup's CPU (milliseconds): off the event loop.
-        hashes, edge_hashes = await asyncio.to_thread(
-            self._authenticate, plan, data, known, (edge, had)
-        )
+        args = (plan, data, known, (edge, had))
+        if self._hashes_to_compute(plan, data, known, edge, had) <= INLINE_HASHES:
+            hashes, edge_hashes = self._authenticate(*args)
+        else:  # tiles to check (milliseconds of hashing): off the event loop
+            hashes, edge_hashes = await asyncio.to_thread(self._authenticate, *args)
         self._save_tiles(plan.tiles, data)
         if stored is not None:
             stored.update(zip(plan.stx, edge_hashes, strict=True))
             stored.update(zip(plan.indexes, hashes, strict=True))
         return hashes
+
+    def _hashes_to_compute(
+        self,
+        plan: _Plan,
+        data: list[bytes],
+        known: list[bytes | None],
+        edge: list[bytes | None],
+        had: list[bytes | None],
+    ) -> int:
+        """The SHA-256 calls ``_authenticate`` makes, about; more than INLINE_HASHES
+        for any tile it must check against its parent."""
+        tiles = plan.tiles
+        if any(known[i] != data[i] for i in range(plan.stx_tiles, len(tiles))):
+            return INLINE_HASHES + 1
+        count = 0
+        for x, h in zip((*plan.stx, *plan.indexes), (*edge, *had), strict=True):
+            if h is None:
+                _, start, end = tile_for_index(self._height, x)
+                count += (end - start) // HASH_SIZE
+        return count
 
     def _plan_reads(self, indexes: Sequence[int]) -> _Plan:
         """The tiles to read: those that rebuild the tree hash first, then those

@@ -3,8 +3,11 @@ and against a log built independently from RFC 6962 (tests/sumdb/tree.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -270,3 +273,38 @@ async def test_known_tiles_skip_only_their_own_recheck() -> None:
     reader = TileHashReader(Tree(301, log.root()), 8, store.read, authenticated=known)
     with pytest.raises(SumdbVerifyError, match="inconsistent"):
         await reader.read_hashes([index])
+
+
+T = TypeVar("T")
+
+
+async def test_a_proof_from_authenticated_tiles_is_hashed_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read whose tiles were all authenticated before, and that computes a few
+    hashes, makes no hop to a worker thread (the hop cost a .mod more than the
+    hashing: issue 14); a read with tiles to check does, and both prove correctly."""
+    hops: list[str] = []
+    real = asyncio.to_thread
+
+    async def counting(func: Callable[..., T], /, *args: Any) -> T:
+        hops.append(getattr(func, "__name__", ""))
+        return await real(func, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    log = Log.of(301)
+    root = log.root()
+    store = TileStore(log.tiles(8))
+    known: Lru[Tile, bytes] = Lru(64)
+    stored: Lru[int, bytes] = Lru(4096)
+
+    def save(tiles: list[Tile], data: list[bytes]) -> None:
+        known.update(zip(tiles, data, strict=True))
+
+    reader = TileHashReader(Tree(301, root), 8, store.read, save, known, stored)
+    check_record(await prove_record(301, 5, reader), 301, root, 5, log.leaves[5])
+    assert hops == ["_authenticate"]  # new tiles: checked in a worker thread
+    fetched = len(store.fetched)
+    for record in (6, 7, 9, 300):
+        check_record(await prove_record(301, record, reader), 301, root, record, log.leaves[record])
+    assert hops == ["_authenticate"] and len(store.fetched) > fetched
