@@ -29,6 +29,14 @@ queueing(n, wait, ttfb) := [object.union(slice(i * 10, ttfb), {
 
 idle(age) := object.union(slice(age, 0), {"requests": 0})
 
+# The last n answers, newest first: failed (1) and answered (0) in turn.
+alternating(n) := [bit |
+	some i in numbers.range(0, n - 1)
+	bit := 1 - (i % 2)
+]
+
+zeros(n) := [0 | some _ in numbers.range(1, n)]
+
 # n slices, newest first: `masked` of each slice's 50 requests were 404s a later upstream served.
 masking(n, masked) := [object.union(slice(i * 10, 100), {"masked_failures": masked}) | some i in numbers.range(0, n - 1)]
 
@@ -189,6 +197,25 @@ cases := {
 		upstream({"requests": 10, "errors": 5, "error_rate": 0.5, "consecutive_failures": 0, "series": [slice(0, 100)]}),
 		"allow", false,
 	],
+	# the last answers: half of the last recent_answers failed, at any volume and without a span
+	"every other answer failed, 10 answers": [
+		upstream({"requests": 10, "errors": 5, "error_rate": 0.5, "last_answers": alternating(10), "series": [slice(0, 100)]}),
+		"cache", false,
+	],
+	"5 of the last 10 failed, older ones fine": [
+		upstream({"last_answers": array.concat(alternating(10), zeros(22))}),
+		"cache", false,
+	],
+	"4 of the last 10 failed": [upstream({"last_answers": array.concat([0, 0], alternating(8))}), "allow", false],
+	"every other answer failed, 9 answers only": [upstream({"last_answers": alternating(9)}), "allow", false],
+	"all of the last 10 failed: a run, the consecutive rule's": [
+		upstream({"consecutive_failures": 10, "last_answers": [1 | some _ in numbers.range(1, 10)]}),
+		"cache", false,
+	],
+	"failures before the last 10 answers": [
+		upstream({"last_answers": array.concat(zeros(10), [1 | some _ in numbers.range(1, 22)])}),
+		"allow", false,
+	],
 	# stalled: asked and silent
 	"hung: 3 waiting, no answer for 3.5 s": [upstream({"inflight": waiting(3, 3500, 3)}), "reroute", false],
 	"hung: hedged requests, 1 waiting, 6 asked in 4 s of silence": [
@@ -323,6 +350,14 @@ test_sumdb_failures_in_a_row_trip_checksum_traffic_only if {
 	d.sumdb.reason == "6 failures in a row (>= 5)"
 }
 
+test_sumdb_recent_failures_trip_checksum_traffic_only if {
+	sumdb := object.union(sumdb_failing, {"requests": 12, "errors": 6, "error_rate": 0.5, "last_answers": alternating(12), "series": [object.union(idle(0), {"requests": 12, "error_rate": 0.5})]})
+	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
+	d.action == "allow"
+	d.sumdb.action == "cache"
+	d.sumdb.reason == "5 of the last 10 answers failed (>= 50.0%)"
+}
+
 test_sumdb_masked_in_a_row_reroutes_checksum_traffic_only if {
 	sumdb := object.union(sumdb_failing, {"requests": 10, "errors": 0, "not_found": 10, "error_rate": 0, "not_found_rate": 1, "consecutive_masked": 10, "series": series(12, 5)})
 	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"sumdb": sumdb})}}
@@ -442,6 +477,28 @@ test_sequence_thresholds_come_from_data if {
 	decisions["masking in a row"].reason == "3 masked failures in a row (>= 3): 404s a later upstream served"
 }
 
+test_a_run_has_one_reason if {
+	d := breaker.decisions.u with input as {"upstreams": {"u": upstream({"consecutive_failures": 12, "last_answers": [1 | some _ in numbers.range(1, 12)]})}}
+	d.reason == "12 failures in a row (>= 5)"
+	e := breaker.decisions.u with input as {"upstreams": {"u": upstream({"consecutive_failures": 4, "last_answers": [1, 1, 1, 1, 0, 1, 0, 1, 0, 0]})}}
+	e.reason == "6 of the last 10 answers failed (>= 50.0%)"
+}
+
+test_recent_thresholds_come_from_data if {
+	decisions := breaker.decisions with input as {"upstreams": {
+		"a third of 6": upstream({"last_answers": [1, 0, 0, 1, 0, 0, 0]}),
+		"a third of 7": upstream({"last_answers": [0, 1, 0, 0, 1, 0, 0]}),
+		"5 answers": upstream({"last_answers": [1, 0, 0, 1, 0]}),
+		"floats": upstream({"last_answers": [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]}),
+	}}
+		with data.sidecar.config.thresholds as {"recent_answers": 6, "recent_failure_rate": 0.3}
+	decisions["a third of 6"].action == "cache"
+	decisions["a third of 6"].reason == "2 of the last 6 answers failed (>= 30.0%)"
+	decisions["a third of 7"].action == "cache"
+	decisions["5 answers"].action == "allow"
+	decisions.floats.reason == "2 of the last 6 answers failed (>= 30.0%)"
+}
+
 test_allow_reason if {
 	d := breaker.decisions.u with input as {"upstreams": {"u": healthy}}
 	d.reason == "ok: ttfb p99 790ms, error rate 0.4% over 812 requests, queue wait p99 2ms, 0 overflows"
@@ -493,7 +550,7 @@ test_shipped_thresholds if {
 		"consecutive_failures": 5, "stall_ms": 3000, "stall_requests": 2,
 		"stall_hedged_ms": 1000, "stall_hedges": 3,
 		"masked_failure_rate": 0.5, "min_masked_failures": 10,
-		"consecutive_masked": 10,
+		"consecutive_masked": 10, "recent_answers": 10, "recent_failure_rate": 0.5,
 	}
 	breaker.thresholds == breaker.default_thresholds
 	data.sidecar.config.breaker == {"cooldown_s": 30, "probes": 5}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from sidecar.config_kinds import show, suggest
+from sidecar.stats.window import LAST_ANSWERS
 
 CONFIG_PATH = ("sidecar", "config")
 
@@ -32,6 +33,7 @@ CONFIG_PATH = ("sidecar", "config")
 _AMOUNT = "a number >= 0"  # milliseconds or seconds
 _COUNT = "an integer >= 1"
 _RATE = "a number in [0, 1]"
+_LAST = "an integer in [1, 32]"  # the answers a window keeps in order (LAST_ANSWERS)
 
 SCHEMA: dict[str, dict[str, str]] = {
     "thresholds": {
@@ -50,6 +52,8 @@ SCHEMA: dict[str, dict[str, str]] = {
         "masked_failure_rate": _RATE,
         "min_masked_failures": _COUNT,
         "consecutive_masked": _COUNT,
+        "recent_answers": _LAST,
+        "recent_failure_rate": _RATE,
     },
     "breaker": {
         "cooldown_s": _AMOUNT,
@@ -133,8 +137,13 @@ def _fraction(value: object) -> bool:
     return _number(value) and 0 <= value <= 1
 
 
+def _last(value: object) -> bool:
+    return _number(value) and float(value).is_integer() and 1 <= value <= LAST_ANSWERS
+
+
 _CHECKS: dict[str, Callable[[object], bool]] = {
     _AMOUNT: _non_negative,
     _COUNT: _count,
     _RATE: _fraction,
+    _LAST: _last,
 }

@@ -28,7 +28,11 @@ window owns the upstream's ``InFlight`` registry (``inflight``), and
 - ``consecutive_masked`` counts masked failures in a row, the same way: an
   Athens whose own upstream is dead answers every request 404, and waiting
   for a rate over a span lets the slice in which the fault began, mostly
-  healthy traffic, hold the rule off for a slice.
+  healthy traffic, hold the rule off for a slice;
+- ``last_answers`` are the last ``LAST_ANSWERS`` answers, newest first, 1 for
+  a failure (Envoy's ``failure_percentage`` over a count, not a time): an
+  upstream failing every other request never makes a run, and a rate over
+  a span waits for its slices.
 
 Time comes from an injectable clock (``time.monotonic`` by default) so tests
 advance a fake clock instead of sleeping. Not thread-safe: use one window from
@@ -54,6 +58,14 @@ QUEUE_QUANTILES = (0.5, 0.99)
 # verdict before its next tick: one failure alone is no run, and an upstream
 # failing now and then must not make the loop tick faster.
 RUN_WAKE = 2
+# The answers whose failures a window keeps in order (``last_answers``): the
+# most the policy can ask about (thresholds.recent_answers).
+LAST_ANSWERS = 32
+_LAST_MASK = (1 << LAST_ANSWERS) - 1
+# A failure wakes the loop when one of the two answers before it failed too: a
+# run (RUN_WAKE in a row), or failures dense enough to be half of the answers,
+# as an upstream failing every other request. One now and then never does.
+_WAKE_BEFORE = 0b110
 
 
 class Outcome(enum.Enum):
@@ -137,6 +149,8 @@ class WindowSnapshot:
     is none. ``consecutive_failures``: failures since the last answer that
     was not one (OK or NOT_FOUND). ``consecutive_masked``: masked failures
     since this upstream's last OK answer (see ``UpstreamWindow.record``).
+    ``last_answers``: the last answers (at most ``LAST_ANSWERS``), newest
+    first, 1 for a failure and 0 for any other answer.
     Queue-wait quantiles cover every wait recorded (0.0 when none);
     ``overflows`` counts requests that got no connection in time. ``series``
     is newest first and only as long as the time elapsed since the window
@@ -168,6 +182,7 @@ class WindowSnapshot:
     hedges_won: int = 0
     ttfb_p95_ms: float = 0.0  # the automatic hedge delay; not in the policy input
     consecutive_masked: int = 0
+    last_answers: tuple[int, ...] = ()
 
     def as_policy_input(self, admission: bool) -> dict[str, Any]:
         """This upstream's stats in the policy input shape of the README.
@@ -201,6 +216,7 @@ class WindowSnapshot:
             "consecutive_failures": self.consecutive_failures,
             # The same keys in both classes keep one input shape.
             "consecutive_masked": self.consecutive_masked,
+            "last_answers": list(self.last_answers),
             "inflight": self.inflight.as_policy_input(),
             "series": [_slice_input(s, admission) for s in self.series],
         }
@@ -259,6 +275,8 @@ class UpstreamWindow:
         "_current",
         "_epoch",
         "_inflight",
+        "_last",
+        "_last_count",
         "_masked_run",
         "_n",
         "_next_edge",
@@ -284,6 +302,8 @@ class UpstreamWindow:
         self._inflight = InFlight(clock, self._record_timed_out)
         self._consecutive = 0
         self._masked_run = 0
+        self._last = 0  # bit i: the answer i before the newest failed
+        self._last_count = 0
         self._wake: Callable[[], None] | None = None
         self._origin = 0.0
         self._epoch = 0
@@ -298,8 +318,9 @@ class UpstreamWindow:
 
     def wake_on_runs(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` whenever a run of failures or of masked failures is
-        ``RUN_WAKE`` long or longer: the control loop then judges it before its
-        next regular tick (sidecar.control)."""
+        ``RUN_WAKE`` long or longer, or a failure follows another within two
+        answers: the control loop then judges it before its next regular tick
+        (sidecar.control)."""
         self._wake = wake
 
     @property
@@ -317,14 +338,16 @@ class UpstreamWindow:
     def reset(self) -> None:
         """Start an empty window now (called on every breaker transition).
 
-        Requests in flight stay registered (they still wait); their silence
-        and the runs of consecutive failures and masked failures start again,
-        like every figure.
+        Requests in flight stay registered (they still wait); their silence,
+        the runs of consecutive failures and masked failures and the last
+        answers start again, like every figure.
         """
         for s in self._slices:
             s.clear()
         self._consecutive = 0
         self._masked_run = 0
+        self._last = 0
+        self._last_count = 0
         self._inflight.restart_silence()
         self._origin = self._clock()
         self._epoch = 0
@@ -355,18 +378,23 @@ class UpstreamWindow:
             self._advance(now)
         s = self._current
         s.requests += 1
+        if self._last_count < LAST_ANSWERS:
+            self._last_count += 1
         if outcome is _OK:
             self._consecutive = 0
             self._masked_run = 0
+            self._last = (self._last << 1) & _LAST_MASK
         elif outcome is _NOT_FOUND:
             s.not_found += 1
             self._consecutive = 0
+            self._last = (self._last << 1) & _LAST_MASK
         else:
             s.errors += 1
             self._consecutive += 1
+            last = self._last = ((self._last << 1) | 1) & _LAST_MASK
             if outcome is _TIMEOUT:
                 s.timeouts += 1
-            if self._consecutive >= RUN_WAKE and self._wake is not None:
+            if last & _WAKE_BEFORE and self._wake is not None:
                 self._wake()
         if ttfb_s is not None:
             s.ttfb.record(ttfb_s)
@@ -527,6 +555,7 @@ class UpstreamWindow:
             hedges_won=hedges_won,
             ttfb_p95_ms=p95,
             consecutive_masked=self._masked_run,
+            last_answers=tuple((self._last >> i) & 1 for i in range(self._last_count)),
         )
 
     def _p99_with(self, ttfb: Histogram, waiting: list[float]) -> float:

@@ -137,9 +137,10 @@ async def test_errors_trip_cache_and_spare_the_primary(fake_upstreams, breaker_s
 async def test_errors_in_a_single_slice_do_not_trip(
     fake_upstreams, breaker_sidecar, policy_dir, clock
 ):
-    # The rate rule alone: a run of failures trips at once, by design (its own tests).
+    # The rate rule alone: a run of failures and the last answers trip at once, by
+    # design (their own tests); 30 answers never fill the last 32.
     (policy_dir / "thresholds.yaml").write_text(
-        thresholds_yaml({**FAST_THRESHOLDS, "consecutive_failures": 1000})
+        thresholds_yaml({**FAST_THRESHOLDS, "consecutive_failures": 1000, "recent_answers": 32})
     )
     (a, url_a), (b, url_b) = await fake_upstreams(2)
     a.default = Reply(status=500)

@@ -80,16 +80,26 @@ async def test_failures_in_a_row_trip_before_the_next_regular_tick(
     assert len(a.received) == seen  # open: the failing primary is not asked
 
 
-def test_only_runs_wake() -> None:
+def test_only_runs_and_dense_failures_wake() -> None:
     """One failure is no run (healthy traffic with a failure now and then never
-    wakes the loop); RUN_WAKE in a row are, and so are masked ones."""
+    wakes the loop); RUN_WAKE in a row are, and so are masked ones, and so is
+    a failure one answer after another (an upstream failing every other
+    request never makes a run)."""
     window = UpstreamWindow(120, 10, FakeClock(1000.0))
     woken: list[int] = []
     window.wake_on_runs(lambda: woken.append(1))
     for _ in range(10):
         window.record(Outcome.ERROR)
         window.record(Outcome.OK)
+        window.record(Outcome.NOT_FOUND)
     assert woken == []
+    window.record(Outcome.ERROR)
+    window.record(Outcome.OK)
+    window.record(Outcome.TIMEOUT)
+    assert len(woken) == 1
+    window.record(Outcome.OK)
+    window.record(Outcome.OK)
+    woken.clear()
     for _ in range(RUN_WAKE):
         window.record(Outcome.TIMEOUT)
     assert len(woken) == 1

@@ -269,6 +269,19 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, tuple[str, bool]]]] = {
         {"athens": upstream(masked_failures=9, consecutive_masked=9)},
         {"athens": ("allow", False)},
     ),
+    "every other answer failed, 10 answers": (
+        {"athens": upstream(requests=10, error_rate=0.5, last_answers=[1, 0] * 5)},
+        {"athens": ("cache", False)},
+    ),
+    "4 of the last 10 answers failed, checksum traffic every other": (
+        {
+            "athens": upstream(
+                last_answers=[0, 0] + [1, 0] * 4 + [1] * 20,
+                sumdb=stats(requests=145, last_answers=[1.0, 0.0] * 16),
+            )
+        },
+        {"athens": ("allow", False), "athens.sumdb": ("cache", False)},
+    ),
     "hung checksum endpoint, modules fine": (
         {"athens": upstream(sumdb=stats(requests=145, inflight=waiting(2, 3500.0, 4)))},
         {"athens": ("allow", False), "athens.sumdb": ("reroute", False)},
@@ -457,6 +470,11 @@ async def test_reasons_carry_the_figures(embedded: EmbeddedEngine) -> None:
     assert masking["athens"].reason == (
         "10 masked failures in a row (>= 10): 404s a later upstream served"
     )
+    alternating = await embedded.evaluate(
+        document(CASES["4 of the last 10 answers failed, checksum traffic every other"][0])
+    )
+    sumdb = alternating["athens"].sumdb
+    assert sumdb is not None and sumdb.reason == "5 of the last 10 answers failed (>= 50.0%)"
 
 
 async def test_breaker_settings_agree(

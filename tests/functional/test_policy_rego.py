@@ -45,6 +45,6 @@ def test_opa_sees_the_thresholds_file_as_data() -> None:
         '{"breaker":{"cooldown_s":30,"probes":5},"thresholds":{"consecutive_failures":5,'
         '"consecutive_masked":10,"error_rate":0.05,"masked_failure_rate":0.5,"min_masked_failures":10,'
         '"min_requests":20,"min_span_s":10,"queue_for_s":20,"queue_wait_p99_ms":250,'
-        '"stall_hedged_ms":1000,"stall_hedges":3,"stall_ms":3000,"stall_requests":2,'
+        '"recent_answers":10,"recent_failure_rate":0.5,"stall_hedged_ms":1000,"stall_hedges":3,"stall_ms":3000,"stall_requests":2,'
         '"ttfb_p99_for_s":120,"ttfb_p99_ms":800}}'
     )

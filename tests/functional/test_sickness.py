@@ -408,6 +408,34 @@ async def test_a_404_breaks_the_run(fake_upstreams, start_sidecar, clock):
     assert sc.control.last_input["upstreams"]["up0"]["consecutive_failures"] == 4
 
 
+async def test_a_primary_failing_every_other_request_trips_on_its_last_answers(
+    fake_upstreams, start_sidecar, clock
+):
+    """500 and 200 in turn: never two failures in a row, fewer requests than
+    min_requests, all in one slice: neither a run nor a rate can judge it. Half
+    of its last ten answers failed: that does (the sidecar counts them in order)."""
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    paths = [f"example.com/m{i}/@v/v1.0.0.info" for i in range(12)]
+    for i, path in enumerate(paths):
+        a.set(path, Reply(status=500) if i % 2 == 0 else b"{}")
+        b.set(path, b"{}")
+    client, sc = await start_sidecar([url_a, url_b], clock=clock, thresholds={"min_requests": 20})
+    for path in paths[:9]:
+        assert await get_all(client, 1, path) == [200]
+        await sc.control.step()
+    up0 = sc.control.last_input["upstreams"]["up0"]
+    assert up0["last_answers"] == [1, 0, 1, 0, 1, 0, 1, 0, 1]  # newest first
+    assert (up0["consecutive_failures"], sc.breakers["up0"].state.value) == (1, "closed")
+    assert await get_all(client, 1, paths[9]) == [200]
+    await sc.control.step()
+    view = (await breakers(client))["up0"]
+    assert (view["state"], view["action"]) == ("open", "cache")
+    assert view["reason"] == "5 of the last 10 answers failed (>= 50.0%)"
+    seen = len(a.received)
+    assert await get_all(client, 1, paths[10]) == [200]
+    assert len(a.received) == seen  # open: the primary is not asked
+
+
 # --- timeouts are latency --------------------------------------------------------
 
 

@@ -239,7 +239,7 @@ def test_every_shipped_key_is_accepted(tmp_path: Path) -> None:
     write(tmp_path / "p.rego", MODULE)
     write(tmp_path / "thresholds.yaml", shipped)
     policy = files.load_policy_set([str(tmp_path)])
-    assert len(policy.data["sidecar"]["config"]["thresholds"]) == 15
+    assert len(policy.data["sidecar"]["config"]["thresholds"]) == 17
     assert policy.warnings == ()
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sidecar.stats.histogram import BUCKETS
 from sidecar.stats.inflight import IDLE, Ending
-from sidecar.stats.window import Outcome, UpstreamWindow, WindowSnapshot
+from sidecar.stats.window import LAST_ANSWERS, Outcome, UpstreamWindow, WindowSnapshot
 from tests.control_support import FakeClock
 
 WINDOW_S = 120.0
@@ -311,6 +311,7 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
         "ttfb_ms",
         "consecutive_failures",
         "consecutive_masked",
+        "last_answers",
         "inflight",
         "series",
     }
@@ -319,6 +320,7 @@ def test_policy_input_shape_and_rounding(window: UpstreamWindow, clock: FakeCloc
     assert doc["error_rate"] == 0.2857
     assert doc["not_found_rate"] == 0.2857
     assert doc["consecutive_failures"] == 1
+    assert doc["last_answers"] == [1, 0, 0, 0, 0, 1, 0]  # newest first, 1: failed
     assert doc["inflight"] == {
         "count": 0,
         "oldest_ms": 0.0,
@@ -538,6 +540,26 @@ def test_failures_in_a_row(window: UpstreamWindow, clock: FakeClock) -> None:
     assert window.snapshot().consecutive_failures == 2
     window.record(Outcome.OK, 0.001)
     assert window.snapshot().consecutive_failures == 0
+
+
+def test_last_answers_keep_the_newest_in_order(window: UpstreamWindow, clock: FakeClock) -> None:
+    """The last LAST_ANSWERS answers, newest first: failures (errors, timeouts)
+    1, other answers 0; overflows and masked 404s are no answers. They are a
+    sequence: they outlive their slices, and a reset clears them."""
+    for i in range(LAST_ANSWERS + 7):
+        window.record(Outcome.ERROR if i % 2 else Outcome.OK, None)
+    window.record_overflow()
+    window.record_masked()
+    window.record(Outcome.TIMEOUT, None)
+    window.record(Outcome.NOT_FOUND, 0.001)
+    clock.advance(WINDOW_S * 3)
+    last = window.snapshot().last_answers
+    assert len(last) == LAST_ANSWERS
+    assert last[:4] == (0, 1, 0, 1) and sum(last) == 1 + (LAST_ANSWERS - 2) // 2
+    window.reset()
+    assert window.snapshot().last_answers == ()
+    window.record(Outcome.TIMEOUT, None)
+    assert window.snapshot().as_policy_input(admission=False)["last_answers"] == [1]
 
 
 def test_reset_restarts_the_run_and_the_silence_not_the_waits(

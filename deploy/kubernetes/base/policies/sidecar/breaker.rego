@@ -8,6 +8,8 @@
 #     queueing     sustained queueing while the upstream is slow   -> reject + alert
 #     errors       error rate > error_rate (>= min_requests)       -> cache
 #     consecutive  consecutive_failures failures in a row          -> cache
+#     recent       >= recent_failure_rate of the last recent_answers
+#                  answers failed                                  -> cache
 #     stalled      no answer for stall_ms, stall_requests asked    -> reroute
 #                  (stall_hedged_ms once stall_hedges hedges won)
 #     masking      consecutive_masked masked failures in a row      -> reroute
@@ -15,8 +17,8 @@
 #     latency      TTFB P99 > ttfb_p99_ms for ttfb_p99_for_s       -> reroute
 #   Every rule over rates and percentiles must hold in every slice of its
 #   span, the span is never shorter than min_span_s nor than two slices: one
-#   tick, one burst, one slice never trips. The three rules over sequences
-#   (consecutive, stalled, masking) read a run the sidecar counted over time: see
+#   tick, one burst, one slice never trips. The four rules over sequences
+#   (consecutive, recent, stalled, masking) read what the sidecar counted in order: see
 #   their comments. When several rules hold, the first in that order wins;
 #   the reason names the others too. Thresholds come from
 #   data.sidecar.config.thresholds (policies/thresholds.yaml). Stateless:
@@ -48,6 +50,8 @@ default_thresholds := {
 	"masked_failure_rate": 0.5,
 	"min_masked_failures": 10,
 	"consecutive_masked": 10,
+	"recent_answers": 10,
+	"recent_failure_rate": 0.5,
 }
 
 default configured := {}
@@ -63,20 +67,21 @@ thresholds := {key: value |
 # protects an upstream that slows down under the load we send it; errors are
 # worse than slowness, and "cache" also sends a cache miss on to the next
 # upstream, so it covers what "reroute" would do.
-module_rules := ["integrity", "queueing", "errors", "consecutive", "stalled", "masking", "masked", "latency"]
+module_rules := ["integrity", "queueing", "errors", "consecutive", "recent", "stalled", "masking", "masked", "latency"]
 
 # Checksum traffic shares the upstream's connections but the queue figures
 # are the pool's (they sit in the module stats), so a sick sumdb/ endpoint is
 # routed around, never shed. Its masked failures come as a run only (the
 # slices' masked counts are the module window's): an Athens without sumdb/
 # answers 404 to every lookup the next upstream serves, a round trip each.
-sumdb_rules := ["errors", "consecutive", "stalled", "masking", "latency"]
+sumdb_rules := ["errors", "consecutive", "recent", "stalled", "masking", "latency"]
 
 action_of := {
 	"integrity": "reroute",
 	"queueing": "reject",
 	"errors": "cache",
 	"consecutive": "cache",
+	"recent": "cache",
 	"stalled": "reroute",
 	"masking": "reroute",
 	"masked": "reroute",
@@ -158,6 +163,27 @@ finding(u, "consecutive") := msg if {
 	object.get(u, "consecutive_failures", 0) >= thresholds.consecutive_failures
 	msg := sprintf("%d failures in a row (>= %d)", [
 		round(u.consecutive_failures), round(thresholds.consecutive_failures),
+	])
+}
+
+# The last answers, as Envoy's failure_percentage over a request volume: an
+# upstream failing every other request (an overloaded replica behind a
+# balancer, one bad instance of two) never makes a run, and its error rate
+# must first hold in every slice of min_span_s. A count is not a time: ten
+# answers are evidence whether they came in 50 ms or in a minute, and a
+# healthy upstream's scattered failures are not half of any ten of its
+# answers. The sidecar keeps the last 32 answers in order, newest first (1:
+# failed; a 404 is an answer, overflows and clients that left are none), so
+# recent_answers above 32 never fires. A run long enough for the
+# consecutive rule is that rule's to name (one reason, not two for one run).
+finding(u, "recent") := msg if {
+	object.get(u, "consecutive_failures", 0) < thresholds.consecutive_failures
+	last := array.slice(object.get(u, "last_answers", []), 0, thresholds.recent_answers)
+	count(last) == thresholds.recent_answers
+	failed := sum(last)
+	failed >= thresholds.recent_failure_rate * count(last)
+	msg := sprintf("%d of the last %d answers failed (>= %s)", [
+		round(failed), round(count(last)), percent(thresholds.recent_failure_rate),
 	])
 }
 
