@@ -231,6 +231,7 @@ async def measure(args: argparse.Namespace, work: Path) -> int:
                             "500",
                             "-f",
                             "raw",
+                            *(["--native"] if args.native else []),
                             "-o",
                             str(args.py_spy),
                             "-p",
@@ -299,6 +300,7 @@ def main() -> None:
         "cpu: the sidecar's CPU ns (pinned to core 1, this client to core 0)",
     )
     p.add_argument("--py-spy", type=Path, help="cpu: py-spy record -r 500 -f raw into this file")
+    p.add_argument("--native", action="store_true", help="--py-spy: C frames too (py-spy --native)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (callgrind output)")
     args = p.parse_args()
     if args.measure == "cpu":
