@@ -7,6 +7,7 @@ on the wire are the point here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -94,6 +95,35 @@ async def test_answer_now_and_tasks_mix_in_order(serve):
     writer.write(get("/now1") + get("/task") + get("/now2"))
     bodies = [(await read_response(reader))[2] for _ in range(3)]
     assert bodies == [b"now /now1", b"later /task", b"now /now2"]
+
+
+async def test_a_cancel_one_request_took_back_does_not_reach_the_next(serve):
+    # The requests of a connection share its worker task: a cancel a handler
+    # caught and answered anyway (as a hedge's win is) leaves the task's count
+    # raised, which the next request's asyncio.timeout must not misread as a
+    # cancel of its own (it measures from the count at its entry).
+    async def handler(ex: Exchange) -> None:
+        if ex.target == "/took-back":
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # taken back, no uncancel()
+                await asyncio.sleep(1)
+            ex.send(200, {}, b"answered")
+            return
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            ex.send(504, {}, b"timed out")
+
+    server = await serve(handler)
+    reader, writer = await connect(server)
+    writer.write(get("/took-back"))
+    assert (await read_response(reader))[::2] == (200, b"answered")
+    writer.write(get("/times-out"))
+    assert (await read_response(reader))[::2] == (504, b"timed out")
+    writer.close()
 
 
 @pytest.mark.parametrize(
