@@ -17,7 +17,16 @@ from sidecar.proxy.headers import response_block, response_headers
 from sidecar.proxy.hits import Answer
 from sidecar.proxy.integrity import IntegrityChecker, spool
 from sidecar.proxy.recorder import Recorder
-from sidecar.proxy.stream import CLIENT_GONE, Reply, deliver, is_small, read_small, relay, send_file
+from sidecar.proxy.stream import (
+    BUFFER_LIMIT,
+    CLIENT_GONE,
+    Reply,
+    deliver,
+    is_small,
+    read_small,
+    relay,
+    send_file,
+)
 from sidecar.server import Exchange
 from sidecar.stats.window import Outcome
 from sidecar.upstreams import UpstreamResponse
@@ -58,7 +67,14 @@ class Delivery:
         name = resp.upstream.name
         checker = self.checker_for(req)
         try:
-            body = await read_small(resp)
+            length = resp.content_length
+            # A small body mostly came with its head: taken here, without
+            # read_small's coroutine (~1 k instructions a miss).
+            body = resp.arrived() if length is not None and length <= BUFFER_LIMIT else None
+            if body is not None:
+                resp.release()
+            else:
+                body = await read_small(resp)
             if body is not None:
                 if checker is not None:
                     # before the cache or a client has it

@@ -141,9 +141,13 @@ def queue_wait_sink(window: UpstreamWindow, histogram: PlainBuckets) -> Callable
     the upstream's window (for the policy) and its histogram child (for Prometheus)."""
     record = window.record_queue_wait
     observe = histogram.observe
+    counts = histogram.counts
 
     def sink(seconds: float) -> None:
         record(seconds)
-        observe(seconds)
+        if seconds:
+            observe(seconds)
+        else:  # most requests: no wait, the first bucket (every bound is above 0)
+            counts[0] += 1
 
     return sink
