@@ -56,6 +56,7 @@ class RequestReader:
     __slots__ = (
         "_authorization",
         "_conn",
+        "_connection",
         "_continue",
         "_head_seen",
         "_header_bytes",
@@ -79,6 +80,7 @@ class RequestReader:
         self._header_bytes = 0
         self._host: bytes | None = None
         self._authorization: bytes | None = None
+        self._connection = False  # a Connection header came
         self._valid_host = b""  # the last Host value that passed the check
         # Expect: 100-continue: None (not asked), False (sent), True (owed).
         self._continue: bool | None = None
@@ -110,6 +112,7 @@ class RequestReader:
         self._header_bytes = 0
         self._host = None
         self._authorization = None
+        self._connection = False
         self._head_seen = 0
 
     def on_url(self, url: bytes) -> None:
@@ -142,6 +145,8 @@ class RequestReader:
             self._host = value
         elif size == 6 and name.lower() == b"expect":
             self._expectation(value)
+        elif size == 10 and name.lower() == b"connection":
+            self._connection = True
 
     def on_body(self, body: bytes) -> None:
         # Body bytes are not head bytes; chunk framing and trailers are.
@@ -151,7 +156,11 @@ class RequestReader:
     def on_message_complete(self) -> None:
         self._head_seen = None
         parser = self._parser
-        http11 = parser.get_http_version() == "1.1"
+        keep_alive = parser.should_keep_alive()
+        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 only, and keeps a message
+        # alive without a Connection header only in 1.1: the version string (a
+        # str.format in httptools, ~1.5 k instructions) is read only otherwise.
+        http11 = (keep_alive and not self._connection) or parser.get_http_version() == "1.1"
         if not http11:
             self._check_http10()
         host = self._host
@@ -171,7 +180,7 @@ class RequestReader:
             _METHODS.get(method) or method.decode("ascii"),
             url.decode("latin-1"),
             self._headers,
-            parser.should_keep_alive(),
+            keep_alive,
             http11,
         )
         exchange.authorization = self._authorization
