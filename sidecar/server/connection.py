@@ -68,6 +68,7 @@ class Connection(asyncio.Protocol):
         "closed",
         "closing",
         "credential",
+        "date",
         "idle_since",
         "peer",
         "received",
@@ -75,6 +76,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: Server) -> None:
         self._server = server
+        # The server's ``Date:`` line (``Exchange`` reads it for every answer).
+        self.date: DateHeader = server.date
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         # Exchanges waiting their turn; a Refused one is answered, then the connection closes.
@@ -384,16 +387,13 @@ class Connection(asyncio.Protocol):
 
     # -- writing ------------------------------------------------------------
     @property
-    def date(self) -> DateHeader:
-        return self._server.date
-
-    @property
     def gone(self) -> bool:
         """The client hung up (or we cut it): nothing more can be written."""
         return self.closed or self._transport is None or self._transport.is_closing()
 
     def check_open(self) -> None:
-        if self.gone:
+        transport = self._transport  # (gone, spelt out: every answer checks it)
+        if self.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
 
     def write(self, data: bytes | memoryview) -> None:

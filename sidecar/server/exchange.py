@@ -211,7 +211,8 @@ class Exchange:
             self.keep_alive = False
 
     def _head(self, status: int, block: bytes, length: int | None) -> bytes:
-        parts = [status_line(status), self.connection.date.line(), block]
+        line = _STATUS_LINES.get(status) or status_line(status)
+        parts = [line, self.connection.date.line(), block]
         if length is not None:
             parts.append(b"Content-Length: %d\r\n" % length)
         elif self._chunked:

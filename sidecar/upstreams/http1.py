@@ -55,7 +55,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from sidecar.errors import (
     UpstreamConnectError,
@@ -78,6 +78,9 @@ HEAD_LIMIT: Final = 64 * 1024
 LINE_LIMIT: Final = 16 * 1024
 FIELD_LIMIT: Final = 100
 _FIELD_OVERHEAD: Final = 4  # ": " and CRLF around a name and its value
+# istr keys: their lookups skip folding the key's case (every answer asks these).
+_CONTENT_LENGTH: Final = istr("Content-Length")
+_TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
 
 # Exchange states.
 IDLE: Final = 0  # no request in flight
@@ -422,7 +425,7 @@ class Connection(asyncio.BufferedProtocol):
         # llhttp's verdict (version, Connection tokens); false when the body
         # runs to EOF.
         self.keep_alive = parser.should_keep_alive()
-        length = headers.get("Content-Length")
+        length = headers.get(_CONTENT_LENGTH)
         self.length = int(length) if length is not None and length.isdigit() else None
         self.state = BODY
         if self.head or status in NO_BODY_STATUSES:
@@ -431,7 +434,7 @@ class Connection(asyncio.BufferedProtocol):
             self.state = DONE
         elif self.length is not None:
             self._remaining = self.length
-        elif "chunked" not in headers.get("Transfer-Encoding", "").lower():
+        elif "chunked" not in headers.get(_TRANSFER_ENCODING, "").lower():
             self._until_eof = True
             self.keep_alive = False
         self._wake()

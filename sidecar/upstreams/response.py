@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from sidecar.errors import UpstreamConnectError
 from sidecar.upstreams.http1 import DONE, Connection
@@ -17,11 +17,12 @@ if TYPE_CHECKING:
     from sidecar.upstreams.pool import Pool
 
 ERROR_BODY_LIMIT: Final = 1024
+_CONTENT_ENCODING: Final = istr("Content-Encoding")  # its lookups skip case folding
 
 
 def encoded(headers: CIMultiDictProxy[str]) -> str | None:
     """The Content-Encoding of an answer unless it is absent or identity."""
-    value = headers.get("Content-Encoding")
+    value = headers.get(_CONTENT_ENCODING)
     if value is None:
         return None
     value = value.strip().lower()
