@@ -13,10 +13,9 @@ checksum stats as ``upstreams.<name>.sumdb``; a decision's ``sumdb`` drives
 the second breaker.
 
 A window that sees a run of failures (``RUN_WAKE`` in a row, or as many
-masked failures), a failure one answer after another, or a silence in which
-``RUN_WAKE`` requests were answered by their hedge wakes the loop: the next
-step comes as soon as ``EARLY_SHARE`` of the interval has passed since the
-last one, not at the end of the interval. The policy still decides, on the same input; it only
+masked failures) wakes the loop: the next step comes as soon as
+``EARLY_SHARE`` of the interval has passed since the last one, not at the
+end of the interval. The policy still decides, on the same input; it only
 decides sooner while an upstream is failing, which is when every request
 that still goes there pays a failed attempt before its fallback (the p99 of
 issue 14). A healthy sidecar never ticks faster.

@@ -318,9 +318,8 @@ class UpstreamWindow:
 
     def wake_on_runs(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` whenever a run of failures or of masked failures is
-        ``RUN_WAKE`` long or longer, a failure follows another within two
-        answers, or ``RUN_WAKE`` requests of one silence were answered by their
-        hedge: the control loop then judges it before its next regular tick
+        ``RUN_WAKE`` long or longer, or a failure follows another within two
+        answers: the control loop then judges it before its next regular tick
         (sidecar.control)."""
         self._wake = wake
 
@@ -454,13 +453,7 @@ class UpstreamWindow:
         if won:
             s.hedges_won += 1
         if overtaken:
-            inflight = self._inflight
-            inflight.overtake()
-            # Two of its requests answered by the next upstream while it said
-            # nothing: a silence the policy may judge (stall_hedged_ms) before
-            # the next regular tick, as it judges a run.
-            if inflight.overtaken >= RUN_WAKE and self._wake is not None:
-                self._wake()
+            self._inflight.overtake()
 
     def record_queue_wait(self, seconds: float) -> None:
         """How long one request waited for a pooled connection (0 if it did not).

@@ -18,7 +18,6 @@ from aiohttp.test_utils import TestClient
 
 from sidecar.app import Sidecar
 from sidecar.config import PolicyConfig, StatsConfig
-from sidecar.stats.inflight import Ending
 from sidecar.stats.window import RUN_WAKE, Outcome, UpstreamWindow
 from tests.conftest import make_config
 from tests.control_support import FAST_THRESHOLDS, FakeClock, Sidecars, Start, scaled_policies
@@ -111,27 +110,3 @@ def test_only_runs_and_dense_failures_wake() -> None:
         window.record(Outcome.NOT_FOUND)
         window.record_masked()
     assert len(woken) == 3
-
-
-def test_requests_of_a_silence_answered_by_their_hedge_wake() -> None:
-    """A hedge that won while the upstream still answered others is no silence
-    (no wake); RUN_WAKE requests of one silence answered by their hedge are
-    (an overloaded upstream whose queue holds only abandoned requests): the
-    policy's stall_hedged_ms is then judged early, not at the next tick."""
-    clock = FakeClock(1000.0)
-    window = UpstreamWindow(120, 10, clock)
-    woken: list[int] = []
-    window.wake_on_runs(lambda: woken.append(1))
-    waits = window.inflight
-    for _ in range(5):  # hedges won between answers of the upstream
-        answered, lost = waits.begin(), waits.begin()
-        waits.end(answered, Ending.ANSWERED)
-        waits.end(lost, Ending.ABANDONED)
-        window.record_hedge(won=True, overtaken=True)
-        window.record(Outcome.OK)
-        waits.end(waits.begin(), Ending.ANSWERED)
-    assert woken == []
-    for _ in range(RUN_WAKE):  # silent now: its requests are answered elsewhere
-        waits.end(waits.begin(), Ending.ABANDONED)
-        window.record_hedge(won=True, overtaken=True)
-    assert len(woken) == 1 and waits.overtaken == RUN_WAKE
