@@ -9,7 +9,9 @@ the tiles it read, and the signed tree head it kept (72,097,574 records).
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +90,39 @@ async def test_a_verifier_hashes_no_subtree_twice(monkeypatch: pytest.MonkeyPatc
     sampler = await verifier.lookup(*SAMPLER)
     assert sampler.zip == SAMPLER_H1 and first and hashed
     assert [data for data in hashed if data in first] == []
+
+
+async def test_kept_tiles_are_read_without_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles the verifier kept are read in the caller's own step: no fetch and no
+    task per tile (gather's tasks cost a pass of the event loop, and the .mod
+    waiting for the lookup waits for it: issue 14)."""
+    files = Files()
+    verifier = sum_golang_org(files)
+    await verifier.merge_latest((DATA / "latest").read_bytes())
+    await verifier.lookup(*QUOTE)
+    tiles = [p.removeprefix("sumdb/sum.golang.org/") for p in files.paths if "/tile/" in p]
+    gathered: list[int] = []
+    real = asyncio.gather
+
+    def counting(*aws: Any, **kwargs: Any) -> Any:
+        gathered.append(len(aws))
+        return real(*aws, **kwargs)
+
+    monkeypatch.setattr(asyncio, "gather", counting)
+    fetched = len(files.paths)
+    kept = [tile_module.Tile(*parse_tile_path(t)) for t in tiles]
+    assert await verifier._read_tiles(kept) == [(DATA / t).read_bytes() for t in tiles]
+    assert (gathered, len(files.paths)) == ([], fetched)
+    await verifier.lookup(*SAMPLER)  # new tiles: fetched together
+    assert gathered and len(files.paths) > fetched
+
+
+def parse_tile_path(path: str) -> tuple[int, int, int, int]:
+    """(h, l, n, w) of ``tile/H/L/NNN[.p/W]`` (the inverse of Tile.path)."""
+    m = re.fullmatch(r"tile/(\d+)/(\d+)/((?:x\d{3}/)*\d{3})(?:\.p/(\d+))?", path)
+    assert m is not None, path
+    h = int(m[1])
+    return h, int(m[2]), int(m[3].replace("x", "").replace("/", "")), int(m[4] or 1 << h)
 
 
 async def test_old_tree_alone_is_enough() -> None:
