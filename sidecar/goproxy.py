@@ -490,12 +490,53 @@ def _parse_sumdb(path: str) -> GoproxyRequest:
     raise _not_found("not a checksum database endpoint")
 
 
+# The spelling of nearly every request the go command sends: a lower-case
+# module path with a dotted first element and no "!", "~", "%" or major-version
+# element other than a final /vN, and a list, @latest, or file of a canonical
+# version without "+". Every path it matches is valid by the rules above and
+# parses to what they would give (tests/unit/test_goproxy.py compares the two
+# on generated paths); anything else takes the full check. One match instead of
+# a dozen regexes and calls: a unique .info parsed in 12.4 -> 3 us, 48 k of a
+# cache-off miss's 248 k instructions (bench/instructions.py).
+_NOT_WINDOWS = r"(?!(?:con|prn|aux|nul|com[1-9]|lpt[1-9])[./])"
+_FAST_FIRST = rf"(?!gopkg\.in/){_NOT_WINDOWS}[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)+"
+_FAST_ELEM = rf"/(?!v[0-9.]){_NOT_WINDOWS}[a-z0-9_-]+(?:\.[a-z0-9_-]+)*"
+_FAST_PRE = r"(?:0|[1-9][0-9]*|[0-9]*[a-z-][0-9a-z-]*)"
+_FAST: Final = re.compile(
+    rf"/(({_FAST_FIRST}(?:{_FAST_ELEM})*(?:/v([2-9]|[1-9][0-9]+))?)/@"
+    rf"(?:v/(?:list|(v({_NUM})\.{_NUM}\.{_NUM}(?:-{_FAST_PRE}(?:\.{_FAST_PRE})*)?)\.(info|mod|zip))"
+    r"|latest))"
+)
+
+
+def _fast_parse(raw_path: str) -> GoproxyRequest | None:
+    """``parse_request_path`` of the common spelling (``_FAST``), or None."""
+    m = _FAST.fullmatch(raw_path)
+    if m is None:
+        return None
+    path, module, path_major, version, major, ext = m.groups()
+    if version is None:
+        kind = Kind.LATEST if path[-7:] == "@latest" else Kind.LIST
+        return GoproxyRequest(kind, path, module, None, None, False, path)
+    if major != path_major if path_major is not None else major not in ("0", "1"):
+        return None  # a mismatch: the full check words the error
+    return GoproxyRequest(_FILE_KINDS[ext], path, module, version, None, True, path)
+
+
 def parse_request_path(raw_path: str) -> GoproxyRequest:
     """Parse the raw URL path of a request (query string removed, leading "/").
 
     Raises RequestError: 400 for malformed or dangerous input, 404 for a path
     that is not a GOPROXY endpoint or names an invalid module or version.
     """
+    if len(raw_path) <= MAX_PATH_LENGTH:
+        fast = _fast_parse(raw_path)
+        if fast is not None:
+            return fast
+    return _full_parse(raw_path)
+
+
+def _full_parse(raw_path: str) -> GoproxyRequest:
     path = _decode(raw_path)
     if ".." in path:
         # Valid inside an element for x/mod ("x..y"), but keys and forwarded

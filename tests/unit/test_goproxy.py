@@ -15,6 +15,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from sidecar import goproxy
 from sidecar.errors import RequestError
 from sidecar.goproxy import (
     MAX_PATH_LENGTH,
@@ -977,3 +978,87 @@ def test_zip_round_trip(module: str, version: str) -> None:
     assert (req.kind, req.module, req.version, req.immutable) == (Kind.ZIP, module, version, True)
     assert unescape_version(escape_version(version)) == version
     _assert_safe(req)
+
+
+# The fast path (goproxy._fast_parse) takes the common spelling; on every path
+# it takes, it must give exactly what the full check gives.
+edge_elements = st.sampled_from(
+    [
+        *("con", "nul.x", "com1", "lpt9.y", "aux", "prn-x", "console", "cons.ole"),
+        *("v0", "v1", "v2", "v02", "v2.1", "v10", "vv", "v", "v2x", "gopkg.in", "yaml.v2"),
+        *("-x", "x-", "_y", "a.b", "a..b", ".a", "a.", "x~1", "x~", "!a", "A", "a_b", "0"),
+        *("example.com", "go.uber.org", "k8s.io", "github.com", "x.y-z", "a%2eb", "é"),
+    ]
+)
+fast_modules = st.one_of(
+    st.lists(
+        st.one_of(edge_elements, st.from_regex(r"[a-z0-9._~!-]{1,6}", fullmatch=True)),
+        min_size=1,
+        max_size=5,
+    ).map("/".join),
+    # Mostly the fast path's own shape, an edge element here and there.
+    st.builds(
+        lambda first, rest: "/".join([first, *rest]),
+        first_elements,
+        st.lists(
+            st.one_of(edge_elements, st.from_regex(r"[a-z0-9_-]{1,5}", fullmatch=True)),
+            max_size=4,
+        ),
+    ),
+)
+fast_versions = st.one_of(
+    st.sampled_from(
+        [
+            *("v1.0.0", "v0.0.0-20191109021931-daa7c04131f5", "v2.0.0", "v3.1.4"),
+            *("v2.0.0+incompatible", "v1.0.0-01", "v1.0.0-0", "v1.0.0-rc.1", "v01.0.0"),
+            *("v1.0", "v1.0.0-", "v1.0.0-a..b", "master", "v1.2.3-pre", "v0.0.0-0.x-y"),
+            *("v1.0.0-!r!c", "v1.0.0-RC", "v10.0.0", "v2.0.0-pre+meta", "v1.0.0-a.01"),
+        ]
+    ),
+    versions,
+)
+fast_paths = st.builds(
+    lambda module, version, tail: "/" + module + tail.format(version),
+    fast_modules,
+    fast_versions,
+    st.sampled_from(
+        ["/@v/list", "/@latest", "/@v/{}.info", "/@v/{}.mod", "/@v/{}.zip", "/@v/{}.txt", "/@v/{}"]
+    ),
+)
+
+
+def _full(raw: str) -> GoproxyRequest | RequestError:
+    try:
+        return goproxy._full_parse(raw)
+    except RequestError as exc:
+        return exc
+
+
+@settings(max_examples=3000)
+@given(st.one_of(fast_paths, structured_paths, mutated_paths))
+@example("/github.com/foo/bar/v2/@v/v1.0.0.mod")  # a path major the version breaks
+@example("/gopkg.in/yaml.v2/@v/v2.4.0.mod")
+@example("/con.example.com/x/@v/list")
+def test_fast_parse_agrees_with_the_full_check(raw: str) -> None:
+    fast = goproxy._fast_parse(raw)
+    if fast is not None:
+        assert fast == _full(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/golang.org/x/text/@v/list",
+        "/golang.org/x/text/@latest",
+        "/golang.org/x/text/@v/v0.3.7.info",
+        "/github.com/spf13/cobra/@v/v1.8.0.mod",
+        "/google.golang.org/grpc/@v/v1.60.1.zip",
+        "/github.com/go-logr/logr/@v/v1.4.1.info",
+        "/github.com/cespare/xxhash/v2/@v/v2.2.0.mod",
+        "/golang.org/x/net/@v/v0.0.0-20191109021931-daa7c04131f5.zip",
+        "/example.com/bench/unique/r1m0/@v/v1.0.0.info",
+    ],
+)
+def test_fast_parse_takes_the_common_spelling(raw: str) -> None:
+    fast = goproxy._fast_parse(raw)
+    assert fast is not None and fast == goproxy._full_parse(raw)
