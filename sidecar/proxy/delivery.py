@@ -7,7 +7,6 @@ fill; a HEAD answered from the GET's headers.
 from __future__ import annotations
 
 import asyncio
-from typing import Final
 
 from sidecar.cache.base import FillReader, Flight, ModuleCache, Whole
 from sidecar.errors import UpstreamError
@@ -28,12 +27,8 @@ from sidecar.proxy.stream import (
     send_file,
 )
 from sidecar.server import Exchange
-from sidecar.stats.window import Outcome
+from sidecar.stats.window import OUTCOME_OK
 from sidecar.upstreams import UpstreamResponse
-
-# Read once: an enum member read through its class runs EnumType's
-# __getattr__ hook on Python 3.11 (~1 k instructions), on every body delivered.
-_OK: Final = Outcome.OK
 
 
 class Delivery:
@@ -99,9 +94,9 @@ class Delivery:
         except asyncio.CancelledError:
             resp.release(reuse=False)
             # The upstream answered; its client leaving is no failure of its own.
-            self.recorder.attempt(name, req.kind, _OK, resp.ttfb, "ok")
+            self.recorder.attempt(name, req.kind, OUTCOME_OK, resp.ttfb, "ok")
             raise
-        self.recorder.attempt(name, req.kind, _OK, resp.ttfb, "ok")
+        self.recorder.attempt(name, req.kind, OUTCOME_OK, resp.ttfb, "ok")
         return name, outcome
 
     async def _relay_checked(
@@ -155,7 +150,7 @@ class Delivery:
             await cache.prefetch(req, resp, gate)  # the fill owns resp from here
         else:
             resp.release(reuse=False)
-        self.recorder.attempt(name, req.kind, _OK, resp.ttfb, "ok")
+        self.recorder.attempt(name, req.kind, OUTCOME_OK, resp.ttfb, "ok")
         reply.answering(name)
         reply.whole = True  # the headers are the whole answer: once written, it is served
         try:
@@ -168,7 +163,7 @@ class Delivery:
     def body_end(self, name: str, kind: Kind, ttfb: float, exc: UpstreamError | None) -> None:
         """The fill of one body ended: recorded once, however many clients read it."""
         if exc is None:
-            self.recorder.attempt(name, kind, _OK, ttfb, "ok")
+            self.recorder.attempt(name, kind, OUTCOME_OK, ttfb, "ok")
         else:
             self.failures.record(name, kind, exc, ttfb)
 

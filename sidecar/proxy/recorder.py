@@ -11,18 +11,12 @@ Metric children are looked up once per label tuple and kept, because
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any
 
 from sidecar.breaker.state import SUMDB_KINDS
 from sidecar.goproxy import KIND_LABEL, Kind
 from sidecar.metrics import Metrics, PlainBuckets, PlainCount
-from sidecar.stats.window import Outcome, UpstreamWindow
-
-# Read once: an enum member read through its class runs EnumType's
-# __getattr__ hook on Python 3.11 (~1 k instructions), and every attempt
-# is compared with these.
-_ERROR: Final = Outcome.ERROR
-_TIMEOUT: Final = Outcome.TIMEOUT
+from sidecar.stats.window import OUTCOME_ERROR, OUTCOME_TIMEOUT, Outcome, UpstreamWindow
 
 # requests_total, request_duration_seconds and, for a hit or stale serve, its cache counter
 Answers = tuple[PlainCount, PlainBuckets, PlainCount | None]
@@ -67,7 +61,7 @@ class Recorder:
         if count is None:
             count = self._attempts[key] = self.counter(self.metrics.upstream_attempts, *key)
         count()
-        if outcome is _ERROR or outcome is _TIMEOUT:
+        if outcome is OUTCOME_ERROR or outcome is OUTCOME_TIMEOUT:
             self._child(self.metrics.upstream_failures, upstream, result).inc()
 
     def missed(self, kind: Kind) -> None:

@@ -42,14 +42,21 @@ REASONS: Final = {
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
-_STATUS_LINES: Final = {
-    status: f"HTTP/1.1 {status} {reason}\r\n".encode("ascii") for status, reason in REASONS.items()
-}
 
 
-def status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    return line if line is not None else f"HTTP/1.1 {status} Unknown\r\n".encode("ascii")
+class _StatusLines(dict[int, bytes]):
+    """Status lines by code: every answer's head is looked up here without a
+    call, and a code without a reason (never kept: the map stays this size)
+    is made when asked."""
+
+    def __missing__(self, status: int) -> bytes:
+        return f"HTTP/1.1 {status} Unknown\r\n".encode("ascii")
+
+
+_STATUS_LINES: Final = _StatusLines(
+    (status, f"HTTP/1.1 {status} {reason}\r\n".encode("ascii"))
+    for status, reason in REASONS.items()
+)
 
 
 class DateHeader:
@@ -211,8 +218,7 @@ class Exchange:
             self.keep_alive = False
 
     def _head(self, status: int, block: bytes, length: int | None) -> bytes:
-        line = _STATUS_LINES.get(status) or status_line(status)
-        parts = [line, self.connection.date.line(), block]
+        parts = [_STATUS_LINES[status], self.connection.date.line(), block]
         if length is not None:
             parts.append(b"Content-Length: %d\r\n" % length)
         elif self._chunked:
