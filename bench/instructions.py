@@ -45,6 +45,7 @@ import bcrypt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procs import cpu_seconds, free_port, pinned
+from bench.servers import build_compiled
 from bench.tree import UNIQUE_PREFIX, info_body, static_info_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,6 +189,7 @@ async def measure(args: argparse.Namespace, work: Path) -> int:
         "--separate-threads=yes",  # one file per thread: the loop's share apart
         f"--callgrind-out-file={out}",
     ]
+    print(f"sidecar from {args.source}: {build_compiled(args.source)}", flush=True)
     argv = [
         *(under if args.measure == "callgrind" else []),
         *(["taskset", "-c", str(SIDECAR_CORE)] if args.measure == "cpu" else []),

@@ -31,7 +31,7 @@ from bench.checksums import build_database  # noqa: E402
 from bench.contenders import CONTENDERS  # noqa: E402
 from bench.procs import BenchError, Procs, stopping  # noqa: E402
 from bench.scenarios import BY_NAME, SCENARIOS, Scenario  # noqa: E402
-from bench.servers import nginx_binary  # noqa: E402
+from bench.servers import build_compiled, nginx_binary  # noqa: E402
 from bench.trial import Options, Row, run_trial  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "resilience.json"
@@ -170,10 +170,19 @@ unvouched: sidecar: .mod/.zip bodies it could not check against the checksum
 
 def export_sidecar(rev: str, target: Path) -> Path:
     """``git archive rev sidecar policies`` unpacked into ``target`` (a PYTHONPATH
-    entry; sidecar/policies links to ../policies)."""
+    entry; sidecar/policies links to ../policies), with the files of its build;
+    the first trial compiles it (bench.servers.build_compiled)."""
     target.mkdir(parents=True)
+    # What setup.py needs to compile it as an install would, where rev has it.
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-tree", "--name-only", rev],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    build = [name for name in ("setup.py", "pyproject.toml", "README.md") if name in listed]
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "sidecar", "policies"],
+        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "sidecar", "policies", *build],
         capture_output=True,
         check=False,
     )
@@ -196,6 +205,7 @@ def versions(go: str | None, sidecar_source: Path) -> dict[str, str]:
         "go": first_line([go, "version"]) if go else "absent",
         "checkout": first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
         "sidecar_from": str(sidecar_source),
+        "sidecar_build": build_compiled(sidecar_source),
         "python": sys.version.split()[0],
         "kernel": platform.release(),
     }

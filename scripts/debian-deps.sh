@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests need (tests/functional/test_deploy.py):
+#   gcc        the C compiler of `pip install -e .`'s mypyc build (setup.py)
 #   promtool   `promtool check config|rules`, `promtool test rules` on deploy/prometheus/
 #              (Debian package `prometheus`, which also brings the server the
 #              scenario tests run)
@@ -19,6 +20,7 @@ set -euo pipefail
 
 # command | Debian package that provides it
 WANTED=(
+    "gcc|gcc"             # pip install compiles the per-request modules (mypyc, setup.py)
     "promtool|prometheus"
     "nginx|nginx-light"   # static GOPROXY upstreams in e2e tests and bench/
     "wrk|wrk"             # bench/ load generator

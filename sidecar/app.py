@@ -18,6 +18,7 @@ from sidecar.breaker.machine import Breaker
 from sidecar.breaker.plan import Plan
 from sidecar.breaker.state import Decision, State, TrafficClass
 from sidecar.cache.base import ModuleCache
+from sidecar.compiled import running_compiled
 from sidecar.config import AUTHENTICATED, Config, EndpointAccess, VerifyMode
 from sidecar.control import (
     RECENT_TRANSITIONS,
@@ -366,6 +367,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             "listen": config.listen,
             "https": config.tls.enabled,
             "upstreams": list(service.sidecar.upstreams),
+            # "57/57"; fewer when the install had no C compiler (README Troubleshooting)
+            "compiled": "{}/{}".format(*running_compiled()),
         },
     )
     if ready is not None:

@@ -9,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import Sidecar, SidecarService, build_sidecar
+from sidecar.compiled import stale
 from sidecar.config import (
     CacheConfig,
     Config,
@@ -22,6 +23,18 @@ from sidecar.config import (
 )
 from tests.serving import SidecarTestServer
 from tests.upstream import FakeGoproxy, make_app
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Python imports an in-place extension before its source: a test run after
+    an edit would test the old build (scripts/test rebuilds it)."""
+    edited = stale(Path(__file__).resolve().parent.parent)
+    if edited:
+        raise pytest.UsageError(
+            f"{', '.join(edited)}: edited after its mypyc build; rebuild with "
+            "`pip install -e .` (scripts/test does) or `python3 setup.py build_ext --inplace`"
+        )
+
 
 FAST_TIMEOUTS = TimeoutsConfig(connect=1.0, first_byte=1.0, idle=1.0)
 HEDGED = HedgeConfig()  # the default: on

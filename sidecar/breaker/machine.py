@@ -225,13 +225,15 @@ class Breaker:
 
     # -- control loop --------------------------------------------------------
 
-    def apply(self, decision: Decision, cooldown_s: float, probes: int) -> Transition | None:
+    def apply(self, decision: Decision, cooldown_s: object, probes: object) -> Transition | None:
         """Feed one policy decision; ``cooldown_s``/``probes`` are kept for later.
 
         CLOSED: a non-allow decision trips to OPEN; an allow one replaces the
         reason (the policy's explanation). OPEN: a non-allow decision
         refreshes action, reason and alert. HALF_OPEN: ignored (probes decide).
-        A new ``probes`` applies from the next half-open period on.
+        A new ``probes`` applies from the next half-open period on. Both come
+        from policy data as the engine gives them (5.0 for 5, or a string) and
+        are checked here.
         """
         self._cooldown_s, self._probes = _checked_settings(cooldown_s, probes)
         return self._behaviour.apply(decision)

@@ -127,6 +127,9 @@ class Fill:
         on_end: Callable[[UpstreamError | None], None] | None = None,
         on_write_error: Callable[[str, OSError], None] | None = None,
         gate: Gate | None = None,
+        flush_bytes: int = FLUSH_BYTES,
+        ring_bytes: int = RING_BYTES,
+        read_bytes: int = READ_BYTES,
     ) -> None:
         self.req = req
         self.key = req.cache_key
@@ -145,6 +148,10 @@ class Fill:
         self._fd = temp.fd if temp is not None else None  # still read after a degrade
         self._temp_path = temp.path if temp is not None else None
         self._limit = limit
+        # Smaller in tests, to cross every boundary with a few bytes.
+        self._flush_bytes = flush_bytes
+        self._ring_max = ring_bytes
+        self._read_bytes = read_bytes
         self._keep = keep  # a `warm` fill has no readers and must not be stopped for it
         self._abandoned = False  # stopped because nobody would get the bytes
         self._on_end = on_end
@@ -205,7 +212,7 @@ class Fill:
         fd = self._fd
         if fd is None:
             raise UpstreamConnectError(self.upstream, "fill data no longer available")
-        size = min(READ_BYTES, self.flushed - offset)
+        size = min(self._read_bytes, self.flushed - offset)
         try:
             data = await self.io(os.pread, fd, size, offset)
         except OSError as exc:
@@ -261,8 +268,8 @@ class Fill:
                 # it is sending, and 200 readers spread over a 50 MiB body each
                 # holding its own 256 KiB read were ~50 MB of peak RSS. Copies
                 # also because the ring keeps references (no reused buffers).
-                for start in range(0, len(chunk), READ_BYTES):
-                    await self._take(bytes(chunk[start : start + READ_BYTES]))
+                for start in range(0, len(chunk), self._read_bytes):
+                    await self._take(bytes(chunk[start : start + self._read_bytes]))
             if self._temp is not None and self._pending:
                 await self._flush()
             if self._gate is not None and self._temp_path is not None:
@@ -300,7 +307,7 @@ class Fill:
                 self._degrade(None)
             else:
                 self._pending.append(chunk)
-                if self.received - self.flushed >= FLUSH_BYTES:
+                if self.received - self.flushed >= self._flush_bytes:
                     await self._flush()
         if self._temp is None:
             await self._make_room()
@@ -320,7 +327,7 @@ class Fill:
     def _trim(self) -> None:
         """Drop flushed chunks beyond the ring budget (readers behind use the file)."""
         while (
-            self._ring_bytes > RING_BYTES
+            self._ring_bytes > self._ring_max
             and self._head < len(self._bufs)
             and self._starts[self._head] + len(self._bufs[self._head]) <= self.flushed
         ):
@@ -366,7 +373,7 @@ class Fill:
                 and self._starts[self._head] + len(self._bufs[self._head]) <= floor
             ):
                 self._drop_head()
-            if self._ring_bytes <= RING_BYTES or not self._readers:
+            if self._ring_bytes <= self._ring_max or not self._readers:
                 return
             self._space = asyncio.get_running_loop().create_future()
             try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import IO, TYPE_CHECKING, Final, cast
+from typing import IO, Any, Final
 
 from sidecar.config import UpstreamConfig
 from sidecar.errors import SumdbUnavailable, UpstreamBusy, UpstreamError
@@ -25,9 +25,6 @@ from sidecar.server import Exchange
 from sidecar.server.exchange import DateHeader
 from sidecar.sumdb.lookup import Fetch
 from sidecar.upstreams import Upstream
-
-if TYPE_CHECKING:
-    from sidecar.server.connection import Connection
 
 # The most of a checksum-database answer kept (a tile is 8 KiB at height 8;
 # a lookup a few hundred bytes).
@@ -41,6 +38,8 @@ class Capture:
         self.out = bytearray()
         self.closing = False
         self.date = DateHeader()
+        self.peer = ""  # the sidecar itself: no client address
+        self.credential: Any = None
 
     def write(self, data: bytes | memoryview) -> None:
         if len(self.out) + len(data) > ANSWER_MAX + 64 * 1024:
@@ -74,7 +73,7 @@ def handler_fetch(handle: Callable[[Exchange], Awaitable[None]]) -> Fetch:
     async def fetch(path: str) -> bytes:
         capture = Capture()
         target = f"/{path}"
-        ex = Exchange(cast("Connection", capture), "GET", target, [], True, True)
+        ex = Exchange(capture, "GET", target, [], True, True)
         await handle(ex)
         status, body = parse_response(bytes(capture.out))
         if status != 200:

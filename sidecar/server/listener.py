@@ -14,8 +14,8 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, Protocol
 
 from sidecar.errors import ListenError
 from sidecar.server.connection import Connection
@@ -28,6 +28,19 @@ SWEEP_S: Final = 5.0
 
 Handler = Callable[[Exchange], Awaitable[None]]
 AnswerNow = Callable[[Exchange], bool]
+
+
+class _Listening(Protocol):
+    """The loop's server, as used here. uvloop's gives its sockets as a list
+    where asyncio's gives a tuple (typeshed says tuple, and mypyc checks a
+    declared tuple at run time)."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
 
 
 class Server:
@@ -55,7 +68,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.date = DateHeader()
         self.closing = False
-        self._listener: asyncio.base_events.Server | None = None
+        self._listener: _Listening | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     def __call__(self) -> Connection:

@@ -64,6 +64,7 @@ class RequestReader:
         "_host",
         "_parser",
         "_queue",
+        "_refusal",
         "_target",
         "_target_bytes",
         "_valid_host",
@@ -82,6 +83,10 @@ class RequestReader:
         self._authorization: bytes | None = None
         self._connection = False  # a Connection header came
         self._valid_host = b""  # the last Host value that passed the check
+        # What a callback refused: httptools raises its own error in its place
+        # (the refusal only as that error's __context__, which compiled code
+        # does not keep), so feed raises this one. The connection closes after.
+        self._refusal: Refused | None = None
         # Expect: 100-continue: None (not asked), False (sent), True (owed).
         self._continue: bool | None = None
         # Bytes of the message that are not body bytes (over by at most one
@@ -92,11 +97,8 @@ class RequestReader:
         """At most SLICE bytes (more only when the head is measured elsewhere)."""
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            refused = exc.__context__
-            if isinstance(refused, Refused):
-                raise refused from None
-            raise Refused(400, "bad request") from None
+        except httptools.HttpParserCallbackError:
+            raise self._refusal or Refused(400, "bad request") from None
         except httptools.HttpParserError as exc:
             raise Refused(400, f"bad request: {exc}") from None
         if self._head_seen is not None:
@@ -119,29 +121,29 @@ class RequestReader:
         self._target.append(url)
         self._target_bytes += len(url)
         if self._target_bytes > MAX_TARGET:
-            raise Refused(414, "request target too long")
+            raise self._refuse(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name)
         total = self._header_bytes = self._header_bytes + size + len(value)
         if total > MAX_HEADERS:
-            raise Refused(431, "request headers too large")
+            raise self._refuse(431, "request headers too large")
         if size == 13 and (name == b"Authorization" or name.lower() == b"authorization"):
             # A second one is refused: a proxy in front may have checked the
             # other (Authorization holds one credential: RFC 9110 11.6.2).
             if self._authorization is not None:
-                raise Refused(400, "more than one Authorization header")
+                raise self._refuse(400, "more than one Authorization header")
             # Kept out of ``headers``: nothing after the front door sees a
             # client's credential, so nothing can log or forward it.
             self._authorization = value
             return
         headers = self._headers
         if len(headers) >= MAX_HEADER_COUNT:
-            raise Refused(431, "request headers too large")
+            raise self._refuse(431, "request headers too large")
         headers.append((name, value))
         if size == 4 and (name == b"Host" or name.lower() == b"host"):
             if self._host is not None:
-                raise Refused(400, "more than one Host header")
+                raise self._refuse(400, "more than one Host header")
             self._host = value
         elif size == 6 and name.lower() == b"expect":
             self._expectation(value)
@@ -166,10 +168,10 @@ class RequestReader:
         host = self._host
         if host is None:
             if http11:  # RFC 9112 3.2; HTTP/1.0 had no Host
-                raise Refused(400, "missing Host header")
+                raise self._refuse(400, "missing Host header")
         elif host != self._valid_host:  # a client sends the same Host every time
             if not _HOST.fullmatch(host):
-                raise Refused(400, "invalid Host header")
+                raise self._refuse(400, "invalid Host header")
             self._valid_host = host
         url = b"".join(self._target)
         if url[0] != 0x2F:  # not "/..."
@@ -189,13 +191,17 @@ class RequestReader:
             self._continue = None
         self._queue.append(exchange)
 
+    def _refuse(self, status: int, message: str) -> Refused:
+        refused = self._refusal = Refused(status, message)
+        return refused
+
     # -- checks llhttp leaves to its user -----------------------------------
     def _expectation(self, value: bytes) -> None:
         """Decided as the header arrives (the head's end is not reported: one
         callback less per request): with nothing ahead of it on the connection,
         a client holding a body back until the 100 must not wait for its timeout."""
         if value.strip().lower() != b"100-continue":
-            raise Refused(417, "only 'Expect: 100-continue' is supported")
+            raise self._refuse(417, "only 'Expect: 100-continue' is supported")
         if self._continue is not None or self._parser.get_http_version() != "1.1":
             return  # RFC 9110 10.1.1: ignored in an HTTP/1.0 request
         conn = self._conn
@@ -208,10 +214,10 @@ class RequestReader:
     def _check_http10(self) -> None:
         version = self._parser.get_http_version()
         if version != "1.0":
-            raise Refused(505, f"HTTP/{version} is not supported")
+            raise self._refuse(505, f"HTTP/{version} is not supported")
         if any(name.lower() == b"transfer-encoding" for name, _ in self._headers):
             # RFC 9112 6.1: framing an HTTP/1.0 peer cannot mean is faulty framing.
-            raise Refused(400, "Transfer-Encoding in an HTTP/1.0 request")
+            raise self._refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
 
     def _origin_form(self, url: bytes) -> bytes:
         """An absolute-form target (RFC 9112 3.2.2) for this very host, as origin-form.
@@ -221,5 +227,5 @@ class RequestReader:
             return url
         authority, rest = cast(tuple[bytes, bytes], absolute.groups())
         if self._host is None or authority.lower() != self._host.lower():
-            raise Refused(400, "absolute-form target for another host: not a forward proxy")
+            raise self._refuse(400, "absolute-form target for another host: not a forward proxy")
         return rest if rest[:1] == b"/" else b"/" + rest

@@ -1143,6 +1143,8 @@ def test_containerfile_follows_the_basic_rules() -> None:
     ]
     build = steps[: max(i for i, (w, _) in enumerate(steps) if w == "FROM")]
     assert any("goproxy-sidecar health --help" in a for w, a in build if w == "RUN")
+    # A build without a compiler would ship the slow, interpreted modules.
+    assert any("running_compiled()" in a for w, a in build if w == "RUN")
     assert ("EXPOSE", str(SIDECAR_PORT)) in runtime
     [entrypoint] = [json.loads(a) for w, a in runtime if w == "ENTRYPOINT"]
     assert entrypoint == ["goproxy-sidecar", "run", "--config", CONFIG_MOUNT]
@@ -1165,7 +1167,13 @@ def test_podman_builds_keep_the_healthcheck() -> None:
 def test_containerfile_context_holds_what_the_build_copies() -> None:
     ignore = (DEPLOY / "Containerfile.dockerignore").read_text().splitlines()
     allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
-    for needed in ("pyproject.toml", "sidecar", "policies", "deploy/kubernetes/base/sidecar.yaml"):
+    for needed in (
+        "pyproject.toml",
+        "setup.py",  # the mypyc build of the per-request modules
+        "sidecar",
+        "policies",
+        "deploy/kubernetes/base/sidecar.yaml",
+    ):
         assert needed in allowed, needed
         assert (REPO / needed).exists(), needed
 

@@ -7,18 +7,18 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.cache import fill as fill_mod
 from sidecar.cache.fill import Fill, FillState, TempFile
 from sidecar.cache.flight import Flights, NotFound
 from sidecar.cache.index import Entry, Index
+from sidecar.config import UpstreamConfig
 from sidecar.errors import UpstreamTruncated
 from sidecar.goproxy import parse_request_path
+from sidecar.upstreams import Upstream
 from tests.unit.test_cache_layout import record
 
 REQ = parse_request_path("/example.com/m/@v/v1.0.0.zip")
@@ -28,7 +28,8 @@ class Source:
     """Stands in for UpstreamResponse: yields scripted chunks, gated by a queue."""
 
     def __init__(self, chunks: list[bytes], fail_after: int | None = None) -> None:
-        self.upstream = SimpleNamespace(name="up0")
+        # A real one (never started: the fill reads its name only).
+        self.upstream = Upstream(UpstreamConfig(name="up0", url="http://127.0.0.1:9"), "primary")
         self.headers = {"Content-Type": "application/zip"}
         self.content_length = sum(map(len, chunks))
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -62,20 +63,24 @@ def temp(tmp_path: Path) -> TempFile:
 
 def new_fill(src: Source, file: TempFile | None, limit: int = 10_000, **hooks: Any) -> Fill:
     """A fill of REQ with ``src`` standing in for the upstream response."""
-    return Fill(REQ, src, CIMultiDict(), file, limit=limit, **hooks)  # type: ignore[arg-type]
+    return Fill(
+        REQ,
+        src,  # type: ignore[arg-type]
+        CIMultiDict(),
+        file,
+        limit=limit,
+        # Small, so that a few bytes cross every flush, ring and read boundary.
+        flush_bytes=10,
+        ring_bytes=20,
+        read_bytes=7,
+        **hooks,
+    )
 
 
 def start(fill: Fill) -> asyncio.Task[bool]:
     task = asyncio.ensure_future(fill.run())
     fill.task = task  # type: ignore[assignment]
     return task
-
-
-@pytest.fixture(autouse=True)
-def small_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fill_mod, "FLUSH_BYTES", 10)
-    monkeypatch.setattr(fill_mod, "RING_BYTES", 20)
-    monkeypatch.setattr(fill_mod, "READ_BYTES", 7)
 
 
 async def test_readers_get_every_byte_and_the_file_matches(tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from sidecar.cache import fill as fill_mod
 from sidecar.cache.fill import Fill, FillState
 from sidecar.errors import ZipHashError
 from sidecar.sumdb.dirhash import hash_zip
@@ -332,16 +331,21 @@ class StreamGate:
         raise AssertionError(reason)
 
 
-async def test_a_gated_fill_feeds_every_byte_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(fill_mod, "FLUSH_BYTES", 700)  # many writes, each fed as written
-    monkeypatch.setattr(fill_mod, "READ_BYTES", 300)
+async def test_a_gated_fill_feeds_every_byte_in_order(tmp_path: Path) -> None:
     data = build(FILES, seekable=False)
     chunks = [data[i : i + 1000] for i in range(0, len(data), 1000)]
     src = Source(chunks)
     gate = StreamGate()
-    fill = Fill(REQ, src, CIMultiDict(), temp(tmp_path), limit=1 << 20, gate=gate)  # type: ignore[arg-type]
+    fill = Fill(
+        REQ,
+        src,  # type: ignore[arg-type]
+        CIMultiDict(),
+        temp(tmp_path),
+        limit=1 << 20,
+        gate=gate,
+        flush_bytes=700,  # many writes, each fed as written
+        read_bytes=300,
+    )
     task = start(fill)
     src.finish()
     assert await task
