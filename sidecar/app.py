@@ -12,14 +12,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 
-from sidecar.auth.gate import INTERNAL, FrontDoor
+from sidecar.auth.gate import FrontDoor
 from sidecar.auth.reloader import CredentialReloader, open_door
 from sidecar.breaker.machine import Breaker
 from sidecar.breaker.plan import Plan
 from sidecar.breaker.state import Decision, State, TrafficClass
 from sidecar.cache.base import ModuleCache
 from sidecar.compiled import running_compiled
-from sidecar.config import AUTHENTICATED, Config, EndpointAccess, VerifyMode
+from sidecar.config import Config, VerifyMode
 from sidecar.control import (
     RECENT_TRANSITIONS,
     ControlLoop,
@@ -29,17 +29,18 @@ from sidecar.control import (
     windows_of,
 )
 from sidecar.endpoints import endpoints
+from sidecar.front import Front
 from sidecar.metrics import Metrics
 from sidecar.policy import make_engine
 from sidecar.policy.base import PolicyEngine
 from sidecar.policy.reloader import PolicyReloader
-from sidecar.proxy.handler import METHODS, ProxyHandler, send_text
+from sidecar.proxy.handler import ProxyHandler
 from sidecar.proxy.hedge import Hedging
 from sidecar.proxy.integrity import IntegrityChecker
 from sidecar.proxy.internal import direct_fetch, handler_fetch
 from sidecar.proxy.recorder import Recorder, queue_wait_sink
 from sidecar.routing import Router
-from sidecar.server import Exchange, Server
+from sidecar.server import Server
 from sidecar.server.tls import ListenerTls
 from sidecar.stats.window import Clock, UpstreamWindow
 from sidecar.upstreams import Upstream
@@ -168,23 +169,21 @@ class SidecarService:
             sidecar.router,
             hedging=sidecar.hedging,
         )
+        self.front = Front(self.proxy, endpoints(sidecar))
         self._sumdb_upstream: Upstream | None = None
         verify = sidecar.config.verify
         if verify.mode is not VerifyMode.OFF:
             if verify.url is not None:
                 fetch, self._sumdb_upstream = direct_fetch(verify.url, verify.name)
             else:  # through this sidecar's own sumdb/<name>/ path: routed, judged, cached
-                fetch = handler_fetch(self._internal)
+                fetch = handler_fetch(self.front.internal)
             self.proxy.checker = IntegrityChecker(sidecar.config, recorder, fetch)
-        self.endpoints = endpoints(sidecar)
         self.server = Server(
-            self.handle, self.answer_now, send_timeout_s=sidecar.config.send_timeout
+            self.front.handle, self.front.answer_now, send_timeout_s=sidecar.config.send_timeout
         )
         self._control_task: asyncio.Task[None] | None = None
         self._started = False
         # Client authentication (client_auth), opened by start(): it reads files.
-        self.door: FrontDoor | None = None
-        self._needs: dict[str, EndpointAccess] = {}  # endpoint path -> its rule
         self._credentials: CredentialReloader | None = None
         self.tls: ListenerTls | None = None  # HTTPS (tls), opened by start(): it reads files
 
@@ -192,47 +191,9 @@ class SidecarService:
     def port(self) -> int:
         return self.server.port
 
-    async def handle(self, ex: Exchange) -> None:
-        path = ex.path
-        door = self.door
-        if (
-            door is not None
-            and ex.identity is None
-            and not await door.admit(ex, self._needs.get(path, AUTHENTICATED))
-        ):
-            return
-        # A request answer_now has seen (scratch set) is no endpoint.
-        if ex.scratch is not None or not self._endpoint(ex, path):
-            await self.proxy.handle(ex)
-
-    def answer_now(self, ex: Exchange) -> bool:
-        path = ex.path
-        door = self.door
-        if door is not None and ex.identity is None:
-            # Before anything is looked up: no endpoint or cache hit goes round it.
-            # Its endpoint's rule, else a client identity (inlined: a call
-            # frame is a tenth of what the door costs a hit).
-            admitted = door.now(ex, self._needs.get(path, AUTHENTICATED))
-            if admitted is not True:
-                return admitted is False  # None: handle() verifies it off the loop
-        return self._endpoint(ex, path) or self.proxy.answer_now(ex)
-
-    async def _internal(self, ex: Exchange) -> None:
-        """The sidecar asking itself (checksum-database lookups): no client."""
-        ex.identity = INTERNAL
-        await self.proxy.handle(ex)
-
-    def _endpoint(self, ex: Exchange, path: str) -> bool:
-        """Answer ``ex`` if it asks for one of the sidecar's own endpoints."""
-        endpoint = self.endpoints.get(path)
-        if endpoint is None:
-            return False
-        if ex.method not in METHODS:
-            send_text(ex, 405, "method not allowed", {"Allow": "GET, HEAD"})
-            return True
-        status, content_type, body = endpoint()
-        ex.send(status, {"Content-Type": content_type}, body)
-        return True
+    @property
+    def door(self) -> FrontDoor | None:
+        return self.front.door
 
     async def start(
         self, host: str | None = None, port: int | None = None, sock: socket.socket | None = None
@@ -242,8 +203,8 @@ class SidecarService:
         client_auth = self.sidecar.config.client_auth
         if client_auth.enabled:
             door, reloader = await asyncio.to_thread(open_door, client_auth, self.sidecar.metrics)
-            self.door = self.proxy.door = door
-            self._needs = {path: door.endpoint_need(path) for path in self.endpoints}
+            self.front.door = self.proxy.door = door
+            self.front.needs = {path: door.endpoint_need(path) for path in self.front.endpoints}
             self._credentials = reloader
             reloader.start_polling()
         if self.sidecar.config.tls.enabled:
@@ -367,7 +328,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             "listen": config.listen,
             "https": config.tls.enabled,
             "upstreams": list(service.sidecar.upstreams),
-            # "57/57"; fewer when the install had no C compiler (README Troubleshooting)
+            # "58/58"; fewer when the install had no C compiler (README Troubleshooting)
             "compiled": "{}/{}".format(*running_compiled()),
         },
     )
