@@ -22,6 +22,7 @@ from sidecar.errors import PolicyEvalError
 DEFAULT_COOLDOWN_S = 30.0
 DEFAULT_PROBES = 5
 BREAKER_DATA_PATH = ("sidecar", "config", "breaker")
+MAX_TIMEOUT_S = 2.0  # the longest an OPA server query may take (one policy interval at most)
 
 # A healthy upstream in the input shape of the README ("Input"). A policy that cannot
 # decide on this is not put in service (see PolicyReloader and load()).

@@ -23,13 +23,12 @@ from sidecar.breaker.state import Decision
 from sidecar.errors import PolicyEvalError, PolicyLoadError
 from sidecar.policy.base import (
     BREAKER_DATA_PATH,
+    MAX_TIMEOUT_S,
     PolicyEngine,
     parse_breaker_settings,
     parse_decisions,
     upstream_names,
 )
-
-MAX_TIMEOUT_S = 2.0
 
 
 class OpaServerEngine(PolicyEngine):

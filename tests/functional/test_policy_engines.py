@@ -23,7 +23,8 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.breaker.state import Decision
 from sidecar.errors import PolicyEvalError, PolicyLoadError
-from sidecar.policy import SMOKE_INPUT, EmbeddedEngine, OpaServerEngine
+from sidecar.policy import SMOKE_INPUT, EmbeddedEngine
+from sidecar.policy.opa_server import OpaServerEngine
 from tests.tools import require_tool
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
