@@ -6,14 +6,14 @@ listener and its HTTP/1.1 exchange, the GOPROXY path check, routing, the
 handler and its delivery, the upstream client and pool, statistics,
 breakers, the cache store and checksum verification. Measured with
 ``bench/instructions.py`` (instructions per request, these modules compiled
-by pip against none, at 9a552cf): small hit 67.3 k → 32.7 k, miss without
-the cache 216 k → 126 k. The rest (configuration, CLI, status pages, policy
-engines, the control loop) runs once a second or less and stays
-interpreted, which keeps the build to about 2 minutes. Three modules on the
-path use what mypyc cannot compile and stay interpreted: an async generator
-(``upstreams/response``), a class's ``__slots__`` read through the class
-(``cache/layout``) and an assignment to ``logging.Formatter.converter``
-(``logs``).
+against none, 15ee066 against ba1e445): small hit 67.3 k → 31.2 k, miss
+without the cache 216 k → 121 k, with it 317 k → 206 k. The rest
+(configuration, CLI, status pages, policy engines, the control loop) runs
+once a second or less and stays interpreted, which keeps the build to about
+2 minutes. Three modules on the path use what mypyc cannot compile and stay
+interpreted: an async generator (``upstreams/response``), a class's
+``__slots__`` read through the class (``cache/layout``) and an assignment
+to ``logging.Formatter.converter`` (``logs``).
 
 This file is read by ``setup.py`` before the package is importable, so it
 imports nothing outside the standard library.

@@ -9,13 +9,14 @@ import pytest
 from sidecar.breaker.state import Action, Decision
 from sidecar.config import PolicyConfig, PolicyEngineKind
 from sidecar.errors import PolicyEvalError
-from sidecar.policy import EmbeddedEngine, OpaServerEngine, make_engine, opa_timeout
+from sidecar.policy import EmbeddedEngine, make_engine, opa_timeout
 from sidecar.policy.base import (
     decision_path,
     parse_breaker_settings,
     parse_decisions,
     upstream_names,
 )
+from sidecar.policy.opa_server import OpaServerEngine
 
 
 def test_parse_decisions() -> None:

@@ -15,8 +15,9 @@ import pytest
 from sidecar.breaker.state import Action
 from sidecar.errors import PolicyEvalError, PolicyLoadError
 from sidecar.metrics import Metrics
-from sidecar.policy import SMOKE_INPUT, EmbeddedEngine, OpaServerEngine, PolicyReloader
+from sidecar.policy import SMOKE_INPUT, EmbeddedEngine, PolicyReloader
 from sidecar.policy.base import SMOKE_UPSTREAM
+from sidecar.policy.opa_server import OpaServerEngine
 
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 DECISION = "sidecar/breaker/decisions"
