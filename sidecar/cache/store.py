@@ -442,14 +442,22 @@ class DiskCache:
         task.add_done_callback(self._fills.discard)
 
     async def _run_fill(self, fill: Fill) -> None:
+        # No await in a finally: compiled (sidecar/compiled.py), the exception
+        # it re-raises is read from the thread's state, which the tasks that run
+        # during the await change (a cancelled fill re-raised another task's
+        # SumdbUnavailable). The exception is kept here and raised by name.
+        cancelled: BaseException | None = None
         try:
             if await fill.run():
                 await self._commit(fill)
         except Exception:
             log.exception("cache fill failed unexpectedly", extra={"key": fill.key})
-        finally:
-            self.flights.finished(fill)
-            await fill.end()
+        except BaseException as exc:
+            cancelled = exc
+        self.flights.finished(fill)
+        await fill.end()
+        if cancelled is not None:
+            raise cancelled
 
     async def _commit(self, fill: Fill) -> None:
         temp = fill.temp

@@ -172,9 +172,9 @@ class IntegrityChecker:
                 # out (the p99 of issue 14). Nobody reads the traceback after here.
                 exc.__traceback__ = None
             return
-        except BaseException:
+        except BaseException as exc:
             await _settle(hashed)
-            raise
+            raise exc  # by name: a bare raise after an await (compiled) is another task's
         want = hashes.zip if req.kind is Kind.ZIP else hashes.gomod
         got = await hashed
         if want is None or got == want:

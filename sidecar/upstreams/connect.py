@@ -162,8 +162,10 @@ class Connector:
         waiting.reverse()  # pop() takes the next one
         pending: set[asyncio.Task[socket.socket]] = set()
         last: OSError | None = None
+        winner: socket.socket | None = None
+        failure: BaseException | None = None
         try:
-            while waiting or pending:
+            while (waiting or pending) and winner is None:
                 if waiting:
                     pending.add(loop.create_task(_connect_one(waiting.pop())))
                 done, pending = await asyncio.wait(
@@ -171,7 +173,6 @@ class Connector:
                     timeout=self.delay if waiting else None,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                winner: socket.socket | None = None
                 for task in done:
                     error = task.exception()
                     if error is None:
@@ -183,15 +184,21 @@ class Connector:
                         last = error
                     else:
                         raise error
-                if winner is not None:
-                    return winner
-        finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                for result in await asyncio.gather(*pending, return_exceptions=True):
-                    if isinstance(result, socket.socket):
-                        result.close()
+        except BaseException as exc:
+            failure = exc
+        # Not a finally: compiled, the exception a finally re-raises after an
+        # await is read from the thread's state, which other tasks change
+        # meanwhile (see DiskCache._run_fill). Kept, and raised by name.
+        for task in pending:
+            task.cancel()
+        if pending:
+            for result in await asyncio.gather(*pending, return_exceptions=True):
+                if isinstance(result, socket.socket):
+                    result.close()
+        if failure is not None:
+            raise failure
+        if winner is not None:
+            return winner
         raise self._cannot_connect(last)
 
     def _cannot_connect(self, exc: OSError | None) -> UpstreamConnectError:
