@@ -44,7 +44,7 @@ class BuildExt(build_ext):
 
     def run(self) -> None:
         super().run()
-        if self.inplace or getattr(self, "editable_mode", False):
+        if self.inplace or self.editable_mode:
             LISTING["write_stamp"](ROOT)
 
 
