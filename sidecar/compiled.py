@@ -62,6 +62,7 @@ COMPILED: Final = (
     "sidecar/upstreams/sender.py",
     "sidecar/stats/histogram.py",
     "sidecar/stats/inflight.py",
+    "sidecar/stats/plain.py",
     "sidecar/stats/window.py",
     "sidecar/breaker/machine.py",
     "sidecar/breaker/plan.py",

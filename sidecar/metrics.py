@@ -8,8 +8,6 @@ is ``module`` or ``sumdb``: each upstream has one breaker per traffic class.
 
 from __future__ import annotations
 
-import time
-from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
 
@@ -17,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from sidecar.stats.plain import PlainBuckets, PlainCount
 
 PREFIX = "goproxy_sidecar"
 
@@ -407,17 +407,6 @@ class PlainCounter(Collector):
         yield family
 
 
-class PlainCount:
-    __slots__ = ("created", "value")
-
-    def __init__(self) -> None:
-        self.value = 0.0
-        self.created = time.time()
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-
 class PlainHistogram(Collector):
     """A labelled histogram whose children are plain counts per bucket, exported
     at scrape time as prometheus_client's ``Histogram`` would (``_created``
@@ -460,18 +449,3 @@ class PlainHistogram(Collector):
                 labels = dict(zip(self.labelnames, values, strict=True))
                 family.add_sample(f"{self.name}_created", labels, child.created)
         yield family
-
-
-class PlainBuckets:
-    __slots__ = ("bounds", "counts", "created", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
-        self.total = 0.0
-        self.created = time.time()
-
-    def observe(self, seconds: float) -> None:
-        # bisect_left: the first bound >= seconds, as Histogram's ``amount <= bound``.
-        self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.total += seconds

@@ -11,30 +11,63 @@ import asyncio
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from sidecar.cache.layout import Record
 
 
-@dataclass(slots=True, eq=False)
 class Entry:
     """One committed entry. ``path`` is its blob ("" when packed: a row, no file);
-    ``expires`` is inf when immutable."""
+    ``expires`` is inf when immutable.
 
-    record: Record
-    path: str
-    expires: float
-    last_access: float
-    # Its bytes matched the SHA-256 in this process, while its blob had
-    # record.identity: a hit that finds another identity hashes it again.
-    verified: bool = False
-    readers: int = 0  # requests serving it right now: its blob must stay put
-    removed: bool = False  # out of the index; its files go when the last reader is done
-    touched: bool = False  # accessed since access times were last persisted
-    on_disk: bool = True  # False while a small entry waits in the write-behind queue
-    packed: bool = False  # stored in the pack (v1/small.db), not as blob + record files
-    verifying: asyncio.Future[bool] | None = field(default=None, repr=False)
-    body: bytes | None = field(default=None, repr=False)  # small bodies, served from memory
+    A plain class, not a dataclass: compiled, a dataclass keeps the
+    interpreted ``__init__`` the dataclasses module generates (5 k
+    instructions per small miss against 0.3 k for this one). Identity
+    equality, as before (``eq=False``).
+    """
+
+    __slots__ = (
+        "body",
+        "expires",
+        "last_access",
+        "on_disk",
+        "packed",
+        "path",
+        "readers",
+        "record",
+        "removed",
+        "touched",
+        "verified",
+        "verifying",
+    )
+
+    def __init__(
+        self,
+        record: Record,
+        path: str,
+        expires: float,
+        last_access: float,
+        verified: bool = False,
+        on_disk: bool = True,
+        packed: bool = False,
+        body: bytes | None = None,
+    ) -> None:
+        self.record = record
+        self.path = path
+        self.expires = expires
+        self.last_access = last_access
+        # Its bytes matched the SHA-256 in this process, while its blob had
+        # record.identity: a hit that finds another identity hashes it again.
+        self.verified = verified
+        self.readers = 0  # requests serving it right now: its blob must stay put
+        self.removed = False  # out of the index; its files go when the last reader is done
+        self.touched = False  # accessed since access times were last persisted
+        self.on_disk = on_disk  # False while a small entry waits in the write-behind queue
+        self.packed = packed  # stored in the pack (v1/small.db), not as blob + record files
+        self.verifying: asyncio.Future[bool] | None = None
+        self.body = body  # small bodies, served from memory
+
+    def __repr__(self) -> str:
+        return f"Entry({self.record.key!r}, {self.path!r})"
 
     @property
     def key(self) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 from sidecar.cache.index import Entry
@@ -43,13 +42,20 @@ COALESCE_S: Final = 0.002
 STOP_WAIT_S: Final = 10.0  # a graceful shutdown waits this long for the queue
 
 
-@dataclass(slots=True)
 class Pending:
-    entry: Entry
-    body: bytes
-    written: bool = False
-    error: CacheError | None = None
-    record: Record | None = None  # as committed to a file: with the blob's identity
+    """One small entry waiting for the disk, then what its write did.
+
+    A plain class: compiled, a dataclass keeps an interpreted ``__init__``
+    (2 k instructions per small miss; this one is 0.2 k)."""
+
+    __slots__ = ("body", "entry", "error", "record", "written")
+
+    def __init__(self, entry: Entry, body: bytes) -> None:
+        self.entry = entry
+        self.body = body
+        self.written = False
+        self.error: CacheError | None = None
+        self.record: Record | None = None  # as committed to a file: with the blob's identity
 
 
 class WriteBehind:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sidecar.breaker.plan import UpstreamPlan
@@ -30,27 +29,48 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.proxy")
 
 
-@dataclass(slots=True)
 class Attempts:
-    """What happened along one request's route, for the final answer."""
+    """What happened along one request's route, for the final answer.
 
-    status: int = 0
-    message: str = ""
-    not_found_from: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: bool = False
-    cut: UpstreamError | None = None  # the body failed after headers were sent
-    overflowed: bool = False  # an upstream had no connection in time (admission)
-    use_cache: bool = True  # false for modules a routing rule keeps out of the cache
-    targets: Sequence[UpstreamPlan] = ()  # the walk, in order (hedges pick from it)
-    hedged_to: str = ""  # the upstream a hedge already asked: the walk skips it
-    # Of the upstream a race began with (its probe's verdict): it failed although
-    # its hedge then answered; it gave none (cancelled: its hedge answered first).
-    first_failure: UpstreamError | None = None
-    unjudged: bool = False
-    # The checksum lookup of a body that is checked, started with the walk so
-    # that it runs while the upstreams are asked instead of after the body came.
-    lookup: asyncio.Future[ModuleHashes] | None = None
+    A plain class, not a dataclass: compiled, a dataclass keeps the
+    ``__init__`` the dataclasses module generates, interpreted (5.6 k
+    instructions per request against 0.3 k for this one).
+    """
+
+    __slots__ = (
+        "cut",
+        "failed",
+        "first_failure",
+        "hedged_to",
+        "lookup",
+        "message",
+        "not_found_from",
+        "overflowed",
+        "skipped",
+        "status",
+        "targets",
+        "unjudged",
+        "use_cache",
+    )
+
+    def __init__(self, use_cache: bool = True, targets: Sequence[UpstreamPlan] = ()) -> None:
+        self.status = 0
+        self.message = ""
+        self.not_found_from: list[str] = []
+        self.skipped: list[str] = []
+        self.failed = False
+        self.cut: UpstreamError | None = None  # the body failed after headers were sent
+        self.overflowed = False  # an upstream had no connection in time (admission)
+        self.use_cache = use_cache  # false for modules a routing rule keeps out of the cache
+        self.targets = targets  # the walk, in order (hedges pick from it)
+        self.hedged_to = ""  # the upstream a hedge already asked: the walk skips it
+        # Of the upstream a race began with (its probe's verdict): it failed although
+        # its hedge then answered; it gave none (cancelled: its hedge answered first).
+        self.first_failure: UpstreamError | None = None
+        self.unjudged = False
+        # The checksum lookup of a body that is checked, started with the walk so
+        # that it runs while the upstreams are asked instead of after the body came.
+        self.lookup: asyncio.Future[ModuleHashes] | None = None
 
 
 def note_failure(exc: UpstreamError, attempts: Attempts) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from sidecar.breaker.state import SUMDB_KINDS
 from sidecar.goproxy import KIND_LABEL, Kind
-from sidecar.metrics import Metrics, PlainBuckets, PlainCount
+from sidecar.metrics import Metrics
+from sidecar.stats.plain import PlainBuckets, PlainCount
 from sidecar.stats.window import OUTCOME_ERROR, OUTCOME_TIMEOUT, Outcome, UpstreamWindow
 
 # requests_total, request_duration_seconds and, for a hit or stale serve, its cache counter
