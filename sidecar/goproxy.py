@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Final, NamedTuple
+from typing import Final
 
 from sidecar.errors import RequestError
 
@@ -49,7 +49,7 @@ class Kind(str, enum.Enum):  # noqa: UP042 - the shared contract spells it so
 KIND_LABEL: Final = {kind: kind.value for kind in Kind}
 
 
-class GoproxyRequest(NamedTuple):
+class GoproxyRequest:
     """One valid GOPROXY request.
 
     ``path`` is the canonical escaped path to forward (no leading slash,
@@ -57,18 +57,59 @@ class GoproxyRequest(NamedTuple):
     only and is a safe relative file path (no ``..``, no empty segment, no
     backslash, no control or non-ASCII character).
 
-    A named tuple, not a frozen dataclass: one is made for every request not
-    seen before, and a frozen dataclass' seven ``object.__setattr__`` calls
-    cost more than the tuple (immutable all the same).
+    A plain class with a constructor of its own: one is made for every
+    request not seen before. Compiled, its fields are read as a struct's
+    (a named tuple's were generic attribute lookups, and its ``__new__`` an
+    interpreted lambda); a frozen dataclass would set each field through
+    ``object.__setattr__``. Never changed once made (``Final``: read-only
+    attributes when compiled); compared and hashed by its fields.
     """
 
-    kind: Kind
-    path: str
-    module: str
-    version: str | None
-    sumdb: str | None
-    immutable: bool
-    cache_key: str
+    __slots__ = ("cache_key", "immutable", "kind", "module", "path", "sumdb", "version")
+
+    def __init__(
+        self,
+        kind: Kind,
+        path: str,
+        module: str,
+        version: str | None,
+        sumdb: str | None,
+        immutable: bool,
+        cache_key: str,
+    ) -> None:
+        self.kind: Final = kind
+        self.path: Final = path
+        self.module: Final = module
+        self.version: Final = version
+        self.sumdb: Final = sumdb
+        self.immutable: Final = immutable
+        self.cache_key: Final = cache_key
+
+    def _fields(self) -> tuple[Kind, str, str, str | None, str | None, bool, str]:
+        return (
+            self.kind,
+            self.path,
+            self.module,
+            self.version,
+            self.sumdb,
+            self.immutable,
+            self.cache_key,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GoproxyRequest):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"GoproxyRequest(kind={self.kind!r}, path={self.path!r}, module={self.module!r}, "
+            f"version={self.version!r}, sumdb={self.sumdb!r}, immutable={self.immutable!r}, "
+            f"cache_key={self.cache_key!r})"
+        )
 
 
 # --- semver (golang.org/x/mod/semver) ---------------------------------------

@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from sidecar.cache.layout import (
@@ -199,7 +199,7 @@ def _check(layout: Layout, path: str, record: Record | None) -> str | None:
         return f"{problem} (evicted)"
     # The bytes are right: whatever changed the file's identity (a copy, a
     # restore from backup, a touch) is recorded, so hits stop re-hashing it.
-    rewrite_record(layout, replace(record, verified=time.time(), identity=hashed.identity))
+    rewrite_record(layout, record.evolve(verified=time.time(), identity=hashed.identity))
     return None
 
 
@@ -213,7 +213,7 @@ def _check_packed(pack: Pack, key: str, record: Record | None) -> str | None:
     if len(body) != record.size or hashlib.sha256(body).hexdigest() != record.sha256:
         pack.delete(key, record.blob)
         return f"size {len(body)} (recorded {record.size}) or sha256 mismatch (evicted)"
-    pack.rewrite(replace(record, verified=time.time()))
+    pack.rewrite(record.evolve(verified=time.time()))
     return None
 
 

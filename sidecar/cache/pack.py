@@ -206,7 +206,10 @@ class Pack:
 def _record(row: tuple[Any, ...]) -> Record | None:
     """A row's record columns as a Record; None if they do not make a sane one."""
     key, kind, blob, size, sha256, ctype, stored, verified, immutable, upstream = row
-    record = Record(
-        key, kind, blob, size, sha256, ctype, stored, verified, bool(immutable), upstream
-    )
+    try:
+        record = Record(
+            key, kind, blob, size, sha256, ctype, stored, verified, bool(immutable), upstream
+        )
+    except TypeError:  # compiled, a field of the wrong type is refused at once
+        return None
     return record if record.valid() else None

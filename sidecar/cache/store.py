@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final
 
 from multidict import CIMultiDict
@@ -42,7 +42,6 @@ from sidecar.cache.layout import (
     change_stamp,
     commit,
     describe,
-    fresh_record,
     hash_file,
     mismatch,
     new_blob_id,
@@ -171,7 +170,7 @@ class DiskCache:
         entry.verified = True
         if identity == entry.record.identity or entry.removed:
             return
-        entry.record = replace(entry.record, identity=identity)
+        entry.record = entry.record.evolve(identity=identity)
         if entry.on_disk:
             self._chore(asyncio.to_thread(_rewrite_quietly, self.layout, entry.record))
 
@@ -330,13 +329,14 @@ class DiskCache:
         now, committed to disk by the write-behind queue (``cache.writeback``)."""
         now = self._clock()
         size = len(body)
-        record = fresh_record(
+        record = Record(
             req.cache_key,
             KIND_LABEL[req.kind],
             new_blob_id(),
             size,
             hashlib.sha256(body).hexdigest(),
             sys.intern(content_type),  # one copy for 100 k entries, not 100 k
+            now,
             now,
             req.immutable,
             upstream,

@@ -25,7 +25,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.cache.layout import HASH_CHUNK, Identity, Layout, Record, new_blob_id, write_atomic
+from sidecar.cache.layout import (
+    HASH_CHUNK,
+    RECORD_FIELDS,
+    Identity,
+    Layout,
+    Record,
+    new_blob_id,
+    write_atomic,
+)
 from sidecar.cache.scrub import Scrub
 from tests.functional.test_cache_support import (
     INFO,
@@ -388,7 +396,7 @@ def _points_at(fd: str, path: str) -> bool:
 def _plant(layout: Layout, key: str, like: Record, blob: str) -> None:
     path = layout.record_path(key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fields = {name: getattr(like, name) for name in Record.__slots__}
+    fields = {name: getattr(like, name) for name in RECORD_FIELDS}
     write_atomic(layout, path, Record(**{**fields, "key": key, "blob": blob}).to_json())
 
 

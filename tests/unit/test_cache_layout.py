@@ -6,19 +6,18 @@ import hashlib
 import json
 import os
 import string
-from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sidecar.cache.layout as layout_module
 from sidecar.cache.layout import (
     Identity,
     Layout,
     Record,
     commit,
-    fresh_record,
     hash_file,
     key_problem,
     make_dirs_inside,
@@ -129,17 +128,27 @@ def test_blob_ids_are_hex_only() -> None:
     assert ROOT.blob_path("ab" * 16) == "/srv/cache/v1/blobs/ab/" + "ab" * 16
 
 
-def test_a_fresh_record_is_the_record_its_fields_make_and_stays_frozen() -> None:
+def test_a_record_compares_by_its_fields_evolves_into_a_copy_and_is_read_only_compiled() -> None:
     blob = new_blob_id()
     assert len(blob) == 32 and set(blob) <= set("0123456789abcdef")
+    assert new_blob_id() != blob
     # key, kind, blob, size, sha256, content type, then the times and the rest
     head = ("example.com/m/@v/v1.0.0.info", "info", blob, 3, "ab" * 32, "application/json")
-    fresh = fresh_record(*head, 17.5, True, "up0")
-    made = Record(*head, 17.5, 17.5, True, "up0", None)
-    assert fresh == made and hash(fresh) == hash(made) and repr(fresh) == repr(made)
-    assert fresh.valid() and Record.from_json(fresh.to_json()) == made
-    with pytest.raises(FrozenInstanceError):
-        fresh.size = 4  # type: ignore[misc]
+    made = Record(*head, 17.5, 17.5, True, "up0")
+    again = Record(*head, 17.5, 17.5, True, "up0", None)
+    assert made == again and hash(made) == hash(again) and repr(made) == repr(again)
+    assert repr(made).startswith("Record(key='example.com/m/@v/v1.0.0.info', kind='info'")
+    assert made != Record(*head, 17.5, 18.0, True, "up0")
+    assert made.valid() and Record.from_json(made.to_json()) == made
+    identity = Identity(3, 1, 2, 3)
+    later = made.evolve(verified=20.0, identity=identity)
+    assert (later.verified, later.identity, later.stored) == (20.0, identity, 17.5)
+    assert made.verified == 17.5 and made.identity is None  # the original is unchanged
+    assert made.evolve(verified=21.0).identity is None  # None keeps the identity
+    assert later.evolve(verified=21.0).identity == identity
+    if not layout_module.__file__.endswith(".py"):  # Final fields: read-only compiled
+        with pytest.raises(AttributeError):
+            made.size = 4  # type: ignore[misc]
 
 
 def test_record_round_trip_and_refusals() -> None:
@@ -153,7 +162,9 @@ def test_record_round_trip_and_refusals() -> None:
         record(blob="../x").to_json(),
         record(size=-1).to_json(),
         record(key="../x").to_json(),
-        record(size=True).to_json(),
+        json.dumps({**json.loads(r.to_json()), "size": True}).encode(),
+        json.dumps({**json.loads(r.to_json()), "size": 3.0}).encode(),
+        json.dumps({**json.loads(r.to_json()), "immutable": 1}).encode(),
     ):
         with pytest.raises(CacheError):
             Record.from_json(bad)
@@ -248,7 +259,7 @@ def _commit(layout: Layout, key: str, data: bytes) -> Record:
         committed = commit(layout, fd, temp, r)
     finally:
         os.close(fd)
-    assert committed == replace(r, identity=committed.identity)
+    assert committed == r.evolve(identity=committed.identity)
     return committed
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,7 @@ def test_rows_round_trip_and_change_only_the_entry_they_name(tmp_path: Path) -> 
     assert not pack.delete(a.key, a.blob)  # the old entry is gone already
     assert pack.body(a.key, newer.blob) == b"A2"
     pack.touch_many([(newer.key, newer.blob, 99.0), (b.key, new_blob_id(), 77.0)])
-    assert pack.rewrite(replace(newer, verified=50.0))
+    assert pack.rewrite(newer.evolve(verified=50.0))
     times = {k: t for _r, k, t in pack.records()}
     assert times == {a.key: 99.0, b.key: 10.0}
     assert [r.verified for r, k, _t in pack.records() if k == a.key] == [50.0]
