@@ -56,7 +56,7 @@ import logging
 import os
 import threading
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar
 
@@ -65,7 +65,7 @@ from multidict import CIMultiDict
 from sidecar.cache.layout import describe, write_all
 from sidecar.errors import UpstreamConnectError, UpstreamError
 from sidecar.goproxy import GoproxyRequest
-from sidecar.upstreams import UpstreamResponse
+from sidecar.upstreams import Upstream
 
 log = logging.getLogger("sidecar.cache")
 
@@ -112,13 +112,32 @@ class TempFile:
     hasher: Any = field(default_factory=hashlib.sha256)
 
 
+class Body(Protocol):
+    """What a fill reads: an upstream's answer (``UpstreamResponse``). A
+    protocol, so that the unit tests can script a body's arrival chunk by
+    chunk; compiled, a parameter of the class itself would refuse them."""
+
+    @property
+    def upstream(self) -> Upstream: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def release(self, reuse: bool = True) -> None: ...
+
+
 class Fill:
     """The fetch of one body for one cache key; see the module docstring."""
 
     def __init__(
         self,
         req: GoproxyRequest,
-        source: UpstreamResponse,
+        source: Body,
         headers: CIMultiDict[str],
         temp: TempFile | None,
         *,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDictProxy, istr
@@ -89,7 +88,7 @@ class UpstreamResponse:
             return None
         return conn.take()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> Chunks:
         """Whatever is buffered, as it arrives; raises on a short or stalled body.
 
         UpstreamTruncated: the body ended before its Content-Length (or last
@@ -99,20 +98,7 @@ class UpstreamResponse:
         conn = self._conn
         if conn is None:
             raise UpstreamConnectError(self.upstream.name, "response already released")
-        try:
-            while True:
-                data = conn.take()
-                if data:
-                    yield data
-                    continue
-                if conn.state == DONE:
-                    return
-                if conn.error is not None:
-                    raise conn.error
-                await conn.wait_body(self._idle)
-        except asyncio.CancelledError:
-            self.release(reuse=False)  # the client left: free the slot now
-            raise
+        return Chunks(self, conn)
 
     async def read_text(self, limit: int = ERROR_BODY_LIMIT) -> str:
         """A short prefix of the body, for error messages ("" if it cannot be
@@ -156,3 +142,33 @@ class UpstreamResponse:
         if not self._released:
             with contextlib.suppress(Exception):  # interpreter shutdown, closed loop
                 self.release(reuse=False)
+
+
+class Chunks:
+    """``UpstreamResponse.chunks``: an iterator class, not an async generator,
+    which mypyc cannot compile (this module runs on every request)."""
+
+    __slots__ = ("_conn", "_response")
+
+    def __init__(self, response: UpstreamResponse, conn: Connection) -> None:
+        self._response = response
+        self._conn = conn
+
+    def __aiter__(self) -> Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        try:
+            while True:
+                data = conn.take()
+                if data:
+                    return data
+                if conn.state == DONE:
+                    raise StopAsyncIteration
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait_body(self._response._idle)
+        except asyncio.CancelledError:
+            self._response.release(reuse=False)  # the client left: free the slot now
+            raise
