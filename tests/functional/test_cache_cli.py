@@ -385,7 +385,7 @@ async def test_ctrl_c_during_warm_ends_it_quietly_with_130(fake_upstreams, tmp_p
     await wait_for(lambda: up.received != [], timeout=30, what="the fetch under way")
     proc.send_signal(signal.SIGINT)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (out, err)  # what it said, should it ever fail
     assert out == b"" and err == b"", err
     assert temp_files(tmp_path / "cache") == []
 
