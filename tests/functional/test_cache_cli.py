@@ -364,6 +364,15 @@ def test_a_reader_that_stops_early_ends_it_quietly(tmp_path, args):
     assert len(head.stdout.splitlines()) == 2
 
 
+def hear_ctrl_c() -> None:
+    """In the child before exec: SIGINT back to its default. A shell without job
+    control starts a background command with SIGINT ignored, the test run
+    inherits that, and so would the warm (Python keeps an ignored SIGINT
+    ignored): it then ran to its 15 s first-byte timeout and exited 1 in CI
+    runs started that way."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_ctrl_c_during_warm_ends_it_quietly_with_130(fake_upstreams, tmp_path):
     [(up, url)] = await fake_upstreams(1)
     up.set("golang.org/x/text/@v/v0.3.0.mod", Reply(body=b"module x\n", delay=30))
@@ -381,6 +390,7 @@ async def test_ctrl_c_during_warm_ends_it_quietly_with_130(fake_upstreams, tmp_p
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=str(Path(__file__).resolve().parents[2]),
+        preexec_fn=hear_ctrl_c,
     )
     await wait_for(lambda: up.received != [], timeout=30, what="the fetch under way")
     proc.send_signal(signal.SIGINT)
