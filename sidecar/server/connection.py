@@ -127,8 +127,13 @@ class Connection(asyncio.Protocol):
         self._server.connections.discard(self)
         self._queue.clear()
         self._held = b""
+        # The reader and the send watch hold this connection (one a parser with
+        # the reader's callbacks, the other one of ours): cycles only the
+        # cyclic GC would free.
+        self._reader.close()
         if self._send is not None:
             self._send.unwatch()
+            self._send = None
         if self._linger is not None:
             self._linger.cancel()
         if self._worker is not None:
