@@ -315,9 +315,21 @@ def slope_mb_per_min(samples: Sequence[Sample]) -> float | None:
     return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx, 3)
 
 
+def second_half(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples of the later half of ``samples``' time span. The allocators keep
+    their high-water marks (glibc's heap, pymalloc's arenas), so RSS climbs in
+    ever rarer steps to the largest working set the mix brings and stays there:
+    a slope over the whole run is that settling, a leak still climbs here."""
+    if not samples:
+        return []
+    middle = (samples[0].t_s + samples[-1].t_s) / 2
+    return [s for s in samples if s.t_s >= middle]
+
+
 def summarize(soak: Soak, warmup_s: float) -> dict[str, Any]:
     samples = soak.samples
     after = [s for s in samples if s.t_s >= warmup_s]
+    later = second_half(after)
     first, warm, last = (
         (samples[0], after[0] if after else None, samples[-1]) if samples else (None, None, None)
     )
@@ -332,6 +344,9 @@ def summarize(soak: Soak, warmup_s: float) -> dict[str, Any]:
         "slope_mb_per_min": slope_mb_per_min(after),
         "slope_samples": len(after),
         "slope_minutes": round((after[-1].t_s - after[0].t_s) / 60, 2) if after else 0.0,
+        "late_slope_mb_per_min": slope_mb_per_min(later),
+        "late_growth_mb": round(later[-1].rss_mb - later[0].rss_mb, 1) if later else None,
+        "late_from_t_s": later[0].t_s if later else None,
         "fds_first": first.fds if first else None,
         "fds_after_warmup": warm.fds if warm else None,
         "fds_last": last.fds if last else None,
@@ -390,7 +405,9 @@ def verdict(summary: dict[str, Any]) -> str:
         f"verdict: RSS {summary['rss_after_warmup_mb']} MB after warm-up -> "
         f"{summary['rss_end_mb']} MB at the end ({summary['growth_mb']:+} MB, "
         f"max {summary['rss_max_mb']} MB), slope {show(summary['slope_mb_per_min'], ' MB/min')} "
-        f"over {summary['slope_minutes']} min ({summary['slope_samples']} samples); "
+        f"over {summary['slope_minutes']} min ({summary['slope_samples']} samples), "
+        f"{show(summary['late_slope_mb_per_min'], ' MB/min')} from {summary['late_from_t_s']} s "
+        f"({summary['late_growth_mb']:+} MB); "
         f"fds {show(summary['fds_after_warmup'])} -> {show(summary['fds_last'])}, "
         f"threads {show(summary['threads_after_warmup'])} -> {show(summary['threads_last'])}; "
         f"{summary['requests']} requests, {summary['errors']} errors"
