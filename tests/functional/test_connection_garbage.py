@@ -13,7 +13,6 @@ the sidecar's own server and upstream client on loopback.
 from __future__ import annotations
 
 import asyncio
-import gc
 import socket
 import struct
 import types
@@ -27,6 +26,7 @@ from aiohttp import web
 from sidecar.server.connection import Connection as ClientConnection
 from sidecar.server.requests import RequestReader
 from sidecar.upstreams.http1 import Connection as UpstreamConnection
+from tests.garbage import cyclic_garbage
 
 REQUESTS = 40
 INFO = b'{"Version":"v1.0.0","Time":"2024-01-01T00:00:00Z"}'
@@ -98,20 +98,11 @@ async def test_ended_connections_leave_no_cyclic_garbage(
     warm = await client.get("/example.com/warm/@v/v1.0.0.info", headers=headers)
     assert warm.status == 200  # imports, pools, first-use caches
     await warm.read()
-    gc.collect()
-    gc.disable()
-    try:
+    with cyclic_garbage(LEFTOVERS) as left:
         for i in range(REQUESTS):
             resp = await client.get(f"/example.com/m{i}/@v/v1.0.0.info", headers=headers)
             assert resp.status == 200 and await resp.read() == INFO
         await asyncio.sleep(0.1)  # the last connections' connection_lost callbacks
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, LEFTOVERS)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
     assert resetting.requests >= REQUESTS  # every request's first attempt did fail
     # Before: per request a lost upstream connection with its parser, error,
     # tracebacks and frames, and a client connection with its reader and parser.

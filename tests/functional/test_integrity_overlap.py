@@ -9,7 +9,6 @@ upstreams, the sidecar on loopback.
 from __future__ import annotations
 
 import asyncio
-import gc
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from tests.functional.test_integrity import (  # noqa: F401 - fixtures are used 
     database,
     serve,
 )
+from tests.garbage import cyclic_garbage
 from tests.sumdb.gosumdb import GoSumdb, sumdb_server_binary  # noqa: F401
 
 HOLD_S = 20.0  # bound on how long the .mod is held waiting for the lookup
@@ -102,22 +102,11 @@ async def test_failed_lookups_leave_no_cyclic_garbage(
     )
     path = "/" + artifact(*SMALL, "mod")
     assert (await client.get(path)).status == 200  # warm: imports, pools, first-use caches
-    gc.collect()
-    gc.disable()
-    try:
+    with cyclic_garbage(LOOKUP_LEFTOVERS) as left:
         for _ in range(FAILED_LOOKUPS):
             resp = await client.get(path)
             assert resp.status == 200  # verify.mode report (the default): served anyway
             await resp.read()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        # Only what a failed lookup would leave: an earlier test's sidecar may
-        # become garbage meanwhile (its metrics, its TLS context) and is no leak.
-        left = [o for o in gc.garbage if isinstance(o, LOOKUP_LEFTOVERS)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
     lookups = sum(p.startswith(f"sumdb/{db.name}/lookup/") for p in upstream.asked)
     assert lookups >= FAILED_LOOKUPS  # each request's lookup failed: nothing memoised
     # Each failed lookup used to leave its exception, nine frames, their
