@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,13 @@ async def closed(reader: asyncio.StreamReader) -> bool:
         return await asyncio.wait_for(reader.read(), READ_S) == b""
     except ConnectionResetError:
         return True
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with SO_LINGER 0: the kernel sends a TCP reset."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def raw_socket(port: int, rcvbuf: int = 0) -> socket.socket:

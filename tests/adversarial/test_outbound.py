@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import gzip
 import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pytest
 
 from sidecar.errors import UpstreamStatusError
 from sidecar.upstreams.connect import Address
+from tests.adversarial.rawhttp import reset
 from tests.functional import test_cache_support
 from tests.functional.test_cache_support import (
     all_blobs,
@@ -112,13 +112,6 @@ async def assert_nothing_cached(client: Any, sc: Any, server: Hostile, path: str
     assert sc.cache.summary()["entries"] == 0 and keys_on_disk(sc.cache.config.dir) == []
     # A failed fill's temp file is removed behind the answer.
     await wait_for(lambda: temp_files(sc.cache.config.dir) == [], what="temp files removed")
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with SO_LINGER 0: the kernel sends a TCP reset."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 # ---------------------------------------------------------------- cut bodies

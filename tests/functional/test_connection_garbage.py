@@ -13,8 +13,6 @@ the sidecar's own server and upstream client on loopback.
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 import types
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +24,7 @@ from aiohttp import web
 from sidecar.server.connection import Connection as ClientConnection
 from sidecar.server.requests import RequestReader
 from sidecar.upstreams.http1 import Connection as UpstreamConnection
+from tests.adversarial.rawhttp import reset
 from tests.garbage import cyclic_garbage
 
 REQUESTS = 40
@@ -60,9 +59,7 @@ async def resetting() -> AsyncIterator[Resetting]:
             upstream.requests += 1
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
+        reset(writer)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
