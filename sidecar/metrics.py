@@ -336,6 +336,14 @@ class Metrics:
             "in flight instead of starting their own.",
             registry=r,
         )
+        self.relayed_bytes = Counter(
+            f"{p}_relayed_bytes",
+            "Body bytes relayed from an upstream straight to a client (no cache, no "
+            "check before serving), by mode: splice (moved by the kernel from socket to "
+            "socket) or copy (through the sidecar: TLS on either side, a chunked body).",
+            ["mode"],
+            registry=r,
+        )
         # --- routing
         self.route_refusals = Counter(
             f"{p}_route_refusals",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import resource
 
 from sidecar.app import serve
 from sidecar.config import Config
@@ -25,13 +27,32 @@ from sidecar.logs import setup_logging
 # time per run and p99 unchanged (within the runs' noise).
 GC_THRESHOLD = (10_000, 2, 50)
 
+log = logging.getLogger("sidecar.runtime")
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """The soft limit on open descriptors raised to the hard one, as Go's
+    runtime does for every Go server: every client and upstream connection
+    holds one, a body relayed by splice(2) three more while it lasts, and
+    systemd's default soft limit is 1,024 (its hard one 524,288). Returns
+    the (before, after) soft limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
 
 def run_forever(config: Config, log_level: str = "info", loop: str = "auto") -> int:
     """Serve until SIGTERM. ``loop``: ``uvloop``, ``asyncio``, or ``auto`` (uvloop if
-    importable). asyncio's loop has ``sendfile`` for cache hits; uvloop does not
-    (the server then copies file chunks through Python), but is faster on small requests."""
+    importable; faster on small requests). Cache hits go out by sendfile(2) either way."""
     setup_logging(log_level)
     tune_malloc()  # before the worker threads: the arena limit applies to new ones
+    before, after = raise_fd_limit()
+    log.debug("runtime: open descriptor limit", extra={"before": before, "after": after})
     runner = asyncio.run
     if loop != "asyncio":
         try:

@@ -86,7 +86,14 @@ class Delivery:
             elif checker is not None:
                 outcome = await self._relay_checked(ex, req, resp, checker, reply, attempts)
             else:
-                outcome = await relay(ex, resp, reply)
+                try:
+                    outcome, cut = await relay(ex, resp, reply)
+                finally:
+                    self.recorder.relayed(reply.spliced, reply.sent)
+                if cut is not None:  # after the headers: answered, cut, no other upstream
+                    self.failures.record(name, req.kind, cut, resp.ttfb)
+                    attempts.cut = cut
+                    return name, outcome
         except UpstreamError as exc:
             resp.release(reuse=False)
             self.failures.failed(name, req.kind, exc, resp.ttfb, attempts)

@@ -22,7 +22,7 @@ from typing import IO, Any, Final
 from sidecar.config import UpstreamConfig
 from sidecar.errors import SumdbUnavailable, UpstreamBusy, UpstreamError
 from sidecar.server import Exchange
-from sidecar.server.exchange import DateHeader
+from sidecar.server.exchange import DateHeader, SpliceSource
 from sidecar.sumdb.lookup import Fetch
 from sidecar.upstreams import Upstream
 
@@ -59,6 +59,13 @@ class Capture:
         if count > ANSWER_MAX:
             raise ConnectionResetError("answer too large")
         self.out += await asyncio.to_thread(_pread, fobj, offset, count)
+
+    @property
+    def splices(self) -> bool:
+        return False  # no socket: the answer is kept here
+
+    async def splice(self, source: SpliceSource) -> bool:
+        return False
 
 
 def _pread(fobj: IO[bytes], offset: int, count: int) -> bytes:

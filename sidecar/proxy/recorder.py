@@ -72,6 +72,10 @@ class Recorder:
             count = self._misses[kind] = self.counter(self.metrics.cache_misses, KIND_LABEL[kind])
         count()
 
+    def relayed(self, spliced: bool, sent: int) -> None:
+        """A body relayed straight from an upstream: ``sent`` bytes handed to the client."""
+        self._child(self.metrics.relayed_bytes, "splice" if spliced else "copy").inc(sent)
+
     def masked(self, upstream: str, kind: Kind) -> None:
         """A 404 of ``upstream`` that a later one answered with 200. A checksum
         request's goes to its own window's run only (the policy reroutes that class

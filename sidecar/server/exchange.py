@@ -5,6 +5,8 @@ what every small GOPROXY answer is) or streams: ``start``, ``write`` as the
 bytes arrive, ``end``. ``write`` waits while the client's socket buffer is
 full, so a slow client slows its upstream read instead of growing memory.
 A client that hung up makes ``write`` raise ``ConnectionResetError``.
+A body whose bytes wait in another socket (an upstream's) can instead be
+handed to ``splice``, which has the kernel move them (see ``splices``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from email.utils import formatdate
-from typing import Any, Final, Protocol
+from typing import Any, Final, NoReturn, Protocol
 
 TEXT_PLAIN: Final = "text/plain; charset=utf-8"
 # Response headers the server owns: framing and connection management.
@@ -88,6 +90,23 @@ def header_block(headers: Mapping[str, str]) -> bytes:
     ).encode("latin-1")
 
 
+class SpliceSource(Protocol):
+    """Bytes waiting in a socket (``fd``) for ``Exchange.splice``: an upstream's
+    body (sidecar.upstreams.http1.RawBody)."""
+
+    fd: int
+    sent: int  # bytes handed on to the client's socket so far
+
+    @property
+    def remaining(self) -> int: ...
+
+    def took(self, n: int) -> None: ...
+
+    async def readable(self) -> None: ...
+
+    def ended(self, exc: OSError | None) -> NoReturn: ...
+
+
 class Client(Protocol):
     """Where an exchange's answer goes: the client's Connection, or the Capture
     that keeps an answer the sidecar asked itself for (the checksum
@@ -108,6 +127,11 @@ class Client(Protocol):
     def abort(self) -> None: ...
 
     async def sendfile(self, fobj: Any, offset: int, count: int) -> None: ...
+
+    @property
+    def splices(self) -> bool: ...
+
+    async def splice(self, source: SpliceSource) -> bool: ...
 
 
 class Exchange:
@@ -221,6 +245,18 @@ class Exchange:
         """``count`` bytes of an open binary file from ``offset``, after ``start``."""
         if self.method != "HEAD" and count:
             await self.connection.sendfile(fobj, offset, count)
+
+    @property
+    def splices(self) -> bool:
+        """After ``start``, the body may go out through ``splice``: a GET's
+        Content-Length body to a client over plain TCP."""
+        return self.method != "HEAD" and not self._chunked and self.connection.splices
+
+    async def splice(self, source: SpliceSource) -> bool:
+        """After ``start`` (where ``splices``): ``source``'s remaining bytes moved to
+        the client by the kernel (``source.sent`` counts them as they go); False
+        if that could not start (nothing taken: copy them instead)."""
+        return await self.connection.splice(source)
 
     def abort(self) -> None:
         """Cut the connection: the client sees a short body, never a complete one."""

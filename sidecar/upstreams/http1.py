@@ -39,6 +39,12 @@ delimited by EOF (never kept alive). HEAD, 1xx, 204 and 304 have no body;
 httptools cannot be told "this answers a HEAD", so after a HEAD the parser
 is replaced too.
 
+The rest of a Content-Length body may instead be left in the socket for
+the reader to move with splice(2) (``raw_body``; plain TCP only): the
+transport stops reading until the body's last byte has been taken, and
+nothing past that byte is read, so whatever follows it still poisons the
+connection.
+
 Flow control: above ``HIGH_WATER`` buffered body bytes the transport stops
 reading; ``take`` hands over everything buffered and resumes it, so a
 500 MiB zip crosses with at most ``HIGH_WATER`` + one read buffered here.
@@ -51,8 +57,10 @@ while someone waits (headers, or the next body bytes).
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -119,6 +127,7 @@ _SPENT: Final = httptools.HttpResponseParser(_Gone())
 
 
 _BARE_READ: Final = 64 * 1024
+_CAN_SPLICE: Final = hasattr(os, "splice")  # Linux
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -224,6 +233,40 @@ class Connection(asyncio.BufferedProtocol):
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
         return data
+
+    def raw_body(self, idle: float) -> RawBody | None:
+        """The rest of the body left in the socket, for the caller to move
+        with splice(2); None unless it is a Content-Length body with bytes
+        still due, nothing buffered (``take`` first), on plain TCP."""
+        transport = self.transport
+        if (
+            not _CAN_SPLICE
+            or self.state != BODY
+            or not self._remaining
+            or self._buf
+            or self.error is not None
+            or self.closed
+            or transport is None
+            or transport.is_closing()
+            or transport.get_extra_info("sslcontext") is not None
+        ):
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        # A duplicate: a loop refuses a reader on a transport's own descriptor.
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError:
+            return None
+        try:
+            dup = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        transport.pause_reading()
+        self._parser_dirty = True  # it stopped inside this body
+        return RawBody(self, dup, idle)
 
     async def wait_body(self, idle: float) -> None:
         """Wait until body bytes, the end, or an error arrive (at most ``idle`` s)."""
@@ -469,6 +512,90 @@ class Connection(asyncio.BufferedProtocol):
         if self.state == BODY:
             self._remaining = 0
             self._complete()
+
+
+class RawBody:
+    """``Connection.raw_body``: the body's remaining bytes in the upstream
+    socket (``fd``, a duplicate of it). The taker reports what it read
+    (``took``) and passed on (``sent``), and gives the socket back with
+    ``close``; the connection is reusable only if the body came whole and
+    nothing followed it."""
+
+    __slots__ = ("_conn", "_idle", "_sock", "fd", "sent")
+
+    def __init__(self, conn: Connection, sock: socket.socket, idle: float) -> None:
+        self._conn = conn
+        self.sent = 0  # handed on by the taker (it counts)
+        self._sock: socket.socket | None = sock
+        self._idle = idle
+        self.fd = sock.fileno()
+
+    @property
+    def remaining(self) -> int:
+        return self._conn._remaining
+
+    def took(self, n: int) -> None:
+        conn = self._conn
+        conn._remaining -= n
+        conn.received += n
+        if not conn._remaining:
+            sock = self._sock
+            try:
+                if sock is not None and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    conn._poison()  # bytes nobody asked for follow the body
+            except BlockingIOError:
+                pass  # nothing follows: the connection may carry another exchange
+            except OSError:
+                conn.keep_alive = False
+            conn._complete()
+
+    async def readable(self) -> None:
+        """Until the socket has bytes or ends; raises the connection's error (the
+        pool sweeper's idle timeout, a lost connection)."""
+        conn = self._conn
+        loop = conn._loop
+        waiter = conn._waiter = loop.create_future()
+        conn.deadline = time.monotonic() + self._idle
+        loop.add_reader(self.fd, conn._wake)
+        try:
+            await waiter
+        finally:
+            conn.deadline = 0.0
+            loop.remove_reader(self.fd)
+        if conn.error is not None:
+            raise conn.error
+
+    def ended(self, exc: OSError | None) -> NoReturn:
+        """The socket ended (``exc`` None) or failed before the body's last byte."""
+        conn = self._conn
+        conn._fail(conn._truncated(exc))
+        assert conn.error is not None
+        raise conn.error
+
+    def resume(self) -> None:
+        """Nothing was taken after all: the transport reads the body again."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        sock.close()
+        transport = self._conn.transport
+        if transport is not None and not self._conn.closed:
+            transport.resume_reading()
+
+    def close(self) -> None:
+        """The socket back to the transport (reading again) if the body is whole,
+        else the connection closed. Idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        sock.close()
+        conn = self._conn
+        transport = conn.transport
+        if conn.state != DONE or conn.error is not None:
+            conn.keep_alive = False
+            conn.abort()
+        elif transport is not None and not conn.closed:
+            transport.resume_reading()
 
 
 def _os_reason(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final
 from multidict import CIMultiDictProxy, istr
 
 from sidecar.errors import UpstreamConnectError
-from sidecar.upstreams.http1 import DONE, Connection
+from sidecar.upstreams.http1 import DONE, Connection, RawBody
 
 if TYPE_CHECKING:
     from sidecar.upstreams.client import Upstream
@@ -87,6 +87,17 @@ class UpstreamResponse:
         if conn is None or conn.state != DONE:
             return None
         return conn.take()
+
+    def take(self) -> bytes:
+        """The body bytes buffered so far (b"" if none), without waiting."""
+        conn = self._conn
+        return b"" if conn is None else conn.take()
+
+    def raw_body(self) -> RawBody | None:
+        """The rest of the body left in the upstream's socket for splice(2),
+        after ``take``; None where that cannot be (see ``Connection.raw_body``)."""
+        conn = self._conn
+        return None if conn is None else conn.raw_body(self._idle)
 
     def chunks(self) -> Chunks:
         """Whatever is buffered, as it arrives; raises on a short or stalled body.

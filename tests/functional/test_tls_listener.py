@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -129,6 +130,27 @@ async def test_a_large_zip_hit_arrives_intact_over_tls(
         assert status == 200 and len(body) == len(BIG)
         assert hashlib.sha256(body).hexdigest() == want
     assert fake.received.count(ZIP) == 1
+
+
+async def test_a_relayed_zip_is_copied_not_spliced_over_tls(
+    fake_upstreams: Any, pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Without the cache a large body is relayed, by splice(2) between plain
+    sockets: over TLS that would put plaintext on the encrypted stream, so it
+    is copied through the transport instead."""
+    [(fake, url)] = await fake_upstreams(1)
+    fake.set(ZIP, BIG)
+    config = make_config([url], tmp_path, tls=TlsConfig(certificate=str(pair[0]), key=str(pair[1])))
+    service = SidecarService(build_sidecar(config))
+    await service.start("127.0.0.1", 0)
+    try:
+        status, body = await fetch(service.port, ZIP, trusting(pair[0]))
+        assert status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(BIG).digest()
+        _, metrics = await fetch(service.port, "metrics", trusting(pair[0]))
+        relayed = re.findall(rb'relayed_bytes_total\{mode="(\w+)"\} (\S+)', metrics)
+        assert [(mode, float(n)) for mode, n in relayed] == [(b"copy", len(BIG))]
+    finally:
+        await service.stop(2.0)
 
 
 async def test_plain_http_and_a_silent_handshake_are_cut(
