@@ -172,6 +172,35 @@ async def test_truncated_large_body_is_never_passed_off_as_complete(fake_upstrea
     assert sidecar.windows["up0"].snapshot().errors == 1
 
 
+FAILED_ZIP = 'goproxy_sidecar_requests_total{kind="zip",outcome="failed",upstream="up0"} 1.0'
+
+
+async def test_a_body_cut_mid_relay_is_answered_not_retried_elsewhere(
+    fake_upstreams, sidecar_client, caplog
+):
+    """Once the head is out, the request is answered: a body the upstream cuts
+    is a cut connection for the client and a failure of that upstream, not a
+    reason to ask the next upstream for an answer that could not be sent."""
+    (a, url_a), (b, url_b) = await fake_upstreams(2)
+    a.set(ZIP, Reply(body=b"z" * (2 * 1024 * 1024), truncate_at=1024 * 1024))
+    b.set(ZIP, b"z" * (2 * 1024 * 1024))
+    client, sidecar = await sidecar_client([url_a, url_b], hedge=HedgeConfig(enabled=False))
+    resp = await client.get("/" + ZIP)
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    metrics = ""
+    for _ in range(100):
+        metrics = await (await client.get("/metrics")).text()
+        if FAILED_ZIP in metrics:
+            break
+        await asyncio.sleep(0.02)
+    assert FAILED_ZIP in metrics
+    assert ZIP not in b.received
+    assert sidecar.windows["up0"].snapshot().errors == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_client_hangup_cancels_upstream_and_is_not_a_failure(fake_upstreams, sidecar_client):
     [(a, url)] = await fake_upstreams(1)
     a.set(ZIP, Reply(body=b"z" * (8 * 1024 * 1024), chunk_delay=0.02))
