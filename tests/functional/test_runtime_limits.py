@@ -9,10 +9,9 @@ import json
 import os
 import resource
 import signal
-import sys
 from pathlib import Path
 
-from tests.functional.test_cli import free_port, write_config
+from tests.functional.test_cli import free_port, sidecar_cmd, write_config
 from tests.upstream import wait_healthy
 
 LOW = 256
@@ -38,14 +37,7 @@ async def test_run_raises_the_soft_descriptor_limit_to_the_hard_one(tmp_path: Pa
     port = free_port()
     cfg = write_config(tmp_path, "http://127.0.0.1:9", port)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--config",
-        str(cfg),
-        "--log-level",
-        "debug",
+        *sidecar_cmd("run", "--config", str(cfg), "--log-level", "debug"),
         stderr=asyncio.subprocess.PIPE,
         env=dict(os.environ),
         preexec_fn=lowered,
