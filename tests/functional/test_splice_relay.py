@@ -119,18 +119,22 @@ async def test_an_upstream_that_stalls_mid_body_is_timed_out(sidecar_client: Any
 
 
 async def test_an_upstream_that_resets_mid_body_cuts_the_client(sidecar_client: Any) -> None:
+    cut = asyncio.Event()
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {4 * MIB}\r\n\r\n".encode())
         writer.write(BODY[: 3 * MIB])
         await writer.drain()
-        await asyncio.sleep(0.2)  # the sidecar is splicing by now
+        await cut.wait()
         reset(writer)
 
     async with raw_server(handler) as url:
         client, sidecar = await sidecar_client([url])
         resp = await client.get("/" + ZIP)
         assert resp.status == 200
+        await resp.content.readexactly(MIB)  # the relay is under way: splicing
+        cut.set()
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
         await until("a failure charged", lambda: sidecar.windows["up0"].snapshot().errors == 1)
@@ -180,34 +184,42 @@ async def test_a_client_that_leaves_while_the_upstream_is_slow(
     assert sidecar.windows["up0"].snapshot().errors == 0
 
 
-async def test_out_of_descriptors_the_body_is_copied_instead(
-    fake_upstreams: Any, sidecar_client: Any
-) -> None:
+async def test_out_of_descriptors_the_body_is_copied_instead(sidecar_client: Any) -> None:
     """A splice needs three more descriptors than a copy. A process at its
     limit copies the body instead, whole, rather than failing the request:
     here the limit leaves room for the upstream socket's duplicate and no
     more, once both connections are up and the upstream is about to answer."""
-    [(fake, url)] = await fake_upstreams(1)
-    fake.set(ZIP, Reply(body=BODY, delay=0.3))
-    client, sidecar = await sidecar_client([url])
-    fetch = asyncio.create_task(client.get("/" + ZIP))
-    await until("the request upstream", lambda: ZIP in fake.received)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    holes: list[int] = []
-    try:
-        top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-        for _ in range(top):  # fill every free number below the highest open one
-            fd = os.open(os.devnull, os.O_RDONLY)
-            if fd > top:
+    asked, go = asyncio.Event(), asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        asked.set()
+        await go.wait()
+        writer.write(answer(BODY))
+        await writer.drain()
+        await read_request(reader)  # keep the connection
+
+    async with raw_server(handler) as url:
+        client, sidecar = await sidecar_client([url])
+        fetch = asyncio.create_task(client.get("/" + ZIP))
+        await asyncio.wait_for(asked.wait(), 5.0)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        holes: list[int] = []
+        try:
+            top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            for _ in range(top):  # fill every free number below the highest open one
+                fd = os.open(os.devnull, os.O_RDONLY)
+                if fd > top:
+                    os.close(fd)
+                    break
+                holes.append(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top + 2, hard))  # one number left
+            go.set()
+            resp = await fetch
+            assert resp.status == 200 and await resp.read() == BODY
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for fd in holes:
                 os.close(fd)
-                break
-            holes.append(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 2, hard))  # one number left
-        resp = await fetch
-        assert resp.status == 200 and await resp.read() == BODY
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        for fd in holes:
-            os.close(fd)
-    assert await relayed(client) == {"copy": len(BODY)}
-    assert sidecar.windows["up0"].snapshot().errors == 0
+        assert await relayed(client) == {"copy": len(BODY)}
+        assert sidecar.windows["up0"].snapshot().errors == 0
