@@ -12,7 +12,9 @@ import asyncio
 import os
 import re
 import resource
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +23,13 @@ import pytest
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from tests.adversarial.rawhttp import raw_socket, read_head, reset
 from tests.adversarial.rawhttp import request as get
-from tests.functional.test_upstream_client import answer, raw_server, read_request
+from tests.certs import HOST, self_signed
+from tests.functional.test_upstream_client import (
+    answer,
+    keep_alive_server,
+    raw_server,
+    read_request,
+)
 from tests.polling import until
 from tests.upstream import Reply
 
@@ -223,3 +231,20 @@ async def test_out_of_descriptors_the_body_is_copied_instead(sidecar_client: Any
                 os.close(fd)
         assert await relayed(client) == {"copy": len(BODY)}
         assert sidecar.windows["up0"].snapshot().errors == 0
+
+
+async def test_a_body_from_an_https_upstream_is_copied(
+    sidecar_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream's socket carries TLS records: splicing them would hand the
+    client ciphertext, so the plaintext is copied through."""
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    body = BODY[: 3 * MIB + 5]
+    async with raw_server(keep_alive_server(lambda _: answer(body)), ssl=server) as url:
+        client, _ = await sidecar_client([url.replace("127.0.0.1", HOST)])
+        resp = await client.get("/" + ZIP)
+        assert resp.status == 200 and await resp.read() == body
+        assert await relayed(client) == {"copy": len(body)}
