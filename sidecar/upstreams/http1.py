@@ -579,7 +579,7 @@ class RawBody:
             return
         sock.close()
         transport = self._conn.transport
-        if transport is not None and not self._conn.closed:
+        if transport is not None and not self._conn.closed and not transport.is_closing():
             transport.resume_reading()
 
     def close(self) -> None:
@@ -594,7 +594,7 @@ class RawBody:
         if conn.state != DONE or conn.error is not None:
             conn.keep_alive = False
             conn.abort()
-        elif transport is not None and not conn.closed:
+        elif transport is not None and not conn.closed and not transport.is_closing():
             transport.resume_reading()
 
 
