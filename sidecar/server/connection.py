@@ -441,10 +441,7 @@ class Connection(asyncio.Protocol):
         if self._server.tls is not None:
             await self._copy_file(fobj, offset, count)
             return
-        # sendfile bypasses the transport: progress is watched through TCP_INFO.
-        self._sending_file = True
-        if self._send is not None:
-            self._send.watch()
+        self._bypass()
         try:
             try:
                 sent = await self._loop.sendfile(transport, fobj, offset, count, fallback=False)
@@ -455,9 +452,7 @@ class Connection(asyncio.Protocol):
                 raise ConnectionResetError("the client closed the connection") from None
             raise
         finally:
-            self._sending_file = False
-            if not self._paused and self._send is not None:
-                self._send.unwatch()
+            self._bypassed()
         if sent != count:
             raise OSError(f"file ended {count - sent} bytes early")
 
@@ -494,14 +489,10 @@ class Connection(asyncio.Protocol):
             for fd in (pipe_out, pipe_in, out):
                 os.close(fd)
             return False
-        self._sending_file = True  # progress is what TCP_INFO says the client took
-        if self._send is not None:
-            self._send.watch()
+        self._bypass()
         piped = 0
         try:
-            while transport.get_write_buffer_size():  # the head and earlier bytes first
-                await self._writable(out)
-                await asyncio.sleep(0)  # the transport flushes on the same event
+            await self._flushed(transport, out)
             while source.remaining or piped:
                 got = False
                 if source.remaining and piped < room:
@@ -530,10 +521,27 @@ class Connection(asyncio.Protocol):
             os.close(pipe_out)
             os.close(pipe_in)
             os.close(out)
-            self._sending_file = False
-            if not self._paused and self._send is not None:
-                self._send.unwatch()
+            self._bypassed()
         return True
+
+    def _bypass(self) -> None:
+        """sendfile(2) and splice(2) write past the transport: the send timeout
+        watches the client's progress through TCP_INFO while they run."""
+        self._sending_file = True
+        if self._send is not None:
+            self._send.watch()
+
+    def _bypassed(self) -> None:
+        self._sending_file = False
+        if not self._paused and self._send is not None:
+            self._send.unwatch()
+
+    async def _flushed(self, transport: asyncio.Transport, fd: int) -> None:
+        """Until the transport has written what it holds (the head, earlier
+        bytes): what goes past it on ``fd`` (a duplicate) comes after."""
+        while transport.get_write_buffer_size():
+            await self._writable(fd)
+            await asyncio.sleep(0)  # the transport flushes on the same event
 
     async def _copy_file(self, fobj: Any, offset: int, count: int) -> None:
         """Over TLS: sendfile(2) would put the file's plaintext on the encrypted
@@ -563,9 +571,7 @@ class Connection(asyncio.Protocol):
         in_fd = fobj.fileno()
         dup = os.dup(sock.fileno())
         try:
-            while transport.get_write_buffer_size():  # the headers go first
-                await self._writable(dup)
-                await asyncio.sleep(0)  # the transport flushes on the same event
+            await self._flushed(transport, dup)
             done = 0
             while done < count:
                 try:

@@ -47,14 +47,10 @@ class Refused(Exception):
         self.message = message
 
 
-class _Gone:
-    """The owner of the parser a closed connection's reader keeps: no callbacks."""
-
-
 # A parser holds its owner's callbacks (bound methods) and the reader holds its
 # connection, which holds the reader: cycles that only the cyclic GC could free
 # once the client is gone, ~50 objects a connection. ``close`` breaks them.
-_SPENT: Final = httptools.HttpRequestParser(_Gone())
+_SPENT: Final = httptools.HttpRequestParser(object())  # an owner without callbacks
 
 
 class RequestReader:

@@ -113,21 +113,16 @@ def new_parser(owner: Connection) -> httptools.HttpResponseParser:
     return httptools.HttpResponseParser(owner)
 
 
-class _Gone:
-    """The owner of the parser a lost connection keeps: it has no callbacks."""
-
-
 # A parser holds its owner's callbacks, bound methods: a connection and its
 # parser are a reference cycle, and a lost connection that kept its parser
 # (with its error, its traceback's frames and its transport) was garbage only
 # the cyclic GC frees: ~50 objects per failed attempt under a resetting
 # upstream, and a keep-alive connection old enough to sit in an older
 # generation is held until that generation's next pass.
-_SPENT: Final = httptools.HttpResponseParser(_Gone())
+_SPENT: Final = httptools.HttpResponseParser(object())  # an owner without callbacks
 
 
 _BARE_READ: Final = 64 * 1024
-_CAN_SPLICE: Final = hasattr(os, "splice")  # Linux
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -236,12 +231,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def raw_body(self, idle: float) -> RawBody | None:
         """The rest of the body left in the socket, for the caller to move
-        with splice(2); None unless it is a Content-Length body with bytes
-        still due, nothing buffered (``take`` first), on plain TCP."""
+        with splice(2) (where it has it: sidecar.server's ``splices``); None
+        unless it is a Content-Length body with bytes still due, nothing
+        buffered (``take`` first), on plain TCP."""
         transport = self.transport
         if (
-            not _CAN_SPLICE
-            or self.state != BODY
+            self.state != BODY
             or not self._remaining
             or self._buf
             or self.error is not None
@@ -574,27 +569,33 @@ class RawBody:
 
     def resume(self) -> None:
         """Nothing was taken after all: the transport reads the body again."""
-        sock, self._sock = self._sock, None
-        if sock is None:
-            return
-        sock.close()
-        transport = self._conn.transport
-        if transport is not None and not self._conn.closed and not transport.is_closing():
-            transport.resume_reading()
+        if self._drop():
+            self._read_again()
 
     def close(self) -> None:
         """The socket back to the transport (reading again) if the body is whole,
         else the connection closed. Idempotent."""
-        sock, self._sock = self._sock, None
-        if sock is None:
+        if not self._drop():
             return
-        sock.close()
         conn = self._conn
-        transport = conn.transport
         if conn.state != DONE or conn.error is not None:
             conn.keep_alive = False
             conn.abort()
-        elif transport is not None and not conn.closed and not transport.is_closing():
+        else:
+            self._read_again()
+
+    def _drop(self) -> bool:
+        """Close the duplicate; False if that was done already."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return False
+        sock.close()
+        return True
+
+    def _read_again(self) -> None:
+        conn = self._conn
+        transport = conn.transport
+        if transport is not None and not conn.closed and not transport.is_closing():
             transport.resume_reading()
 
 
