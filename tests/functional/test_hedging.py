@@ -82,6 +82,9 @@ class Holding:
         done, _ = await asyncio.wait({eof, released}, return_when=asyncio.FIRST_COMPLETED)
         for task in (eof, released):
             task.cancel()
+        # A cancelled read is still waiting on the reader until its task runs
+        # once more: the next readuntil() would find it there.
+        await asyncio.gather(eof, released, return_exceptions=True)
         return eof in done and not eof.cancelled() and eof.result() == b""
 
 
