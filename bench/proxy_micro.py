@@ -1,16 +1,24 @@
-"""Small uncached requests: bare aiohttp proxy vs the sidecar.
+"""Small uncached requests: the sidecar against nginx, a bare aiohttp proxy
+and the floor of a Python relay.
 
     python3 bench/proxy_micro.py [--reps 3] [--duration 10] [--connections 64]
                                  [--upstream-core 1] [--profile sidecar]
+                                 [--contenders nginx,floor,bare,sidecar]
 
-Issue 6 asks that small uncached requests through the full sidecar reach at
-least 1.4x a bare aiohttp proxy. Two contenders, each in front of the same
-nginx upstream that answers any ``.info`` under ``/example.com/bench/u/``
-with ~100 B from its config (``return 200``: no file per request):
+Issue 6 asked that small uncached requests through the full sidecar reach at
+least 1.4x a bare aiohttp proxy; issue 18 asks 0.5x plain nginx. The
+contenders, each in front of the same nginx upstream that answers any
+``.info`` under ``/example.com/bench/u/`` with ~100 B from its config
+(``return 200``: no file per request):
 
+- ``nginx``: nginx's plain proxy (bench/servers.py, as in bench/run.py);
+- ``floor``: the least a Python relay can do, below (``FLOOR_RELAY``):
+  uvloop and httptools, one keep-alive upstream connection per client
+  connection, every step a protocol callback (no task, no coroutine), no
+  check, log or metric. What the sidecar costs beyond it is its own work;
 - ``bare``: the ~40-line aiohttp streaming proxy below (ClientSession,
   ``iter_any``, uvloop, ``gc.freeze`` + ``gc.set_threshold(10000, 10, 10)``
-  as in PERF-NOTES), run from this file with ``--serve-bare``;
+  as in PERF-NOTES);
 - ``sidecar``: ``python -m sidecar run``.
 
 Sidecar config: one upstream, ``pool.max_connections: 256``,
@@ -18,6 +26,9 @@ Sidecar config: one upstream, ``pool.max_connections: 256``,
 (sidecar/heap.py), and the bare proxy is given the same values as ``MALLOC_*``.
 Load: ``wrk -t1 -c64`` with a Lua script that asks a new, valid module path
 per request (``example.com/bench/u/t0m<N>/@v/v1.0.0.info``).
+
+The ``vs nginx`` column is req/s over nginx's in the same run (when nginx is
+a contender), ``vs bare`` over the aiohttp proxy's.
 
 Placement (2 cores): wrk on core 0; every proxy and, by default, the
 upstream nginx on core 1 (``--upstream-core 0`` puts nginx with wrk as
@@ -56,6 +67,7 @@ from bench.servers import (  # noqa: E402
     HEALTH_PATH,
     Server,
     start_nginx,
+    start_nginx_proxy,
     start_sidecar,
     upstream_conf,
 )
@@ -65,7 +77,7 @@ from sidecar.heap import SETTINGS  # noqa: E402
 
 LOAD_CORE = 0
 PROXY_CORE = 1
-CONTENDERS = ("bare", "sidecar")
+CONTENDERS = ("nginx", "floor", "bare", "sidecar")
 
 # ---------------------------------------------------------------- the bare proxy
 
@@ -126,9 +138,117 @@ def start_bare(procs: Procs, work: Path, upstream: Server) -> Server:
     return Server("bare", f"http://127.0.0.1:{port}", proc)
 
 
+# ---------------------------------------------------------------- the floor
+
+FLOOR_RELAY = """
+import asyncio, collections, gc, sys
+import httptools, uvloop
+
+UP_HOST, UP_PORT = sys.argv[2].removeprefix("http://").split(":")
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, client):
+        self.client = client
+        self.parser = httptools.HttpResponseParser(self)
+        self.body = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.client.upstream_ready(self)
+
+    def data_received(self, data):
+        self.parser.feed_data(data)
+
+    def on_body(self, body):
+        self.body.append(body)
+
+    def on_message_complete(self):
+        body = b"".join(self.body)
+        self.body = []
+        self.client.answer(self.parser.get_status_code(), body)
+
+    def connection_lost(self, exc):
+        self.client.transport.close()
+
+class Client(asyncio.Protocol):
+    def __init__(self):
+        self.parser = httptools.HttpRequestParser(self)
+        self.waiting = collections.deque()  # targets not yet sent upstream
+        self.busy = False
+        self.upstream = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        loop.create_task(loop.create_connection(lambda: Upstream(self), UP_HOST, int(UP_PORT)))
+
+    def connection_lost(self, exc):
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
+    def data_received(self, data):
+        self.parser.feed_data(data)
+
+    def on_url(self, url):
+        self.target = url
+
+    def on_message_complete(self):
+        self.waiting.append(self.target)
+        self.send_next()
+
+    def upstream_ready(self, upstream):
+        self.upstream = upstream
+        self.send_next()
+
+    def send_next(self):
+        if self.busy or self.upstream is None or not self.waiting:
+            return
+        self.busy = True
+        self.upstream.transport.write(
+            b"GET %s HTTP/1.1\\r\\nHost: upstream\\r\\n\\r\\n" % self.waiting.popleft())
+
+    def answer(self, status, body):
+        self.transport.write(
+            b"HTTP/1.1 %d \\r\\nContent-Type: application/json\\r\\n"
+            b"Content-Length: %d\\r\\n\\r\\n%s" % (status, len(body), body))
+        self.busy = False
+        self.send_next()
+
+async def main(port):
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Client, "127.0.0.1", port, backlog=4096)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10000, 10, 10)
+    await server.serve_forever()
+
+uvloop.run(main(int(sys.argv[1])))
+"""
+
+
+def start_floor(procs: Procs, work: Path, upstream: Server) -> Server:
+    port = free_port()
+    script = work / "floor_relay.py"
+    script.write_text(FLOOR_RELAY)
+    tuning = {s.env: str(s.value) for s in SETTINGS}
+    proc = procs.start(
+        "floor",
+        [sys.executable, str(script), str(port), upstream.url],
+        PROXY_CORE,
+        env={**os.environ, **tuning},
+        env_note=tuning,
+    )
+    wait_http(proc, f"http://127.0.0.1:{port}{HEALTH_PATH}")
+    return Server("floor", f"http://127.0.0.1:{port}", proc)
+
+
 def start_contender(procs: Procs, work: Path, name: str, upstream: Server) -> Server:
     if name == "bare":
         return start_bare(procs, work, upstream)
+    if name == "floor":
+        return start_floor(procs, work, upstream)
+    if name == "nginx":
+        return start_nginx_proxy(procs, work, "nginx", upstream, cache=False, core=PROXY_CORE)
     return start_sidecar(procs, work, name, upstream, cache=False, core=PROXY_CORE)
 
 
@@ -166,6 +286,7 @@ def measure(
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     base = statistics.median(r["rps"] for r in runs["bare"]) if runs.get("bare") else None
+    ref = statistics.median(r["rps"] for r in runs["nginx"]) if runs.get("nginx") else None
     for name, recs in runs.items():
         rps = [r["rps"] for r in recs]
         med = statistics.median(rps)
@@ -182,6 +303,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 "core1_pct": statistics.median(r["cores_busy_pct"][1] for r in recs),
                 "errors": sum(r["errors"] for r in recs),
                 "vs_bare": med / base if base else None,
+                "vs_nginx": med / ref if ref else None,
             }
         )
     return rows
@@ -190,16 +312,19 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'contender':<16} {'req/s':>8} {'(min-max)':>15} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'CPU us/req':>10} {'core0%':>6} {'core1%':>6} {'errors':>6} {'vs bare':>7}"
+        f"{'CPU us/req':>10} {'core0%':>6} {'core1%':>6} {'errors':>6} {'vs nginx':>8} "
+        f"{'vs bare':>7}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
-        ratio = f"{r['vs_bare']:.2f}x" if r["vs_bare"] else "-"
+        to_nginx = f"{r['vs_nginx']:.2f}x" if r["vs_nginx"] else "-"
+        to_bare = f"{r['vs_bare']:.2f}x" if r["vs_bare"] else "-"
         print(
             f"{r['contender']:<16} {r['rps']:>8.0f} {r['rps_min']:>7.0f}-{r['rps_max']:<7.0f} "
             f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['proxy_us_per_req']:>10.1f} "
-            f"{r['core0_pct']:>6.0f} {r['core1_pct']:>6.0f} {r['errors']:>6} {ratio:>7}"
+            f"{r['core0_pct']:>6.0f} {r['core1_pct']:>6.0f} {r['errors']:>6} {to_nginx:>8} "
+            f"{to_bare:>7}"
         )
 
 
