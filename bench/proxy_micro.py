@@ -16,6 +16,10 @@ contenders, each in front of the same nginx upstream that answers any
   uvloop and httptools, one keep-alive upstream connection per client
   connection, every step a protocol callback (no task, no coroutine), no
   check, log or metric. What the sidecar costs beyond it is its own work;
+- ``floor-checked``: the same relay doing the sidecar's own per-request work
+  with the sidecar's compiled code (the path validated, both heads' fields
+  collected, the answer's headers built, the window record, the duration
+  histogram, counters): what a miss path of the floor's shape would cost;
 - ``bare``: the ~40-line aiohttp streaming proxy below (ClientSession,
   ``iter_any``, uvloop, ``gc.freeze`` + ``gc.set_threshold(10000, 10, 10)``
   as in PERF-NOTES);
@@ -77,7 +81,7 @@ from sidecar.heap import SETTINGS  # noqa: E402
 
 LOAD_CORE = 0
 PROXY_CORE = 1
-CONTENDERS = ("nginx", "floor", "bare", "sidecar")
+CONTENDERS = ("nginx", "floor", "floor-checked", "bare", "sidecar")
 
 # ---------------------------------------------------------------- the bare proxy
 
@@ -177,10 +181,13 @@ class Client(asyncio.Protocol):
         self.busy = False
         self.upstream = None
 
+    upstream_type = Upstream
+
     def connection_made(self, transport):
         self.transport = transport
         loop = asyncio.get_running_loop()
-        loop.create_task(loop.create_connection(lambda: Upstream(self), UP_HOST, int(UP_PORT)))
+        loop.create_task(
+            loop.create_connection(lambda: self.upstream_type(self), UP_HOST, int(UP_PORT)))
 
     def connection_lost(self, exc):
         if self.upstream is not None:
@@ -214,39 +221,116 @@ class Client(asyncio.Protocol):
         self.busy = False
         self.send_next()
 
-async def main(port):
+# "checked": the same relay doing the sidecar's own per-request work with the
+# sidecar's compiled code: the path validated and decoded, both heads' fields
+# collected, the upstream's in a case-insensitive multidict, the answer's
+# headers built from it, the upstream's window record, the duration
+# histogram, two counters.
+
+class CheckedUpstream(Upstream):
+    def __init__(self, client):
+        super().__init__(client)
+        self.fields = []
+
+    def on_header(self, name, value):
+        self.fields.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self):
+        self.headers = CIMultiDictProxy(CIMultiDict(self.fields))
+        self.fields = []
+        self.ttfb = monotonic() - self.client.sent_at
+
+    def on_message_complete(self):
+        body = b"".join(self.body)
+        self.body = []
+        self.client.answer_checked(self.parser.get_status_code(), self.headers, body, self.ttfb)
+
+class CheckedClient(Client):
+    upstream_type = CheckedUpstream
+
+    def __init__(self):
+        super().__init__()
+        self.fields = []
+        self.started = collections.deque()  # when each waiting request was read
+
+    def on_header(self, name, value):
+        self.fields.append((name, value))
+
+    def on_message_complete(self):
+        self.fields = []
+        try:
+            target = b"/" + parse_request_path(self.target.decode("latin-1")).path.encode()
+        except RequestError:  # the harness's health check
+            target = self.target
+        self.waiting.append(target)
+        self.started.append(monotonic())
+        self.send_next()
+
+    def send_next(self):
+        if not self.busy and self.upstream is not None and self.waiting:
+            self.sent_at = monotonic()
+        super().send_next()
+
+    def answer_checked(self, status, headers, body, ttfb):
+        block = response_block(headers, "upstream")
+        self.transport.write(
+            b"HTTP/1.1 %d \\r\\n%sContent-Length: %d\\r\\n\\r\\n%s"
+            % (status, block, len(body), body))
+        WINDOW.record(OUTCOME_OK, ttfb)
+        DURATIONS.observe(monotonic() - self.started.popleft())
+        COUNTS["attempts"] += 1
+        COUNTS["requests"] += 1
+        self.busy = False
+        self.send_next()
+
+async def main(port, client):
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Client, "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(client, "127.0.0.1", port, backlog=4096)
     gc.collect()
     gc.freeze()
     gc.set_threshold(10000, 10, 10)
     await server.serve_forever()
 
-uvloop.run(main(int(sys.argv[1])))
+if sys.argv[3] == "checked":
+    from time import monotonic
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from sidecar.errors import RequestError
+    from sidecar.goproxy import parse_request_path
+    from sidecar.proxy.headers import response_block
+    from sidecar.stats.plain import PlainBuckets
+    from sidecar.stats.window import OUTCOME_OK, UpstreamWindow
+    WINDOW = UpstreamWindow(120, 5)
+    DURATIONS = PlainBuckets((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    COUNTS = collections.Counter()
+    uvloop.run(main(int(sys.argv[1]), CheckedClient))
+else:
+    uvloop.run(main(int(sys.argv[1]), Client))
 """
 
 
-def start_floor(procs: Procs, work: Path, upstream: Server) -> Server:
+def start_floor(procs: Procs, work: Path, name: str, upstream: Server) -> Server:
+    """``floor`` or ``floor-checked`` (the sidecar's own per-request work added)."""
     port = free_port()
     script = work / "floor_relay.py"
     script.write_text(FLOOR_RELAY)
     tuning = {s.env: str(s.value) for s in SETTINGS}
+    mode = "checked" if name == "floor-checked" else "floor"
     proc = procs.start(
-        "floor",
-        [sys.executable, str(script), str(port), upstream.url],
+        name,
+        [sys.executable, str(script), str(port), upstream.url, mode],
         PROXY_CORE,
-        env={**os.environ, **tuning},
+        env={**os.environ, **tuning, "PYTHONPATH": str(REPO)},
         env_note=tuning,
     )
     wait_http(proc, f"http://127.0.0.1:{port}{HEALTH_PATH}")
-    return Server("floor", f"http://127.0.0.1:{port}", proc)
+    return Server(name, f"http://127.0.0.1:{port}", proc)
 
 
 def start_contender(procs: Procs, work: Path, name: str, upstream: Server) -> Server:
     if name == "bare":
         return start_bare(procs, work, upstream)
-    if name == "floor":
-        return start_floor(procs, work, upstream)
+    if name in ("floor", "floor-checked"):
+        return start_floor(procs, work, name, upstream)
     if name == "nginx":
         return start_nginx_proxy(procs, work, "nginx", upstream, cache=False, core=PROXY_CORE)
     return start_sidecar(procs, work, name, upstream, cache=False, core=PROXY_CORE)
