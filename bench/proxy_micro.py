@@ -3,7 +3,7 @@ and the floor of a Python relay.
 
     python3 bench/proxy_micro.py [--reps 3] [--duration 10] [--connections 64]
                                  [--upstream-core 1] [--profile sidecar]
-                                 [--contenders nginx,floor,bare,sidecar]
+                                 [--contenders nginx,floor,floor-checked,bare,sidecar]
 
 Issue 6 asked that small uncached requests through the full sidecar reach at
 least 1.4x a bare aiohttp proxy; issue 18 asks 0.5x plain nginx. The
@@ -123,23 +123,25 @@ uvloop.run(main(int(sys.argv[1]), sys.argv[2]))
 """
 
 
-def start_bare(procs: Procs, work: Path, upstream: Server) -> Server:
+def start_script(
+    procs: Procs, work: Path, name: str, source: str, upstream: Server, *args: str
+) -> Server:
+    """One of this file's own proxies (``source``), run as ``name``."""
     port = free_port()
-    script = work / "bare_proxy.py"
-    script.write_text(BARE_PROXY)
-    # The sidecar's own malloc tuning (sidecar.heap), given to the bare proxy too:
+    script = work / f"{name}.py"
+    script.write_text(source)
+    # The sidecar's own malloc tuning (sidecar.heap), given to these proxies too:
     # the comparison is of the proxy code, not of glibc's settings.
     tuning = {s.env: str(s.value) for s in SETTINGS}
-    env = {**os.environ, **tuning}
     proc = procs.start(
-        "bare",
-        [sys.executable, str(script), str(port), upstream.url],
+        name,
+        [sys.executable, str(script), str(port), upstream.url, *args],
         PROXY_CORE,
-        env=env,
+        env={**os.environ, **tuning, "PYTHONPATH": str(REPO)},  # floor-checked imports sidecar
         env_note=tuning,
     )
     wait_http(proc, f"http://127.0.0.1:{port}{HEALTH_PATH}")
-    return Server("bare", f"http://127.0.0.1:{port}", proc)
+    return Server(name, f"http://127.0.0.1:{port}", proc)
 
 
 # ---------------------------------------------------------------- the floor
@@ -240,11 +242,6 @@ class CheckedUpstream(Upstream):
         self.fields = []
         self.ttfb = monotonic() - self.client.sent_at
 
-    def on_message_complete(self):
-        body = b"".join(self.body)
-        self.body = []
-        self.client.answer_checked(self.parser.get_status_code(), self.headers, body, self.ttfb)
-
 class CheckedClient(Client):
     upstream_type = CheckedUpstream
 
@@ -259,24 +256,24 @@ class CheckedClient(Client):
     def on_message_complete(self):
         self.fields = []
         try:
-            target = b"/" + parse_request_path(self.target.decode("latin-1")).path.encode()
+            self.target = b"/" + parse_request_path(self.target.decode("latin-1")).path.encode()
         except RequestError:  # the harness's health check
-            target = self.target
-        self.waiting.append(target)
+            pass
         self.started.append(monotonic())
-        self.send_next()
+        super().on_message_complete()
 
     def send_next(self):
         if not self.busy and self.upstream is not None and self.waiting:
             self.sent_at = monotonic()
         super().send_next()
 
-    def answer_checked(self, status, headers, body, ttfb):
-        block = response_block(headers, "upstream")
+    def answer(self, status, body):
+        upstream = self.upstream
+        block = response_block(upstream.headers, "upstream")
         self.transport.write(
             b"HTTP/1.1 %d \\r\\n%sContent-Length: %d\\r\\n\\r\\n%s"
             % (status, block, len(body), body))
-        WINDOW.record(OUTCOME_OK, ttfb)
+        WINDOW.record(OUTCOME_OK, upstream.ttfb)
         DURATIONS.observe(monotonic() - self.started.popleft())
         COUNTS["attempts"] += 1
         COUNTS["requests"] += 1
@@ -308,29 +305,13 @@ else:
 """
 
 
-def start_floor(procs: Procs, work: Path, name: str, upstream: Server) -> Server:
-    """``floor`` or ``floor-checked`` (the sidecar's own per-request work added)."""
-    port = free_port()
-    script = work / "floor_relay.py"
-    script.write_text(FLOOR_RELAY)
-    tuning = {s.env: str(s.value) for s in SETTINGS}
-    mode = "checked" if name == "floor-checked" else "floor"
-    proc = procs.start(
-        name,
-        [sys.executable, str(script), str(port), upstream.url, mode],
-        PROXY_CORE,
-        env={**os.environ, **tuning, "PYTHONPATH": str(REPO)},
-        env_note=tuning,
-    )
-    wait_http(proc, f"http://127.0.0.1:{port}{HEALTH_PATH}")
-    return Server(name, f"http://127.0.0.1:{port}", proc)
-
-
 def start_contender(procs: Procs, work: Path, name: str, upstream: Server) -> Server:
     if name == "bare":
-        return start_bare(procs, work, upstream)
-    if name in ("floor", "floor-checked"):
-        return start_floor(procs, work, name, upstream)
+        return start_script(procs, work, name, BARE_PROXY, upstream)
+    if name == "floor":
+        return start_script(procs, work, name, FLOOR_RELAY, upstream, "floor")
+    if name == "floor-checked":
+        return start_script(procs, work, name, FLOOR_RELAY, upstream, "checked")
     if name == "nginx":
         return start_nginx_proxy(procs, work, "nginx", upstream, cache=False, core=PROXY_CORE)
     return start_sidecar(procs, work, name, upstream, cache=False, core=PROXY_CORE)
