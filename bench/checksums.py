@@ -11,8 +11,11 @@ fault upstreams pass on to it (bench/faults.py ``--sumdb``), as Athens does.
 Before a load trial the database already holds every module the load will ask
 a ``.mod`` or a lookup for (the real ones are in the real database long before
 anyone builds them); one it does not hold yet is added on its first lookup, as
-sum.golang.org adds a new module. For builds it reads the e2e corpus' modules
-from the corpus' GOPROXY tree on their first lookup.
+sum.golang.org adds a new module. For builds it holds every version of the e2e
+corpus' GOPROXY tree from the start, for the same reason: read on their first
+lookup instead, each lookup hashed a zip and grew the tree, so every ``.mod`` of
+a build waited for a new tree head and its tiles, which a build against
+sum.golang.org does not.
 """
 
 from __future__ import annotations
@@ -59,10 +62,11 @@ def held_modules(mix: str, nonce: str, requests: int = PREFILL_REQUESTS) -> list
 
 @contextlib.contextmanager
 def database(
-    binary: Path, work: Path, modules: list[str], origin: Path | None
+    binary: Path, work: Path, modules: list[str], origin: Path | None, hold_origin: bool = False
 ) -> Iterator[GoSumdb]:
     """Run the database until the block ends: ``modules`` (made up) in its tree,
-    more made-up ones on demand, the rest from ``origin`` (a GOPROXY tree)."""
+    more made-up ones on demand, the rest from ``origin`` (a GOPROXY tree): all of
+    its versions from the start with ``hold_origin``, else on their first lookup."""
     work.mkdir(parents=True, exist_ok=True)
     listing = work / "modules.txt"
     listing.write_text("".join(f"{m} {VERSION}\n" for m in modules))
@@ -70,5 +74,6 @@ def database(
     gomod.write_bytes(mod_body("{module}"))
     args = ["-gomod", str(gomod), "-madeup", UNIQUE_PREFIX[1:]]
     args += ["-origin", str(origin)] if origin is not None else []
+    args += ["-hold-origin"] if hold_origin else []
     with start_sumdb(binary, listing, name=NAME, args=args) as db:
         yield db

@@ -77,7 +77,7 @@ async def run_trial(scenario: Scenario, name: str, opts: Options, work: Path, pr
     nonce = os.urandom(4).hex()
     held = [] if scenario.build else held_modules(scenario.mix, nonce)
     # The database runs in this (the harness') process' affinity: the load core.
-    with database(opts.sumdb_binary, work / "sumdb", held, root) as db:
+    with database(opts.sumdb_binary, work / "sumdb", held, root, scenario.build) as db:
         return await _trial(scenario, name, opts, work, procs, root, nonce, db.url, db.verifier_key)
 
 

@@ -7,6 +7,7 @@ the sidecar's trips are read from /metrics and /breakers as documented."""
 from __future__ import annotations
 
 import asyncio
+import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from bench.drive import SUMDB, GoClient, parse_mix, request_for
 from bench.faults import OVERLOAD_CAPACITY, Content, Upstream, launch
 from bench.procs import Procs, free_port
 from bench.tree import mod_body, unique_info_prefix
-from sidecar.sumdb.dirhash import hash_gomod
+from sidecar.sumdb.dirhash import hash_gomod, hash_zip
 from tests.sumdb.gosumdb import GoSumdb, sumdb_server_binary  # noqa: F401
 from tests.tools import require_tool
 
@@ -94,6 +95,34 @@ async def test_sumdb_paths_reach_a_database_that_vouches_for_made_up_modules(
     status, tile = await fetch(f"{url}{SUMDB}/tile/8/0/000.p/2")  # the first two records
     assert (status, len(tile)) == (200, 2 * 32)
     assert (await fetch(f"{url}{SUMDB}/lookup/example.com/elsewhere@v1.0.0"))[0] == 404
+
+
+def test_database_holds_every_version_of_the_origin_from_the_start(
+    sumdb_server_binary: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Builds: the corpus' versions are in the tree before the first lookup, as a real
+    build's modules are in sum.golang.org (a .mod alone, a .mod and its zip, an
+    escaped path); a GOPROXY tree's other files are not versions."""
+    origin = tmp_path / "origin"
+    upper = origin / "example.com/!upper/@v"
+    zipped = origin / "example.com/zipped/@v"
+    for folder in (upper, zipped):
+        folder.mkdir(parents=True)
+    (upper / "v1.0.0.mod").write_text("module example.com/Upper\n")
+    (zipped / "v1.2.0.mod").write_text("module example.com/zipped\n")
+    (zipped / "list").write_text("v1.2.0\n")
+    with zipfile.ZipFile(zipped / "v1.2.0.zip", "w") as archive:
+        archive.writestr("example.com/zipped@v1.2.0/go.mod", "module example.com/zipped\n")
+    with database(sumdb_server_binary, tmp_path / "lazy", [], origin) as lazy:
+        assert (lazy.size, lazy.modules) == (0, {})
+    with database(sumdb_server_binary, tmp_path / "held", [], origin, hold_origin=True) as db:
+        assert db.size == 2
+        assert sorted(db.modules) == ["example.com/Upper@v1.0.0", "example.com/zipped@v1.2.0"]
+        held = db.modules["example.com/zipped@v1.2.0"]
+        assert held.gomod == hash_gomod(b"module example.com/zipped\n")
+        assert held.zip == hash_zip(zipped / "v1.2.0.zip")
+        assert db.modules["example.com/Upper@v1.0.0"].zip == ""
 
 
 async def test_athens_answers_head_405_and_backup_200(upstream: StartUpstream) -> None:

@@ -8,7 +8,7 @@
 //
 //	sumdb-testserver -modules FILE [-name NAME] [-key SIGNER] [-filler N]
 //	                 [-proxydir DIR] [-gomod FILE] [-madeup PREFIX] [-origin DIR]
-//	                 [-listen 127.0.0.1:0]
+//	                 [-hold-origin] [-listen 127.0.0.1:0]
 //
 // Each line of FILE names one module version, in one of three forms:
 //
@@ -23,8 +23,10 @@
 // serve such modules). A lookup of a version the tree does not hold yet adds
 // it, as sum.golang.org does: a made-up one when its path starts with -madeup,
 // else one read from -origin (a GOPROXY tree: the .mod, and the .zip when it
-// is there); anything else is not found. Hashes are computed with golang.org/x/mod/sumdb/dirhash, as the go
-// command computes them. -filler N adds N synthetic records before the
+// is there); anything else is not found. -hold-origin adds every version of
+// -origin before serving instead, as the real database holds a real build's
+// modules long before the build. Hashes are computed with
+// golang.org/x/mod/sumdb/dirhash, as the go command computes them. -filler N adds N synthetic records before the
 // modules, so that records sit in full and partial tiles at several levels.
 //
 // Standard output: the verifier key on the first line, then one JSON object
@@ -81,6 +83,7 @@ func main() {
 	gomodFile := flag.String("gomod", "", "go.mod of made-up modules, {module} for the module path")
 	madeUp := flag.String("madeup", "", "module path prefix of versions made up on their first lookup")
 	origin := flag.String("origin", "", "GOPROXY tree other versions are read from on their first lookup")
+	holdOrigin := flag.Bool("hold-origin", false, "add every version of -origin to the tree before serving")
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve on (loopback)")
 	flag.Parse()
 	log.SetFlags(0)
@@ -98,6 +101,11 @@ func main() {
 	records, order, err := readModules(*modules, src)
 	if err != nil {
 		log.Fatal(err)
+	}
+	if *holdOrigin {
+		if order, err = src.holdOrigin(records, order); err != nil {
+			log.Fatal(err)
+		}
 	}
 	fillers := fillerRecords(*filler)
 	// Called by TestServer.Lookup outside its lock: reads only what is fixed by now.
@@ -313,6 +321,55 @@ func (src sources) onDemand(mod module.Version) (*record, error) {
 		}
 	}
 	return newRecord(mod, zipHash, data)
+}
+
+// holdOrigin adds every version of the origin tree (each .mod file) that records
+// does not hold yet, in path order: the modules of a real build are in the real
+// database long before the build, so their lookups find them there.
+func (src sources) holdOrigin(records map[string]*record, order []string) ([]string, error) {
+	if src.origin == "" {
+		return nil, fmt.Errorf("-hold-origin needs -origin")
+	}
+	var mods []module.Version
+	err := filepath.WalkDir(src.origin, func(file string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(file, ".mod") {
+			return err
+		}
+		rel, err := filepath.Rel(src.origin, file)
+		if err != nil {
+			return err
+		}
+		escPath, escVers, ok := strings.Cut(filepath.ToSlash(rel), "/@v/")
+		if !ok {
+			return nil // not a version's file (a cached list, a lock)
+		}
+		path, err := module.UnescapePath(escPath)
+		if err != nil {
+			return fmt.Errorf("%s: %v", file, err)
+		}
+		vers, err := module.UnescapeVersion(strings.TrimSuffix(escVers, ".mod"))
+		if err != nil {
+			return fmt.Errorf("%s: %v", file, err)
+		}
+		mods = append(mods, module.Version{Path: path, Version: vers})
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, mod := range mods {
+		key := mod.String()
+		if records[key] != nil {
+			continue
+		}
+		r, err := src.onDemand(mod)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", key, err)
+		}
+		records[key] = r
+		order = append(order, key)
+	}
+	return order, nil
 }
 
 // newRecord holds the go.sum lines of mod; without zipHash, the go.mod line alone
