@@ -1,11 +1,14 @@
 """What checksum verification costs on 50 MiB zip misses, and on hits (issue 15).
 
-    python3 -m bench.verify_cost [--rounds 3] [--versions 3]
+    python3 -m bench.verify_cost [--rounds 3] [--versions 3] [--content random|source]
 
 Parts, all on loopback:
 - the real Go checksum database of tests/sumdb/server (built with the go
-  command), vouching for ``--versions`` versions of a module whose zip is
-  50 MiB of incompressible files; it writes their GOPROXY tree;
+  command), vouching for ``--versions`` versions of a module whose zip holds
+  50 MiB of files: incompressible ones (``random``, the zip is 50 MiB too), or
+  the Go source files of this machine's GOROOT (``source``: what module zips
+  hold; the zip is ~4x smaller, and checking it is mostly inflating it); it
+  writes their GOPROXY tree;
 - an upstream (aiohttp, in this process) serving that tree from memory and
   the database under ``/sumdb/<name>/``, as a proxy does;
 - the sidecar (``python -m sidecar run``, its own process) with a fresh cache
@@ -44,21 +47,42 @@ START_S = 30.0
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_modules(work: Path, versions: int) -> Path:
+def write_modules(work: Path, versions: int, content: str) -> Path:
     listing = []
     rng = random.Random(15)
+    sources = go_sources(ZIP_MIB << 20) if content == "source" else []
     for v in range(versions):
         version = f"v1.0.{v}"
         src = work / "src" / version
         src.mkdir(parents=True)
         (src / "go.mod").write_text(f"module {MODULE}\n\ngo 1.21\n")
         (src / "fifty.go").write_text("package fifty\n")
-        for i in range(ZIP_MIB // FILE_MIB):
-            (src / f"data{i:03d}.bin").write_bytes(rng.randbytes(FILE_MIB << 20))
+        if content == "source":
+            for i, (name, data) in enumerate(sources):
+                (src / f"src{i:05d}_{name}").write_bytes(data)
+        else:
+            for i in range(ZIP_MIB // FILE_MIB):
+                (src / f"data{i:03d}.bin").write_bytes(rng.randbytes(FILE_MIB << 20))
         listing.append(f"{MODULE} {version} {src}\n")
     path = work / "modules.txt"
     path.write_text("".join(listing))
     return path
+
+
+def go_sources(total: int) -> list[tuple[str, bytes]]:
+    """(name, content) of GOROOT's .go files, in path order, until ``total`` bytes."""
+    goroot = subprocess.run(
+        ["go", "env", "GOROOT"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    found: list[tuple[str, bytes]] = []
+    size = 0
+    for path in sorted((Path(goroot) / "src").rglob("*.go")):
+        data = path.read_bytes()
+        found.append((path.name, data))
+        size += len(data)
+        if size >= total:
+            return found
+    raise RuntimeError(f"{goroot}/src holds less than {total >> 20} MiB of Go source")
 
 
 def upstream_app(proxy: Path, db: GoSumdb) -> web.Application:
@@ -172,11 +196,11 @@ async def one_run(
     return miss, hit
 
 
-async def main_async(rounds: int, versions: int) -> None:
+async def main_async(rounds: int, versions: int, content: str) -> None:
     with tempfile.TemporaryDirectory(prefix="verify-cost-") as tmp:
         work = Path(tmp)
         binary = build_database(work)
-        listing = write_modules(work, versions)
+        listing = write_modules(work, versions, content)
         with start_sumdb(binary, listing, filler=1000, proxy_dir=work / "proxy") as db:
             runner = web.AppRunner(upstream_app(work / "proxy", db))
             await runner.setup()
@@ -214,9 +238,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--versions", type=int, default=3, help="50 MiB zips missed per run")
+    parser.add_argument(
+        "--content", choices=("random", "source"), default="random", help="what the zips hold"
+    )
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    asyncio.run(main_async(args.rounds, args.versions))
+    asyncio.run(main_async(args.rounds, args.versions, args.content))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,15 @@ import hashlib
 import os
 import struct
 import zipfile
-import zlib
 from dataclasses import dataclass
 from typing import Any, Final
+
+# ISA-L's inflate and CRC-32, not zlib's: a module zip is inflated and hashed in
+# full before its first byte is served, and for golang.org/x/text v0.14.0 (9.2 MB,
+# 41 MB inflated) inflate + CRC + SHA-256 took 137 ms with zlib, 77 ms with isal
+# and 87 ms with zlib-ng (inflate alone 92 / 41 / 49 ms; CRC 11 / 3 / 3 ms). Like
+# zlib, it releases the GIL while it inflates.
+from isal import isal_zlib
 
 from sidecar.sumdb.dirhash import MAX_CONTENT, READ_PIECE, hash_entries, raw_name
 
@@ -81,7 +87,7 @@ class _Open:
     method: int
     data_at: int
     local: tuple[int, int, int]  # crc, compressed, size from the local header
-    inflater: Any  # zlib decompressobj, None for stored data
+    inflater: Any  # isal_zlib decompressobj, None for stored data
     left: int  # stored bytes still to come
     sha: Any
     crc: int = 0
@@ -239,7 +245,7 @@ class ZipStream:
             method=method,
             data_at=data_at,
             local=(crc, compressed, size),
-            inflater=zlib.decompressobj(-zlib.MAX_WBITS) if deflated else None,
+            inflater=isal_zlib.decompressobj(-isal_zlib.MAX_WBITS) if deflated else None,
             left=0 if deflated else size,
             sha=hashlib.sha256(),
         )
@@ -274,7 +280,7 @@ class ZipStream:
 
     def _content_of(self, member: _Open, piece: bytes | memoryview) -> None:
         member.sha.update(piece)
-        member.crc = zlib.crc32(piece, member.crc)
+        member.crc = isal_zlib.crc32(piece, member.crc)
         member.size += len(piece)
         self._content += len(piece)
         if self._content > MAX_CONTENT:
