@@ -21,6 +21,7 @@ sum.golang.org does not.
 from __future__ import annotations
 
 import contextlib
+import math
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,13 @@ from bench.tree import UNIQUE_PREFIX, VERSION, mod_body
 from tests.sumdb.gosumdb import SERVER_SRC, GoSumdb, go_env, start_sumdb
 
 NAME = "sum.golang.org"  # the load's and the go command's sumdb/<name>/ paths
-PREFILL_REQUESTS = 50_000  # load requests whose modules are in the tree from the start
+# Load requests per second of a scenario whose modules the database holds from the
+# start: ~3x the fastest closed-loop load seen here (~1,700/s with 8 clients). The
+# load client stops there (bench/drive.py --max-requests): past it each lookup adds
+# a module and grows the tree, and every .mod through the sidecar waits for a tile
+# fetch too (a fixed 50,000 did that to the heal phase of --quick flapping, from
+# its ~50,000th request on: .mod p99 31 ms instead of 15).
+HELD_PER_SECOND = 5_000
 BUILD_TIMEOUT_S = 600.0
 
 
@@ -48,7 +55,12 @@ def build_database(work: Path) -> Path:
     return out
 
 
-def held_modules(mix: str, nonce: str, requests: int = PREFILL_REQUESTS) -> list[str]:
+def held_requests(seconds: float) -> int:
+    """Load requests whose modules the database holds, for a load of ``seconds``."""
+    return math.ceil(seconds * HELD_PER_SECOND)
+
+
+def held_modules(mix: str, nonce: str, requests: int) -> list[str]:
     """Modules of the first ``requests`` load requests that a ``.mod`` or a lookup names."""
     pattern = parse_mix(mix)
     prefix = f"{UNIQUE_PREFIX}r{nonce}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.checksums import database, held_modules
+from bench.checksums import database, held_modules, held_requests
 from bench.contenders import Contender, Upstreams, Verdict, start_contender
 from bench.faults import REPO, FaultUpstream, launch
 from bench.procs import BenchError, Procs
@@ -75,10 +75,17 @@ class Row:
 async def run_trial(scenario: Scenario, name: str, opts: Options, work: Path, procs: Procs) -> Row:
     root = opts.corpus / "modcache" / "cache" / "download" if opts.corpus else None
     nonce = os.urandom(4).hex()
-    held = [] if scenario.build else held_modules(scenario.mix, nonce)
+    held = (
+        [] if scenario.build else held_modules(scenario.mix, nonce, load_requests(scenario, opts))
+    )
     # The database runs in this (the harness') process' affinity: the load core.
     with database(opts.sumdb_binary, work / "sumdb", held, root, scenario.build) as db:
         return await _trial(scenario, name, opts, work, procs, root, nonce, db.url, db.verifier_key)
+
+
+def load_requests(scenario: Scenario, opts: Options) -> int:
+    """The most requests the load client makes: those whose modules the database holds."""
+    return held_requests(sum(p.length(opts.quick) for p in scenario.phases))
 
 
 async def _trial(
@@ -150,6 +157,7 @@ async def _load(
     argv += ["--clients", str(scenario.clients), "--phases", ",".join(map(str, lengths))]
     argv += ["--mix", scenario.mix, "--nonce", nonce, "--start-at", str(start_at)]
     argv += ["--cap", str(opts.cap_s), "--out", str(out)]
+    argv += ["--max-requests", str(load_requests(scenario, opts))]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     drive = procs.start("drive", argv, opts.load_core, env=env, cwd=str(REPO))
     at = start_at

@@ -6,7 +6,9 @@ the sidecar's trips are read from /metrics and /breakers as documented."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 
 from bench.checksums import database, held_modules
 from bench.contenders import Nginx, Upstreams, breaker_views, prometheus_samples
-from bench.drive import SUMDB, GoClient, parse_mix, request_for
+from bench.drive import SUMDB, GoClient, drive, parse_mix, request_for
 from bench.faults import OVERLOAD_CAPACITY, Content, Upstream, launch
 from bench.procs import Procs, free_port
 from bench.tree import mod_body, unique_info_prefix
@@ -177,6 +179,25 @@ async def test_overloaded_serves_capacity_at_once_and_queues_the_rest(
     results = await asyncio.gather(*(fetch(url + f"{PREFIX}m{i}/@v/list") for i in range(24)))
     assert [status for status, _ in results] == [200] * 24
     assert up.counts["max_queued"] == 24 - OVERLOAD_CAPACITY
+
+
+async def test_the_load_stops_at_the_requests_the_database_holds(upstream: StartUpstream) -> None:
+    """The load client makes at most ``--max-requests`` (bench/trial.py passes the
+    requests whose modules the database holds), however long its phases are."""
+    primary, url = await upstream()
+    args = argparse.Namespace(
+        target=[url],
+        clients=4,
+        phases=[30.0],
+        mix="mod:1,info:1",
+        nonce="test",
+        start_at=time.time(),
+        cap=10.0,
+        max_requests=40,
+    )
+    doc = await asyncio.wait_for(drive(args), 20)
+    assert (doc["requests"], doc["failed"]) == (40, 0)
+    assert primary.counts["requests"] == 40
 
 
 # ---------------------------------------------------------------- the go rule
