@@ -6,9 +6,7 @@ the sidecar's trips are read from /metrics and /breakers as documented."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,9 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.checksums import database, held_modules
+from bench.checksums import MIN_RECORDS, database, held_modules
 from bench.contenders import Nginx, Upstreams, breaker_views, prometheus_samples
-from bench.drive import SUMDB, GoClient, drive, parse_mix, request_for
+from bench.drive import DATABASE_TILES, SUMDB, GoClient, parse_mix, request_for
 from bench.faults import OVERLOAD_CAPACITY, Content, Upstream, launch
 from bench.procs import Procs, free_port
 from bench.tree import mod_body, unique_info_prefix
@@ -181,23 +179,20 @@ async def test_overloaded_serves_capacity_at_once_and_queues_the_rest(
     assert up.counts["max_queued"] == 24 - OVERLOAD_CAPACITY
 
 
-async def test_the_load_stops_at_the_requests_the_database_holds(upstream: StartUpstream) -> None:
-    """The load client makes at most ``--max-requests`` (bench/trial.py passes the
-    requests whose modules the database holds), however long its phases are."""
-    primary, url = await upstream()
-    args = argparse.Namespace(
-        target=[url],
-        clients=4,
-        phases=[30.0],
-        mix="mod:1,info:1",
-        nonce="test",
-        start_at=time.time(),
-        cap=10.0,
-        max_requests=40,
-    )
-    doc = await asyncio.wait_for(drive(args), 20)
-    assert (doc["requests"], doc["failed"]) == (40, 0)
-    assert primary.counts["requests"] == 40
+async def test_the_database_serves_every_tile_the_load_asks_for(
+    sumdb_server_binary: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A short load holds few modules: synthetic records fill the tree up to the
+    full tiles that ``tile`` requests ask for (bench/trial.py)."""
+    held = held_modules("info:2,lookup:1,tile:1", "test", requests=40)
+    filler = MIN_RECORDS - len(held)
+    with database(sumdb_server_binary, tmp_path / "db", held, None, filler=filler) as db:
+        assert (len(held), db.size) == (10, MIN_RECORDS)
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            for n in range(DATABASE_TILES):
+                async with s.get(db.url + request_for("tile", PREFIX, n)[1]) as resp:
+                    assert (resp.status, len(await resp.read())) == (200, 256 * 32)
 
 
 # ---------------------------------------------------------------- the go rule
