@@ -43,6 +43,7 @@ HELD_PER_SECOND = 10_000
 # the load's tile requests ask for the first DATABASE_TILES full tiles.
 MIN_RECORDS = DATABASE_TILES << 8
 BUILD_TIMEOUT_S = 600.0
+HELD_KINDS = frozenset({"mod", "lookup"})  # the load's requests that name a module in the tree
 
 
 def build_database(work: Path) -> Path:
@@ -68,7 +69,7 @@ def held_modules(mix: str, nonce: str, requests: int) -> list[str]:
     """Modules of the first ``requests`` load requests that a ``.mod`` or a lookup names."""
     pattern = parse_mix(mix)
     prefix = f"{UNIQUE_PREFIX}r{nonce}"
-    kinds = {i for i, kind in enumerate(pattern) if kind in ("mod", "lookup")}
+    kinds = {i for i, kind in enumerate(pattern) if kind in HELD_KINDS}
     return [
         request_for("info", prefix, n)[1].split("/@v/")[0][1:]
         for n in range(requests)

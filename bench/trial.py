@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.checksums import MIN_RECORDS, database, held_modules, held_requests
+from bench.checksums import HELD_KINDS, MIN_RECORDS, database, held_modules, held_requests
 from bench.contenders import Contender, Upstreams, Verdict, start_contender
 from bench.drive import parse_mix
 from bench.faults import REPO, FaultUpstream, launch
@@ -188,7 +188,7 @@ async def _load(
         series=doc["series"],
     )
     held = held_load(scenario, opts)
-    if doc["requests"] > held and {"mod", "lookup"} & set(parse_mix(scenario.mix)):
+    if doc["requests"] > held and HELD_KINDS & set(parse_mix(scenario.mix)):
         row.notes = f"the load went past the {held} requests whose modules the database held"
     fault_at = start_at + lengths[0] if scenario.faulted else start_at
     healed_at = fault_at + lengths[1] if scenario.faulted else None

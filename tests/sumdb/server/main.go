@@ -26,8 +26,9 @@
 // is there); anything else is not found. -hold-origin adds every version of
 // -origin before serving instead, as the real database holds a real build's
 // modules long before the build. Hashes are computed with
-// golang.org/x/mod/sumdb/dirhash, as the go command computes them. -filler N adds N synthetic records before the
-// modules, so that records sit in full and partial tiles at several levels.
+// golang.org/x/mod/sumdb/dirhash, as the go command computes them. -filler N
+// adds N synthetic records before the modules, so that records sit in full and
+// partial tiles at several levels.
 //
 // Standard output: the verifier key on the first line, then one JSON object
 // with the base URL, the tree size and each module's record id and hashes
