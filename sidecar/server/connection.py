@@ -19,9 +19,11 @@ send timeout is dropped (``sending``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
+import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -48,6 +50,19 @@ _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_N
 # cannot be made 256 KiB means a copy instead. Pipe pages are the socket
 # buffers' own (nothing is copied), not this process's heap.
 PIPE_SIZES: Final = (1024 * 1024, 256 * 1024)
+# Unsent bytes the kernel may queue for one client (TCP_NOTSENT_LOWAT); past
+# them a write, sendfile or splice waits for the client. Unbounded, a relay
+# filled the socket's send buffer (4 MiB here): the client's ACKs then sent the
+# queued bytes from the client's core while the sidecar sent more from its own,
+# and loopback (like veth between pods) delivers each core's packets through
+# that core's own queue, so they arrived reordered and were retransmitted,
+# congestion window and all. 50 MiB relays at 4 connections, upstream and wrk
+# on one core, the sidecar on the other (bench/run.py's load layout): 18.7-19.2
+# relays/s unbounded (nginx 24-27), 27.4-27.9 at 64 and 128 KiB, 26.9 at 256;
+# spurious retransmissions per 6 s 1,100-1,300 against 50-90. It also bounds the
+# kernel memory a slow client holds.
+NOTSENT_LOWAT: Final = 128 * 1024
+_NOTSENT_LOWAT_OPTION: Final = getattr(socket, "TCP_NOTSENT_LOWAT", None)  # Linux, macOS
 # After a refusal, what the client still sends is read and dropped for a
 # moment: closing with unread input resets the connection, and a client still
 # sending could lose the refusal. Bounded in time and bytes.
@@ -128,6 +143,10 @@ class Connection(asyncio.Protocol):
             self.peer = str(peername[0])
         self._send = SendWatch(self._transport, self._server.send_timeout_s, self._send_expired)
         self._server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if _NOTSENT_LOWAT_OPTION is not None and sock is not None:
+            with contextlib.suppress(OSError):  # not TCP, or a kernel without it
+                sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT_OPTION, NOTSENT_LOWAT)
         if self._server.closing:
             self.closing = True
             self._transport.close()
