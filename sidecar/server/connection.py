@@ -19,7 +19,6 @@ send timeout is dropped (``sending``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -50,18 +49,22 @@ _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_N
 # cannot be made 256 KiB means a copy instead. Pipe pages are the socket
 # buffers' own (nothing is copied), not this process's heap.
 PIPE_SIZES: Final = (1024 * 1024, 256 * 1024)
-# Unsent bytes the kernel may queue for one client (TCP_NOTSENT_LOWAT); past
-# them a write, sendfile or splice waits for the client. Unbounded, a relay
-# filled the socket's send buffer (4 MiB here): the client's ACKs then sent the
-# queued bytes from the client's core while the sidecar sent more from its own,
-# and loopback (like veth between pods) delivers each core's packets through
-# that core's own queue, so they arrived reordered and were retransmitted,
-# congestion window and all. 50 MiB relays at 4 connections, upstream and wrk
-# on one core, the sidecar on the other (bench/run.py's load layout): 18.7-19.2
-# relays/s unbounded (nginx 24-27), 27.4-27.9 at 64 and 128 KiB, 26.9 at 256;
-# spurious retransmissions per 6 s 1,100-1,300 against 50-90. It also bounds the
-# kernel memory a slow client holds.
+# Unsent bytes the kernel may queue for one client (TCP_NOTSENT_LOWAT) while a
+# body of BOUNDED_FROM bytes or more goes by sendfile or splice; past them the
+# call waits for the client. Unbounded, such a body filled the socket's send
+# buffer (4 MiB here): the client's ACKs then sent the queued bytes from the
+# client's core while the sidecar sent more from its own, and loopback (like
+# veth between pods) delivers each core's packets through that core's own
+# queue, so they arrived reordered and were retransmitted, congestion window
+# and all. 50 MiB relays at 4 connections, upstream and wrk on one core, the
+# sidecar on the other (bench/run.py's load layout): 18.7-19.2 relays/s
+# unbounded (nginx 24-27), 27.4-27.9 at 64 and 128 KiB, 24.1 at 512, 21.0 at
+# 1 MiB; spurious retransmissions per 6 s 1,100-1,300 against 50-90. Smaller
+# bodies go unbounded: one fits in the send buffer in one call, where the
+# bound made it wait for the socket every ~128 KiB (a 1 MiB sendfile hit cost
+# 354 µs of CPU bounded against 303 unbounded, bench/tls_cost.py's plain case).
 NOTSENT_LOWAT: Final = 128 * 1024
+BOUNDED_FROM: Final = 4 * 1024 * 1024  # net.ipv4.tcp_wmem's largest send buffer
 _NOTSENT_LOWAT_OPTION: Final = getattr(socket, "TCP_NOTSENT_LOWAT", None)  # Linux, macOS
 # After a refusal, what the client still sends is read and dropped for a
 # moment: closing with unread input resets the connection, and a client still
@@ -143,10 +146,6 @@ class Connection(asyncio.Protocol):
             self.peer = str(peername[0])
         self._send = SendWatch(self._transport, self._server.send_timeout_s, self._send_expired)
         self._server.connections.add(self)
-        sock = transport.get_extra_info("socket")
-        if _NOTSENT_LOWAT_OPTION is not None and sock is not None:
-            with contextlib.suppress(OSError):  # not TCP, or a kernel without it
-                sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT_OPTION, NOTSENT_LOWAT)
         if self._server.closing:
             self.closing = True
             self._transport.close()
@@ -460,7 +459,7 @@ class Connection(asyncio.Protocol):
         if self._server.tls is not None:
             await self._copy_file(fobj, offset, count)
             return
-        self._bypass()
+        bounded = self._bypass(count)
         try:
             try:
                 sent = await self._loop.sendfile(transport, fobj, offset, count, fallback=False)
@@ -471,7 +470,7 @@ class Connection(asyncio.Protocol):
                 raise ConnectionResetError("the client closed the connection") from None
             raise
         finally:
-            self._bypassed()
+            self._bypassed(bounded)
         if sent != count:
             raise OSError(f"file ended {count - sent} bytes early")
 
@@ -508,7 +507,7 @@ class Connection(asyncio.Protocol):
             for fd in (pipe_out, pipe_in, out):
                 os.close(fd)
             return False
-        self._bypass()
+        bounded = self._bypass(source.remaining)
         piped = 0
         try:
             await self._flushed(transport, out)
@@ -540,20 +539,35 @@ class Connection(asyncio.Protocol):
             os.close(pipe_out)
             os.close(pipe_in)
             os.close(out)
-            self._bypassed()
+            self._bypassed(bounded)
         return True
 
-    def _bypass(self) -> None:
+    def _bypass(self, count: int) -> bool:
         """sendfile(2) and splice(2) write past the transport: the send timeout
-        watches the client's progress through TCP_INFO while they run."""
+        watches the client's progress through TCP_INFO while they run. True if
+        what waits unsent was bounded for these ``count`` bytes (NOTSENT_LOWAT)."""
         self._sending_file = True
         if self._send is not None:
             self._send.watch()
+        return count >= BOUNDED_FROM and self._bound_unsent(NOTSENT_LOWAT)
 
-    def _bypassed(self) -> None:
+    def _bypassed(self, bounded: bool) -> None:
         self._sending_file = False
         if not self._paused and self._send is not None:
             self._send.unwatch()
+        if bounded:
+            self._bound_unsent(0)  # 0: the system's default again (unbounded)
+
+    def _bound_unsent(self, limit: int) -> bool:
+        transport = self._transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if _NOTSENT_LOWAT_OPTION is None or sock is None:
+            return False
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT_OPTION, limit)
+        except OSError:  # gone, or a kernel without it
+            return False
+        return True
 
     async def _flushed(self, transport: asyncio.Transport, fd: int) -> None:
         """Until the transport has written what it holds (the head, earlier
