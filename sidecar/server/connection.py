@@ -560,12 +560,17 @@ class Connection(asyncio.Protocol):
 
     def _bound_unsent(self, limit: int) -> bool:
         transport = self._transport
-        sock = None if transport is None else transport.get_extra_info("socket")
-        if _NOTSENT_LOWAT_OPTION is None or sock is None:
+        # Closing, the descriptor is the loop's to close (uvloop's socket then
+        # says -1, and the number may be another connection's by the time a
+        # relay notices): never touched.
+        if _NOTSENT_LOWAT_OPTION is None or transport is None or transport.is_closing():
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
             return False
         try:
             sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT_OPTION, limit)
-        except OSError:  # gone, or a kernel without it
+        except (OSError, ValueError):  # a kernel without the option; fd -1
             return False
         return True
 

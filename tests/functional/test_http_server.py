@@ -21,6 +21,7 @@ from sidecar.server.connection import NOTSENT_LOWAT
 from sidecar.server.exchange import header_block
 from tests.adversarial.rawhttp import closed, read_head, read_response
 from tests.adversarial.rawhttp import request as get
+from tests.polling import until
 
 Handler = Callable[[Exchange], Awaitable[None]]
 
@@ -568,3 +569,29 @@ async def test_an_absolute_form_target_for_this_host_reaches_the_handler_in_orig
     writer.write(b"GET http://t:80?q HTTP/1.1\r\nHost: t:80\r\n\r\n")
     assert (await read_response(reader))[2] == b"hello /?q"
     writer.close()
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_unbounding_after_the_client_left_touches_no_socket(loop_factory):
+    """A large body's send ends after its client left (a relay waiting on its
+    upstream notices only at its next write): the bound on unsent bytes is then
+    not lifted on a socket that is gone. uvloop's already says descriptor -1,
+    and the number may belong to another connection by then."""
+
+    async def scenario() -> None:
+        server = Server(hello)
+        await server.listen("127.0.0.1", 0)
+        try:
+            _, writer = await connect(server)
+            await until("the connection", lambda: len(server.connections) == 1)
+            [conn] = server.connections
+            assert conn._bound_unsent(NOTSENT_LOWAT) is True  # as a large body starts
+            writer.transport.abort()
+            await until("its end", lambda: not server.connections)
+            await asyncio.sleep(0.01)  # past the loop's own closing of the socket
+            assert conn._bound_unsent(0) is False
+        finally:
+            await server.close(1.0)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
