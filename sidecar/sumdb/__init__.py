@@ -8,8 +8,8 @@ v0.43.0 (the version tests/sumdb/server builds with), one job each:
 - ``note``: verifier keys and signed notes (Ed25519 through ``cryptography``);
 - ``gosumdb``: the ``GOSUMDB`` value as the go command reads it, with
   sum.golang.org's published key;
-- ``tlog``: record and node hashes, stored hash indexes, tree hashes, record
-  proofs, tree-head notes and lookup records;
+- ``tlog``: record and node hashes, stored hash indexes, tree hashes,
+  tree-head notes and lookup records;
 - ``tile``: tile coordinates and paths, and the reader that returns only
   hashes from tiles authenticated against a signed tree head;
 - ``lookup``: ``SumdbVerifier``, which turns ``lookup`` and ``tile`` answers

@@ -40,9 +40,10 @@ PATH_BASE: Final = 1000
 MAX_LEVELS: Final = 64  # a tile level is < 64 (int64 record numbers)
 # A read whose tiles were all authenticated before hashes on the event loop when it
 # computes at most this many stored hashes from tiles (~2.7 µs each: 0.35 ms). A
-# new record's proof usually needs a few (0.05 ms), and the hop to a worker thread
-# and back cost its .mod 1.8 ms at the median and 11 ms at p99 under load, waiting
-# for a wake-up and the GIL (bench/resilience.py error100, issue 14).
+# record's leaf needs none (its tile holds it) and a new tree edge a few (0.05 ms),
+# and the hop to a worker thread and back cost a .mod 1.8 ms at the median and 11
+# ms at p99 under load, waiting for a wake-up and the GIL (bench/resilience.py
+# error100, issue 14).
 INLINE_HASHES: Final = 128
 
 
@@ -198,9 +199,9 @@ class TileHashReader:
     A stored hash never changes once the log has it, so a read that finds every
     wanted hash there reads no tile, and the tree hash check takes the edge's
     hashes from it; what a read computes is added. Each is rehashed from a tile
-    otherwise: the larger subtrees of a proof are shared by every record below
-    them, and rehashing them was most of a lookup's CPU (a few hundred SHA-256
-    calls, in a worker thread holding the GIL that the event loop waits for).
+    otherwise: the edge's large subtrees serve every read of a tree, and
+    rehashing them was most of a lookup's CPU (a few hundred SHA-256 calls, in a
+    worker thread holding the GIL that the event loop waits for).
     """
 
     def __init__(

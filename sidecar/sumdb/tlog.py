@@ -9,9 +9,10 @@ after its last leaf, so a tree of N records has a fixed prefix of indexes.
 A signed tree head is the note text ``go.sum database tree\\n<N>\\n<hash>\\n``.
 A lookup answer is ``<id>\\n<record text>\\n`` followed by such a note.
 
-Proofs read stored hashes through a :class:`HashReader`; with a tile reader
-(:mod:`sidecar.sumdb.tile`) every hash it returns is already authenticated
-against the tree head, which is what makes a record proof mean something.
+Tree hashes read stored hashes through a :class:`HashReader`; with a tile
+reader (:mod:`sidecar.sumdb.tile`) every hash it returns is already
+authenticated against the tree head, so a record whose hash is the leaf read
+at its id is in the tree.
 """
 
 from __future__ import annotations
@@ -120,66 +121,6 @@ async def tree_hash(n: int, reader: HashReader) -> bytes:
         return EMPTY_HASH
     h, _ = subtree_hash(0, n, await _read(reader, subtree_indexes(0, n)))
     return h
-
-
-# --- record proofs (RFC 6962 2.1.1, the Merkle audit path) ---------------------------
-
-
-def _record_proof_indexes(lo: int, hi: int, n: int) -> list[int]:
-    if lo + 1 == hi:
-        return []
-    k, _ = maxpow2(hi - lo)
-    if n < lo + k:
-        return _record_proof_indexes(lo, lo + k, n) + subtree_indexes(lo + k, hi)
-    return subtree_indexes(lo, lo + k) + _record_proof_indexes(lo + k, hi, n)
-
-
-def _record_proof(lo: int, hi: int, n: int, hashes: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    if lo + 1 == hi:
-        return [], hashes  # the verifier knows the leaf itself
-    k, _ = maxpow2(hi - lo)
-    if n < lo + k:
-        proof, hashes = _record_proof(lo, lo + k, n, hashes)
-        sibling, hashes = subtree_hash(lo + k, hi, hashes)
-    else:
-        sibling, hashes = subtree_hash(lo, lo + k, hashes)
-        proof, hashes = _record_proof(lo + k, hi, n, hashes)
-    return [*proof, sibling], hashes
-
-
-async def prove_record(t: int, n: int, reader: HashReader) -> list[bytes]:
-    """The proof that the tree of size ``t`` contains record ``n`` (tlog.ProveRecord)."""
-    if not 0 <= n < t:
-        raise SumdbVerifyError(f"record {n} is not in a tree of size {t}")
-    indexes = _record_proof_indexes(0, t, n)
-    if not indexes:
-        return []
-    proof, _ = _record_proof(0, t, n, await _read(reader, indexes))
-    return proof
-
-
-def check_record(proof: Sequence[bytes], t: int, th: bytes, n: int, h: bytes) -> None:
-    """Raise SumdbVerifyError unless ``proof`` shows record ``n`` with leaf hash ``h``
-    in the tree of size ``t`` with root ``th`` (tlog.CheckRecord)."""
-    if not 0 <= n < t:
-        raise SumdbVerifyError(f"record {n} is not in a tree of size {t}")
-    if _run_record_proof(list(proof), 0, t, n, h) != th:
-        raise SumdbVerifyError(f"invalid transparency proof for record {n} in tree {t}")
-
-
-def _run_record_proof(proof: list[bytes], lo: int, hi: int, n: int, leaf: bytes) -> bytes | None:
-    """The root implied by ``proof`` for leaves [lo, hi); None if it has the wrong length."""
-    if lo + 1 == hi:
-        return leaf if not proof else None  # no unnecessary hashes allowed
-    if not proof:
-        return None
-    k, _ = maxpow2(hi - lo)
-    *inner, sibling = proof
-    if n < lo + k:
-        th = _run_record_proof(inner, lo, lo + k, n, leaf)
-        return None if th is None else node_hash(th, sibling)
-    th = _run_record_proof(inner, lo + k, hi, n, leaf)
-    return None if th is None else node_hash(sibling, th)
 
 
 # --- tree heads and records -----------------------------------------------------
