@@ -168,7 +168,7 @@ class SumdbVerifier:
         # tiles serve every lookup, and an old tree's edge tiles may be gone. The leaf
         # read from authenticated tiles is the whole check (checkRecord in x/mod's
         # client): rebuilding and rehashing its audit path as well proves nothing
-        # more, and cost ~145 us of the event loop per lookup (bench/resilience.py
+        # more, and cost ~145 µs of the event loop per lookup (bench/resilience.py
         # load, 4,450 lookups: 6.95 s of CPU against 6.24-6.39 s).
         latest = await self._accept_tree(tree)
         leaf_index = stored_hash_index(0, answer.record_id)

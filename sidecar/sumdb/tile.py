@@ -28,10 +28,10 @@ from sidecar.sumdb.tlog import (
     HASH_SIZE,
     Tree,
     is_valid_record_text,
-    node_hash,
     split_stored_hash_index,
     stored_hash_index,
     subtree_indexes,
+    subtrees_hash,
 )
 
 DEFAULT_TILE_HEIGHT: Final = 8
@@ -353,9 +353,6 @@ class TileHashReader:
         raise SumdbVerifyError(f"no tile of tree {self._tree.n} leads to stored hash {index}")
 
     def _check_tree_hash(self, edge_hashes: list[bytes]) -> None:
-        """The tree hash rebuilt from its subtrees' stored hashes, left to right."""
-        th = edge_hashes[-1]
-        for h in reversed(edge_hashes[:-1]):
-            th = node_hash(h, th)
-        if th != self._tree.hash:
+        """The tree hash rebuilt from its subtrees' stored hashes."""
+        if subtrees_hash(edge_hashes) != self._tree.hash:
             raise SumdbVerifyError(f"downloaded inconsistent tile: tree {self._tree.n} hash")

@@ -105,22 +105,20 @@ def subtree_indexes(lo: int, hi: int) -> list[int]:
     return need
 
 
-def subtree_hash(lo: int, hi: int, hashes: list[bytes]) -> tuple[bytes, list[bytes]]:
-    """Hash of leaves [lo, hi) from the hashes of :func:`subtree_indexes`; and the rest."""
-    count = len(subtree_indexes(lo, hi))
-    parts, rest = hashes[:count], hashes[count:]
-    h = parts[-1]
-    for left in reversed(parts[:-1]):
+def subtrees_hash(hashes: Sequence[bytes]) -> bytes:
+    """The hash over consecutive complete subtrees, from their stored hashes in the
+    order of :func:`subtree_indexes`, folded right to left."""
+    h = hashes[-1]
+    for left in reversed(hashes[:-1]):
         h = node_hash(left, h)
-    return h, rest
+    return h
 
 
 async def tree_hash(n: int, reader: HashReader) -> bytes:
     """The root hash of the tree with ``n`` records (tlog.TreeHash)."""
     if n == 0:
         return EMPTY_HASH
-    h, _ = subtree_hash(0, n, await _read(reader, subtree_indexes(0, n)))
-    return h
+    return subtrees_hash(await _read(reader, subtree_indexes(0, n)))
 
 
 # --- tree heads and records -----------------------------------------------------
