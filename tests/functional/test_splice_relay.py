@@ -9,10 +9,13 @@ where the framing is the point)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import resource
+import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import aiohttp
 import pytest
 
 from sidecar.config import TimeoutsConfig, UpstreamConfig
+from sidecar.server.connection import PIPE_SIZES, TURN_BYTES
 from tests.adversarial.rawhttp import raw_socket, read_head, reset
 from tests.adversarial.rawhttp import request as get
 from tests.certs import HOST, self_signed
@@ -248,3 +252,73 @@ async def test_a_body_from_an_https_upstream_is_copied(
         resp = await client.get("/" + ZIP)
         assert resp.status == 200 and await resp.read() == body
         assert await relayed(client) == {"copy": len(body)}
+
+
+def _serve_once(listener: socket.socket, body: bytes) -> None:
+    """A thread's upstream: one request, answered with ``body`` as fast as the
+    kernel takes it (no event loop behind it to wait for)."""
+    conn, _ = listener.accept()
+    with conn:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        conn.recv(1)  # until the sidecar closes or reuses it
+
+
+def _download(port: int, path: str, got: list[int]) -> None:
+    """A thread's client reading as fast as it can; ``got[0]``: body bytes."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET /{path} HTTP/1.1\r\nHost: sidecar\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        got[0] = len(rest)
+        buf = bytearray(1024 * 1024)
+        while got[0] < length:
+            n = sock.recv_into(buf)
+            if not n:
+                break
+            got[0] += n
+
+
+async def test_a_relay_lets_the_loop_run_between_turns(sidecar_client: Any) -> None:
+    """With peers that never make it wait (an upstream whose bytes are all
+    queued, a client that reads at once), a relay still hands the loop back
+    every TURN_BYTES: between two turns of the loop it takes at most that
+    much more than one pipe's worth in and one out. Unbounded, one relay held
+    the loop for megabytes, and 100 of them for seconds (connect timeouts to a
+    healthy upstream)."""
+    body = os.urandom(48 * MIB)
+    listener = socket.create_server(("127.0.0.1", 0))
+    upstream = threading.Thread(target=_serve_once, args=(listener, body), daemon=True)
+    upstream.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    client, sidecar = await sidecar_client([url], run_control=False)
+    pool = pool_of(sidecar)
+    loop = asyncio.get_running_loop()
+    samples: list[int] = []
+    done = asyncio.Event()
+
+    def tick() -> None:  # once per iteration of the loop
+        samples.append(sum(conn.received for conn in list(pool._busy)))
+        if not done.is_set():
+            loop.call_soon(tick)
+
+    got = [0]
+    loop.call_soon(tick)
+    try:
+        await asyncio.to_thread(_download, client.server.port, ZIP, got)
+    finally:
+        done.set()
+        listener.close()
+    assert got[0] == len(body)
+    steps = [b - a for a, b in itertools.pairwise(samples) if b > a]
+    assert sum(steps) >= len(body) // 2  # the ticker saw the relay happen
+    assert max(steps) <= TURN_BYTES + 2 * max(PIPE_SIZES), max(steps)
