@@ -159,22 +159,25 @@ class IntegrityChecker:
         kind = req.kind.value
         subject = f"{req.module}@{req.version}"
         hashed = asyncio.ensure_future(hashing)  # the zip hashes while the lookup runs
+        failed: BaseException | None = None
         try:
             hashes = await lookup
-        except (SumdbError, RequestError) as exc:
+        except BaseException as exc:
+            failed = exc
+        if failed is not None:
+            # Awaited after the except clause (server.connection.sendfile says why).
             await _settle(hashed)
+            if not isinstance(failed, (SumdbError, RequestError)):
+                raise failed
             try:
-                self._unavailable(subject, kind, upstream, exc)
+                self._unavailable(subject, kind, upstream, failed)
             finally:
                 # The lookup's tasks keep this exception, and its traceback keeps
                 # their frames: a cycle per failed lookup that only the cyclic GC
                 # frees, in pauses of tens of ms that every request in flight waits
                 # out (the p99 of issue 14). Nobody reads the traceback after here.
-                exc.__traceback__ = None
+                failed.__traceback__ = None
             return
-        except BaseException as exc:
-            await _settle(hashed)
-            raise exc  # by name: a bare raise after an await (compiled) is another task's
         want = hashes.zip if req.kind is Kind.ZIP else hashes.gomod
         got = await hashed
         if want is None or got == want:

@@ -264,10 +264,11 @@ class SumdbVerifier:
         except SumdbUnavailable:
             if tile.full:
                 raise
-            data = await self._get(full.path)
-            if len(data) != full.w * HASH_SIZE:
-                raise SumdbVerifyError(f"tile {full.path}: {len(data)} bytes") from None
-            return data[: tile.w * HASH_SIZE]
+        # Fetched after the except clause (server.connection.sendfile says why).
+        data = await self._get(full.path)
+        if len(data) != full.w * HASH_SIZE:
+            raise SumdbVerifyError(f"tile {full.path}: {len(data)} bytes")
+        return data[: tile.w * HASH_SIZE]
 
     async def _get(self, path: str) -> bytes:
         full_path = f"sumdb/{self.name}/{path}"

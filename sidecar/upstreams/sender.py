@@ -187,7 +187,14 @@ class Sender:
         try:
             await conn.send(request, head, deadline)
             conn.check()
+            stale = False
         except StaleConnection:
+            stale = True
+        except BaseException:
+            pool.release(conn, reuse=False)
+            raise
+        if stale:
+            # Not awaited in the except clause (server.connection.sendfile says why).
             conn = await pool.replace(conn, deadline)
             written = monotonic()
             try:
@@ -196,7 +203,4 @@ class Sender:
             except BaseException:
                 pool.release(conn, reuse=False)
                 raise
-        except BaseException:
-            pool.release(conn, reuse=False)
-            raise
         return UpstreamResponse(upstream, conn, pool, self._idle, written)
