@@ -194,6 +194,9 @@ def go_download(
     )
 
 
+_SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
+
+
 def cached_files(cache: Path) -> list[Path]:
     """The files of the cache's entries. Not its temp directory: a refused
     body's temp file is removed once its fill ends, which may be just after
@@ -205,9 +208,6 @@ def cached_files(cache: Path) -> list[Path]:
         for p in cache.rglob("*")
         if p.is_file() and tmp not in p.parents and not p.name.endswith(_SQLITE_SIDE_FILES)
     ]
-
-
-_SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
 async def test_the_go_command_builds_through_the_backup_and_nothing_tampered_is_cached(
